@@ -1,0 +1,78 @@
+"""Embed a task spec and provenance into a GGUF file, so that one file is the whole annotator.
+
+    python -m edge_annotator.export.metadata base.gguf tasks/emobank.yaml annotator.gguf
+
+The tensors and llama.cpp's own keys are copied unchanged (gguf-py's reader and writer, the way
+its gguf_new_metadata script does it); our keys (runtime/gguf_meta.py: Keys) are set anew. The
+output is written to a temporary name beside the target and renamed into place only when
+complete, so an interrupted run leaves no half-written .gguf.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from edge_annotator.runtime.gguf_meta import FORMAT_VERSION, PREFIX, Keys
+from edge_annotator.runtime.spec import TaskSpec, load_spec
+
+log = logging.getLogger(__name__)
+
+
+def embed_spec(src: str | Path, dst: str | Path, spec: TaskSpec, provenance: dict[str, Any] | None = None) -> Path:
+    """Copy GGUF `src` to `dst` with the spec and provenance under the edge_annotator.* keys."""
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise ValueError(f"{dst}: write to a new file, not over the source")
+    reader = gguf.GGUFReader(src, "r")
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    tmp = dst.with_name(f".{dst.name}.partial")
+    writer = gguf.GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
+    try:
+        for field in reader.fields.values():
+            # GGUF.* are virtual; the writer adds the architecture itself; our own keys are replaced
+            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith(("GGUF.", PREFIX + ".")):
+                continue
+            vtype = field.types[0]
+            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+        writer.add_uint32(Keys.FORMAT, FORMAT_VERSION)
+        writer.add_string(Keys.SPEC, spec.to_json())
+        writer.add_string(Keys.SPEC_SHA256, spec.sha256)
+        writer.add_string(Keys.PROVENANCE, json.dumps(provenance or {}, sort_keys=True))
+        for t in reader.tensors:
+            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in reader.tensors:
+            writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+        writer.close()
+        os.replace(tmp, dst)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return dst
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 3:
+        print("usage: python -m edge_annotator.export.metadata SRC.gguf SPEC.yaml DST.gguf", file=sys.stderr)
+        return 2
+    src, spec_path, dst = args
+    provenance = {"base_model": Path(src).name, "note": "zero-shot: spec embedded, no fine-tuning"}
+    embed_spec(src, dst, load_spec(spec_path), provenance)
+    print(dst)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

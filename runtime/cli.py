@@ -1,0 +1,320 @@
+"""annotate-cli: label text the way your experts do, with one .gguf file, offline.
+
+Thin click commands over library functions. Data goes to stdout as JSONL; progress and logs go
+to stderr, so `annotate-cli annotate ... | jq` works. User mistakes end with a one-line message
+and exit code 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import __version__
+from .data import InputError
+from .engine import ModelError
+from .spec import SpecError, TaskSpec, load_spec
+
+err = Console(stderr=True)
+log = logging.getLogger("edge_annotator")
+
+USER_ERRORS = (InputError, ModelError, SpecError, FileExistsError, FileNotFoundError)
+
+
+class Group(click.Group):
+    """Turns the errors a user can cause into a one-line message instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as e:
+            raise click.ClickException(str(e)) from None
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(console=err, show_path=False)], force=True)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="annotate-cli")
+@click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv shows llama.cpp's own).")
+def cli(verbose: int) -> None:
+    """Annotate text with a fine-tuned GGUF annotator, offline and deterministically.
+
+    \b
+    Examples:
+      annotate-cli annotate annotator.gguf items.jsonl -o labels.jsonl
+      annotate-cli annotate base.gguf items.jsonl --spec tasks/emobank.yaml   # zero-shot baseline
+      annotate-cli agree labels.jsonl humans.jsonl --spec tasks/emobank.yaml
+      annotate-cli inspect annotator.gguf
+      annotate-cli data emobank --split test --limit 50 -o test.jsonl
+    """
+    _setup_logging(verbose)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
+                    TimeRemainingColumn(), console=err, transient=False)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False), default=None,
+              help="Write JSONL here instead of stdout (needed for --resume).")
+@click.option("--spec", "spec_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Task spec YAML; overrides the one embedded in MODEL (zero-shot use of a base model).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, envvar="ANNOTATE_THREADS",
+              show_envvar=True, help="CPU threads [default: all cores]. Output does not depend on it.")
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=64), default=2048, show_default=True,
+              help="Context window in tokens; longer prompts are rejected per item.")
+@click.option("--gpu-layers", type=int, default=0, show_default=True, help="Layers to offload to a GPU build.")
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+              help="fail: stop at the first bad record, naming file, line and field. "
+                   "skip: write an error record for it and go on.")
+@click.option("--resume", is_flag=True, help="Continue a job whose -o file holds part of the output.")
+@click.option("--max-chars", type=click.IntRange(min=1), default=None,
+              help="Reject input fields longer than this many characters.")
+def annotate(model: Path, input_path: Path, output: str | None, spec_path: Path | None, threads: int | None,
+             n_ctx: int, gpu_layers: int, on_error: str, resume: bool, max_chars: int | None) -> None:
+    """Label every item of INPUT (JSONL or CSV) with MODEL (.gguf).
+
+    For every item and criterion it writes the chosen label and the probability of every allowed
+    label, computed from the model's logits restricted to the allowed answers. Output is one JSON
+    record per input record, in input order, each naming the model's sha256 and the spec's hash.
+
+    \b
+    Examples:
+      annotate-cli annotate annotator.gguf items.jsonl > labels.jsonl
+      annotate-cli annotate gemma.gguf data/emobank-test.jsonl --spec tasks/emobank.yaml --threads 2
+      annotate-cli annotate annotator.gguf big.csv -o out.jsonl --on-error skip
+      annotate-cli annotate annotator.gguf big.csv -o out.jsonl --resume   # after an interrupt
+    """
+    from .annotator import Annotator
+    from .engine import LlamaEngine, LlamaModel
+    from .gguf_meta import model_info, resolve_spec, sha256_file
+    from .jobs import count_records, fsync_close, open_output, run_job
+
+    if not input_path.exists():
+        raise click.ClickException(f"{input_path}: input file not found")
+    # Every check on the model and the spec runs before any output is opened.
+    llm = LlamaModel(model, n_gpu_layers=gpu_layers)
+    spec = resolve_spec(model_info(llm), load_spec(spec_path) if spec_path else None)
+    total = count_records(input_path)
+    model_sha = sha256_file(model)
+    with LlamaEngine(llm, n_ctx=n_ctx, n_threads=threads) as engine:
+        annotator = Annotator(engine, spec)
+        try:
+            out, state = open_output(output, resume)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+        t0 = time.perf_counter()
+        try:
+            with _progress() as bar:
+                task = bar.add_task("annotating", total=total, rate="")
+
+                def tick(n: int) -> None:
+                    done = bar.tasks[task].completed + n
+                    dt = time.perf_counter() - t0
+                    bar.update(task, advance=n, rate=f"{done / dt:.2f} items/s" if dt > 0 else "")
+
+                stats = run_job(annotator, input_path, out, model_sha256=model_sha, on_error=on_error,  # type: ignore[arg-type]
+                                resume=state, max_chars=max_chars, progress=tick)
+        finally:
+            fsync_close(out)
+    dt = time.perf_counter() - t0
+    msg = f"{stats.written} annotated in {dt:.1f}s ({stats.written / dt if dt else 0:.2f} items/s, " \
+          f"{stats.tokens_evaluated / dt if dt else 0:.0f} tokens/s evaluated)"
+    if stats.resumed:
+        msg += f", {stats.resumed} already done"
+    if stats.duplicates:
+        msg += f", {stats.duplicates} repeated rows of the same item"
+    if stats.errors:
+        msg += f", {stats.errors} error record(s)"
+    err.print(msg)
+    for m in stats.error_messages:
+        err.print(f"  [yellow]skipped[/] {m}", markup=True, highlight=False)
+
+
+def _load_preds(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
+    from .data import iter_rows
+
+    preds: dict[str, dict[str, Any]] = {}
+    errors = 0
+    for row in iter_rows(path):
+        if row.error:
+            raise row.error
+        assert row.data is not None
+        if "error" in row.data:
+            errors += 1
+            continue
+        labels = row.data.get("labels")
+        if not isinstance(labels, dict) or "id" not in row.data:
+            raise InputError(row.path, row.line, "not an annotate-cli output record (needs 'id' and 'labels')",
+                             "labels")
+        preds[str(row.data["id"])] = labels
+    return preds, errors
+
+
+def _spec_for(spec_path: Path | None, model: Path | None) -> TaskSpec:
+    if spec_path:
+        return load_spec(spec_path)
+    if model:
+        from .gguf_meta import read_model_info, resolve_spec
+
+        return resolve_spec(read_model_info(model), None)
+    raise click.UsageError("give --spec SPEC.yaml or --model MODEL.gguf: "
+                           "agreement needs the spec's levels of measurement")
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+@cli.command()
+@click.argument("pred", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("human", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Task spec YAML the predictions were made with.")
+@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Or: the annotator .gguf whose embedded spec to use.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def agree(pred: Path, human: Path, spec_path: Path | None, model: Path | None, as_json: bool) -> None:
+    """Agreement of PRED (annotate output) with HUMAN labels: Krippendorff's alpha and more.
+
+    Per criterion and pooled: alpha with the human consensus, alpha among the humans alone and
+    with the model as one more rater (where items have several raters), exact agreement, and
+    macro-F1 (labels) or MAE (scales).
+
+    \b
+    Examples:
+      annotate-cli agree labels.jsonl data/emobank-test.jsonl --spec tasks/emobank.yaml
+      annotate-cli agree labels.jsonl humans.csv --model annotator.gguf --json | jq .pooled
+    """
+    from .data import read_human
+    from .metrics import agreement
+
+    spec = _spec_for(spec_path, model)
+    preds, n_err = _load_preds(pred)
+    humans = read_human(human, spec)
+    report = agreement(spec, preds, humans)
+    report["error_records"] = n_err
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    t = Table(title=f"Agreement with humans: {spec.name}, {report['items_with_humans']} items",
+              caption="alpha: Krippendorff's, model vs human consensus; humans: among the raters alone; "
+                      "+model: the model as one more rater")
+    heads = {"alpha": "alpha", "alpha_humans": "humans", "alpha_humans_plus_model": "+model",
+             "exact": "exact", "macro_f1": "macro-F1", "mae": "MAE"}
+    rows = report["criteria"] + [{**report["pooled"], "criterion": "pooled", "level": ""}]
+    cols = [k for k in heads if any(r.get(k) is not None for r in rows)]  # only what this spec has
+    t.add_column("criterion")
+    t.add_column("level")
+    for k in cols:
+        t.add_column(heads[k], justify="right")
+    for r in rows:
+        t.add_row(r["criterion"], r["level"], *[_fmt(r.get(k)) for k in cols])
+    Console().print(t)
+    if n_err:
+        err.print(f"{n_err} error record(s) in {pred} were left out")
+    missing = report["items_predicted"] - report["items_with_humans"]
+    if missing:
+        err.print(f"{missing} predicted item(s) have no human label in {human}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+@click.option("--no-hash", is_flag=True, help="Skip the sha256 (slow on multi-GB files).")
+def inspect(model: Path, as_json: bool, no_hash: bool) -> None:
+    """Show a GGUF annotator: architecture, quantization, size, sha256, embedded spec, provenance.
+
+    \b
+    Examples:
+      annotate-cli inspect annotator.gguf
+      annotate-cli inspect annotator.gguf --json | jq .spec.criteria
+    """
+    from .gguf_meta import read_model_info, sha256_file
+
+    info = read_model_info(model)
+    d = info.to_dict(None if no_hash else sha256_file(model))
+    if as_json:
+        click.echo(json.dumps(d, indent=2, ensure_ascii=False))
+        return
+    t = Table(show_header=False, title=str(model))
+    for k in ("architecture", "name", "quantization", "context_length", "n_params"):
+        t.add_row(k, _fmt(d[k]))
+    t.add_row("size", f"{info.size_bytes / 1e6:,.1f} MB")
+    if "sha256" in d:
+        t.add_row("sha256", d["sha256"])
+    if info.spec:
+        s = info.spec
+        t.add_row("spec", f"{s.name} ({s.kind}), sha256 {s.sha256[:16]}")
+        t.add_row("inputs", ", ".join(s.input_names))
+        for c in s.criteria:
+            t.add_row(f"  {c.name}", f"{c.level}: {', '.join(map(str, c.values))}")
+        t.add_row("templates", str(len(s.templates)))
+    else:
+        t.add_row("spec", info.spec_error or "none embedded (use --spec to annotate zero-shot)")
+    t.add_row("provenance", json.dumps(info.provenance) if info.provenance else "none")
+    Console().print(t)
+
+
+@cli.command()
+@click.argument("dataset", type=click.Choice(["emobank", "goemotions", "convabuse"]))
+@click.option("--source", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The dataset's release folder [default: ../shared/data/DATASET].")
+@click.option("--split", default="test", show_default=True, help="train, dev/valid or test.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Keep a seeded random subset of this size.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write here instead of stdout.")
+def data(dataset: str, source: Path | None, split: str, limit: int | None, seed: int, output: str | None) -> None:
+    """Convert a public human-annotated dataset to annotate-cli's JSONL format.
+
+    \b
+    Examples:
+      annotate-cli data emobank --split test --limit 50 -o emobank-test.jsonl
+      annotate-cli data convabuse --source /data/convabuse --split valid | head
+    """
+    from .data import write_jsonl_line
+    from .datasets import convert
+
+    src = source or Path("..") / "shared" / "data" / dataset
+    try:
+        items = convert(dataset, src, split, limit, seed)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--split") from None
+    fh = open(output, "w", encoding="utf-8") if output else sys.stdout
+    try:
+        for it in items:
+            write_jsonl_line(fh, it)
+    finally:
+        if output:
+            fh.close()
+    err.print(f"{len(items)} {dataset} {split} items" + (f" -> {output}" if output else ""))
+
+
+def main() -> None:
+    cli(prog_name="annotate-cli")
+
+
+if __name__ == "__main__":
+    main()

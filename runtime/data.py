@@ -1,0 +1,257 @@
+"""Reading items and human labels from JSONL or CSV, with errors that name file, line and field.
+
+An item is a record with an ``id`` and the spec's input fields. Human labels come in either of two
+shapes, and several records may share an id (one per rater):
+
+    {"id": "s1", "text": "...", "labels": {"Valence": 4}, "rater": "r2"}        # one rating a record
+    {"id": "s1", "text": "...", "ratings": [{"labels": {"Valence": 4}}, ...]}   # all raters at once
+
+In CSV, criteria are columns (``Valence``), one rating a row, and ``rater`` is an optional column.
+Readers stream: memory does not grow with the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .spec import Criterion, TaskSpec
+
+RESERVED = frozenset({"id", "labels", "ratings", "rater"})
+
+
+class InputError(ValueError):
+    """A problem with one input record: where it is and what to do about it."""
+
+    def __init__(self, path: str, line: int | None, message: str, field: str | None = None,
+                 item_id: str | None = None):
+        self.path, self.line, self.field, self.item_id, self.reason = path, line, field, item_id, message
+        where = f"{path}:{line}" if line is not None else path
+        what = f" field '{field}':" if field else ""
+        super().__init__(f"{where}:{what} {message}")
+
+    def to_record(self) -> dict[str, Any]:
+        return {"file": self.path, "line": self.line, "field": self.field, "message": self.reason}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One record as read, before it is checked against a spec."""
+
+    path: str
+    line: int
+    data: dict[str, Any] | None
+    error: InputError | None = None
+
+
+def _has_bad_bytes(s: str) -> bool:
+    # surrogateescape maps undecodable bytes to U+DC80..U+DCFF
+    return any("\udc80" <= ch <= "\udcff" for ch in s)
+
+
+def _check_text(v: Any, path: str, line: int, field: str) -> InputError | None:
+    if isinstance(v, str) and _has_bad_bytes(v):
+        return InputError(path, line, "is not valid UTF-8; re-encode the file as UTF-8", field)
+    return None
+
+
+def file_format(path: str | Path) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        return "jsonl"
+    if suffix in (".csv", ".tsv"):
+        return "csv"
+    raise InputError(str(path), None, f"unknown file type '{suffix}': use .jsonl or .csv")
+
+
+def iter_rows(path: str | Path) -> Iterator[Row]:
+    """Yield every record with its line number; malformed lines come back as rows with an error."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(str(p), None, "file not found")
+    fmt = file_format(p)
+    return _iter_jsonl(p) if fmt == "jsonl" else _iter_csv(p)
+
+
+def _iter_jsonl(p: Path) -> Iterator[Row]:
+    name = str(p)
+    with p.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            text = raw.decode("utf-8", errors="surrogateescape")
+            if lineno == 1:
+                text = text.removeprefix("\ufeff")
+            if not text.strip():
+                continue
+            if _has_bad_bytes(text):
+                yield Row(name, lineno, None,
+                          InputError(name, lineno, "is not valid UTF-8; re-encode the file as UTF-8"))
+                continue
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield Row(name, lineno, None, InputError(name, lineno, f"malformed JSON: {e.msg} at column {e.colno}"))
+                continue
+            if not isinstance(data, dict):
+                yield Row(name, lineno, None,
+                          InputError(name, lineno, f"expected a JSON object, got {type(data).__name__}"))
+                continue
+            yield Row(name, lineno, data)
+
+
+def _iter_csv(p: Path) -> Iterator[Row]:
+    name = str(p)
+    delim = "\t" if p.suffix.lower() == ".tsv" else ","
+    with p.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+        reader = csv.reader(fh, delimiter=delim, strict=True)
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise InputError(name, 1, f"malformed CSV header: {e}") from None
+        if any(_has_bad_bytes(h) for h in header):
+            raise InputError(name, 1, "header is not valid UTF-8")
+        start = reader.line_num + 1
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                yield Row(name, start, None, InputError(name, start, f"malformed CSV: {e}"))
+                start = reader.line_num + 1
+                continue
+            line, start = start, reader.line_num + 1
+            if not cells or all(not c.strip() for c in cells):
+                continue
+            if len(cells) != len(header):
+                yield Row(name, line, None, InputError(
+                    name, line, f"has {len(cells)} columns, the header has {len(header)}"))
+                continue
+            yield Row(name, line, dict(zip(header, cells)))
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    fields: dict[str, str]
+    path: str
+    line: int
+
+
+def check_item(row: Row, spec: TaskSpec, max_chars: int | None = None) -> Item:
+    """The item in a row, checked against the spec; raises InputError naming the field at fault."""
+    if row.error:
+        raise row.error
+    assert row.data is not None
+    d, path, line = row.data, row.path, row.line
+    raw_id = d.get("id")
+    if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
+        raise InputError(path, line, "missing: every record needs an 'id'", "id")
+    if not isinstance(raw_id, str | int) or isinstance(raw_id, bool):
+        raise InputError(path, line, f"must be a string or an integer, got {type(raw_id).__name__}", "id")
+    item_id = str(raw_id)
+    fields: dict[str, str] = {}
+    for f in spec.inputs:
+        if f.name not in d:
+            have = ", ".join(sorted(k for k in d if k not in RESERVED)) or "none"
+            raise InputError(path, line, f"missing (the spec '{spec.name}' needs {', '.join(spec.input_names)}; "
+                             f"this record has {have})", f.name, item_id)
+        v = d[f.name]
+        if v is None:
+            v = ""
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            v = str(v)
+        if not isinstance(v, str):
+            raise InputError(path, line, f"must be text, got {type(v).__name__}", f.name, item_id)
+        if err := _check_text(v, path, line, f.name):
+            raise err
+        if "\x00" in v:
+            raise InputError(path, line, "contains a NUL character", f.name, item_id)
+        if not v.strip():
+            raise InputError(path, line, "is empty", f.name, item_id)
+        if max_chars is not None and len(v) > max_chars:
+            raise InputError(path, line, f"is {len(v):,} characters long; the limit is {max_chars:,}", f.name, item_id)
+        fields[f.name] = v
+    return Item(item_id, fields, path, line)
+
+
+def _coerce_label(v: Any, c: Criterion, path: str, line: int, where: str) -> int | float | str:
+    field = f"{where}.{c.name}"
+    if c.level == "nominal":
+        if isinstance(v, int) and not isinstance(v, bool) and not all(isinstance(x, int) for x in c.values):
+            raise InputError(path, line, f"{v!r} is not a class of '{c.name}'", field)
+        if str(v) in {str(x) for x in c.values}:
+            return next(x for x in c.values if str(x) == str(v))
+        raise InputError(path, line, f"{v!r} is not one of the spec's classes for '{c.name}'", field)
+    try:
+        num = float(v) if isinstance(v, str) else v
+        if isinstance(num, bool) or not isinstance(num, int | float) or math.isnan(num):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise InputError(path, line, f"{v!r} is not a number on the scale of '{c.name}'", field) from None
+    lo, hi = c.values[0], c.values[-1]
+    assert isinstance(lo, int) and isinstance(hi, int)
+    if not lo <= num <= hi:
+        raise InputError(path, line, f"{v!r} is outside the scale {lo}..{hi} of '{c.name}'", field)
+    if c.level == "ordinal" and num not in c.values:
+        raise InputError(path, line, f"{v!r} is not a level of the ordinal scale {c.values}", field)
+    return int(num) if float(num).is_integer() else float(num)
+
+
+def ratings_of(row: Row, spec: TaskSpec) -> list[dict[str, int | float | str]]:
+    """The human ratings in a row (possibly none), each a mapping criterion -> value."""
+    if row.error:
+        raise row.error
+    assert row.data is not None
+    d, path, line = row.data, row.path, row.line
+    names = {c.name for c in spec.criteria}
+    if "ratings" in d:
+        raw = d["ratings"]
+        if not isinstance(raw, list):
+            raise InputError(path, line, "must be a list of {labels: {...}}", "ratings")
+        blocks = [(r.get("labels") if isinstance(r, dict) else None, f"ratings[{i}].labels") for i, r in enumerate(raw)]
+    elif "labels" in d:
+        blocks = [(d["labels"], "labels")]
+    else:
+        # CSV (or flat JSONL): criteria as columns
+        flat = {k: v for k, v in d.items() if k in names and v not in ("", None)}
+        blocks = [(flat, "")] if flat else []
+    out = []
+    for labels, where in blocks:
+        if not isinstance(labels, dict):
+            raise InputError(path, line, "must be a mapping criterion -> value", where or "labels")
+        unknown = sorted(set(labels) - names)
+        if unknown:
+            raise InputError(path, line, f"unknown criteria {unknown}; the spec has {sorted(names)}", where or "labels")
+        rating = {}
+        for c in spec.criteria:
+            if c.name in labels and labels[c.name] not in ("", None):
+                rating[c.name] = _coerce_label(labels[c.name], c, path, line, where or "labels")
+        if rating:
+            out.append(rating)
+    return out
+
+
+def read_human(path: str | Path, spec: TaskSpec) -> dict[str, list[dict[str, int | float | str]]]:
+    """id -> every human rating of that item, in file order. Raises on the first bad record."""
+    out: dict[str, list[dict[str, int | float | str]]] = {}
+    for row in iter_rows(path):
+        if row.error:
+            raise row.error
+        assert row.data is not None
+        if "id" not in row.data:
+            raise InputError(row.path, row.line, "missing: every record needs an 'id'", "id")
+        out.setdefault(str(row.data["id"]), []).extend(ratings_of(row, spec))
+    return out
+
+
+def write_jsonl_line(fh: Any, record: dict[str, Any]) -> None:
+    """One compact, key-stable JSON line, flushed so a killed job loses nothing written."""
+    fh.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+    fh.flush()

@@ -1,0 +1,87 @@
+"""Converters from the three public human-annotated datasets to the annotator's JSONL format.
+
+    annotate-cli data emobank --source ../shared/data/emobank --split test --limit 50 -o emobank-test.jsonl
+
+- EmoBank (Buechel & Hahn, EACL 2017; CC BY-SA 4.0): one item per sentence, every reader's
+  rating of Valence, Arousal and Dominance (1-5) as its own rating. Readers have no ids.
+- GoEmotions (Demszky et al., ACL 2020; CC BY 4.0): the released labels are aggregated and an item
+  may carry several; the spec is single-label, so only items with exactly one label are kept.
+- ConvAbuse (Cercas Curry et al., EMNLP 2021; CC BY 4.0): one item per user turn with its
+  conversation context, every annotator's abuse severity (1 not abusive .. -3 very strong).
+
+Subsets are drawn with a seeded shuffle, so the same arguments give the same file.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+DATASETS = ("emobank", "goemotions", "convabuse")
+SPLITS = {"emobank": ("train", "dev", "test"), "goemotions": ("train", "dev", "test"),
+          "convabuse": ("train", "valid", "test")}
+LICENSES = {
+    "emobank": "EmoBank, Buechel & Hahn (EACL 2017), CC BY-SA 4.0",
+    "goemotions": "GoEmotions, Demszky et al. (ACL 2020), CC BY 4.0",
+    "convabuse": "ConvAbuse, Cercas Curry et al. (EMNLP 2021), CC BY 4.0",
+}
+
+
+def _emobank(src: Path, split: str) -> Iterator[dict[str, Any]]:
+    ratings: dict[str, list[dict[str, Any]]] = {}
+    with (src / "individual_reader_ratings.csv").open(encoding="utf-8", newline="") as fh:
+        for r in csv.DictReader(fh):
+            ratings.setdefault(r["id"], []).append(
+                {"labels": {"Valence": int(r["V"]), "Arousal": int(r["A"]), "Dominance": int(r["D"])}})
+    with (src / "emobank.csv").open(encoding="utf-8", newline="") as fh:
+        for r in csv.DictReader(fh):
+            if r["split"] == split and r["text"].strip() and r["id"] in ratings:
+                yield {"id": r["id"], "text": r["text"], "ratings": ratings[r["id"]]}
+
+
+def _goemotions(src: Path, split: str) -> Iterator[dict[str, Any]]:
+    names = (src / "emotions.txt").read_text(encoding="utf-8").split()
+    with (src / f"{split}.tsv").open(encoding="utf-8", newline="") as fh:
+        for text, ids, rid in csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE):
+            labels = ids.split(",")
+            if len(labels) == 1:
+                yield {"id": rid, "text": text, "labels": {"emotion": names[int(labels[0])]}}
+
+
+_SEVERITY = ("1", "0", "-1", "-2", "-3")
+
+
+def _convabuse(src: Path, split: str) -> Iterator[dict[str, Any]]:
+    with (src / f"ConvAbuseEMNLP{split}.csv").open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        raters = sorted({c.split("_")[0] for c in reader.fieldnames or [] if c.startswith("Annotator")},
+                        key=lambda a: int(a.removeprefix("Annotator")))
+        for r in reader:
+            ratings = []
+            for a in raters:
+                hot = [s for s in _SEVERITY if r.get(f"{a}_is_abuse.{s}", "").strip() in ("1", "1.0")]
+                if len(hot) == 1:
+                    ratings.append({"rater": a, "labels": {"severity": int(hot[0])}})
+            if ratings and r["user"].strip():
+                yield {"id": r["example_id"], "prev_agent": r["prev_agent"], "prev_user": r["prev_user"],
+                       "agent": r["agent"], "user": r["user"], "ratings": ratings}
+
+
+def convert(name: str, source: str | Path, split: str, limit: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """Items of one split, shuffled with `seed` and cut to `limit` if given."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if split not in SPLITS[name]:
+        raise ValueError(f"{name} has splits {', '.join(SPLITS[name])}, not {split!r}")
+    src = Path(source)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: dataset folder not found "
+                                f"(expected the {name} release, e.g. ../shared/data/{name})")
+    items = list({"emobank": _emobank, "goemotions": _goemotions, "convabuse": _convabuse}[name](src, split))
+    if limit is not None:
+        random.Random(seed).shuffle(items)
+        items = items[:limit]
+    return items

@@ -1,0 +1,278 @@
+"""A thin, deterministic wrapper over llama.cpp's low-level API (llama-cpp-python's ctypes bindings).
+
+It does one thing: give the logits after a token sequence, reusing whatever prefix of that
+sequence is already in the KV cache. Consecutive prompts of one job share their instruction
+(and, across criteria, the item), so most tokens are evaluated once::
+
+    eng = LlamaEngine("model.gguf", n_threads=2)
+    ids = eng.tokenize("Rate this ... Valence (1-5):")
+    scores = eng.logits(ids, want=np.array([eng.token_id(" 1"), ...]))
+
+Greedy scoring needs no sampler, so nothing here is random: the same tokens, cut into the same
+segments, give bitwise the same logits whatever the thread count and whatever was evaluated
+before (checked in tests/test_runtime.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class ModelError(RuntimeError):
+    """A model file that cannot be used; the message names the file and what to do."""
+
+
+class ContextOverflow(ValueError):
+    def __init__(self, n_tokens: int, n_ctx: int):
+        self.n_tokens, self.n_ctx = n_tokens, n_ctx
+        super().__init__(f"needs {n_tokens} tokens but the context window is {n_ctx}; "
+                         f"shorten the text or raise --ctx")
+
+
+_llama = None
+_log_cb = None  # keep the ctypes callback alive for as long as llama.cpp may call it
+
+
+def _lib():
+    """Import llama_cpp once, route its logging to Python's, and initialise the backend."""
+    global _llama, _log_cb
+    if _llama is None:
+        import llama_cpp
+
+        @llama_cpp.llama_log_callback
+        def _cb(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            msg = text.decode("utf-8", errors="replace").rstrip()
+            if msg:
+                # ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continuation. Its warnings are
+                # about model quirks a user cannot act on (they show with -vv); errors surface.
+                log.log(logging.WARNING if level == 4 else logging.DEBUG, "llama.cpp: %s", msg)
+
+        _log_cb = _cb
+        llama_cpp.llama_log_set(_log_cb, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        _llama = llama_cpp
+    return _llama
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+class LlamaModel:
+    """A loaded GGUF model: weights, vocabulary and metadata, without a context."""
+
+    def __init__(self, path: str | Path, *, n_gpu_layers: int = 0):
+        L = _lib()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelError(f"{self.path}: model file not found")
+        with open(self.path, "rb") as fh:
+            magic = fh.read(4)
+        if magic != b"GGUF":
+            raise ModelError(f"{self.path}: not a GGUF file (it starts with {magic!r}, a GGUF with b'GGUF'); "
+                             f"convert the model with 'annotate-cli export' or llama.cpp's converter")
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = n_gpu_layers
+        self.ptr = L.llama_model_load_from_file(str(self.path).encode(), mp)
+        if not self.ptr:
+            raise ModelError(f"{self.path}: llama.cpp could not load this model: the file is corrupt or truncated, "
+                             f"or its architecture is not supported (run with -vv for llama.cpp's reason); "
+                             f"copy or export it again")
+        self.vocab = L.llama_model_get_vocab(self.ptr)
+        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        self.add_bos = bool(L.llama_vocab_get_add_bos(self.vocab))
+        self.n_ctx_train = L.llama_model_n_ctx_train(self.ptr)
+        self.n_params = L.llama_model_n_params(self.ptr)
+
+    def meta(self, key: str) -> str | None:
+        """A metadata value as text (llama.cpp renders numbers and booleans; arrays are summarised)."""
+        L = _lib()
+        size = 256
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = L.llama_model_meta_val_str(self.ptr, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", errors="replace")
+            size = n + 1  # the value was cut: llama.cpp returned its full length
+
+    def meta_keys(self) -> list[str]:
+        L = _lib()
+        keys = []
+        for i in range(L.llama_model_meta_count(self.ptr)):
+            buf = ctypes.create_string_buffer(512)
+            if L.llama_model_meta_key_by_index(self.ptr, i, buf, 512) >= 0:
+                keys.append(buf.value.decode("utf-8", errors="replace"))
+        return keys
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            _lib().llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class LlamaEngine:
+    def __init__(self, model: LlamaModel | str | Path, *, n_ctx: int = 2048, n_threads: int | None = None,
+                 n_batch: int = 512, n_gpu_layers: int = 0):
+        L = _lib()
+        self.model = model if isinstance(model, LlamaModel) else LlamaModel(model, n_gpu_layers=n_gpu_layers)
+        self.path = self.model.path
+        self._vocab = self.model.vocab
+        self.n_vocab = self.model.n_vocab
+        self.add_bos = self.model.add_bos
+        n_train = self.model.n_ctx_train
+        self.n_threads = n_threads or default_threads()
+        cp = L.llama_context_default_params()
+        cp.n_ctx = min(n_ctx, n_train) if n_train > 0 else n_ctx
+        cp.n_batch = cp.n_ubatch = n_batch
+        cp.n_seq_max = 1
+        # One logits row per decode is all scoring reads. llama.cpp otherwise reserves a row per
+        # batch token: 512 x 262,144 vocab x 4 bytes = 512 MiB of output buffer for Gemma 3.
+        cp.n_outputs_max = 1
+        cp.n_threads = cp.n_threads_batch = self.n_threads
+        cp.no_perf = True
+        # Keep the whole sliding-window cache: without it llama.cpp prunes old positions of
+        # sliding-window layers (Gemma 3) and a cached prefix could not be rolled back to.
+        cp.swa_full = True
+        # Flash attention off: llama.cpp's CPU flash-attention kernel splits work by thread count,
+        # so its results changed with --threads (measured on 30 EmoBank items: labels identical,
+        # probabilities not). Without it, 1, 2 and 3 threads agree bitwise, and scoring was faster
+        # here (7.1 vs 6.1 items/s on 2 threads): prompts are short and KV reads are cheap.
+        cp.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self._ctx = L.llama_init_from_model(self.model.ptr, cp)
+        if not self._ctx:
+            raise ModelError(f"{self.path}: llama.cpp could not create a context of {n_ctx} tokens")
+        self.n_ctx = L.llama_n_ctx(self._ctx)
+        self.n_batch = n_batch
+        self._mem = L.llama_get_memory(self._ctx)
+        self._batch = L.llama_batch_init(n_batch, 0, 1)
+        self._cached: list[int] = []  # tokens whose K/V are in the cache, positions 0..len-1
+        self._cached_bounds: set[int] = set()  # segment ends among them (see logits)
+        self.n_evaluated = 0  # tokens decoded since load, for throughput accounting
+
+    # -- tokens -------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of text; special-token text in the input stays plain text (no injection)."""
+        L = _lib()
+        data = text.encode("utf-8")
+        bos = self.add_bos if add_bos is None else add_bos
+        cap = len(data) + 8
+        buf = (L.llama_token * cap)()
+        n = L.llama_tokenize(self._vocab, data, len(data), buf, cap, bos, False)
+        if n < 0:  # buffer too small: llama.cpp says how many it needs
+            cap = -n
+            buf = (L.llama_token * cap)()
+            n = L.llama_tokenize(self._vocab, data, len(data), buf, cap, bos, False)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> str:
+        L = _lib()
+        buf = ctypes.create_string_buffer(64)
+        n = L.llama_token_to_piece(self._vocab, token, buf, 64, 0, True)
+        return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def logits(self, tokens: list[int], want: np.ndarray | None = None, bounds: tuple[int, ...] = ()) -> np.ndarray:
+        """Logits of the next token after `tokens` (float32), restricted to ids `want` if given.
+
+        `bounds` cut `tokens` into segments (e.g. instruction | item | cue). Each segment is always
+        decoded as its own batch, and the cache is reused only up to a segment boundary that the
+        cached tokens share. llama.cpp's CPU kernels (repacked Q4_K GEMM, flash attention) give
+        results that depend on how a sequence is split into batches, so this fixed schedule is
+        what makes a result independent of what was evaluated before it: resumed, reordered or
+        cached runs give bitwise the same logits as a fresh one.
+        """
+        L = _lib()
+        n = len(tokens)
+        if n > self.n_ctx:
+            raise ContextOverflow(n, self.n_ctx)
+        if not n:
+            raise ValueError("cannot evaluate an empty token sequence")
+        cuts = sorted({b for b in bounds if 0 < b < n}) + [n]
+        lcp = 0
+        for a, b in zip(self._cached, tokens):
+            if a != b:
+                break
+            lcp += 1
+        # reuse up to the last boundary both sequences share; the final segment is always decoded
+        keep = max([0] + [b for b in cuts[:-1] if b <= lcp and b in self._cached_bounds])
+        if keep < len(self._cached):
+            if not L.llama_memory_seq_rm(self._mem, 0, keep, -1):
+                L.llama_memory_clear(self._mem, True)
+                keep = 0
+            del self._cached[keep:]
+            self._cached_bounds = {b for b in self._cached_bounds if b <= keep}
+        start = keep
+        for end in cuts:
+            if end <= start:
+                continue
+            self._decode(tokens[start:end], start, want_logits=end == n)
+            self._cached_bounds.add(end)
+            start = end
+        ptr = L.llama_get_logits_ith(self._ctx, -1)
+        row = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return (row[want] if want is not None else row).copy()
+
+    def _decode(self, seg: list[int], pos: int, want_logits: bool) -> None:
+        """Decode one segment at positions pos.., in n_batch chunks; logits only for its last token."""
+        L = _lib()
+        b = self._batch
+        for start in range(0, len(seg), self.n_batch):
+            chunk = seg[start:start + self.n_batch]
+            last_chunk = start + self.n_batch >= len(seg)
+            b.n_tokens = len(chunk)
+            for i, t in enumerate(chunk):
+                b.token[i] = t
+                b.pos[i] = pos + start + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = 1 if (want_logits and last_chunk and i == len(chunk) - 1) else 0
+            rc = L.llama_decode(self._ctx, b)
+            if rc != 0:
+                # the cache may hold part of this chunk: forget it all rather than trust it
+                self.reset()
+                raise RuntimeError(f"llama_decode failed with code {rc}")
+            self._cached.extend(chunk)
+            self.n_evaluated += len(chunk)
+
+    def reset(self) -> None:
+        _lib().llama_memory_clear(self._mem, True)
+        self._cached = []
+        self._cached_bounds = set()
+
+    def close(self) -> None:
+        L = _lib()
+        if getattr(self, "_batch", None) is not None:
+            L.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
+            L.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "model", None) is not None:
+            self.model.close()
+
+    def __enter__(self) -> LlamaEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,169 @@
+"""An annotation job over one input file: streaming, per-record flushed, resumable.
+
+Every input record yields exactly one output line, in input order: a result, or (with
+``on_error="skip"``) an error record naming file, line and field. Records that repeat an id with
+the same inputs (another rater's row of a human-labelled file) are annotated once.
+
+Resuming reads what an earlier run wrote, drops a torn last line, and skips the records already
+answered, so the finished file is byte-identical to an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from .annotator import Annotator
+from .data import InputError, check_item, iter_rows, write_jsonl_line
+from .engine import ContextOverflow
+
+log = logging.getLogger(__name__)
+
+OnError = Literal["fail", "skip"]
+
+
+@dataclass
+class JobStats:
+    written: int = 0
+    errors: int = 0
+    resumed: int = 0
+    duplicates: int = 0
+    tokens_evaluated: int = 0
+    error_messages: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ResumeState:
+    done_ids: set[str] = field(default_factory=set)
+    done_error_lines: set[int] = field(default_factory=set)
+    records: int = 0
+
+
+def load_resume_state(out_path: Path) -> ResumeState:
+    """What an earlier run of the same job wrote; truncates a torn (unterminated) last line."""
+    state = ResumeState()
+    if not out_path.exists():
+        return state
+    good_end = 0
+    with out_path.open("rb") as fh:
+        for raw in fh:
+            if not raw.endswith(b"\n"):
+                break  # killed mid-write: this line is dropped and redone
+            try:
+                rec = json.loads(raw)
+            except json.JSONDecodeError:
+                break
+            good_end += len(raw)
+            state.records += 1
+            if "error" in rec and isinstance(rec["error"], dict) and rec["error"].get("line") is not None:
+                state.done_error_lines.add(int(rec["error"]["line"]))
+            elif rec.get("id") is not None:
+                state.done_ids.add(str(rec["id"]))
+    if good_end != out_path.stat().st_size:
+        log.warning("%s: dropping a torn last record (%d bytes) before resuming",
+                    out_path, out_path.stat().st_size - good_end)
+        with out_path.open("r+b") as fh:
+            fh.truncate(good_end)
+    return state
+
+
+def count_records(path: str | Path) -> int:
+    """Number of records, for the progress bar (cheap: one pass, no parsing for JSONL)."""
+    n = 0
+    for _ in iter_rows(path):
+        n += 1
+    return n
+
+
+def _fields_key(fields: dict[str, str]) -> bytes:
+    return hashlib.blake2b(json.dumps(fields, sort_keys=True).encode(), digest_size=8).digest()
+
+
+def run_job(annotator: Annotator, input_path: str | Path, out: IO[str], *, model_sha256: str,
+            on_error: OnError = "fail", resume: ResumeState | None = None, max_chars: int | None = None,
+            progress: Callable[[int], None] | None = None) -> JobStats:
+    """Annotate every record of input_path into `out`; raise InputError on the first bad one if on_error='fail'."""
+    stats = JobStats()
+    state = resume or ResumeState()
+    stamp = {"model_sha256": model_sha256, "spec_sha256": annotator.spec.sha256}
+    seen: dict[str, tuple[bytes, int]] = {}  # id -> (inputs hash, first line): 16 bytes of key per item
+    start_tokens = annotator.engine.n_evaluated
+
+    def fail_or_record(err: InputError) -> None:
+        if on_error == "fail":
+            raise err
+        stats.errors += 1
+        if len(stats.error_messages) < 20:
+            stats.error_messages.append(str(err))
+        if err.line in state.done_error_lines:
+            return
+        write_jsonl_line(out, {"id": err.item_id, "error": err.to_record(), **stamp})
+
+    for row in iter_rows(input_path):
+        try:
+            try:
+                item = check_item(row, annotator.spec, max_chars=max_chars)
+            except InputError as e:
+                fail_or_record(e)
+                continue
+            key = _fields_key(item.fields)
+            first = seen.get(item.id)
+            if first is not None:
+                if first[0] == key:
+                    stats.duplicates += 1  # another rater's row of the same item
+                    continue
+                fail_or_record(InputError(item.path, item.line, f"duplicate id '{item.id}' with different inputs "
+                                          f"(first seen at line {first[1]})", "id", item.id))
+                continue
+            seen[item.id] = (key, item.line)
+            if item.id in state.done_ids:
+                stats.resumed += 1
+                continue
+            try:
+                rec = annotator.record(item.id, item.fields)
+            except ContextOverflow as e:
+                longest = max(item.fields, key=lambda k: len(item.fields[k]))
+                fail_or_record(InputError(item.path, item.line, f"text too long: the prompt {e}", longest, item.id))
+                continue
+            write_jsonl_line(out, {**rec, **stamp})
+            stats.written += 1
+        finally:
+            if progress:
+                progress(1)
+    stats.tokens_evaluated = annotator.engine.n_evaluated - start_tokens
+    return stats
+
+
+def open_output(path: str | None, resume: bool) -> tuple[IO[str], ResumeState | None]:
+    """stdout, or a file opened for append (resume) or fresh write."""
+    import sys
+
+    if path in (None, "-"):
+        if resume:
+            raise ValueError("--resume needs -o FILE: a job written to stdout cannot be resumed")
+        return sys.stdout, None
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if resume:
+        state = load_resume_state(p)
+        return p.open("a", encoding="utf-8"), state
+    if p.exists() and p.stat().st_size > 0:
+        raise FileExistsError(f"{p} exists; pass --resume to continue that job, or remove it")
+    return p.open("w", encoding="utf-8"), None
+
+
+def fsync_close(fh: IO[Any]) -> None:
+    import sys
+
+    if fh is sys.stdout:
+        fh.flush()
+        return
+    fh.flush()
+    os.fsync(fh.fileno())
+    fh.close()

@@ -1,0 +1,93 @@
+"""Prompt rendering: the one function that turns (spec, item, criterion) into model text.
+
+Training renders its examples with the same function and appends the answer, so the tokens the
+model was trained on are the tokens it sees at run time.
+
+The prompt is laid out so that its shared parts come first and llama.cpp's KV cache can reuse them:
+
+    [instruction + rubric]   same for every item        -> evaluated once per job
+    [the item's input fields]  same for every criterion -> evaluated once per item
+    [answer cue]               one short line per criterion
+
+At run time every option below keeps its default: canonical template, the spec's input order and
+label order. Training varies them (paraphrased templates, permuted inputs, shuffled labels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .spec import Criterion, TaskSpec
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    template: int = 0
+    """Index into spec.templates; 0 is the canonical instruction."""
+    input_order: tuple[int, ...] | None = None
+    """Permutation of spec.inputs; None keeps the spec's order."""
+    level_orders: Mapping[str, tuple[int, ...]] | None = None
+    """Per criterion, a permutation of its levels as listed in the rubric; None keeps the spec's order."""
+
+
+CANONICAL = RenderOptions()
+
+
+def render_rubric(spec: TaskSpec, opts: RenderOptions = CANONICAL) -> str:
+    blocks = []
+    for c in spec.criteria:
+        order = (opts.level_orders or {}).get(c.name) or tuple(range(len(c.scale)))
+        head = f"{c.name}: {c.description}" if c.description else c.name
+        lines = [head]
+        for i in order:
+            lv = c.scale[i]
+            lines.append(f"  {lv.answer} = {lv.anchor}" if lv.anchor else f"  {lv.answer}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def render_instruction(spec: TaskSpec, opts: RenderOptions = CANONICAL) -> str:
+    """The shared prefix: the instruction with the rubric filled in."""
+    inputs = ", ".join(f.title.lower() for f in spec.inputs)
+    return spec.templates[opts.template].format(rubric=render_rubric(spec, opts), inputs=inputs, name=spec.name).strip()
+
+
+def render_inputs(spec: TaskSpec, item: Mapping[str, object], opts: RenderOptions = CANONICAL) -> str:
+    order = opts.input_order or tuple(range(len(spec.inputs)))
+    parts = []
+    for i in order:
+        f = spec.inputs[i]
+        parts.append(f"{f.title}: {str(item[f.name]).strip()}")
+    return "\n".join(parts)
+
+
+def render_cue(criterion: Criterion, spec: TaskSpec) -> str:
+    return spec.answer_cue.format(criterion=criterion.name, min=criterion.scale[0].answer,
+                                  max=criterion.scale[-1].answer)
+
+
+def prompt_segments(spec: TaskSpec, item: Mapping[str, object], criterion: Criterion,
+                    opts: RenderOptions = CANONICAL) -> tuple[str, str, str]:
+    """(shared instruction, this item's inputs, this criterion's cue): their concatenation is the prompt."""
+    return (f"{render_instruction(spec, opts)}\n\n", f"{render_inputs(spec, item, opts)}\n\n",
+            render_cue(criterion, spec))
+
+
+def render_prompt(spec: TaskSpec, item: Mapping[str, object], criterion: Criterion,
+                  opts: RenderOptions = CANONICAL) -> str:
+    """The full prompt for one item and one criterion; the model's answer follows it directly."""
+    return "".join(prompt_segments(spec, item, criterion, opts))
+
+
+def render_example(spec: TaskSpec, item: Mapping[str, object], criterion: Criterion, value: int | str,
+                   opts: RenderOptions = CANONICAL) -> tuple[str, str]:
+    """(prompt, answer) for training: the answer text is the level's answer string."""
+    for lv in criterion.scale:
+        if lv.value == value:
+            return render_prompt(spec, item, criterion, opts), lv.answer
+    raise ValueError(f"{value!r} is not a level of criterion {criterion.name!r}: {criterion.values}")
+
+
+def answer_texts(criterion: Criterion) -> Sequence[str]:
+    return [lv.answer for lv in criterion.scale]

@@ -1,0 +1,314 @@
+"""Task specs: what an annotator reads, which criteria it scores and which answers it may give.
+
+A spec is YAML. It is validated as a whole and every problem is reported at once::
+
+    from edge_annotator.runtime.spec import load_spec
+    spec = load_spec("tasks/emobank.yaml")
+
+A label set for single-label classification is held as one nominal criterion whose levels are
+the labels, so the rest of the runtime deals only with criteria.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Level = Literal["nominal", "ordinal", "interval"]
+LEVELS: tuple[str, ...] = ("nominal", "ordinal", "interval")
+
+# Placeholders an instruction template may use; anything else is a spec error.
+TEMPLATE_FIELDS = frozenset({"rubric", "inputs", "name"})
+CUE_FIELDS = frozenset({"criterion", "min", "max"})
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message lists every problem found."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: invalid task spec ({len(problems)} problem(s)):\n{lines}")
+
+
+@dataclass(frozen=True)
+class InputField:
+    name: str
+    """Key of the field in each input record."""
+    title: str
+    """How the field is introduced in the prompt, e.g. 'Question'."""
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ScaleLevel:
+    value: int | str
+    """The label written to the output: an integer on a rating scale, a class name for labels."""
+    anchor: str
+    """One line saying what this level means."""
+    answer: str
+    """The text the model emits for this level, right after the answer cue."""
+
+
+@dataclass(frozen=True)
+class Criterion:
+    name: str
+    description: str
+    level: Level
+    scale: tuple[ScaleLevel, ...]
+
+    @property
+    def values(self) -> list[int | str]:
+        return [lv.value for lv in self.scale]
+
+    @property
+    def is_numeric(self) -> bool:
+        return self.level != "nominal"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    description: str
+    inputs: tuple[InputField, ...]
+    criteria: tuple[Criterion, ...]
+    templates: tuple[str, ...]
+    """Paraphrased instructions; templates[0] is the canonical one used at run time."""
+    answer_cue: str
+    """Line that asks for one criterion's answer, e.g. 'Valence (1-5):'."""
+    kind: Literal["criteria", "labels"] = "criteria"
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form metadata (source, license); not used for prompting."""
+
+    @property
+    def input_names(self) -> list[str]:
+        return [f.name for f in self.inputs]
+
+    def criterion(self, name: str) -> Criterion:
+        for c in self.criteria:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The canonical, JSON-able form; `from_dict(to_dict())` round-trips."""
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the canonical form: two specs that prompt and score alike hash alike."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+
+def _placeholders(template: str) -> set[str]:
+    return {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+
+
+def parse_spec(raw: Any, source: str = "<spec>") -> TaskSpec:
+    """Validate a spec given as plain data (from YAML or JSON); raise SpecError listing every problem."""
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        raise SpecError(source, ["the spec must be a mapping with keys name, inputs, criteria or labels, templates"])
+
+    known = {"name", "description", "inputs", "criteria", "labels", "templates", "answer_cue", "kind", "extra"}
+    for key in sorted(set(raw) - known):
+        problems.append(f"unknown key '{key}' (allowed: {', '.join(sorted(known))})")
+
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip():
+        problems.append("'name' must be a non-empty string")
+        name = ""
+
+    inputs: list[InputField] = []
+    raw_inputs = raw.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        problems.append("'inputs' must be a non-empty list of fields, e.g. [{name: text, title: Sentence}]")
+        raw_inputs = []
+    for i, f in enumerate(raw_inputs):
+        where = f"inputs[{i}]"
+        if isinstance(f, str):
+            f = {"name": f}
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
+            problems.append(f"{where}: needs a 'name'")
+            continue
+        for k in sorted(set(f) - {"name", "title", "description"}):
+            problems.append(f"{where}: unknown key '{k}'")
+        if f["name"] == "id":
+            problems.append(f"{where}: 'id' is reserved for the item id")
+        inputs.append(InputField(f["name"], str(f.get("title") or f["name"].replace("_", " ").capitalize()),
+                                 str(f.get("description", ""))))
+    names = [f.name for f in inputs]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"inputs: field '{dup}' appears more than once")
+
+    criteria: list[Criterion] = []
+    has_c, has_l = "criteria" in raw, "labels" in raw
+    kind = "criteria"
+    if has_c == has_l:
+        problems.append("give exactly one of 'criteria' (rating scales) or 'labels' (single-label classification)")
+    elif has_c:
+        raw_c = raw["criteria"]
+        if not isinstance(raw_c, list) or not raw_c:
+            problems.append("'criteria' must be a non-empty list")
+            raw_c = []
+        for i, c in enumerate(raw_c):
+            crit = _parse_criterion(c, f"criteria[{i}]", problems, numeric=True)
+            if crit:
+                criteria.append(crit)
+    else:
+        kind = "labels"
+        lab = raw["labels"]
+        if not isinstance(lab, dict):
+            problems.append("'labels' must be a mapping with 'name', 'description' and 'classes'")
+        else:
+            c = {"name": lab.get("name", "label"), "description": lab.get("description", ""),
+                 "level": "nominal", "scale": lab.get("classes")}
+            crit = _parse_criterion(c, "labels", problems, numeric=False)
+            if crit:
+                criteria.append(crit)
+    cnames = [c.name for c in criteria]
+    for dup in sorted({n for n in cnames if cnames.count(n) > 1}):
+        problems.append(f"criteria: '{dup}' appears more than once")
+
+    templates = raw.get("templates")
+    if not isinstance(templates, list) or not templates or not all(isinstance(t, str) and t.strip() for t in templates):
+        problems.append("'templates' must be a non-empty list of instruction strings; the first is canonical")
+        templates = []
+    for i, t in enumerate(templates):
+        try:
+            bad = _placeholders(t) - TEMPLATE_FIELDS
+        except ValueError as e:
+            problems.append(f"templates[{i}]: {e} (write literal braces as {{{{ and }}}})")
+            continue
+        if bad:
+            problems.append(f"templates[{i}]: unknown placeholder(s) {sorted(bad)}; allowed: {sorted(TEMPLATE_FIELDS)}")
+    dup_t = len(set(templates)) != len(templates)
+    if dup_t:
+        problems.append("templates: paraphrases must differ from each other")
+
+    cue = raw.get("answer_cue", "{criterion}:")
+    if not isinstance(cue, str) or not cue.strip():
+        problems.append("'answer_cue' must be a non-empty string such as '{criterion} ({min}-{max}):'")
+        cue = "{criterion}:"
+    else:
+        try:
+            bad = _placeholders(cue) - CUE_FIELDS
+            if bad:
+                problems.append(f"answer_cue: unknown placeholder(s) {sorted(bad)}; allowed: {sorted(CUE_FIELDS)}")
+        except ValueError as e:
+            problems.append(f"answer_cue: {e}")
+
+    extra = raw.get("extra", {})
+    if not isinstance(extra, dict):
+        problems.append("'extra' must be a mapping")
+        extra = {}
+
+    if problems:
+        raise SpecError(source, problems)
+    return TaskSpec(name=name, description=str(raw.get("description", "")), inputs=tuple(inputs),
+                    criteria=tuple(criteria), templates=tuple(templates), answer_cue=cue,
+                    kind=kind, extra=extra)  # type: ignore[arg-type]
+
+
+def _parse_criterion(c: Any, where: str, problems: list[str], numeric: bool) -> Criterion | None:
+    if not isinstance(c, dict):
+        problems.append(f"{where}: must be a mapping with name, description, level and scale")
+        return None
+    name = c.get("name")
+    for k in sorted(set(c) - {"name", "description", "level", "scale"}):
+        problems.append(f"{where}: unknown key '{k}'")
+    if not isinstance(name, str) or not name.strip():
+        problems.append(f"{where}: needs a non-empty 'name'")
+        name = f"<{where}>"
+    where = f"{where} ({name})"
+    level = c.get("level", "nominal" if not numeric else None)
+    if level not in LEVELS:
+        problems.append(f"{where}: 'level' must be one of {', '.join(LEVELS)}, got {level!r}")
+    if not numeric and level != "nominal":
+        problems.append(f"{where}: a label set is nominal")
+    raw_scale = c.get("scale")
+    key = "scale" if numeric else "classes"
+    if not isinstance(raw_scale, list) or len(raw_scale) < 2:
+        problems.append(f"{where}: '{key}' must list at least two levels")
+        return None
+    scale: list[ScaleLevel] = []
+    for j, lv in enumerate(raw_scale):
+        if isinstance(lv, str) and not numeric:
+            lv = {"value": lv}
+        if not isinstance(lv, dict) or "value" not in lv:
+            problems.append(f"{where}: {key}[{j}] needs a 'value'")
+            continue
+        extra_keys = sorted(set(lv) - {"value", "anchor", "answer"})
+        if extra_keys:
+            problems.append(f"{where}: {key}[{j}] has unknown key(s) {extra_keys} (quote anchors that contain commas)")
+        v = lv["value"]
+        if numeric and (not isinstance(v, int) or isinstance(v, bool)):
+            problems.append(f"{where}: {key}[{j}] value {v!r} must be an integer")
+            continue
+        if not numeric and not isinstance(v, str):
+            problems.append(f"{where}: {key}[{j}] value {v!r} must be a string")
+            continue
+        anchor = lv.get("anchor", "")
+        if numeric and (not isinstance(anchor, str) or not anchor.strip()):
+            problems.append(f"{where}: {key}[{j}] (value {v}) needs a one-line 'anchor'")
+        elif "\n" in str(anchor).strip():
+            problems.append(f"{where}: {key}[{j}] anchor must be one line")
+        answer = lv.get("answer", str(v))
+        if not isinstance(answer, str) or not answer.strip():
+            problems.append(f"{where}: {key}[{j}] 'answer' must be a non-empty string")
+            continue
+        scale.append(ScaleLevel(v, str(anchor).strip(), answer))
+    values = [lv.value for lv in scale]
+    if len(set(values)) != len(values):
+        problems.append(f"{where}: values must be distinct")
+    answers = [lv.answer for lv in scale]
+    if len(set(answers)) != len(answers):
+        problems.append(f"{where}: answers must be distinct")
+    if numeric and values and values != sorted(values):
+        problems.append(f"{where}: scale values must be listed in increasing order")
+    return Criterion(name=name, description=str(c.get("description", "")).strip(),
+                     level=level if level in LEVELS else "nominal", scale=tuple(scale))  # type: ignore[arg-type]
+
+
+def load_spec(path: str | Path) -> TaskSpec:
+    """Read and validate a YAML spec file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(str(p), ["file not found"]) from None
+    except UnicodeDecodeError as e:
+        raise SpecError(str(p), [f"not UTF-8 text ({e.reason} at byte {e.start})"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        loc = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise SpecError(str(p), [f"{loc}not valid YAML ({getattr(e, 'problem', e)})"]) from None
+    return parse_spec(raw, str(p))
+
+
+def spec_from_json(text: str, source: str = "<embedded spec>") -> TaskSpec:
+    """Inverse of TaskSpec.to_json, re-validated (the JSON may come from an untrusted file)."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SpecError(source, [f"not valid JSON: {e}"]) from None
+    if isinstance(raw, dict) and raw.get("kind") == "labels":
+        # the canonical form stores the label set as its single criterion
+        crits = raw.get("criteria") or [{}]
+        c = crits[0] if isinstance(crits[0], dict) else {}
+        raw = {**raw, "labels": {"name": c.get("name"), "description": c.get("description", ""),
+                                 "classes": c.get("scale")}}
+        raw.pop("criteria", None)
+    return parse_spec(raw, source)

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import krippendorff
+import numpy as np
+import pytest
+from conftest import TASKS
+
+from edge_annotator.runtime.metrics import agreement, consensus, criterion_agreement
+from edge_annotator.runtime.spec import load_spec
+
+EMO = load_spec(TASKS / "emobank.yaml")
+GO = load_spec(TASKS / "goemotions.yaml")
+CA = load_spec(TASKS / "convabuse.yaml")
+
+
+def test_alpha_matches_krippendorff_on_model_vs_consensus() -> None:
+    c = EMO.criteria[0]
+    rng = np.random.default_rng(0)
+    humans = {f"i{i}": [int(x) for x in rng.integers(1, 6, size=3)] for i in range(40)}
+    preds = {i: int(rng.integers(1, 6)) for i in humans}
+    r = criterion_agreement(c, preds, humans)
+    ids = list(humans)
+    expect = krippendorff.alpha(reliability_data=[[preds[i] for i in ids], [np.mean(humans[i]) for i in ids]],
+                                level_of_measurement="interval")
+    assert r["alpha"] == pytest.approx(expect)
+    h = np.array([[humans[i][k] for i in ids] for k in range(3)], dtype=float)
+    assert r["alpha_humans"] == pytest.approx(krippendorff.alpha(reliability_data=h, level_of_measurement="interval"))
+    both = np.vstack([h, [[preds[i] for i in ids]]])
+    assert r["alpha_humans_plus_model"] == pytest.approx(
+        krippendorff.alpha(reliability_data=both, level_of_measurement="interval"))
+    assert r["mae"] == pytest.approx(np.mean([abs(preds[i] - np.mean(humans[i])) for i in ids]))
+
+
+def test_perfect_and_constant_predictions() -> None:
+    c = EMO.criteria[0]
+    humans = {f"i{i}": [v, v] for i, v in enumerate([1, 2, 3, 4, 5, 3])}
+    perfect = criterion_agreement(c, {i: r[0] for i, r in humans.items()}, humans)
+    assert perfect["alpha"] == pytest.approx(1.0) and perfect["exact"] == 1.0 and perfect["mae"] == 0.0
+    constant = criterion_agreement(c, {i: 3 for i in humans}, humans)
+    assert constant["alpha"] < 0.5
+
+
+def test_consensus_rules() -> None:
+    assert consensus(EMO.criteria[0], [1, 2, 4]) == pytest.approx(7 / 3)        # interval: mean
+    assert consensus(CA.criteria[0], [-3, 1, 1, 0]) == 0                         # ordinal: lower median
+    assert consensus(GO.criteria[0], ["joy", "anger", "anger"]) == "anger"       # nominal: mode
+    assert consensus(GO.criteria[0], ["joy", "anger"]) == "anger"                # tie: the spec's first class
+
+
+def test_nominal_report_has_macro_f1() -> None:
+    c = GO.criteria[0]
+    humans = {"a": ["joy"], "b": ["anger"], "c": ["joy"], "d": ["fear"]}
+    preds = {"a": "joy", "b": "joy", "c": "joy", "d": "fear"}
+    r = criterion_agreement(c, preds, humans)
+    # joy: tp 2 fp 1 fn 0 -> 0.8; anger: tp 0 fn 1 -> 0; fear: 1.0
+    assert r["macro_f1"] == pytest.approx((0.8 + 0 + 1) / 3)
+    assert r["exact"] == 0.75 and "mae" not in r and "alpha_humans" not in r
+
+
+def test_pooled_over_criteria() -> None:
+    humans = {f"i{i}": [{"Valence": v, "Arousal": 6 - v, "Dominance": 3}, {"Valence": v, "Arousal": 6 - v}]
+              for i, v in enumerate([1, 2, 3, 4, 5])}
+    preds = {i: {"Valence": r[0]["Valence"], "Arousal": r[0]["Arousal"], "Dominance": 3} for i, r in humans.items()}
+    rep = agreement(EMO, preds, humans)
+    assert [c["criterion"] for c in rep["criteria"]] == ["Valence", "Arousal", "Dominance"]
+    assert rep["pooled"]["method"] == "all (item, criterion) units"
+    assert rep["pooled"]["alpha"] == pytest.approx(1.0)
+    assert rep["items_with_humans"] == 5
+    assert rep["criteria"][2]["alpha"] is None  # every value alike: alpha is undefined, not a number

@@ -1,0 +1,115 @@
+"""The runtime is torch-free, installs under the project's own name, and its CLI documents itself."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import DATA, ROOT, TASKS
+
+from edge_annotator.runtime.cli import cli
+
+# Runs in a fresh interpreter where importing torch (or transformers) raises, as on a runtime-only install.
+BLOCK_TORCH = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'transformers', 'peft', 'bitsandbytes'):
+            raise ImportError(f'{name} is blocked in this test')
+        return None
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def _run_blocked(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCK_TORCH + code], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_runtime_imports_without_torch(tmp_path: Path) -> None:
+    code = """
+import importlib, pkgutil
+import edge_annotator.runtime as rt
+for m in pkgutil.iter_modules(rt.__path__):
+    importlib.import_module(f'edge_annotator.runtime.{m.name}')
+from edge_annotator.runtime.cli import cli
+try:
+    cli(['--help'], standalone_mode=False)
+except SystemExit:
+    pass
+assert 'torch' not in sys.modules, 'torch was imported'
+print('TORCH-FREE')
+"""
+    r = _run_blocked(code, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "TORCH-FREE" in r.stdout
+
+
+@pytest.mark.slow
+def test_annotate_runs_without_torch(tmp_path: Path, gemma_path: Path) -> None:
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join((DATA / "emobank-test-50.jsonl").read_text().splitlines(keepends=True)[:2]))
+    code = f"""
+from edge_annotator.runtime.cli import cli
+try:
+    cli(['annotate', {str(gemma_path)!r}, {str(inp)!r}, '--spec', {str(TASKS / 'emobank.yaml')!r},
+         '-o', {str(tmp_path / 'out.jsonl')!r}], standalone_mode=False)
+except SystemExit as e:
+    assert not e.code, e.code
+assert 'torch' not in sys.modules
+print('OK')
+"""
+    r = _run_blocked(code, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
+
+
+def test_runtime_source_never_imports_torch_or_later_stages() -> None:
+    banned = {"torch", "transformers", "peft", "bitsandbytes", "accelerate"}
+    for path in (ROOT / "runtime").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] if node.level == 0 else []
+                if node.level and node.module.split(".")[0] in ("train", "export"):
+                    names = [node.module]
+            for n in names:
+                top = n.split(".")[0]
+                assert top not in banned, f"{path.name} imports {n}"
+                assert not n.startswith(("edge_annotator.train", "edge_annotator.export")), f"{path.name} imports {n}"
+
+
+def test_only_namespaced_packages_are_installed(tmp_path: Path) -> None:
+    code = """
+import importlib
+for bare in ('runtime', 'train', 'export'):
+    try:
+        importlib.import_module(bare)
+    except ImportError:
+        continue
+    raise SystemExit(f'bare package {bare!r} is importable')
+import edge_annotator.runtime, edge_annotator.train, edge_annotator.export
+print('OK')
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": ""})
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_cli_help_lists_commands_with_examples() -> None:
+    exe = Path(sys.executable).with_name("annotate-cli")
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True).stdout
+    for cmd in ("annotate", "agree", "inspect", "data"):
+        assert f"  {cmd} " in out
+    assert "Examples:" in out
+    runner = CliRunner()
+    for cmd in ("annotate", "agree", "inspect", "data"):
+        r = runner.invoke(cli, [cmd, "--help"])
+        assert r.exit_code == 0 and "Examples:" in r.output, cmd

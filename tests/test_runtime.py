@@ -1,0 +1,95 @@
+"""The llama.cpp runtime on the real Gemma 3 270M: determinism, prefix reuse, scoring."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import TASKS
+
+from edge_annotator.runtime.annotator import Annotator, build_trie
+from edge_annotator.runtime.engine import ContextOverflow, LlamaEngine
+from edge_annotator.runtime.spec import SpecError, load_spec, parse_spec
+
+pytestmark = pytest.mark.slow
+
+EMO = load_spec(TASKS / "emobank.yaml")
+
+
+def test_prefix_reuse_is_bitwise_identical_to_a_fresh_pass(engine: LlamaEngine) -> None:
+    ann = Annotator(engine, EMO)
+    texts = ["The storm destroyed the village.", "We won the cup!", "It is Tuesday.", "Nobody came."]
+    engine.reset()
+    before = engine.n_evaluated
+    in_order = [ann.score({"text": t}) for t in texts]
+    prompt, bounds = ann.prompt_tokens({"text": texts[0]}, EMO.criteria[0])
+    # the instruction is evaluated once for the job and each item once for its three criteria
+    assert engine.n_evaluated - before < len(prompt) + len(texts) * 3 * (len(prompt) - bounds[0])
+    for k in reversed(range(len(texts))):  # fresh cache, other order: bitwise the same results
+        engine.reset()
+        assert ann.score({"text": texts[k]}) == in_order[k]
+
+
+def test_segments_make_results_independent_of_history(engine: LlamaEngine) -> None:
+    ann = Annotator(engine, EMO)
+    toks, bounds = ann.prompt_tokens({"text": "I can't believe it worked."}, EMO.criteria[0])
+    engine.reset()
+    fresh = engine.logits(toks, bounds=bounds)
+    engine.reset()
+    engine.logits(toks[: bounds[0] + 3], bounds=bounds)  # an unrelated, partly shared sequence first
+    assert np.array_equal(engine.logits(toks, bounds=bounds), fresh)
+    assert np.array_equal(engine.logits(toks, bounds=bounds), fresh)  # fully cached: last segment redone
+
+
+def test_thread_count_does_not_change_logits(gemma_path) -> None:
+    toks = None
+    out = []
+    for n in (1, 2, 4):
+        with LlamaEngine(gemma_path, n_threads=n) as eng:
+            toks = toks or Annotator(eng, EMO).prompt_tokens({"text": "I can't believe it worked."}, EMO.criteria[2])
+            out.append(eng.logits(toks[0], bounds=toks[1]))
+    assert np.array_equal(out[0], out[1]) and np.array_equal(out[0], out[2])
+
+
+@pytest.mark.parametrize("name", ["emobank", "goemotions", "convabuse", "qa-rubric"])
+def test_shipped_specs_answer_in_one_evaluation(engine: LlamaEngine, name: str) -> None:
+    spec = load_spec(TASKS / f"{name}.yaml")
+    ann = Annotator(engine, spec)
+    for c in spec.criteria:
+        assert ann.tries[c.name].evaluations == 1, c.name  # distinct first tokens: one decode per criterion
+
+
+def test_scores_are_distributions_over_the_allowed_labels(engine: LlamaEngine) -> None:
+    ann = Annotator(engine, EMO)
+    scores = ann.score({"text": "My dog died this morning."})
+    for c in EMO.criteria:
+        s = scores[c.name]
+        assert list(s.probs) == c.values
+        assert sum(s.probs.values()) == pytest.approx(1.0, abs=1e-5)
+        assert s.label == max(s.probs, key=lambda v: s.probs[v])
+
+
+def test_multi_token_answers_use_the_trie(engine: LlamaEngine) -> None:
+    raw = {"name": "t", "inputs": ["text"], "templates": ["Rate.\n{rubric}"],
+           "criteria": [{"name": "q", "level": "ordinal", "scale": [
+               {"value": 1, "anchor": "a", "answer": "very bad"}, {"value": 2, "anchor": "b", "answer": "very good"},
+               {"value": 3, "anchor": "c", "answer": "fine"}]}]}
+    spec = parse_spec(raw)
+    trie = build_trie(engine, spec, spec.criteria[0])
+    assert trie.evaluations == 2  # ' very' | ' fine', then ' bad' | ' good'
+    s = Annotator(engine, spec).score({"text": "ok"})["q"]
+    assert sum(s.probs.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_answers_that_are_not_distinct_tokens_are_rejected(engine: LlamaEngine) -> None:
+    raw = {"name": "t", "inputs": ["text"], "templates": ["Rate.\n{rubric}"],
+           "criteria": [{"name": "q", "level": "ordinal", "scale": [
+               {"value": 1, "anchor": "a"}, {"value": 12, "anchor": "b"}]}]}
+    with pytest.raises(SpecError, match="do not tokenize to distinct tokens"):
+        Annotator(engine, parse_spec(raw))
+
+
+def test_context_overflow_is_reported(gemma_path) -> None:
+    with LlamaEngine(gemma_path, n_ctx=256, n_threads=2) as eng:
+        toks = eng.tokenize("word " * 300)
+        with pytest.raises(ContextOverflow, match=f"needs {len(toks)} tokens but the context window is 256"):
+            eng.logits(toks)
