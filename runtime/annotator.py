@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .engine import LlamaEngine
+from .engine import ContextOverflow, LlamaEngine
 from .prompt import prompt_segments, render_prompt
 from .spec import Criterion, SpecError, TaskSpec
 
@@ -99,58 +99,177 @@ class Score:
     probs: dict[int | str, float]
 
 
-class Annotator:
-    """A spec bound to a loaded model. `score(fields)` -> {criterion: Score}."""
+@dataclass
+class _Plan:
+    """How one item is decoded: shared instruction | item tokens | one cue per criterion."""
 
-    def __init__(self, engine: LlamaEngine, spec: TaskSpec):
+    shared: int  # positions taken from sequence 0 (the instruction)
+    item: list[int]  # tokens after the instruction, read by every criterion
+    cues: list[list[int]]  # per criterion: the cue's tokens and the answers' common stem
+    error: Exception | None = None
+
+
+class Annotator:
+    """A spec bound to a loaded model. `score(fields)` -> {criterion: Score}.
+
+    Decoding schedule, the same for every item whatever ran before (llama.cpp's logits depend on
+    how tokens are batched, so a fixed schedule is what makes output reproducible):
+
+    1. the shared instruction, once per job, in sequence 0;
+    2. per item, one decode of a token tree: the item's tokens, visible to one sequence per
+       criterion, then each criterion's cue in its own sequence, logits at each cue's end;
+    3. where answers span several tokens and diverge below their common stem, one more decode
+       per trie level.
+
+    With `batch=N`, N items share the decode of step 2 (faster, bigger matmuls; the logits then
+    differ in the last bits from batch=1, see README).
+    """
+
+    def __init__(self, engine: LlamaEngine, spec: TaskSpec, batch: int = 1):
         self.engine = engine
         self.spec = spec
+        self.batch = batch
         self.tries = {c.name: build_trie(engine, spec, c) for c in spec.criteria}
-        self.max_answer_len = max(len(p) for t in self.tries.values() for p in t.paths)
-        self._heads: dict[str, list[int]] = {}  # tokens of the instruction, and of instruction + current item
+        self._deep = [len(self.tries[c.name].branches) - 1 for c in spec.criteria]  # branch nodes below the stem
+        self._instr_tokens: dict[str, list[int]] = {}
+        # sequence 0 + per item: one per criterion + one per deeper trie node
+        per_item = len(spec.criteria) + sum(self._deep)
+        engine.reserve(1 + batch * per_item, engine.n_ctx + (batch - 1) * 512)
 
-    def prompt_tokens(self, fields: Mapping[str, Any], c: Criterion) -> tuple[list[int], tuple[int, ...]]:
-        """The prompt's tokens and its segment boundaries (end of instruction, end of item)."""
-        instr, inputs, cue = prompt_segments(self.spec, fields, c)
-        tokens = self.engine.tokenize(instr + inputs + cue)
-        bounds = []
-        for text in (instr, instr + inputs):
-            head = self._heads.get(text)
-            if head is None:
-                if len(self._heads) >= 8:  # the instruction and the current item: a handful is plenty
-                    self._heads.clear()
-                head = self._heads[text] = self.engine.tokenize(text)
-            # a boundary counts only where the text's own tokens are a prefix of the prompt's
-            if tokens[: len(head)] == head:
-                bounds.append(len(head))
-        return tokens, tuple(bounds)
+    def _stem(self, c: Criterion) -> list[int]:
+        trie = self.tries[c.name]
+        return list(trie.branches[0][0])
 
-    def score(self, fields: Mapping[str, Any]) -> dict[str, Score]:
-        out = {}
-        for c in self.spec.criteria:
-            trie = self.tries[c.name]
-            prompt, bounds = self.prompt_tokens(fields, c)
-            cond: dict[tuple[int, ...], dict[int, float]] = {}
-            for prefix, kids in trie.branches:
-                lg = self.engine.logits(prompt + list(prefix), want=np.asarray(kids, dtype=np.int64),
-                                        bounds=bounds + (len(prompt),))
-                cond[prefix] = dict(zip(kids, _softmax(lg).tolist()))
-            probs = []
-            for path in trie.paths:
-                p = 1.0
-                for d in range(len(path)):
-                    node = cond.get(path[:d])
-                    if node is not None:
-                        p *= node[path[d]]
-                probs.append(p)
-            best = int(np.argmax(probs))  # ties go to the first level in spec order
-            out[c.name] = Score(c.scale[best].value,
-                                {lv.value: round(p, PROB_DIGITS) for lv, p in zip(c.scale, probs)})
+    def plan(self, fields: Mapping[str, Any]) -> tuple[list[int], _Plan]:
+        """The instruction tokens and this item's plan; raises ContextOverflow if it cannot fit."""
+        eng = self.engine
+        segs = [prompt_segments(self.spec, fields, c) for c in self.spec.criteria]
+        instr_text, inputs_text = segs[0][0], segs[0][1]
+        instr = self._instr_tokens.get(instr_text)
+        if instr is None:
+            self._instr_tokens = {instr_text: eng.tokenize(instr_text)}
+            instr = self._instr_tokens[instr_text]
+        fulls = [eng.tokenize(a + b + cue) for a, b, cue in segs]
+        head = eng.tokenize(instr_text + inputs_text)
+
+        def lcp(a: list[int], b: list[int]) -> int:
+            n = 0
+            for x, y in zip(a, b):
+                if x != y:
+                    break
+                n += 1
+            return n
+
+        # Boundaries are where each text's own tokens are a prefix of the prompt's (a token that
+        # merges across a boundary moves it back): a function of the text alone.
+        shared = min(lcp(f, instr) for f in fulls)
+        split = min(lcp(f, head) for f in fulls)
+        cues = [f[split:] + self._stem(c) for f, c in zip(fulls, self.spec.criteria)]
+        if any(len(cue) == 0 for cue in cues):
+            split -= 1
+            cues = [f[split:] + self._stem(c) for f, c in zip(fulls, self.spec.criteria)]
+        longest = split + max(len(cue) + max(len(p) for p in self.tries[c.name].paths)
+                              for cue, c in zip(cues, self.spec.criteria))
+        plan = _Plan(shared, fulls[0][shared:split], cues)
+        if longest > eng.n_ctx:
+            plan.error = ContextOverflow(longest, eng.n_ctx)
+        return instr, plan
+
+    def score_many(self, items: list[Mapping[str, Any]]) -> list[dict[str, Score] | Exception]:
+        """Scores of each item, or the exception (ContextOverflow) that kept it from being scored."""
+        out: list[dict[str, Score] | Exception] = []
+        for start in range(0, len(items), self.batch):
+            out.extend(self._score_group(items[start:start + self.batch]))
         return out
 
-    def record(self, item_id: str, fields: Mapping[str, Any]) -> dict[str, Any]:
-        scores = self.score(fields)
+    def _score_group(self, items: list[Mapping[str, Any]]) -> list[dict[str, Score] | Exception]:
+        eng = self.engine
+        planned = [self.plan(f) for f in items]
+        if not planned:
+            return []
+        eng.set_prefix(planned[0][0])
+        C = len(self.spec.criteria)
+        per_item = C + sum(self._deep)
+        toks: list[int] = []
+        pos: list[int] = []
+        seqs: list[tuple[int, ...]] = []
+        outputs: dict[int, np.ndarray] = {}
+        where: dict[tuple[int, int, tuple[int, ...]], int] = {}  # (item, criterion, trie prefix) -> row
+        used: list[int] = []
+        live = [j for j, (_, p) in enumerate(planned) if p.error is None]
+        for j in live:
+            p = planned[j][1]
+            base = 1 + j * per_item
+            crit_seqs = tuple(base + c for c in range(C))
+            for sq in crit_seqs:
+                eng.copy_prefix(sq, p.shared)
+            used.extend(crit_seqs)
+            for k, t in enumerate(p.item):
+                toks.append(t), pos.append(p.shared + k), seqs.append(crit_seqs)
+            at = p.shared + len(p.item)
+            for c, crit in enumerate(self.spec.criteria):
+                for k, t in enumerate(p.cues[c]):
+                    toks.append(t), pos.append(at + k), seqs.append((crit_seqs[c],))
+                first = self.tries[crit.name].branches[0]
+                outputs[len(toks) - 1] = np.asarray(first[1], dtype=np.int64)
+                where[(j, c, first[0])] = len(toks) - 1
+        got = eng.decode_rows(toks, pos, seqs, outputs) if toks else {}
+        cond = {key: dict(zip(outputs[row].tolist(), _softmax(got[row]).tolist())) for key, row in where.items()}
+        # answers that diverge below their stem: every deeper trie node in a sequence of its own
+        if any(self._deep):
+            toks, pos, seqs, outputs, where = [], [], [], {}, {}
+            for j in live:
+                p = planned[j][1]
+                base = 1 + j * per_item
+                extra = base + C
+                at = p.shared + len(p.item)
+                for c, crit in enumerate(self.spec.criteria):
+                    stem = len(self._stem(crit))
+                    end = at + len(p.cues[c])
+                    for prefix, kids in self.tries[crit.name].branches[1:]:
+                        eng.copy_prefix(extra, end, src=base + c)
+                        used.append(extra)
+                        for k, t in enumerate(prefix[stem:]):
+                            toks.append(t), pos.append(end + k), seqs.append((extra,))
+                        outputs[len(toks) - 1] = np.asarray(kids, dtype=np.int64)
+                        where[(j, c, prefix)] = len(toks) - 1
+                        extra += 1
+            got = eng.decode_rows(toks, pos, seqs, outputs)
+            cond.update({key: dict(zip(outputs[row].tolist(), _softmax(got[row]).tolist()))
+                         for key, row in where.items()})
+        eng.drop(used)
+        results: list[dict[str, Score] | Exception] = []
+        for j, (_, p) in enumerate(planned):
+            if p.error is not None:
+                results.append(p.error)
+                continue
+            res = {}
+            for c, crit in enumerate(self.spec.criteria):
+                probs = []
+                for path in self.tries[crit.name].paths:
+                    pr = 1.0
+                    for d in range(len(path)):
+                        node = cond.get((j, c, path[:d]))
+                        if node is not None:
+                            pr *= node[path[d]]
+                    probs.append(pr)
+                best = int(np.argmax(probs))  # ties go to the first level in spec order
+                res[crit.name] = Score(crit.scale[best].value,
+                                       {lv.value: round(q, PROB_DIGITS) for lv, q in zip(crit.scale, probs)})
+            results.append(res)
+        return results
+
+    def score(self, fields: Mapping[str, Any]) -> dict[str, Score]:
+        (res,) = self.score_many([fields])
+        if isinstance(res, Exception):
+            raise res
+        return res
+
+    @staticmethod
+    def to_record(item_id: str, scores: Mapping[str, Score]) -> dict[str, Any]:
         return {"id": item_id,
                 "labels": {k: s.label for k, s in scores.items()},
                 "probs": {k: {str(v): p for v, p in s.probs.items()} for k, s in scores.items()}}
 
+    def record(self, item_id: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+        return self.to_record(item_id, self.score(fields))

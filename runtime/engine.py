@@ -126,23 +126,45 @@ class LlamaModel:
 
 
 class LlamaEngine:
+    """A llama.cpp context over a model: tokenization and scoring-oriented decoding.
+
+    Sequence 0 holds the job's shared prefix; sequences 1.. are scratch space for the items of one
+    decode (see decode_rows). The context is (re)made on demand by `reserve`.
+    """
+
     def __init__(self, model: LlamaModel | str | Path, *, n_ctx: int = 2048, n_threads: int | None = None,
                  n_batch: int = 512, n_gpu_layers: int = 0):
-        L = _lib()
         self.model = model if isinstance(model, LlamaModel) else LlamaModel(model, n_gpu_layers=n_gpu_layers)
         self.path = self.model.path
         self._vocab = self.model.vocab
         self.n_vocab = self.model.n_vocab
         self.add_bos = self.model.add_bos
         n_train = self.model.n_ctx_train
+        self.n_ctx = min(n_ctx, n_train) if n_train > 0 else n_ctx  # the window one sequence may use
         self.n_threads = n_threads or default_threads()
+        self.n_batch = n_batch
+        self.n_evaluated = 0  # tokens decoded since load, for throughput accounting
+        self._ctx = None
+        self._batch = None
+        self.n_seq = 0
+        self.n_cells = 0
+        self.reserve(1, self.n_ctx)
+
+    def reserve(self, n_seq: int, n_cells: int) -> None:
+        """Make sure the context has `n_seq` sequences and `n_cells` KV cells; a new context starts empty."""
+        if self._ctx is not None and n_seq <= self.n_seq and n_cells <= self.n_cells:
+            return
+        L = _lib()
+        self._free_context()
         cp = L.llama_context_default_params()
-        cp.n_ctx = min(n_ctx, n_train) if n_train > 0 else n_ctx
-        cp.n_batch = cp.n_ubatch = n_batch
-        cp.n_seq_max = 1
-        # One logits row per decode is all scoring reads. llama.cpp otherwise reserves a row per
-        # batch token: 512 x 262,144 vocab x 4 bytes = 512 MiB of output buffer for Gemma 3.
-        cp.n_outputs_max = 1
+        cp.n_ctx = max(n_cells, self.n_cells)
+        cp.n_batch = cp.n_ubatch = self.n_batch
+        cp.n_seq_max = max(n_seq, self.n_seq, 1)
+        # all sequences share one pool of cells, so copying the shared prefix to a sequence is free
+        cp.kv_unified = True
+        # Only the rows scoring reads get logits: at most one per sequence in a decode. llama.cpp
+        # otherwise reserves a row per batch token: 512 x 262,144 vocab x 4 bytes = 512 MiB for Gemma 3.
+        cp.n_outputs_max = cp.n_seq_max
         cp.n_threads = cp.n_threads_batch = self.n_threads
         cp.no_perf = True
         # Keep the whole sliding-window cache: without it llama.cpp prunes old positions of
@@ -155,14 +177,21 @@ class LlamaEngine:
         cp.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
         self._ctx = L.llama_init_from_model(self.model.ptr, cp)
         if not self._ctx:
-            raise ModelError(f"{self.path}: llama.cpp could not create a context of {n_ctx} tokens")
-        self.n_ctx = L.llama_n_ctx(self._ctx)
-        self.n_batch = n_batch
+            raise ModelError(f"{self.path}: llama.cpp could not create a context of {cp.n_ctx} tokens")
+        self.n_seq, self.n_cells = cp.n_seq_max, L.llama_n_ctx(self._ctx)
         self._mem = L.llama_get_memory(self._ctx)
-        self._batch = L.llama_batch_init(n_batch, 0, 1)
-        self._cached: list[int] = []  # tokens whose K/V are in the cache, positions 0..len-1
+        self._batch = L.llama_batch_init(self.n_batch, 0, self.n_seq)
+        self._cached: list[int] = []  # tokens of sequence 0 in the cache, positions 0..len-1
         self._cached_bounds: set[int] = set()  # segment ends among them (see logits)
-        self.n_evaluated = 0  # tokens decoded since load, for throughput accounting
+
+    def _free_context(self) -> None:
+        L = _lib()
+        if getattr(self, "_batch", None) is not None:
+            L.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
+            L.llama_free(self._ctx)
+            self._ctx = None
 
     # -- tokens -------------------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
@@ -249,19 +278,66 @@ class LlamaEngine:
             self._cached.extend(chunk)
             self.n_evaluated += len(chunk)
 
+    def set_prefix(self, tokens: list[int]) -> None:
+        """Make sequence 0 hold exactly `tokens`, decoded as one segment (nothing is redone if it does)."""
+        if self._cached == tokens and len(tokens) in self._cached_bounds:
+            return
+        if len(tokens) > self.n_ctx:
+            raise ContextOverflow(len(tokens), self.n_ctx)
+        self.reset()
+        self._decode(tokens, 0, want_logits=False)
+        self._cached_bounds.add(len(tokens))
+
+    def decode_rows(self, tokens: list[int], pos: list[int], seqs: list[tuple[int, ...]],
+                    outputs: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """Decode a token tree: row i is token i at position pos[i] in sequences seqs[i].
+
+        Rows in several sequences are shared (an item's tokens, read by each criterion's cue).
+        `outputs` maps a row to the token ids whose logits to return for it. Sequences other than 0
+        must be empty or copied from 0 (copy_prefix) before, and are dropped (drop) after.
+        """
+        L = _lib()
+        b = self._batch
+        got: dict[int, np.ndarray] = {}
+        for start in range(0, len(tokens), self.n_batch):
+            end = min(start + self.n_batch, len(tokens))
+            b.n_tokens = end - start
+            for i in range(start, end):
+                k = i - start
+                b.token[k] = tokens[i]
+                b.pos[k] = pos[i]
+                b.n_seq_id[k] = len(seqs[i])
+                for j, sq in enumerate(seqs[i]):
+                    b.seq_id[k][j] = sq
+                b.logits[k] = 1 if i in outputs else 0
+            rc = L.llama_decode(self._ctx, b)
+            if rc != 0:
+                self.reset()
+                raise RuntimeError(f"llama_decode failed with code {rc}")
+            self.n_evaluated += end - start
+            for i in range(start, end):
+                if i in outputs:
+                    row = np.ctypeslib.as_array(L.llama_get_logits_ith(self._ctx, i - start), shape=(self.n_vocab,))
+                    got[i] = row[outputs[i]].copy()
+        return got
+
+    def copy_prefix(self, dst: int, n: int, src: int = 0) -> None:
+        """Let sequence `dst` see the first `n` positions of `src` (shares cells, copies nothing)."""
+        _lib().llama_memory_seq_cp(self._mem, src, dst, 0, n)
+
+    def drop(self, seqs: list[int]) -> None:
+        """Forget sequences (not 0): their own cells are freed, shared ones stay with sequence 0."""
+        L = _lib()
+        for sq in seqs:
+            L.llama_memory_seq_rm(self._mem, sq, -1, -1)
+
     def reset(self) -> None:
         _lib().llama_memory_clear(self._mem, True)
         self._cached = []
         self._cached_bounds = set()
 
     def close(self) -> None:
-        L = _lib()
-        if getattr(self, "_batch", None) is not None:
-            L.llama_batch_free(self._batch)
-            self._batch = None
-        if getattr(self, "_ctx", None):
-            L.llama_free(self._ctx)
-            self._ctx = None
+        self._free_context()
         if getattr(self, "model", None) is not None:
             self.model.close()
 

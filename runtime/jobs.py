@@ -88,54 +88,82 @@ def _fields_key(fields: dict[str, str]) -> bytes:
 def run_job(annotator: Annotator, input_path: str | Path, out: IO[str], *, model_sha256: str,
             on_error: OnError = "fail", resume: ResumeState | None = None, max_chars: int | None = None,
             progress: Callable[[int], None] | None = None) -> JobStats:
-    """Annotate every record of input_path into `out`; raise InputError on the first bad one if on_error='fail'."""
+    """Annotate every record of input_path into `out`; raise InputError on the first bad one if on_error='fail'.
+
+    Valid items are scored in groups of `annotator.batch`, formed over every valid item in input
+    order (already-done ones included), so a resumed job scores the same groups as the first run.
+    """
     stats = JobStats()
     state = resume or ResumeState()
     stamp = {"model_sha256": model_sha256, "spec_sha256": annotator.spec.sha256}
-    seen: dict[str, tuple[bytes, int]] = {}  # id -> (inputs hash, first line): 16 bytes of key per item
+    seen: dict[str, tuple[bytes, int]] = {}  # id -> (inputs hash, first line): ~100 bytes per item
     start_tokens = annotator.engine.n_evaluated
+    # Records waiting for their group to be scored, in input order: ("item", Item) or ("error", InputError).
+    pending: list[tuple[str, Any]] = []
+    n_items = 0
 
-    def fail_or_record(err: InputError) -> None:
-        if on_error == "fail":
-            raise err
+    def emit_error(err: InputError) -> None:
         stats.errors += 1
         if len(stats.error_messages) < 20:
             stats.error_messages.append(str(err))
-        if err.line in state.done_error_lines:
-            return
-        write_jsonl_line(out, {"id": err.item_id, "error": err.to_record(), **stamp})
+        if err.line not in state.done_error_lines:
+            write_jsonl_line(out, {"id": err.item_id, "error": err.to_record(), **stamp})
+
+    def flush() -> None:
+        items = [x for kind, x in pending if kind == "item"]
+        todo = any(it.id not in state.done_ids for it in items)
+        scores = annotator.score_many([it.fields for it in items]) if todo else [None] * len(items)
+        by_item = dict(zip((id(it) for it in items), scores))
+        for kind, x in pending:
+            if progress:
+                progress(1)
+            if kind == "error":
+                emit_error(x)
+            elif x.id in state.done_ids:
+                stats.resumed += 1
+            else:
+                res = by_item[id(x)]
+                if isinstance(res, ContextOverflow):
+                    longest = max(x.fields, key=lambda k: len(x.fields[k]))
+                    err = InputError(x.path, x.line, f"text too long: the prompt {res}", longest, x.id)
+                    if on_error == "fail":
+                        raise err
+                    emit_error(err)
+                    continue
+                assert isinstance(res, dict)
+                write_jsonl_line(out, {**annotator.to_record(x.id, res), **stamp})
+                stats.written += 1
+        pending.clear()
+
+    def bad(err: InputError) -> None:
+        if on_error == "fail":
+            flush()  # what came before the bad record is written first
+            raise err
+        pending.append(("error", err))
 
     for row in iter_rows(input_path):
         try:
-            try:
-                item = check_item(row, annotator.spec, max_chars=max_chars)
-            except InputError as e:
-                fail_or_record(e)
+            item = check_item(row, annotator.spec, max_chars=max_chars)
+        except InputError as e:
+            bad(e)
+            continue
+        key = _fields_key(item.fields)
+        first = seen.get(item.id)
+        if first is not None:
+            if first[0] == key:
+                stats.duplicates += 1  # another rater's row of the same item
+                if progress:
+                    progress(1)
                 continue
-            key = _fields_key(item.fields)
-            first = seen.get(item.id)
-            if first is not None:
-                if first[0] == key:
-                    stats.duplicates += 1  # another rater's row of the same item
-                    continue
-                fail_or_record(InputError(item.path, item.line, f"duplicate id '{item.id}' with different inputs "
-                                          f"(first seen at line {first[1]})", "id", item.id))
-                continue
-            seen[item.id] = (key, item.line)
-            if item.id in state.done_ids:
-                stats.resumed += 1
-                continue
-            try:
-                rec = annotator.record(item.id, item.fields)
-            except ContextOverflow as e:
-                longest = max(item.fields, key=lambda k: len(item.fields[k]))
-                fail_or_record(InputError(item.path, item.line, f"text too long: the prompt {e}", longest, item.id))
-                continue
-            write_jsonl_line(out, {**rec, **stamp})
-            stats.written += 1
-        finally:
-            if progress:
-                progress(1)
+            bad(InputError(item.path, item.line, f"duplicate id '{item.id}' with different inputs "
+                           f"(first seen at line {first[1]})", "id", item.id))
+            continue
+        seen[item.id] = (key, item.line)
+        pending.append(("item", item))
+        n_items += 1
+        if n_items % annotator.batch == 0:
+            flush()
+    flush()
     stats.tokens_evaluated = annotator.engine.n_evaluated - start_tokens
     return stats
 

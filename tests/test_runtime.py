@@ -8,6 +8,7 @@ from conftest import TASKS
 
 from edge_annotator.runtime.annotator import Annotator, build_trie
 from edge_annotator.runtime.engine import ContextOverflow, LlamaEngine
+from edge_annotator.runtime.prompt import prompt_segments
 from edge_annotator.runtime.spec import SpecError, load_spec, parse_spec
 
 pytestmark = pytest.mark.slow
@@ -15,23 +16,37 @@ pytestmark = pytest.mark.slow
 EMO = load_spec(TASKS / "emobank.yaml")
 
 
-def test_prefix_reuse_is_bitwise_identical_to_a_fresh_pass(engine: LlamaEngine) -> None:
+TEXTS = ["The storm destroyed the village.", "We won the cup!", "It is Tuesday.", "Nobody came.",
+         "SAN FRANCISCO -- A staple of Chinese and Indian cooking, these gourds (botanically, Momordica "
+         "charantia) with skin like toads grow on climbing vines that can reach 20 feet."]
+
+
+def test_cached_results_equal_the_one_item_at_a_time_reference(engine: LlamaEngine) -> None:
     ann = Annotator(engine, EMO)
-    texts = ["The storm destroyed the village.", "We won the cup!", "It is Tuesday.", "Nobody came."]
     engine.reset()
     before = engine.n_evaluated
-    in_order = [ann.score({"text": t}) for t in texts]
-    prompt, bounds = ann.prompt_tokens({"text": texts[0]}, EMO.criteria[0])
-    # the instruction is evaluated once for the job and each item once for its three criteria
-    assert engine.n_evaluated - before < len(prompt) + len(texts) * 3 * (len(prompt) - bounds[0])
-    for k in reversed(range(len(texts))):  # fresh cache, other order: bitwise the same results
+    in_order = ann.score_many([{"text": t} for t in TEXTS])
+    instr, plan = ann.plan({"text": TEXTS[0]})
+    # the instruction is evaluated once for the job, not once per item or criterion
+    assert engine.n_evaluated - before < len(instr) + len(TEXTS) * 60
+    assert plan.shared == len(instr) and len(plan.cues) == 3
+    for k in reversed(range(len(TEXTS))):  # the unoptimised path: empty cache, one item, other order
         engine.reset()
-        assert ann.score({"text": texts[k]}) == in_order[k]
+        assert ann.score({"text": TEXTS[k]}) == in_order[k]
 
 
-def test_segments_make_results_independent_of_history(engine: LlamaEngine) -> None:
-    ann = Annotator(engine, EMO)
-    toks, bounds = ann.prompt_tokens({"text": "I can't believe it worked."}, EMO.criteria[0])
+def test_batching_items_is_opt_in_and_close(engine: LlamaEngine) -> None:
+    ref = Annotator(engine, EMO).score_many([{"text": t} for t in TEXTS])
+    got = Annotator(engine, EMO, batch=4).score_many([{"text": t} for t in TEXTS])
+    for r, g in zip(ref, got):
+        for c in r:
+            assert max(abs(r[c].probs[v] - g[c].probs[v]) for v in r[c].probs) < 0.15
+
+
+def test_segments_make_logits_independent_of_history(engine: LlamaEngine) -> None:
+    a, b, cue = prompt_segments(EMO, {"text": "I can't believe it worked."}, EMO.criteria[0])
+    toks = engine.tokenize(a + b + cue)
+    bounds = (len(engine.tokenize(a)), len(engine.tokenize(a + b)))
     engine.reset()
     fresh = engine.logits(toks, bounds=bounds)
     engine.reset()
@@ -40,14 +55,12 @@ def test_segments_make_results_independent_of_history(engine: LlamaEngine) -> No
     assert np.array_equal(engine.logits(toks, bounds=bounds), fresh)  # fully cached: last segment redone
 
 
-def test_thread_count_does_not_change_logits(gemma_path) -> None:
-    toks = None
+def test_thread_count_does_not_change_scores(gemma_path) -> None:
     out = []
     for n in (1, 2, 4):
         with LlamaEngine(gemma_path, n_threads=n) as eng:
-            toks = toks or Annotator(eng, EMO).prompt_tokens({"text": "I can't believe it worked."}, EMO.criteria[2])
-            out.append(eng.logits(toks[0], bounds=toks[1]))
-    assert np.array_equal(out[0], out[1]) and np.array_equal(out[0], out[2])
+            out.append(Annotator(eng, EMO).score_many([{"text": t} for t in TEXTS]))
+    assert out[0] == out[1] == out[2]
 
 
 @pytest.mark.parametrize("name", ["emobank", "goemotions", "convabuse", "qa-rubric"])
