@@ -205,11 +205,15 @@ class Annotator:
                 eng.copy_prefix(sq, p.shared)
             used.extend(crit_seqs)
             for k, t in enumerate(p.item):
-                toks.append(t), pos.append(p.shared + k), seqs.append(crit_seqs)
+                toks.append(t)
+                pos.append(p.shared + k)
+                seqs.append(crit_seqs)
             at = p.shared + len(p.item)
             for c, crit in enumerate(self.spec.criteria):
                 for k, t in enumerate(p.cues[c]):
-                    toks.append(t), pos.append(at + k), seqs.append((crit_seqs[c],))
+                    toks.append(t)
+                    pos.append(at + k)
+                    seqs.append((crit_seqs[c],))
                 first = self.tries[crit.name].branches[0]
                 outputs[len(toks) - 1] = np.asarray(first[1], dtype=np.int64)
                 where[(j, c, first[0])] = len(toks) - 1
@@ -230,7 +234,9 @@ class Annotator:
                         eng.copy_prefix(extra, end, src=base + c)
                         used.append(extra)
                         for k, t in enumerate(prefix[stem:]):
-                            toks.append(t), pos.append(end + k), seqs.append((extra,))
+                            toks.append(t)
+                            pos.append(end + k)
+                            seqs.append((extra,))
                         outputs[len(toks) - 1] = np.asarray(kids, dtype=np.int64)
                         where[(j, c, prefix)] = len(toks) - 1
                         extra += 1

@@ -19,6 +19,7 @@ import ctypes
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -144,8 +145,9 @@ class LlamaEngine:
         self.n_threads = n_threads or default_threads()
         self.n_batch = n_batch
         self.n_evaluated = 0  # tokens decoded since load, for throughput accounting
-        self._ctx = None
-        self._batch = None
+        self._ctx: Any = None
+        self._batch: Any = None
+        self._mem: Any = None
         self.n_seq = 0
         self.n_cells = 0
         self.reserve(1, self.n_ctx)
