@@ -12,7 +12,9 @@ GEMMA := $(MODELS)/gemma-3-270m-q4_k_m.gguf
 THREADS ?= 2
 DEMO := $(MODELS)/demo
 
-.PHONY: help install test test-fast lint demo clean
+GEMMA_HF := $(MODELS)/gemma-3-270m-hf
+
+.PHONY: help install test test-fast lint demo bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,8 +40,8 @@ test-fast: install  ## tests that need no real model
 	$(VENV)/bin/pytest -m "not slow"
 
 lint: install  ## ruff and mypy over the package and tests
-	$(VENV)/bin/ruff check runtime train export tests
-	$(VENV)/bin/mypy runtime export
+	$(VENV)/bin/ruff check runtime train export bench tests
+	$(VENV)/bin/mypy runtime export bench
 
 # The main job on an embedded default: Gemma 3 270M from its registry package, zero-shot with the
 # EmoBank spec, on 50 held-out EmoBank sentences; twice, with 1 and 2 threads, which must agree
@@ -51,6 +53,14 @@ demo: install $(GEMMA)  ## annotate the shipped EmoBank sample and measure agree
 	$(CLI) annotate $(GEMMA) data/emobank-test-50.jsonl --spec tasks/emobank.yaml --threads $(THREADS) -o $(DEMO)/emobank-t2.jsonl
 	cmp $(DEMO)/emobank-t1.jsonl $(DEMO)/emobank-t2.jsonl && echo "threads 1 and $(THREADS): byte-identical output"
 	$(CLI) agree $(DEMO)/emobank-t2.jsonl data/emobank-test-50.jsonl --spec tasks/emobank.yaml
+
+$(GEMMA_HF): $(GEMMA)
+	$(PY) -m edge_annotator.train.from_gguf $(GEMMA) $@
+
+# annotate-cli vs the naive llama-cpp-python loop, HF transformers fp32 and llama.cpp's pp512,
+# side by side in one run; writes BENCHMARKS.md and models/bench.json.
+bench: install $(GEMMA) $(GEMMA_HF)  ## throughput ratios, side by side (about 5 minutes)
+	$(CLI) bench --model $(GEMMA) --hf-dir $(GEMMA_HF) --threads $(THREADS) --json $(MODELS)/bench.json --markdown BENCHMARKS.md
 
 clean:  ## remove built models and caches (keeps .venv)
 	rm -rf $(MODELS) .pytest_cache .mypy_cache .ruff_cache

@@ -10,7 +10,7 @@ come out. Single-token answers (the common case) need one evaluation per item an
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,14 +175,14 @@ class Annotator:
             plan.error = ContextOverflow(longest, eng.n_ctx)
         return instr, plan
 
-    def score_many(self, items: list[Mapping[str, Any]]) -> list[dict[str, Score] | Exception]:
+    def score_many(self, items: Sequence[Mapping[str, Any]]) -> list[dict[str, Score] | Exception]:
         """Scores of each item, or the exception (ContextOverflow) that kept it from being scored."""
         out: list[dict[str, Score] | Exception] = []
         for start in range(0, len(items), self.batch):
             out.extend(self._score_group(items[start:start + self.batch]))
         return out
 
-    def _score_group(self, items: list[Mapping[str, Any]]) -> list[dict[str, Score] | Exception]:
+    def _score_group(self, items: Sequence[Mapping[str, Any]]) -> list[dict[str, Score] | Exception]:
         eng = self.engine
         planned = [self.plan(f) for f in items]
         if not planned:

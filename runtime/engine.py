@@ -36,6 +36,9 @@ class ContextOverflow(ValueError):
         super().__init__(f"needs {n_tokens} tokens but the context window is {n_ctx}; "
                          f"shorten the text or raise --ctx")
 
+    def __reduce__(self) -> tuple[type, tuple[int, int]]:  # crosses process boundaries (--workers)
+        return (ContextOverflow, (self.n_tokens, self.n_ctx))
+
 
 _llama = None
 _log_cb = None  # keep the ctypes callback alive for as long as llama.cpp may call it

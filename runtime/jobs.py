@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -85,22 +85,22 @@ def _fields_key(fields: dict[str, str]) -> bytes:
     return hashlib.blake2b(json.dumps(fields, sort_keys=True).encode(), digest_size=8).digest()
 
 
+Scorer = Callable[[list[dict[str, str]]], list[Any]]
+
+
 def run_job(annotator: Annotator, input_path: str | Path, out: IO[str], *, model_sha256: str,
             on_error: OnError = "fail", resume: ResumeState | None = None, max_chars: int | None = None,
-            progress: Callable[[int], None] | None = None) -> JobStats:
+            progress: Callable[[int], None] | None = None, pool: WorkerPool | None = None) -> JobStats:
     """Annotate every record of input_path into `out`; raise InputError on the first bad one if on_error='fail'.
 
     Valid items are scored in groups of `annotator.batch`, formed over every valid item in input
     order (already-done ones included), so a resumed job scores the same groups as the first run.
+    With a `pool`, groups are scored in worker processes and written here in input order.
     """
     stats = JobStats()
     state = resume or ResumeState()
     stamp = {"model_sha256": model_sha256, "spec_sha256": annotator.spec.sha256}
-    seen: dict[str, tuple[bytes, int]] = {}  # id -> (inputs hash, first line): ~100 bytes per item
     start_tokens = annotator.engine.n_evaluated
-    # Records waiting for their group to be scored, in input order: ("item", Item) or ("error", InputError).
-    pending: list[tuple[str, Any]] = []
-    n_items = 0
 
     def emit_error(err: InputError) -> None:
         stats.errors += 1
@@ -109,16 +109,16 @@ def run_job(annotator: Annotator, input_path: str | Path, out: IO[str], *, model
         if err.line not in state.done_error_lines:
             write_jsonl_line(out, {"id": err.item_id, "error": err.to_record(), **stamp})
 
-    def flush() -> None:
-        items = [x for kind, x in pending if kind == "item"]
-        todo = any(it.id not in state.done_ids for it in items)
-        scores = annotator.score_many([it.fields for it in items]) if todo else [None] * len(items)
-        by_item = dict(zip((id(it) for it in items), scores))
-        for kind, x in pending:
+    def write(chunk: list[tuple[str, Any]], scores: list[Any] | None) -> None:
+        items = [x for kind, x in chunk if kind == "item"]
+        by_item = dict(zip((id(it) for it in items), scores or [None] * len(items)))
+        for kind, x in chunk:
             if progress:
                 progress(1)
             if kind == "error":
                 emit_error(x)
+            elif kind == "raise":
+                raise x
             elif x.id in state.done_ids:
                 stats.resumed += 1
             else:
@@ -130,42 +130,117 @@ def run_job(annotator: Annotator, input_path: str | Path, out: IO[str], *, model
                         raise err
                     emit_error(err)
                     continue
-                assert isinstance(res, dict)
                 write_jsonl_line(out, {**annotator.to_record(x.id, res), **stamp})
                 stats.written += 1
-        pending.clear()
 
-    def bad(err: InputError) -> None:
-        if on_error == "fail":
-            flush()  # what came before the bad record is written first
-            raise err
-        pending.append(("error", err))
+    def needs_scoring(chunk: list[tuple[str, Any]]) -> list[dict[str, str]] | None:
+        items = [x for kind, x in chunk if kind == "item"]
+        return [it.fields for it in items] if any(it.id not in state.done_ids for it in items) else None
+
+    chunks = _chunks(input_path, annotator, on_error, max_chars, stats)
+    if pool is None:
+        for chunk in chunks:
+            todo = needs_scoring(chunk)
+            write(chunk, annotator.score_many(todo) if todo else None)
+    else:
+        for chunk, scores in pool.ordered(chunks, needs_scoring):
+            write(chunk, scores)
+    stats.tokens_evaluated = annotator.engine.n_evaluated - start_tokens
+    return stats
+
+
+def _chunks(input_path: str | Path, annotator: Annotator, on_error: OnError, max_chars: int | None,
+            stats: JobStats) -> Iterator[list[tuple[str, Any]]]:
+    """The input as consecutive chunks of records, each holding one scoring group of valid items.
+
+    A chunk is a list of ("item", Item), ("error", InputError) or, with on_error='fail', a final
+    ("raise", InputError) after which nothing more is read.
+    """
+    seen: dict[str, tuple[bytes, int]] = {}  # id -> (inputs hash, first line): ~100 bytes per item
+    pending: list[tuple[str, Any]] = []
+    n_items = 0
+
+    def bad(err: InputError) -> bool:
+        pending.append(("raise" if on_error == "fail" else "error", err))
+        return on_error == "fail"
 
     for row in iter_rows(input_path):
         try:
             item = check_item(row, annotator.spec, max_chars=max_chars)
         except InputError as e:
-            bad(e)
+            if bad(e):
+                break
             continue
         key = _fields_key(item.fields)
         first = seen.get(item.id)
         if first is not None:
             if first[0] == key:
                 stats.duplicates += 1  # another rater's row of the same item
-                if progress:
-                    progress(1)
                 continue
-            bad(InputError(item.path, item.line, f"duplicate id '{item.id}' with different inputs "
-                           f"(first seen at line {first[1]})", "id", item.id))
+            if bad(InputError(item.path, item.line, f"duplicate id '{item.id}' with different inputs "
+                              f"(first seen at line {first[1]})", "id", item.id)):
+                break
             continue
         seen[item.id] = (key, item.line)
         pending.append(("item", item))
         n_items += 1
         if n_items % annotator.batch == 0:
-            flush()
-    flush()
-    stats.tokens_evaluated = annotator.engine.n_evaluated - start_tokens
-    return stats
+            yield pending
+            pending = []
+    if pending:
+        yield pending
+
+
+# -- worker processes --------------------------------------------------------------------------
+
+_worker: Annotator | None = None
+
+
+def _worker_init(model: str, spec_json: str, n_ctx: int, threads: int, batch: int) -> None:
+    global _worker
+    from .engine import LlamaEngine
+    from .spec import spec_from_json
+
+    _worker = Annotator(LlamaEngine(model, n_ctx=n_ctx, n_threads=threads), spec_from_json(spec_json), batch=batch)
+
+
+def _worker_score(fields: list[dict[str, str]]) -> list[Any]:
+    assert _worker is not None
+    return _worker.score_many(fields)
+
+
+class WorkerPool:
+    """N processes, each with its own copy of the model, scoring groups in a bounded ordered window."""
+
+    def __init__(self, workers: int, model: str | Path, annotator: Annotator, threads_per_worker: int):
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.workers = workers
+        self._ex = ProcessPoolExecutor(
+            workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+            initargs=(str(model), annotator.spec.to_json(), annotator.engine.n_ctx, threads_per_worker,
+                      annotator.batch))
+
+    def ordered(self, chunks: Iterator[list[tuple[str, Any]]],
+                fields_of: Callable[[list[tuple[str, Any]]], list[dict[str, str]] | None]
+                ) -> Iterator[tuple[list[tuple[str, Any]], list[Any] | None]]:
+        """(chunk, scores) in input order; at most 4 groups per worker are read ahead (bounded memory)."""
+        from collections import deque
+
+        window: deque[tuple[list[tuple[str, Any]], Any]] = deque()
+        for chunk in chunks:
+            todo = fields_of(chunk)
+            window.append((chunk, self._ex.submit(_worker_score, todo) if todo else None))
+            while len(window) >= 4 * self.workers:
+                c, fut = window.popleft()
+                yield c, fut.result() if fut else None
+        while window:
+            c, fut = window.popleft()
+            yield c, fut.result() if fut else None
+
+    def close(self) -> None:
+        self._ex.shutdown(cancel_futures=True)
 
 
 def open_output(path: str | None, resume: bool) -> tuple[IO[str], ResumeState | None]:
