@@ -10,20 +10,17 @@ come out. Single-token answers (the common case) need one evaluation per item an
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .engine import ContextOverflow, LlamaEngine
-from .prompt import prompt_segments, render_prompt
+from .prompt import ANSWER_SEP, prompt_segments, render_prompt
 from .spec import Criterion, SpecError, TaskSpec
 
 log = logging.getLogger(__name__)
-
-ANSWER_SEP = " "
-"""Between the answer cue and the answer: 'Valence (1-5): 3'. Training appends the same."""
 
 PROB_DIGITS = 6  # probabilities are rounded for readable output; labels use the unrounded values
 
@@ -41,22 +38,27 @@ class AnswerTrie:
         return len(self.branches)
 
 
-def answer_suffix(engine: LlamaEngine, prompt: str, answer: str) -> list[int] | None:
+Tokenize = Callable[[str], list[int]]
+
+
+def answer_suffix(tokenize: Tokenize, prompt: str, answer: str) -> list[int] | None:
     """Tokens that `answer` adds after `prompt`, or None if joining them re-tokenizes the prompt."""
-    base = engine.tokenize(prompt)
-    full = engine.tokenize(prompt + ANSWER_SEP + answer)
+    base = tokenize(prompt)
+    full = tokenize(prompt + ANSWER_SEP + answer)
     if full[: len(base)] != base:
         return None
     return full[len(base):]
 
 
-def build_trie(engine: LlamaEngine, spec: TaskSpec, c: Criterion) -> AnswerTrie:
+def build_trie(tokenize: Tokenize, spec: TaskSpec, c: Criterion,
+               piece: Callable[[int], str] = str) -> AnswerTrie:
+    """The criterion's answers as a token trie under `tokenize` (llama.cpp's or an HF tokenizer's)."""
     # Any item will do: the answers follow the fixed cue line, which ends every prompt.
     probe = render_prompt(spec, {f.name: "example" for f in spec.inputs}, c)
     problems = []
     paths = []
     for lv in c.scale:
-        toks = answer_suffix(engine, probe, lv.answer)
+        toks = answer_suffix(tokenize, probe, lv.answer)
         if toks is None:
             problems.append(f"answer {lv.answer!r} merges with the answer cue when tokenized; change answer_cue")
         elif not toks:
@@ -67,7 +69,7 @@ def build_trie(engine: LlamaEngine, spec: TaskSpec, c: Criterion) -> AnswerTrie:
         for b in paths[i + 1:]:
             short, long_ = sorted((a, b), key=len)
             if long_[: len(short)] == short:
-                pa = [engine.piece(t) for t in short]
+                pa = [piece(t) for t in short]
                 problems.append(f"answers {_answer_of(c, paths, a)!r} and {_answer_of(c, paths, b)!r} do not "
                                 f"tokenize to distinct tokens (one is {pa} followed by more); make each "
                                 f"answer distinct in its first token, e.g. a letter or a number per level")
@@ -85,6 +87,19 @@ def build_trie(engine: LlamaEngine, spec: TaskSpec, c: Criterion) -> AnswerTrie:
 
 def _answer_of(c: Criterion, paths: list[tuple[int, ...]], p: tuple[int, ...]) -> str:
     return c.scale[paths.index(p)].answer
+
+
+def level_probs(trie: AnswerTrie, cond: Callable[[tuple[int, ...]], dict[int, float] | None]) -> list[float]:
+    """Probability of each level: the product of the restricted conditionals along its path."""
+    probs = []
+    for path in trie.paths:
+        p = 1.0
+        for d in range(len(path)):
+            node = cond(path[:d])
+            if node is not None:
+                p *= node[path[d]]
+        probs.append(p)
+    return probs
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -129,7 +144,7 @@ class Annotator:
         self.engine = engine
         self.spec = spec
         self.batch = batch
-        self.tries = {c.name: build_trie(engine, spec, c) for c in spec.criteria}
+        self.tries = {c.name: build_trie(engine.tokenize, spec, c, engine.piece) for c in spec.criteria}
         self._deep = [len(self.tries[c.name].branches) - 1 for c in spec.criteria]  # branch nodes below the stem
         self._instr_tokens: dict[str, list[int]] = {}
         # sequence 0 + per item: one per criterion + one per deeper trie node
@@ -251,14 +266,7 @@ class Annotator:
                 continue
             res = {}
             for c, crit in enumerate(self.spec.criteria):
-                probs = []
-                for path in self.tries[crit.name].paths:
-                    pr = 1.0
-                    for d in range(len(path)):
-                        node = cond.get((j, c, path[:d]))
-                        if node is not None:
-                            pr *= node[path[d]]
-                    probs.append(pr)
+                probs = level_probs(self.tries[crit.name], lambda prefix: cond.get((j, c, prefix)))  # noqa: B023
                 best = int(np.argmax(probs))  # ties go to the first level in spec order
                 res[crit.name] = Score(crit.scale[best].value,
                                        {lv.value: round(q, PROB_DIGITS) for lv, q in zip(crit.scale, probs)})

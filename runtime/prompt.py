@@ -80,12 +80,19 @@ def render_prompt(spec: TaskSpec, item: Mapping[str, object], criterion: Criteri
     return "".join(prompt_segments(spec, item, criterion, opts))
 
 
+ANSWER_SEP = " "
+"""Between the answer cue and the answer: 'Valence: 3'."""
+
+
 def render_example(spec: TaskSpec, item: Mapping[str, object], criterion: Criterion, value: int | str,
                    opts: RenderOptions = CANONICAL) -> tuple[str, str]:
-    """(prompt, answer) for training: the answer text is the level's answer string."""
+    """(prompt, completion) for training: the run-time prompt, and the separator plus the level's answer.
+
+    prompt + completion is the training text; the prompt is exactly what annotate-cli evaluates.
+    """
     for lv in criterion.scale:
         if lv.value == value:
-            return render_prompt(spec, item, criterion, opts), lv.answer
+            return render_prompt(spec, item, criterion, opts), ANSWER_SEP + lv.answer
     raise ValueError(f"{value!r} is not a level of criterion {criterion.name!r}: {criterion.values}")
 
 

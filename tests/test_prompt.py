@@ -42,5 +42,5 @@ def test_options_change_the_text() -> None:
 
 def test_render_example_appends_the_answer_string() -> None:
     c = QA.criteria[0]
-    prompt, answer = render_example(QA, ITEM, c, 2)
-    assert prompt == render_prompt(QA, ITEM, c) and answer == "excellent"
+    prompt, completion = render_example(QA, ITEM, c, 2)
+    assert prompt == render_prompt(QA, ITEM, c) and completion == " excellent"

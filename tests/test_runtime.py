@@ -87,7 +87,7 @@ def test_multi_token_answers_use_the_trie(engine: LlamaEngine) -> None:
                {"value": 1, "anchor": "a", "answer": "very bad"}, {"value": 2, "anchor": "b", "answer": "very good"},
                {"value": 3, "anchor": "c", "answer": "fine"}]}]}
     spec = parse_spec(raw)
-    trie = build_trie(engine, spec, spec.criteria[0])
+    trie = build_trie(engine.tokenize, spec, spec.criteria[0])
     assert trie.evaluations == 2  # ' very' | ' fine', then ' bad' | ' good'
     s = Annotator(engine, spec).score({"text": "ok"})["q"]
     assert sum(s.probs.values()) == pytest.approx(1.0, abs=1e-5)
