@@ -38,6 +38,18 @@ def gemma_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma_hf(gemma_path: Path) -> Path:
+    """Gemma 3 270M as an fp32 HF folder (train/from_gguf.py), made once per machine (about a minute)."""
+    env = os.environ.get("EDGE_ANNOTATOR_TEST_HF")
+    p = Path(env).resolve() if env else ROOT / "models" / "gemma-3-270m-hf"
+    if not (p / "config.json").exists():
+        from edge_annotator.train.from_gguf import gguf_to_hf
+
+        gguf_to_hf(gemma_path, p)
+    return p
+
+
+@pytest.fixture(scope="session")
 def engine(gemma_path: Path):
     from edge_annotator.runtime.engine import LlamaEngine
 

@@ -30,7 +30,7 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     # the weights are dequantized: save them as the plain fp32 they now are, with no GGUF quantizer
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(tmp, safe_serialization=True)

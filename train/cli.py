@@ -1,0 +1,71 @@
+"""`annotate-cli train CONFIG.yaml`: fine-tune, validate, keep the best adapter, merge.
+
+Registered through the edge_annotator.commands entry-point group; needs the train extra.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+err = Console(stderr=True)
+
+
+@click.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--output", type=click.Path(file_okay=False), default=None, help="Run folder (overrides the config's).")
+@click.option("--max-steps", type=click.IntRange(1), default=None, help="Stop after this many optimizer steps.")
+@click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.")
+@click.option("--no-merge", is_flag=True, help="Keep the best adapter only; do not write merged/.")
+def train(config: Path, output: str | None, max_steps: int | None, resume: bool, no_merge: bool) -> None:
+    """Fine-tune a base model on human-labelled items (LoRA; QLoRA with quantization: nf4).
+
+    Validates with the runtime's own scoring and Krippendorff's alpha, keeps the best adapter,
+    stops early, and merges the best adapter into the base weights (RUN/merged).
+
+    \b
+    Examples:
+      annotate-cli train configs/tiny-lora-cpu.yaml
+      annotate-cli train configs/gemma3-270m-lora-cpu-emobank.yaml --output runs/emobank
+      annotate-cli train configs/gemma3-270m-lora-cpu-emobank.yaml --output runs/emobank --resume
+    """
+    from .config import ConfigError, load_config
+    from .merge import merge
+    from .trainer import train as run_train
+
+    try:
+        cfg = load_config(config, output=output, max_steps=max_steps)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    t0 = time.perf_counter()
+    with Progress(TextColumn("[bold]training[/] {task.fields[info]}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=err) as bar:
+        task = bar.add_task("train", total=None, info="")
+
+        def on_log(rec: dict[str, Any]) -> None:
+            if rec["event"] == "train":
+                bar.update(task, completed=rec["step"], total=rec["total"],
+                           info=f"loss {rec['loss']:.3f} lr {rec['lr']:.2e} {rec['tokens_per_s']:.0f} tok/s")
+            else:
+                bar.console.print(f"step {rec['step']}: validation alpha {rec['alpha']:.3f} "
+                                  + json.dumps({k: None if v is None else round(v, 3)
+                                                for k, v in rec["per_criterion"].items()}))
+
+        result = run_train(cfg, resume=resume, progress=on_log)
+    st = result.state
+    base_alpha = st.baseline["pooled"].get("alpha") if st.baseline else None
+    err.print(f"best validation alpha {st.best_alpha:.3f} at step {st.best_step} "
+              f"(untrained: {base_alpha if base_alpha is None else round(base_alpha, 3)}); "
+              f"{result.steps} steps, {result.tokens_per_s:.0f} tokens/s")
+    if not no_merge:
+        merged = merge(cfg, result.output, extra_provenance={
+            "val_alpha": st.best_alpha, "val_alpha_untrained": base_alpha, "best_step": st.best_step,
+            "val_report": st.best_report})
+        err.print(f"merged model: {merged}")
+    err.print(f"done in {time.perf_counter() - t0:.0f}s")

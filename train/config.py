@@ -1,0 +1,225 @@
+"""Training configs: typed, documented, validated with every problem reported at once.
+
+    from edge_annotator.train.config import load_config
+    cfg = load_config("configs/tiny-lora-cpu.yaml")
+
+Each field's docstring is its documentation. Paths are relative to the current directory.
+QLoRA is a flag on the one LoRA path: `quantization: nf4`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ConfigError(ValueError):
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"{source}: invalid training config ({len(problems)} problem(s)):\n"
+                         + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class TinyModel:
+    """A small model built from scratch with the base folder's tokenizer (tests, smoke runs)."""
+
+    layers: int = 2
+    """Decoder layers."""
+    hidden: int = 64
+    """Hidden size."""
+    intermediate: int = 128
+    """MLP width."""
+    heads: int = 2
+    """Attention heads (one key/value head)."""
+    head_dim: int = 32
+    """Size of each attention head."""
+    embed_std: float = 0.25
+    """Std of the (tied) embedding init. With the usual 0.02, a 64-wide model's head caps every
+    logit near 1 (|h| = 8 after the final norm, |e| = 0.16) and nothing it learns can show; at
+    1.0 logits of +-60 swamp the loss. 0.25 lets answers reach logits of about 15."""
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA scaling numerator: the update is (alpha / r) * B @ A."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    """Linear layers that get adapters; the paper adapts every attention and MLP projection."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full beside the adapters, e.g. [norm] (the final norm) for a model built
+    from scratch, whose random head otherwise caps every logit near zero."""
+
+
+@dataclass
+class TokenDropout:
+    prob: float = 0.0
+    """Probability that a token of the item's inputs is replaced by the pad token (no content)."""
+    fraction: float = 0.0
+    """Share of training sequences that get token dropout at all."""
+
+
+@dataclass
+class Augment:
+    templates: bool = True
+    """Draw one of the spec's paraphrased instruction templates per example."""
+    permute_inputs: bool = True
+    """Shuffle the order of the input fields per example."""
+    shuffle_labels: bool = True
+    """Shuffle the order in which each criterion's levels are listed in the rubric."""
+    token_dropout: TokenDropout = field(default_factory=TokenDropout)
+
+
+@dataclass
+class TrainConfig:
+    base_model: str
+    """HF folder of the base model (Qwen3, Llama, Gemma 3); with `tiny`, only its tokenizer is used."""
+    spec: str
+    """Task spec YAML."""
+    train_data: str
+    """Human-labelled JSONL/CSV (runtime/data.py formats)."""
+    output: str
+    """Run folder: checkpoints, log, best adapter and the merged model."""
+    val_data: str | None = None
+    """Validation data; if absent, `val_fraction` of the training items (split by item)."""
+    val_fraction: float = 0.2
+    """Share of items held out for validation when val_data is not given."""
+    tiny: TinyModel | None = None
+    """Build a tiny model from scratch instead of loading base_model's weights."""
+    raters: Literal["each", "majority", "median"] = "each"
+    """each: every rater's rating is its own target; majority/median: one consensus target per item."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    quantization: Literal["none", "nf4"] = "none"
+    """nf4: QLoRA, the frozen base stored in 4-bit NF4 (bitsandbytes)."""
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    """float32 on CPUs (bf16 matmuls are over 10x slower there), bfloat16 on GPUs."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    lr: float = 5e-5
+    """Peak learning rate."""
+    schedule: Literal["linear", "constant"] = "linear"
+    """Linear decay to 0 after warmup, or constant after warmup."""
+    warmup_ratio: float = 0.05
+    """Share of the steps spent warming up linearly from 0."""
+    epochs: float = 5
+    """Passes over the training examples."""
+    batch_size: int = 32
+    """Examples per optimizer step."""
+    micro_batch: int = 8
+    """Examples per forward pass; batch_size must be a multiple of it."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides epochs)."""
+    max_length: int = 512
+    """Longest training sequence in tokens; longer examples are skipped with a warning."""
+    seed: int = 0
+    eval_every: int = 20
+    """Validate every this many optimizer steps (and at the end)."""
+    patience: int = 3
+    """Stop after this many validations without a better validation alpha."""
+    val_max_items: int | None = None
+    """Validate on at most this many items (the first, in file order)."""
+    augment: Augment = field(default_factory=Augment)
+    answer_only_logits: bool = True
+    """Compute the vocabulary head only at the answer positions (the loss needs nothing else)."""
+    name: str = ""
+    """Shown in logs; defaults to the file name."""
+
+    def validate(self, source: str = "<config>", check_paths: bool = True) -> None:
+        problems: list[str] = []
+        if check_paths:
+            if not Path(self.base_model).is_dir():
+                what = "tokenizer folder" if self.tiny else "folder"
+                problems.append(f"base_model: {what} {self.base_model!r} not found")
+            for key in ("spec", "train_data"):
+                if not Path(getattr(self, key)).is_file():
+                    problems.append(f"{key}: file {getattr(self, key)!r} not found")
+            if self.val_data and not Path(self.val_data).is_file():
+                problems.append(f"val_data: file {self.val_data!r} not found")
+        if not 0 < self.val_fraction < 1:
+            problems.append("val_fraction must be between 0 and 1")
+        if self.lora.r < 1 or self.lora.alpha < 1:
+            problems.append("lora.r and lora.alpha must be positive")
+        if not 0 <= self.lora.dropout < 1:
+            problems.append("lora.dropout must be in [0, 1)")
+        if not self.lora.target_modules:
+            problems.append("lora.target_modules must name at least one module")
+        if self.lr <= 0:
+            problems.append("lr must be positive")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append("warmup_ratio must be in [0, 1)")
+        if self.epochs <= 0 and not self.max_steps:
+            problems.append("epochs must be positive (or give max_steps)")
+        if self.micro_batch < 1 or self.batch_size < 1 or self.batch_size % self.micro_batch:
+            problems.append("batch_size must be a positive multiple of micro_batch")
+        td = self.augment.token_dropout
+        if not (0 <= td.prob < 1 and 0 <= td.fraction <= 1):
+            problems.append("augment.token_dropout: prob must be in [0, 1) and fraction in [0, 1]")
+        if self.eval_every < 1 or self.patience < 1:
+            problems.append("eval_every and patience must be at least 1")
+        if problems:
+            raise ConfigError(source, problems)
+
+
+def _build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        problems.append(f"{where or 'config'}: expected a mapping")
+        return None
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for k, v in raw.items():
+        if k not in fields:
+            problems.append(f"{where + '.' if where else ''}{k}: unknown key (allowed: {', '.join(fields)})")
+            continue
+        sub = {"tiny": TinyModel, "lora": LoraSettings, "augment": Augment, "token_dropout": TokenDropout}.get(k)
+        kwargs[k] = _build(sub, v, f"{where + '.' if where else ''}{k}", problems) if sub and v is not None else v
+    for name, f in fields.items():
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and name not in kwargs:
+            problems.append(f"{where + '.' if where else ''}{name}: required")
+    if any(p.startswith(where) for p in problems) and where == "":
+        return None
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        problems.append(f"{where or 'config'}: {e}")
+        return None
+
+
+_LITERALS = {"raters": ("each", "majority", "median"), "quantization": ("none", "nf4"),
+             "compute_dtype": ("float32", "bfloat16"), "device": ("auto", "cpu", "cuda"),
+             "schedule": ("linear", "constant")}
+
+
+def parse_config(raw: Any, source: str = "<config>", check_paths: bool = True) -> TrainConfig:
+    problems: list[str] = []
+    cfg = _build(TrainConfig, raw, "", problems)
+    if isinstance(raw, dict):
+        for k, allowed in _LITERALS.items():
+            if k in raw and raw[k] not in allowed:
+                problems.append(f"{k}: must be one of {', '.join(allowed)}, got {raw[k]!r}")
+    if problems or cfg is None:
+        raise ConfigError(source, problems or ["could not be read"])
+    cfg.name = cfg.name or Path(source).stem
+    cfg.validate(source, check_paths)
+    return cfg
+
+
+def load_config(path: str | Path, check_paths: bool = True, **overrides: Any) -> TrainConfig:
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(str(p), ["file not found"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(str(p), [f"not valid YAML: {e}"]) from None
+    if isinstance(raw, dict):
+        raw = {**raw, **{k: v for k, v in overrides.items() if v is not None}}
+    return parse_config(raw, str(p), check_paths)

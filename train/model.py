@@ -1,0 +1,117 @@
+"""Base model, LoRA (QLoRA as a flag), and the answer-only forward pass.
+
+    model, tok = load_base(cfg, device)
+    model = add_lora(model, cfg)
+    logits = answer_logits(model, input_ids, attention_mask, rows, cols)
+
+On a CPU the vocabulary head dominates a training step: Gemma 3's is 262,144 x 640, so computing
+it at every prompt token of 8 x 256 tokens costs 2,048 x 168M multiply-adds, while the loss
+needs it at the few answer positions only. `answer_logits` runs the decoder, then the head at
+those positions alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def dtype_of(cfg: TrainConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.compute_dtype == "bfloat16" else torch.float32
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def build_tiny(cfg: TrainConfig) -> Any:
+    """A small model of the base's architecture and vocabulary, randomly initialised with cfg.seed."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    assert cfg.tiny is not None
+    conf = AutoConfig.from_pretrained(cfg.base_model)
+    t = cfg.tiny
+    conf.num_hidden_layers = t.layers
+    conf.hidden_size = t.hidden
+    conf.intermediate_size = t.intermediate
+    conf.num_attention_heads = t.heads
+    conf.num_key_value_heads = 1
+    conf.head_dim = t.head_dim
+    if getattr(conf, "layer_types", None) is not None:
+        conf.layer_types = ["full_attention"] * t.layers
+    if hasattr(conf, "query_pre_attn_scalar"):
+        conf.query_pre_attn_scalar = t.head_dim
+    for k in ("quantization_config",):
+        if hasattr(conf, k):
+            delattr(conf, k)
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_config(conf, dtype=torch.float32)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0.0, t.embed_std)
+    return model
+
+
+def load_base(cfg: TrainConfig, device: torch.device, folder: str | Path | None = None) -> Any:
+    """The frozen base: fp32/bf16 weights, or NF4-quantized ones for QLoRA (bitsandbytes)."""
+    from transformers import AutoModelForCausalLM
+
+    src = folder or cfg.base_model
+    kwargs: dict[str, Any] = {"dtype": dtype_of(cfg)}
+    if cfg.quantization == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype_of(cfg),
+            bnb_4bit_use_double_quant=True)
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    model: Any = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+    if cfg.quantization != "nf4":
+        model.to(device)
+    return model
+
+
+def add_lora(model: Any, cfg: TrainConfig) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    if cfg.quantization == "nf4":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    lc = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                    target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM", bias="none",
+                    modules_to_save=list(cfg.lora.modules_to_save) or None)
+    return get_peft_model(model, lc)
+
+
+def _softcap(model: Any, logits: torch.Tensor) -> torch.Tensor:
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def answer_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  rows: torch.Tensor, cols: torch.Tensor, answer_only: bool = True) -> torch.Tensor:
+    """Logits predicting the token after each (row, col) position, shape (len(rows), vocab).
+
+    answer_only=False runs the model's own forward (the head over every position) and gathers
+    the same rows: the baseline that `make bench-train` compares against.
+    """
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not answer_only:
+        return causal(input_ids=input_ids, attention_mask=attention_mask).logits[rows, cols]
+    hidden = causal.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return _softcap(causal, causal.lm_head(hidden[rows, cols]))
