@@ -1,0 +1,89 @@
+"""`annotate-cli export` and `annotate-cli parity`, registered through the edge_annotator.commands
+entry-point group (they need the export extra: transformers, and llama.cpp's converter)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+err = Console(stderr=True)
+
+
+@click.command()
+@click.argument("merged", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The .gguf to write (atomically; a manifest with checksums goes beside it).")
+@click.option("--quant", type=click.Choice(["Q4_K_M", "Q4_0", "Q5_K_M", "Q8_0", "F16"]), default="Q4_K_M",
+              show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None, help="Quantizer threads [default: all cores].")
+def export(merged: Path, output: Path, quant: str, threads: int | None) -> None:
+    """Turn a merged model folder (annotate-cli train) into one quantized GGUF annotator.
+
+    llama.cpp's converter and quantizer do the work; the task spec and provenance are embedded,
+    and the file is checked to load and tokenize exactly as the HF tokenizer did in training.
+
+    \b
+    Examples:
+      annotate-cli export models/runs/emobank/merged -o emobank.gguf
+      annotate-cli export models/runs/emobank/merged -o emobank-q8.gguf --quant Q8_0
+    """
+    from .convert import ExportError
+    from .convert import export as run_export
+
+    try:
+        job = run_export(merged, output, quant, threads)
+    except ExportError as e:
+        raise click.ClickException(str(e)) from None
+    i = job.info
+    err.print(f"{i['file']}: {quant}, {i['size_bytes'] / 1e6:.1f} MB, sha256 {i['sha256'][:16]}..., "
+              f"{i['seconds']}s; manifest {i['file']}.manifest.json")
+
+
+@click.command()
+@click.argument("merged", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--max-items", type=click.IntRange(1), default=None)
+@click.option("--threads", type=click.IntRange(1), default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def parity(merged: Path, model: Path, data: Path, max_items: int | None, threads: int | None, as_json: bool) -> None:
+    """Check that MODEL (.gguf) labels like MERGED (its HF source) and agrees with humans as well.
+
+    Four layers: prompt tokens, allowed-label distributions (KL), labels (alpha HF vs GGUF) and
+    agreement with the human labels in DATA before and after export. Exits 1 when a threshold
+    fails (export/parity.py: THRESHOLDS), so a Makefile can refuse to publish the file.
+
+    \b
+    Examples:
+      annotate-cli parity models/runs/emobank/merged emobank.gguf data/emobank-test-50.jsonl
+      annotate-cli parity merged/ model.gguf held-out.jsonl --json | jq .checks
+    """
+    from .parity import parity as run_parity
+
+    rep = run_parity(merged, model, data, max_items, threads)
+    if as_json:
+        click.echo(json.dumps(rep, indent=2))
+    else:
+        t = Table(title=f"parity: {model.name} ({rep['quantization']}) vs {merged}, {rep['items']} items")
+        for col in ("criterion", "KL mean", "label alpha", "exact", "alpha humans HF", "alpha humans GGUF"):
+            t.add_column(col, justify="right" if col != "criterion" else "left")
+
+        def f(v: float | None) -> str:
+            return "n/a" if v is None else f"{v:.3f}"
+
+        for p in rep["criteria"]:
+            t.add_row(p["criterion"], f"{p['kl_mean']:.4f}", f(p["label_alpha"]), f(p["label_exact"]),
+                      f(p["human_alpha_hf"]), f(p["human_alpha_gguf"]))
+        click.echo()
+        Console().print(t)
+        tk, hu, th = rep["tokens"], rep["humans"], rep["thresholds"]
+        click.echo(f"tokens identical: {tk['identical']}/{tk['total']} (need {th['tokens_identical']:.0%})")
+        click.echo(f"label alpha threshold: {th['label_alpha']}; human alpha HF {f(hu['alpha_hf'])} -> GGUF "
+                   f"{f(hu['alpha_gguf'])}, drop {hu['drop']:.3f} (allowed {th['human_alpha_drop']})")
+        click.echo("PASS" if rep["pass"] else "FAIL: " + ", ".join(k for k, v in rep["checks"].items() if not v))
+    if not rep["pass"]:
+        raise SystemExit(1)

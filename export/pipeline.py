@@ -1,0 +1,145 @@
+"""The whole main job, as `make demo` runs it: zero-shot baseline, fine-tune, export, parity, annotate.
+
+    python -m edge_annotator.export.pipeline --config configs/gemma3-270m-lora-cpu-emobank.yaml \\
+        --base-gguf models/gemma-3-270m-q4_k_m.gguf --test data/emobank-test-50.jsonl --out models/demo
+
+Prints one table with three columns (zero-shot base GGUF, fine-tuned HF, exported GGUF) and
+writes it to OUT/demo.md and OUT/demo.json. Every figure is measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from edge_annotator.runtime.data import read_human
+from edge_annotator.runtime.metrics import agreement
+from edge_annotator.runtime.spec import load_spec
+
+
+def _cli(*args: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "edge_annotator.runtime.cli", *args])
+    if r.returncode != 0:
+        raise SystemExit(f"annotate-cli {args[0]} failed ({r.returncode})")
+
+
+def _annotate(model: Path, data: Path, out: Path, spec: Path | None, threads: int) -> float:
+    out.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    _cli("annotate", str(model), str(data), "-o", str(out), "--threads", str(threads),
+         *(["--spec", str(spec)] if spec else []))
+    return time.perf_counter() - t0
+
+
+def _preds(path: Path) -> dict[str, dict[str, Any]]:
+    return {r["id"]: r["labels"] for r in map(json.loads, path.read_text().splitlines()) if "labels" in r}
+
+
+def run(config: Path, base_gguf: Path, test: Path, out: Path, threads: int, quant: str) -> dict[str, Any]:
+    from edge_annotator.train.config import load_config
+
+    cfg = load_config(config)
+    spec = load_spec(cfg.spec)
+    out.mkdir(parents=True, exist_ok=True)
+    humans = read_human(test, spec)
+    stages: dict[str, float] = {}
+    res: dict[str, Any] = {"config": str(config), "test": str(test), "items": len(humans), "quant": quant}
+
+    # 1. zero-shot: the base GGUF with the spec given on the command line
+    zs = out / "zero-shot.jsonl"
+    stages["zero-shot annotate"] = _annotate(base_gguf, test, zs, Path(cfg.spec), threads)
+    res["zero_shot"] = agreement(spec, _preds(zs), humans)
+    # 2. fine-tune and merge
+    t0 = time.perf_counter()
+    _cli("train", str(config))
+    stages["train + merge"] = time.perf_counter() - t0
+    merged = Path(cfg.output) / "merged"
+    # 3. export
+    gguf = out / f"annotator-{quant}.gguf"
+    t0 = time.perf_counter()
+    _cli("export", str(merged), "-o", str(gguf), "--quant", quant)
+    stages["export"] = time.perf_counter() - t0
+    # 4. parity: HF (fine-tuned, fp32) against the exported file, on the held-out items
+    t0 = time.perf_counter()
+    pj = out / "parity.json"
+    with pj.open("w") as fh:
+        r = subprocess.run([sys.executable, "-m", "edge_annotator.runtime.cli", "parity", str(merged), str(gguf),
+                            str(test), "--json", "--threads", str(threads)], stdout=fh)
+    stages["parity"] = time.perf_counter() - t0
+    res["parity"] = json.loads(pj.read_text())
+    res["parity_exit"] = r.returncode
+    # 5. annotate with the exported file, twice: threads 1 and N must give the same bytes
+    a1, a2 = out / "annotated-t1.jsonl", out / f"annotated-t{threads}.jsonl"
+    _annotate(gguf, test, a1, None, 1)
+    stages["annotate (exported)"] = dt = _annotate(gguf, test, a2, None, threads)
+    res["identical_across_threads"] = a1.read_bytes() == a2.read_bytes()
+    res["gguf"] = agreement(spec, _preds(a2), humans)
+    res["items_per_s"] = {"zero_shot": len(humans) / stages["zero-shot annotate"], "gguf": len(humans) / dt}
+    res["sizes_mb"] = {"base": base_gguf.stat().st_size / 1e6, "gguf": gguf.stat().st_size / 1e6,
+                       "hf": sum(p.stat().st_size for p in merged.glob("*.safetensors")) / 1e6}
+    res["stages_s"] = stages
+    md = table(res, spec.criteria)
+    (out / "demo.md").write_text(md)
+    (out / "demo.json").write_text(json.dumps(res, indent=2, default=str))
+    print(md)
+    return res
+
+
+def _f(v: float | None, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def table(res: dict[str, Any], criteria: Any) -> str:
+    p = res["parity"]
+    hf_alpha = {c["criterion"]: c["human_alpha_hf"] for c in p["criteria"]}
+    rows = ["| | zero-shot base (GGUF) | fine-tuned (HF fp32) | exported GGUF " + res["quant"] + " |",
+            "|---|---|---|---|"]
+    for c in criteria:
+        z = next(x for x in res["zero_shot"]["criteria"] if x["criterion"] == c.name)
+        g = next(x for x in res["gguf"]["criteria"] if x["criterion"] == c.name)
+        rows.append(f"| alpha with humans: {c.name} | {_f(z.get('alpha'))} | {_f(hf_alpha[c.name])} | "
+                    f"{_f(g.get('alpha'))} |")
+    rows.append(f"| alpha with humans: pooled | {_f(res['zero_shot']['pooled'].get('alpha'))} | "
+                f"{_f(p['humans']['alpha_hf'])} | {_f(res['gguf']['pooled'].get('alpha'))} |")
+    hum = res["gguf"]["pooled"].get("alpha_humans")
+    per_h = " / ".join(_f(x.get("alpha_humans")) for x in res["gguf"]["criteria"])
+    rows.append(f"| the humans' own alpha (per criterion; pooled) | {per_h}; {_f(hum)} | | |")
+    kl = " / ".join(_f(c["kl_mean"], 4) for c in p["criteria"])
+    la = " / ".join(_f(c["label_alpha"]) for c in p["criteria"])
+    rows.append(f"| parity: prompt tokens identical | | | {p['tokens']['identical']}/{p['tokens']['total']} |")
+    rows.append(f"| parity: mean KL(HF, GGUF) per criterion | | | {kl} |")
+    rows.append(f"| parity: label alpha HF vs GGUF (need >= {p['thresholds']['label_alpha']}) | | | {la} |")
+    rows.append(f"| parity: drop in alpha with humans (allowed {p['thresholds']['human_alpha_drop']}) | | | "
+                f"{_f(p['humans']['drop'])} ({'PASS' if p['pass'] else 'FAIL'}) |")
+    s = res["sizes_mb"]
+    rows.append(f"| file size (MB) | {s['base']:.0f} | {s['hf']:.0f} | {s['gguf']:.0f} |")
+    ips = res["items_per_s"]
+    rows.append(f"| items/s (annotate-cli, {res['items']} items) | {ips['zero_shot']:.2f} | | {ips['gguf']:.2f} |")
+    st = res["stages_s"]
+    rows.append("| time per stage (s) | " + f"zero-shot annotate {st['zero-shot annotate']:.0f} | "
+                f"train + merge {st['train + merge']:.0f} | export {st['export']:.0f}, parity {st['parity']:.0f}, "
+                f"annotate {st['annotate (exported)']:.0f} |")
+    rows.append(f"| output identical across threads | | | {res['identical_across_threads']} |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", type=Path, default=Path("configs/gemma3-270m-lora-cpu-emobank.yaml"))
+    ap.add_argument("--base-gguf", type=Path, default=Path("models/gemma-3-270m-q4_k_m.gguf"))
+    ap.add_argument("--test", type=Path, default=Path("data/emobank-test-50.jsonl"))
+    ap.add_argument("--out", type=Path, default=Path("models/demo"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quant", default="Q4_K_M")
+    a = ap.parse_args(argv)
+    res = run(a.config, a.base_gguf, a.test, a.out, a.threads, a.quant)
+    return 0 if res["parity"]["pass"] and res["identical_across_threads"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

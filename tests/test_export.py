@@ -1,0 +1,116 @@
+"""Export and parity on the tiny recipe, end to end on CPU: train, merge, export F16/Q8_0/Q4_0, parity."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from conftest import DATA, ROOT, TASKS
+
+from edge_annotator.runtime.cli import cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory: pytest.TempPathFactory, gemma_hf: Path) -> Path:
+    from edge_annotator.train.config import parse_config
+    from edge_annotator.train.merge import merge
+    from edge_annotator.train.trainer import train
+
+    tmp = tmp_path_factory.mktemp("tiny")
+    raw = yaml.safe_load((ROOT / "configs" / "tiny-lora-cpu.yaml").read_text())
+    raw.update(base_model=str(gemma_hf), spec=str(TASKS / "emobank.yaml"),
+               train_data=str(DATA / "emobank-train-64.jsonl"), output=str(tmp / "run"),
+               max_steps=6, eval_every=3, val_max_items=8)
+    cfg = parse_config(raw)
+    res = train(cfg)
+    return merge(cfg, res.output, extra_provenance={"val_alpha": res.state.best_alpha})
+
+
+@pytest.fixture(scope="module")
+def exported(merged: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from edge_annotator.export.convert import export
+
+    out = tmp_path_factory.mktemp("gguf")
+    return {q: export(merged, out / f"tiny-{q}.gguf", q).output for q in ("F16", "Q8_0", "Q4_0")}
+
+
+def test_export_writes_a_self_describing_file_and_manifest(exported: dict[str, Path], merged: Path) -> None:
+    import llama_cpp
+
+    for quant, path in exported.items():
+        man = json.loads(path.with_name(path.name + ".manifest.json").read_text())
+        assert man["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert man["steps"] == ["check", "convert", "quantize", "embed", "verify", "publish"]
+        assert man["verify"]["add_bos"] is True and man["quant"] == quant
+        assert not [p for p in path.parent.iterdir() if p.name.startswith(".")], "no temporary leftovers"
+        llm = llama_cpp.Llama(str(path), n_ctx=256, verbose=False)  # plain llama-cpp-python loads it
+        assert llm.n_vocab() == 262144
+        del llm
+        info = json.loads(CliRunner().invoke(cli, ["inspect", str(path), "--json"]).stdout)
+        assert info["spec"]["name"] == "emobank" and info["quantization"] == quant
+        assert info["provenance"]["export"]["quant"] == quant and "data_sha256" in info["provenance"]
+    sizes = {q: p.stat().st_size for q, p in exported.items()}
+    assert sizes["Q4_0"] < sizes["Q8_0"] < sizes["F16"]
+
+
+def test_exported_annotator_runs_without_spec_flag(exported: dict[str, Path], tmp_path: Path) -> None:
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join((DATA / "emobank-test-50.jsonl").read_text().splitlines(keepends=True)[:3]))
+    r = CliRunner().invoke(cli, ["annotate", str(exported["Q8_0"]), str(inp)])
+    assert r.exit_code == 0, r.output
+    assert len(r.stdout.splitlines()) == 3
+
+
+@pytest.mark.parametrize("quant", ["F16", "Q8_0", "Q4_0"])
+def test_parity_layers(exported: dict[str, Path], merged: Path, quant: str) -> None:
+    from edge_annotator.export.parity import parity
+
+    rep = parity(merged, exported[quant], DATA / "emobank-test-50.jsonl", max_items=12)
+    assert rep["tokens"]["share"] == 1.0
+    for c in rep["criteria"]:
+        # measured on the tiny random model: mean KL 0.010-0.012 for F16 and Q8_0, 0.013-0.017 for
+        # Q4_0 (its logits of +-15 amplify rounding far more than Gemma's: 0.0000 at F16 there)
+        assert c["kl_mean"] < (0.03 if quant in ("F16", "Q8_0") else 0.05), c
+    assert rep["checks"]["labels"], rep["criteria"]
+    assert rep["pass"], rep["checks"]
+
+
+def test_parity_exits_nonzero_when_a_threshold_fails(exported: dict[str, Path], merged: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_annotator.export import parity as parity_mod
+
+    monkeypatch.setitem(parity_mod.THRESHOLDS, "human_alpha_drop", -1.0)  # no export can pass this
+    r = CliRunner().invoke(cli, ["parity", str(merged), str(exported["F16"]), str(DATA / "emobank-test-50.jsonl"),
+                                 "--max-items", "4"])
+    assert r.exit_code == 1 and "FAIL: humans" in r.stdout
+
+
+def test_export_refuses_a_folder_that_is_not_a_merged_annotator(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    r = CliRunner().invoke(cli, ["export", str(tmp_path), "-o", str(tmp_path / "x.gguf")])
+    assert r.exit_code == 1 and "missing" in r.stderr and "spec.json" in r.stderr
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_failed_export_leaves_no_gguf(merged: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_annotator.export import convert
+
+    monkeypatch.setenv("EDGE_ANNOTATOR_CONVERTER", str(tmp_path / "nowhere"))
+    with pytest.raises(convert.ExportError, match="converter is not installed"):
+        convert.export(merged, tmp_path / "out.gguf", "Q8_0")
+    assert list(tmp_path.iterdir()) == [], "neither the output nor temporary files remain"
+
+
+def test_export_steps_are_ordered() -> None:
+    from edge_annotator.export.convert import Export, ExportError
+
+    job = Export(Path("m"), Path("o.gguf"), "Q8_0")
+    job.expect("check", None)
+    with pytest.raises(ExportError, match="expected step 'convert' done first, got 'check'"):
+        job.expect("quantize", "convert")
