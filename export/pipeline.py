@@ -138,7 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quant", default="Q4_K_M")
     a = ap.parse_args(argv)
     res = run(a.config, a.base_gguf, a.test, a.out, a.threads, a.quant)
-    return 0 if res["parity"]["pass"] and res["identical_across_threads"] else 1
+    if not res["parity"]["pass"]:
+        failed = ", ".join(k for k, v in res["parity"]["checks"].items() if not v)
+        print(f"\nPARITY FAILED for {a.quant} ({failed}): this file would not be published "
+              f"(make export deletes such a file). See README, 'Export and parity'.", file=sys.stderr)
+    # the job ran: its verdicts are in the table; exit 1 only if the job itself broke
+    return 0 if res["identical_across_threads"] else 1
 
 
 if __name__ == "__main__":

@@ -13,9 +13,24 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+def atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
+    """Fill a folder beside `final` with write(), then swap it into place: never half-written."""
+    tmp = final.with_name(final.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
@@ -25,20 +40,18 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     src, out = Path(gguf_path), Path(out_dir)
     if not src.is_file():
         raise FileNotFoundError(f"{src}: GGUF file not found")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     # the weights are dequantized: save them as the plain fp32 they now are, with no GGUF quantizer
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+
+    def write(d: Path) -> None:
+        model.save_pretrained(d, safe_serialization=True)
+        tok.save_pretrained(d)
+
+    return atomic_dir(out, write)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from edge_annotator.runtime.spec import load_spec
 
 from .config import TrainConfig
 from .examples import data_sha256
+from .from_gguf import atomic_dir
 from .model import load_tokenizer
 
 
@@ -61,14 +62,12 @@ def merge(cfg: TrainConfig, run_dir: str | Path, out_dir: str | Path | None = No
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra_provenance or {}),
     }
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    (tmp / "spec.json").write_text(spec.to_json())
-    shutil.copy(cfg.spec, tmp / "spec.yaml")
-    (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+
+    def write(d: Path) -> None:
+        merged.save_pretrained(d, safe_serialization=True)
+        tok.save_pretrained(d)
+        (d / "spec.json").write_text(spec.to_json())
+        shutil.copy(cfg.spec, d / "spec.yaml")
+        (d / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
+
+    return atomic_dir(out, write)

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -43,6 +42,7 @@ from .examples import (
     split_items,
     steps_per_epoch,
 )
+from .from_gguf import atomic_dir
 from .model import add_lora, answer_logits, build_tiny, load_base, load_tokenizer, pick_device
 
 log = logging.getLogger(__name__)
@@ -96,18 +96,6 @@ def collate(batch: list[Encoded], pad: int) -> Batch:
     return ids, mask, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets)
 
 
-def _atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
-    tmp = final.with_name(final.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _lora_state(model: Any) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
@@ -148,7 +136,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[dict[st
                 model0.save_pretrained(d, safe_serialization=True)
                 tokenizer.save_pretrained(d)
 
-            _atomic_dir(base_dir, write_base)
+            atomic_dir(base_dir, write_base)
             del model0
         model = load_base(cfg, device, base_dir)
     else:
@@ -194,7 +182,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[dict[st
         state.best_alpha = selection_alpha(state.baseline)
         state.best_report = state.baseline
         state.best_step = 0
-        _atomic_dir(out / "best-adapter", lambda d: model.save_pretrained(d))
+        atomic_dir(out / "best-adapter", lambda d: model.save_pretrained(d))
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model.train()
@@ -240,7 +228,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[dict[st
             better = a > state.best_alpha
             if better:
                 state.best_alpha, state.best_step, state.bad_evals, state.best_report = a, state.step, 0, report
-                _atomic_dir(out / "best-adapter", lambda d: model.save_pretrained(d))
+                atomic_dir(out / "best-adapter", lambda d: model.save_pretrained(d))
             else:
                 state.bad_evals += 1
             write_log({"step": state.step, "event": "val", "alpha": a, "best": state.best_alpha,
@@ -266,7 +254,7 @@ def _save_checkpoint(ckpt: Path, model: Any, opt: Any, sched: Any, state: TrainS
                     "torch_rng": torch.get_rng_state()}, d / "optim.pt")
         (d / "state.json").write_text(json.dumps(asdict(state)))
 
-    _atomic_dir(ckpt, write)
+    atomic_dir(ckpt, write)
 
 
 def _truncate_log(logf: Path, step: int) -> None:
