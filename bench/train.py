@@ -14,6 +14,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             dt = time.perf_counter() - t0
             if step > 0:  # the first step of each arm is a warm-up
                 times[arm].append(tokens / dt)
-    res = {k: statistics.median(v) for k, v in times.items()}
+    res: dict[str, Any] = {k: statistics.median(v) for k, v in times.items()}
     res["ratio"] = res["answer_only"] / res["full_logits"]
     res["target"] = 1.8
     res["micro_batch"] = a.micro_batch

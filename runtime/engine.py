@@ -108,15 +108,6 @@ class LlamaModel:
                 return buf.value.decode("utf-8", errors="replace")
             size = n + 1  # the value was cut: llama.cpp returned its full length
 
-    def meta_keys(self) -> list[str]:
-        L = _lib()
-        keys = []
-        for i in range(L.llama_model_meta_count(self.ptr)):
-            buf = ctypes.create_string_buffer(512)
-            if L.llama_model_meta_key_by_index(self.ptr, i, buf, 512) >= 0:
-                keys.append(buf.value.decode("utf-8", errors="replace"))
-        return keys
-
     def close(self) -> None:
         if getattr(self, "ptr", None):
             _lib().llama_model_free(self.ptr)

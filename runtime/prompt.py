@@ -15,7 +15,7 @@ label order. Training varies them (paraphrased templates, permuted inputs, shuff
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .spec import Criterion, TaskSpec
@@ -95,6 +95,3 @@ def render_example(spec: TaskSpec, item: Mapping[str, object], criterion: Criter
             return render_prompt(spec, item, criterion, opts), ANSWER_SEP + lv.answer
     raise ValueError(f"{value!r} is not a level of criterion {criterion.name!r}: {criterion.values}")
 
-
-def answer_texts(criterion: Criterion) -> Sequence[str]:
-    return [lv.answer for lv in criterion.scale]

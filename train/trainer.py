@@ -34,7 +34,6 @@ from .config import TrainConfig
 from .evaluate import selection_alpha, validate
 from .examples import (
     Encoded,
-    Item,
     build_examples,
     example_stream,
     load_items,
@@ -266,12 +265,3 @@ def _truncate_log(logf: Path, step: int) -> None:
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, logf)
 
-
-def lora_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """The adapter weights saved in a folder (for tests and the merge check)."""
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "adapter_model.safetensors"))
-
-
-__all__ = ["Item", "TrainResult", "TrainState", "train", "lora_tensors"]
