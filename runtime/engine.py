@@ -1,15 +1,16 @@
 """A thin, deterministic wrapper over llama.cpp's low-level API (llama-cpp-python's ctypes bindings).
 
-It does one thing: give the logits after a token sequence, reusing whatever prefix of that
-sequence is already in the KV cache. Consecutive prompts of one job share their instruction
-(and, across criteria, the item), so most tokens are evaluated once::
+It keeps a job's shared prefix (instruction and rubric) in sequence 0 of the KV cache, and
+decodes token trees on top of it: the rows of several sequences in one llama_decode, with logits
+only where scoring reads them (runtime/annotator.py builds the trees)::
 
     eng = LlamaEngine("model.gguf", n_threads=2)
-    ids = eng.tokenize("Rate this ... Valence (1-5):")
-    scores = eng.logits(ids, want=np.array([eng.token_id(" 1"), ...]))
+    eng.set_prefix(eng.tokenize(instruction))
+    eng.copy_prefix(1, n_instruction)
+    got = eng.decode_rows(tokens, positions, [(1,)] * len(tokens), {len(tokens) - 1: answer_ids})
 
-Greedy scoring needs no sampler, so nothing here is random: the same tokens, cut into the same
-segments, give bitwise the same logits whatever the thread count and whatever was evaluated
+Greedy scoring needs no sampler, so nothing here is random: the same rows, decoded on the same
+schedule, give bitwise the same logits whatever the thread count and whatever was evaluated
 before (checked in tests/test_runtime.py).
 """
 
@@ -178,7 +179,6 @@ class LlamaEngine:
         self._mem = L.llama_get_memory(self._ctx)
         self._batch = L.llama_batch_init(self.n_batch, 0, self.n_seq)
         self._cached: list[int] = []  # tokens of sequence 0 in the cache, positions 0..len-1
-        self._cached_bounds: set[int] = set()  # segment ends among them (see logits)
 
     def _free_context(self) -> None:
         L = _lib()
@@ -211,49 +211,8 @@ class LlamaEngine:
         return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
 
     # -- evaluation ---------------------------------------------------------------------------
-    def logits(self, tokens: list[int], want: np.ndarray | None = None, bounds: tuple[int, ...] = ()) -> np.ndarray:
-        """Logits of the next token after `tokens` (float32), restricted to ids `want` if given.
-
-        `bounds` cut `tokens` into segments (e.g. instruction | item | cue). Each segment is always
-        decoded as its own batch, and the cache is reused only up to a segment boundary that the
-        cached tokens share. llama.cpp's CPU kernels (repacked Q4_K GEMM, flash attention) give
-        results that depend on how a sequence is split into batches, so this fixed schedule is
-        what makes a result independent of what was evaluated before it: resumed, reordered or
-        cached runs give bitwise the same logits as a fresh one.
-        """
-        L = _lib()
-        n = len(tokens)
-        if n > self.n_ctx:
-            raise ContextOverflow(n, self.n_ctx)
-        if not n:
-            raise ValueError("cannot evaluate an empty token sequence")
-        cuts = sorted({b for b in bounds if 0 < b < n}) + [n]
-        lcp = 0
-        for a, b in zip(self._cached, tokens):
-            if a != b:
-                break
-            lcp += 1
-        # reuse up to the last boundary both sequences share; the final segment is always decoded
-        keep = max([0] + [b for b in cuts[:-1] if b <= lcp and b in self._cached_bounds])
-        if keep < len(self._cached):
-            if not L.llama_memory_seq_rm(self._mem, 0, keep, -1):
-                L.llama_memory_clear(self._mem, True)
-                keep = 0
-            del self._cached[keep:]
-            self._cached_bounds = {b for b in self._cached_bounds if b <= keep}
-        start = keep
-        for end in cuts:
-            if end <= start:
-                continue
-            self._decode(tokens[start:end], start, want_logits=end == n)
-            self._cached_bounds.add(end)
-            start = end
-        ptr = L.llama_get_logits_ith(self._ctx, -1)
-        row = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-        return (row[want] if want is not None else row).copy()
-
     def _decode(self, seg: list[int], pos: int, want_logits: bool) -> None:
-        """Decode one segment at positions pos.., in n_batch chunks; logits only for its last token."""
+        """Decode tokens into sequence 0 at positions pos.., in n_batch chunks; logits only for the last."""
         L = _lib()
         b = self._batch
         for start in range(0, len(seg), self.n_batch):
@@ -275,14 +234,15 @@ class LlamaEngine:
             self.n_evaluated += len(chunk)
 
     def set_prefix(self, tokens: list[int]) -> None:
-        """Make sequence 0 hold exactly `tokens`, decoded as one segment (nothing is redone if it does)."""
-        if self._cached == tokens and len(tokens) in self._cached_bounds:
+        """Make sequence 0 hold exactly `tokens`, decoded as one batch from an empty cache (a fixed
+        schedule: llama.cpp's CPU kernels give results that depend on how tokens are batched).
+        Nothing is redone if it already does: only this method writes sequence 0, always whole."""
+        if self._cached == tokens:
             return
         if len(tokens) > self.n_ctx:
             raise ContextOverflow(len(tokens), self.n_ctx)
         self.reset()
         self._decode(tokens, 0, want_logits=False)
-        self._cached_bounds.add(len(tokens))
 
     def decode_rows(self, tokens: list[int], pos: list[int], seqs: list[tuple[int, ...]],
                     outputs: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
@@ -330,7 +290,6 @@ class LlamaEngine:
     def reset(self) -> None:
         _lib().llama_memory_clear(self._mem, True)
         self._cached = []
-        self._cached_bounds = set()
 
     def close(self) -> None:
         self._free_context()

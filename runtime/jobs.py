@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from .annotator import Annotator
-from .data import InputError, check_item, iter_rows, write_jsonl_line
+from .data import InputError, check_item, file_format, iter_rows, write_jsonl_line
 from .engine import ContextOverflow
 
 log = logging.getLogger(__name__)
@@ -74,11 +74,12 @@ def load_resume_state(out_path: Path) -> ResumeState:
 
 
 def count_records(path: str | Path) -> int:
-    """Number of records, for the progress bar (cheap: one pass, no parsing for JSONL)."""
-    n = 0
-    for _ in iter_rows(path):
-        n += 1
-    return n
+    """Number of records, for the progress bar: non-blank lines of a JSONL file, read as bytes and
+    not parsed (the job parses each line once); CSV records can span lines, so CSV is read through."""
+    if file_format(path) == "jsonl":
+        with open(path, "rb") as fh:
+            return sum(1 for line in fh if line.strip())
+    return sum(1 for _ in iter_rows(path))
 
 
 def _fields_key(fields: dict[str, str]) -> bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from conftest import TASKS
 
@@ -44,15 +43,15 @@ def test_batching_items_is_opt_in_and_close(engine: LlamaEngine) -> None:
 
 
 def test_segments_make_logits_independent_of_history(engine: LlamaEngine) -> None:
-    a, b, cue = prompt_segments(EMO, {"text": "I can't believe it worked."}, EMO.criteria[0])
-    toks = engine.tokenize(a + b + cue)
-    bounds = (len(engine.tokenize(a)), len(engine.tokenize(a + b)))
+    ann = Annotator(engine, EMO)
+    item = {"text": "I can't believe it worked."}
+    instr, item_text, _ = prompt_segments(EMO, item, EMO.criteria[0])
     engine.reset()
-    fresh = engine.logits(toks, bounds=bounds)
+    fresh = ann.score(item)
     engine.reset()
-    engine.logits(toks[: bounds[0] + 3], bounds=bounds)  # an unrelated, partly shared sequence first
-    assert np.array_equal(engine.logits(toks, bounds=bounds), fresh)
-    assert np.array_equal(engine.logits(toks, bounds=bounds), fresh)  # fully cached: last segment redone
+    engine.set_prefix(engine.tokenize(instr + item_text)[:-2])  # an unrelated, partly shared sequence first
+    assert ann.score(item) == fresh
+    assert ann.score(item) == fresh  # the instruction cached: only the item's tree is decoded
 
 
 def test_thread_count_does_not_change_scores(gemma_path) -> None:
@@ -105,4 +104,4 @@ def test_context_overflow_is_reported(gemma_path) -> None:
     with LlamaEngine(gemma_path, n_ctx=256, n_threads=2) as eng:
         toks = eng.tokenize("word " * 300)
         with pytest.raises(ContextOverflow, match=f"needs {len(toks)} tokens but the context window is 256"):
-            eng.logits(toks)
+            eng.set_prefix(toks)
