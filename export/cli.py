@@ -19,8 +19,16 @@ err = Console(stderr=True)
               help="The .gguf to write (atomically; a manifest with checksums goes beside it).")
 @click.option("--quant", type=click.Choice(["Q4_K_M", "Q4_0", "Q5_K_M", "Q8_0", "F16"]), default="Q4_K_M",
               show_default=True)
+@click.option("--adapted-type", type=click.Choice(["Q8_0", "Q6_K", "F16", "same"]), default="Q8_0", show_default=True,
+              help="Type the LoRA-adapted tensors keep when --quant is narrower (their updates are smaller than "
+                   "a 4-bit step); 'same' quantizes them like the rest.")
+@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Calibration items (JSONL/CSV in the task's format) for an importance matrix.")
+@click.option("--imatrix-items", type=click.IntRange(1), default=32, show_default=True,
+              help="How many calibration items the importance matrix reads.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Quantizer threads [default: all cores].")
-def export(merged: Path, output: Path, quant: str, threads: int | None) -> None:
+def export(merged: Path, output: Path, quant: str, adapted_type: str, imatrix: Path | None, imatrix_items: int,
+           threads: int | None) -> None:
     """Turn a merged model folder (annotate-cli train) into one quantized GGUF annotator.
 
     llama.cpp's converter and quantizer do the work; the task spec and provenance are embedded,
@@ -30,17 +38,22 @@ def export(merged: Path, output: Path, quant: str, threads: int | None) -> None:
     Examples:
       annotate-cli export models/runs/emobank/merged -o emobank.gguf
       annotate-cli export models/runs/emobank/merged -o emobank-q8.gguf --quant Q8_0
+      annotate-cli export merged/ -o emobank.gguf --imatrix data/emobank-train-64.jsonl
+      annotate-cli export merged/ -o all-4bit.gguf --adapted-type same
     """
     from .convert import ExportError
     from .convert import export as run_export
 
     try:
-        job = run_export(merged, output, quant, threads)
+        job = run_export(merged, output, quant, threads, adapted_type, imatrix, imatrix_items)
     except ExportError as e:
         raise click.ClickException(str(e)) from None
     i = job.info
     err.print(f"{i['file']}: {quant}, {i['size_bytes'] / 1e6:.1f} MB, sha256 {i['sha256'][:16]}..., "
-              f"{i['seconds']}s; manifest {i['file']}.manifest.json")
+              f"{i['bits_per_weight']:.2f} bits/weight, {i['seconds']}s; manifest {i['file']}.manifest.json")
+    if i.get("adapted_kept"):
+        k = i["adapted_kept"]
+        err.print(f"kept the {k['count']} LoRA-adapted tensors ({k['weight_share']:.1%} of the weights) at {k['type']}")
 
 
 @click.command()

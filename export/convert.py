@@ -35,6 +35,7 @@ from typing import Any
 from edge_annotator.runtime.gguf_meta import sha256_file
 from edge_annotator.runtime.spec import TaskSpec, spec_from_json
 
+from . import mix
 from .metadata import embed_spec
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,9 @@ def run_converter(merged: Path, out: Path, outtype: str) -> None:
         raise ExportError(f"llama.cpp's converter failed on {merged}:\n{r.stderr[-3000:]}")
 
 
-def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> None:
+def quantize(src: Path, dst: Path, quant: str, threads: int | None = None, keep: list[str] | None = None,
+             keep_type: str = "Q8_0", imatrix: dict[str, Any] | None = None) -> None:
+    """llama.cpp's quantizer; KEEP (GGUF tensor names) stay at KEEP_TYPE; IMATRIX weights the error."""
     import llama_cpp
 
     from edge_annotator.runtime.engine import _lib
@@ -108,6 +111,12 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> No
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANTS[quant]
     params.nthread = threads or (os.cpu_count() or 1)
+    if keep:
+        overrides = mix.tensor_overrides(keep, keep_type)
+        params.tt_overrides = ctypes.cast(overrides, type(params.tt_overrides))
+    if imatrix:
+        im = mix.imatrix_array(imatrix)
+        params.imatrix = ctypes.cast(im, type(params.imatrix))
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0 or not dst.is_file():
         raise ExportError(f"llama.cpp's quantizer failed ({rc}) making {quant} from {src}")
@@ -150,13 +159,34 @@ def verify(path: Path, merged: Path, spec: TaskSpec) -> dict[str, Any]:
         raise
 
 
-def export(merged: str | Path, output: str | Path, quant: str = "Q4_K_M", threads: int | None = None) -> Export:
+BITS = {"F16": 16.0, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.7, "Q4_K_M": 4.9, "Q4_0": 4.5}  # approx bits/weight
+
+
+def export(merged: str | Path, output: str | Path, quant: str = "Q4_K_M", threads: int | None = None,
+           adapted_type: str = "Q8_0", imatrix: str | Path | None = None, imatrix_items: int = 32) -> Export:
+    """Convert, quantize, embed, verify, publish. ADAPTED_TYPE ("same" for none) is the type the
+    LoRA-adapted tensors keep when QUANT is narrower; IMATRIX is a calibration file in the task format."""
     if quant not in QUANTS:
         raise ExportError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
     job = Export(Path(merged), Path(output), quant)
     job.expect("check", None)
     spec = check_merged(job.merged)
+    if adapted_type != "same" and adapted_type not in mix.GGML_TYPES:
+        raise ExportError(f"--adapted-type {adapted_type}: choose same or one of {', '.join(mix.GGML_TYPES)}")
+    if imatrix is not None and not Path(imatrix).is_file():
+        raise ExportError(f"--imatrix {imatrix}: file not found")
     t0 = time.perf_counter()
+    job.info["adapted_kept"] = None
+    try:
+        if adapted_type != "same" and BITS[adapted_type] > BITS[quant]:
+            kept = mix.adapted_tensors(job.merged)
+            if kept:
+                sizes = mix.weight_sizes(job.merged)
+                share = sum(sizes.get(n, 0) for n in kept) / max(1, sum(sizes.values()))
+                job.info["adapted_kept"] = {"type": adapted_type, "tensors": kept, "count": len(kept),
+                                            "weight_share": round(share, 4)}
+    except mix.MixError as e:
+        raise ExportError(str(e)) from None
     job.output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{job.output.name}.", dir=job.output.parent) as tmpd:
         tmp = Path(tmpd)
@@ -166,7 +196,14 @@ def export(merged: str | Path, output: str | Path, quant: str = "Q4_K_M", thread
         job.expect("quantize", "convert")
         q = f16 if quant == "F16" else tmp / f"{quant}.gguf"
         if q != f16:
-            quantize(f16, q, quant, threads)
+            keep = job.info["adapted_kept"]["tensors"] if job.info["adapted_kept"] else None
+            im = None
+            if imatrix is not None:
+                t1 = time.perf_counter()
+                im = mix.compute_imatrix(job.merged, Path(imatrix), imatrix_items)
+                job.info["imatrix"] = {"calibration": str(imatrix), "items": imatrix_items, "tensors": len(im),
+                                       "seconds": round(time.perf_counter() - t1, 1)}
+            quantize(f16, q, quant, threads, keep, adapted_type, im)
         job.expect("embed", "quantize")
         pfile = job.merged / "provenance.json"
         prov = json.loads(pfile.read_text()) if pfile.exists() else {}
@@ -184,6 +221,8 @@ def export(merged: str | Path, output: str | Path, quant: str = "Q4_K_M", thread
     job.info.update({"file": str(job.output), "sha256": sha256_file(job.output),
                      "size_bytes": job.output.stat().st_size, "quant": quant, "spec_sha256": spec.sha256,
                      "seconds": round(time.perf_counter() - t0, 1), "steps": job.steps})
+    n_weights = sum(mix.hf_weight_sizes(job.merged).values())
+    job.info["bits_per_weight"] = round(8 * job.info["size_bytes"] / max(1, n_weights), 3)
     manifest = job.output.with_name(job.output.name + ".manifest.json")
     tmp_m = manifest.with_name("." + manifest.name + ".partial")
     tmp_m.write_text(json.dumps(job.info, indent=2))

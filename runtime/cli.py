@@ -72,9 +72,9 @@ def _progress() -> Progress:
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", "output", type=click.Path(dir_okay=False), default=None,
-              help="Write JSONL here instead of stdout (needed for --resume).")
+@click.argument("inputs", metavar="INPUT...", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "output", type=click.Path(), default=None,
+              help="Write JSONL here instead of stdout (needed for --resume); with --engine ray, a folder.")
 @click.option("--spec", "spec_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Task spec YAML; overrides the one embedded in MODEL (zero-shot use of a base model).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, envvar="ANNOTATE_THREADS",
@@ -94,10 +94,21 @@ def _progress() -> Progress:
                    "output is byte-identical to one worker's.")
 @click.option("--max-chars", type=click.IntRange(min=1), default=None,
               help="Reject input fields longer than this many characters.")
-def annotate(model: Path, input_path: Path, output: str | None, spec_path: Path | None, threads: int | None,
+@click.option("--engine", "engine_kind", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: annotate many INPUT shards on a Ray cluster (pip install 'edge-annotator[ray]').")
+@click.option("--ray-address", default=None, help="An existing Ray cluster (e.g. ray://head:10001) [default: "
+              "RAY_ADDRESS, else a local Ray instance on this machine's cores].")
+@click.option("--actors", type=click.IntRange(1), default=1, show_default=True,
+              help="--engine ray: annotator actors, each with its own model copy and --threads threads.")
+@click.option("--format", "out_format", type=click.Choice(["jsonl", "parquet"]), default="jsonl", show_default=True,
+              help="--engine ray: the output shards' format.")
+@click.option("--shard-records", type=click.IntRange(1), default=100_000, show_default=True,
+              help="--engine ray: records per output shard.")
+def annotate(model: Path, inputs: tuple[Path, ...], output: str | None, spec_path: Path | None, threads: int | None,
              n_ctx: int, gpu_layers: int, on_error: str, resume: bool, batch: int, workers: int,
-             max_chars: int | None) -> None:
-    """Label every item of INPUT (JSONL or CSV) with MODEL (.gguf).
+             max_chars: int | None, engine_kind: str, ray_address: str | None, actors: int, out_format: str,
+             shard_records: int) -> None:
+    """Label every item of INPUT (JSONL, CSV or Parquet) with MODEL (.gguf).
 
     For every item and criterion it writes the chosen label and the probability of every allowed
     label, computed from the model's logits restricted to the allowed answers. Output is one JSON
@@ -111,14 +122,23 @@ def annotate(model: Path, input_path: Path, output: str | None, spec_path: Path 
       annotate-cli annotate annotator.gguf big.csv -o out.jsonl --resume   # after an interrupt
       annotate-cli annotate annotator.gguf big.jsonl --workers 8 --threads 32 > out.jsonl  # many cores
       annotate-cli annotate annotator.gguf big.jsonl --batch 4 > out.jsonl  # faster, not bit-exact
+      annotate-cli annotate annotator.gguf shards/*.jsonl --engine ray --actors 8 --threads 4 -o out/
     """
     from .annotator import Annotator
     from .engine import LlamaEngine, LlamaModel, default_threads
     from .gguf_meta import model_info, resolve_spec, sha256_file
     from .jobs import WorkerPool, count_records, fsync_close, open_output, run_job
 
-    if not input_path.exists():
-        raise click.ClickException(f"{input_path}: input file not found")
+    for p in inputs:
+        if not p.exists():
+            raise click.ClickException(f"{p}: input file not found")
+    if engine_kind == "ray":
+        _annotate_ray(model, list(inputs), output, spec_path, threads, n_ctx, on_error, resume, batch, workers,
+                      max_chars, ray_address, actors, out_format, shard_records)
+        return
+    if len(inputs) != 1:
+        raise click.UsageError("the local engine annotates one INPUT file; several shards: --engine ray")
+    input_path = inputs[0]
     # Every check on the model and the spec runs before any output is opened.
     llm = LlamaModel(model, n_gpu_layers=gpu_layers)
     spec = resolve_spec(model_info(llm), load_spec(spec_path) if spec_path else None)
@@ -165,6 +185,45 @@ def annotate(model: Path, input_path: Path, output: str | None, spec_path: Path 
     err.print(msg)
     for m in stats.error_messages:
         err.print(f"  [yellow]skipped[/] {m}", markup=True, highlight=False)
+
+
+def _annotate_ray(model: Path, inputs: list[Path], output: str | None, spec_path: Path | None, threads: int | None,
+                  n_ctx: int, on_error: str, resume: bool, batch: int, workers: int, max_chars: int | None,
+                  ray_address: str | None, actors: int, out_format: str, shard_records: int) -> None:
+    from .engine import LlamaModel
+    from .gguf_meta import model_info, resolve_spec, sha256_file
+    from .ray_job import RayJobError, run_ray_job
+
+    if output in (None, "-"):
+        raise click.UsageError("--engine ray writes a folder of shards: give -o OUT_DIR")
+    if resume or batch != 1 or workers != 1:
+        raise click.UsageError("--engine ray runs the exact path with Ray's own retries: "
+                               "--resume, --batch and --workers do not apply")
+    llm = LlamaModel(model)  # the spec and every model check, on the driver, before Ray starts
+    try:
+        spec = resolve_spec(model_info(llm), load_spec(spec_path) if spec_path else None)
+    finally:
+        llm.close()
+    t0 = time.perf_counter()
+    with _progress() as bar:
+        task = bar.add_task("annotating (ray)", total=None, rate="")
+
+        def tick(n: int) -> None:
+            done = bar.tasks[task].completed + n
+            dt = time.perf_counter() - t0
+            bar.update(task, advance=n, rate=f"{done / dt:.2f} items/s" if dt > 0 else "")
+
+        try:
+            man = run_ray_job(model, [str(p) for p in inputs], output, spec_json=spec.to_json(),
+                              model_sha256=sha256_file(model), actors=actors, threads=threads or 1, n_ctx=n_ctx,
+                              on_error=on_error, max_chars=max_chars,  # type: ignore[arg-type]
+                              ray_address=ray_address, fmt=out_format, per_shard=shard_records, progress=tick)
+        except RayJobError as e:
+            raise click.ClickException(str(e)) from None
+        except InputError as e:
+            raise click.ClickException(str(e)) from None
+    err.print(f"{man['records']} records ({man['error_records']} errors) in {man['seconds']:.1f}s "
+              f"({man['records'] / man['seconds']:.2f} records/s) -> {output}/ ({man['shards']} shard(s))")
 
 
 def _load_preds(path: Path) -> tuple[dict[str, dict[str, Any]], int]:

@@ -12,13 +12,15 @@ Readers stream: memory does not grow with the file.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .spec import Criterion, TaskSpec
 
@@ -66,21 +68,37 @@ def file_format(path: str | Path) -> str:
         return "jsonl"
     if suffix in (".csv", ".tsv"):
         return "csv"
-    raise InputError(str(path), None, f"unknown file type '{suffix}': use .jsonl or .csv")
+    if suffix == ".parquet":
+        return "parquet"
+    raise InputError(str(path), None, f"unknown file type '{suffix}': use .jsonl, .csv or .parquet")
 
 
-def iter_rows(path: str | Path) -> Iterator[Row]:
-    """Yield every record with its line number; malformed lines come back as rows with an error."""
+def iter_rows(path: str | Path, stream: BinaryIO | None = None) -> Iterator[Row]:
+    """Yield every record with its line number; malformed lines come back as rows with an error.
+
+    `stream`, when given, is the file's content (the Ray path reads shards as bytes); `path` then
+    only names the file in messages and picks the format.
+    """
     p = Path(path)
-    if not p.exists():
+    if stream is None and not p.exists():
         raise InputError(str(p), None, "file not found")
     fmt = file_format(p)
-    return _iter_jsonl(p) if fmt == "jsonl" else _iter_csv(p)
+    if fmt == "parquet":
+        return _iter_parquet(str(path), stream)
+    return _iter_jsonl(str(path), stream) if fmt == "jsonl" else _iter_csv(str(path), stream)
 
 
-def _iter_jsonl(p: Path) -> Iterator[Row]:
-    name = str(p)
-    with p.open("rb") as fh:
+@contextlib.contextmanager
+def _open_binary(name: str, stream: BinaryIO | None) -> Iterator[BinaryIO]:
+    if stream is not None:
+        yield stream
+    else:
+        with open(name, "rb") as fh:
+            yield fh
+
+
+def _iter_jsonl(name: str, stream: BinaryIO | None) -> Iterator[Row]:
+    with _open_binary(name, stream) as fh:
         for lineno, raw in enumerate(fh, 1):
             text = raw.decode("utf-8", errors="surrogateescape")
             if lineno == 1:
@@ -103,10 +121,10 @@ def _iter_jsonl(p: Path) -> Iterator[Row]:
             yield Row(name, lineno, data)
 
 
-def _iter_csv(p: Path) -> Iterator[Row]:
-    name = str(p)
-    delim = "\t" if p.suffix.lower() == ".tsv" else ","
-    with p.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+def _iter_csv(name: str, stream: BinaryIO | None) -> Iterator[Row]:
+    delim = "\t" if name.lower().endswith(".tsv") else ","
+    with _open_binary(name, stream) as raw_fh:
+        fh = io.TextIOWrapper(raw_fh, encoding="utf-8-sig", errors="surrogateescape", newline="")
         reader = csv.reader(fh, delimiter=delim, strict=True)
         try:
             header = next(reader)
@@ -134,6 +152,23 @@ def _iter_csv(p: Path) -> Iterator[Row]:
                     name, line, f"has {len(cells)} columns, the header has {len(header)}"))
                 continue
             yield Row(name, line, dict(zip(header, cells)))
+
+
+def _iter_parquet(name: str, stream: BinaryIO | None) -> Iterator[Row]:
+    """Parquet rows, streamed a record batch at a time; 'line' is the 1-based row number."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError(name, None, "reading Parquet needs pyarrow: pip install 'edge-annotator[ray]'") from None
+    try:
+        pf = pq.ParquetFile(stream if stream is not None else name)
+    except Exception as e:  # pyarrow raises its own ArrowInvalid for a damaged file
+        raise InputError(name, None, f"not a readable Parquet file: {e}") from None
+    n = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for rec in batch.to_pylist():
+            n += 1
+            yield Row(name, n, rec)
 
 
 @dataclass(frozen=True)
@@ -251,7 +286,12 @@ def read_human(path: str | Path, spec: TaskSpec) -> dict[str, list[dict[str, int
     return out
 
 
+def jsonl_line(record: dict[str, Any]) -> str:
+    """One compact, key-stable JSON line: the one serialisation of every output record."""
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
 def write_jsonl_line(fh: Any, record: dict[str, Any]) -> None:
-    """One compact, key-stable JSON line, flushed so a killed job loses nothing written."""
-    fh.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+    """jsonl_line, flushed so a killed job loses nothing written."""
+    fh.write(jsonl_line(record))
     fh.flush()

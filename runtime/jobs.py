@@ -17,11 +17,12 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, BinaryIO, Literal
 
 from .annotator import Annotator
-from .data import InputError, check_item, file_format, iter_rows, write_jsonl_line
+from .data import InputError, Item, check_item, file_format, iter_rows, write_jsonl_line
 from .engine import ContextOverflow
+from .spec import TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,17 @@ def load_resume_state(out_path: Path) -> ResumeState:
 def count_records(path: str | Path) -> int:
     """Number of records, for the progress bar: non-blank lines of a JSONL file, read as bytes and
     not parsed (the job parses each line once); CSV records can span lines, so CSV is read through."""
-    if file_format(path) == "jsonl":
+    fmt = file_format(path)
+    if fmt == "jsonl":
         with open(path, "rb") as fh:
             return sum(1 for line in fh if line.strip())
+    if fmt == "parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            return int(pq.ParquetFile(path).metadata.num_rows)
+        except Exception:  # unreadable: the job reports it with the file's name
+            return 0
     return sum(1 for _ in iter_rows(path))
 
 
@@ -108,7 +117,7 @@ def run_job(annotator: Annotator, input_path: str | Path, out: IO[str], *, model
         if len(stats.error_messages) < 20:
             stats.error_messages.append(str(err))
         if err.line not in state.done_error_lines:
-            write_jsonl_line(out, {"id": err.item_id, "error": err.to_record(), **stamp})
+            write_jsonl_line(out, error_record(err, stamp))
 
     def write(chunk: list[tuple[str, Any]], scores: list[Any] | None) -> None:
         items = [x for kind, x in chunk if kind == "item"]
@@ -125,8 +134,7 @@ def run_job(annotator: Annotator, input_path: str | Path, out: IO[str], *, model
             else:
                 res = by_item[id(x)]
                 if isinstance(res, ContextOverflow):
-                    longest = max(x.fields, key=lambda k: len(x.fields[k]))
-                    err = InputError(x.path, x.line, f"text too long: the prompt {res}", longest, x.id)
+                    err = overflow_error(x, res)
                     if on_error == "fail":
                         raise err
                     emit_error(err)
@@ -138,7 +146,7 @@ def run_job(annotator: Annotator, input_path: str | Path, out: IO[str], *, model
         items = [x for kind, x in chunk if kind == "item"]
         return [it.fields for it in items] if any(it.id not in state.done_ids for it in items) else None
 
-    chunks = _chunks(input_path, annotator, on_error, max_chars, stats)
+    chunks = plan(input_path, annotator.spec, annotator.batch, on_error, max_chars, stats)
     if pool is None:
         for chunk in chunks:
             todo = needs_scoring(chunk)
@@ -150,12 +158,23 @@ def run_job(annotator: Annotator, input_path: str | Path, out: IO[str], *, model
     return stats
 
 
-def _chunks(input_path: str | Path, annotator: Annotator, on_error: OnError, max_chars: int | None,
-            stats: JobStats) -> Iterator[list[tuple[str, Any]]]:
+def overflow_error(item: Item, res: ContextOverflow) -> InputError:
+    longest = max(item.fields, key=lambda k: len(item.fields[k]))
+    return InputError(item.path, item.line, f"text too long: the prompt {res}", longest, item.id)
+
+
+def error_record(err: InputError, stamp: dict[str, str]) -> dict[str, Any]:
+    return {"id": err.item_id, "error": err.to_record(), **stamp}
+
+
+def plan(input_path: str | Path, spec: TaskSpec, batch: int, on_error: OnError, max_chars: int | None,
+         stats: JobStats, stream: BinaryIO | None = None) -> Iterator[list[tuple[str, Any]]]:
     """The input as consecutive chunks of records, each holding one scoring group of valid items.
 
     A chunk is a list of ("item", Item), ("error", InputError) or, with on_error='fail', a final
-    ("raise", InputError) after which nothing more is read.
+    ("raise", InputError) after which nothing more is read. Repeated rows of one item (same id,
+    same inputs) are dropped and counted. The local job and the Ray job (runtime/ray_job.py) both
+    read their input through here.
     """
     seen: dict[str, tuple[bytes, int]] = {}  # id -> (inputs hash, first line): ~100 bytes per item
     pending: list[tuple[str, Any]] = []
@@ -165,9 +184,9 @@ def _chunks(input_path: str | Path, annotator: Annotator, on_error: OnError, max
         pending.append(("raise" if on_error == "fail" else "error", err))
         return on_error == "fail"
 
-    for row in iter_rows(input_path):
+    for row in iter_rows(input_path, stream):
         try:
-            item = check_item(row, annotator.spec, max_chars=max_chars)
+            item = check_item(row, spec, max_chars=max_chars)
         except InputError as e:
             if bad(e):
                 break
@@ -185,7 +204,7 @@ def _chunks(input_path: str | Path, annotator: Annotator, on_error: OnError, max
         seen[item.id] = (key, item.line)
         pending.append(("item", item))
         n_items += 1
-        if n_items % annotator.batch == 0:
+        if n_items % batch == 0:
             yield pending
             pending = []
     if pending:

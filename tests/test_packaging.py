@@ -14,12 +14,12 @@ from conftest import DATA, ROOT, TASKS
 
 from edge_annotator.runtime.cli import cli
 
-# Runs in a fresh interpreter where importing torch (or transformers) raises, as on a runtime-only install.
+# Runs in a fresh interpreter where importing torch, transformers, Ray or pyarrow raises, as on a runtime-only install.
 BLOCK_TORCH = """
 import sys
 class _Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'transformers', 'peft', 'bitsandbytes'):
+        if name.split('.')[0] in ('torch', 'transformers', 'peft', 'bitsandbytes', 'ray', 'pyarrow'):
             raise ImportError(f'{name} is blocked in this test')
         return None
 sys.meta_path.insert(0, _Block())
@@ -43,6 +43,7 @@ try:
 except SystemExit:
     pass
 assert 'torch' not in sys.modules, 'torch was imported'
+assert 'ray' not in sys.modules, 'ray was imported'
 print('TORCH-FREE')
 """
     r = _run_blocked(code, tmp_path)

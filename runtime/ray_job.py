@@ -1,0 +1,226 @@
+"""Annotation on a Ray cluster with Ray Data: the same files, the same annotator code, the same records.
+
+    annotate-cli annotate annotator.gguf shards/*.jsonl --engine ray --actors 8 --threads 4 -o out/
+
+Pipeline (one Ray Dataset, streamed):
+
+1. read     `ray.data.read_binary_files` reads each input shard (JSONL, CSV or Parquet) whole;
+2. plan     `flat_map` parses a shard with the local job's own reader and checks (runtime/jobs.py
+            `plan`): the same error records with the same file and line, the same handling of
+            repeated rows, per shard exactly as `annotate-cli annotate SHARD` would;
+3. score    `map_batches` over an actor pool: each actor loads the GGUF once, builds the same
+            `Annotator` as the local path, and turns each item into its output line with the same
+            serialisation (runtime/data.py `jsonl_line`);
+4. write    the driver streams the lines in input order (Ray Data's preserve_order) into
+            OUT_DIR/part-NNNNN.jsonl (or .parquet), each shard written to a temporary name and
+            renamed when complete, then OUT_DIR/_manifest.json.
+
+Determinism: scoring an item does not depend on what an actor scored before (runtime/engine.py's
+fixed decode schedule), so `cat OUT_DIR/part-*.jsonl` is byte-identical to the local outputs of the
+input files, concatenated. Faults: an actor that dies (killed, out of memory, node lost) is restarted
+by Ray and its batch re-run (max_restarts / max_task_retries); records reach the driver once per
+batch, so nothing is lost or written twice. `--batch` above 1 groups items across files and is not
+offered here: the Ray path is the exact one.
+
+Ray is an optional extra (`pip install 'edge-annotator[ray]'`); nothing else in the runtime imports it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .data import InputError, jsonl_line
+from .jobs import JobStats, OnError, error_record, overflow_error, plan
+
+log = logging.getLogger(__name__)
+
+
+class RayJobError(RuntimeError):
+    pass
+
+
+def _plan_shard(row: dict[str, Any], *, spec_json: str, order: dict[str, int], on_error: OnError,
+                max_chars: int | None) -> list[dict[str, Any]]:
+    """flat_map: one input shard -> one row per output record, in the shard's order."""
+    from .spec import spec_from_json
+
+    spec = spec_from_json(spec_json)
+    path = str(row["path"])
+    name = next((given for given, _ in _given_names(order, path)), path)
+    out: list[dict[str, Any]] = []
+    stats = JobStats()
+    for chunk in plan(name, spec, 1, on_error, max_chars, stats, io.BytesIO(row["bytes"])):
+        for kind, x in chunk:
+            if kind == "raise":
+                raise x
+            seq = len(out)
+            base = {"shard": order[name], "seq": seq}
+            if kind == "error":
+                out.append({**base, "item_id": x.item_id or "", "fields": "", "error": json.dumps(
+                    {"path": x.path, "line": x.line, "message": x.reason, "field": x.field, "id": x.item_id})})
+            else:
+                out.append({**base, "item_id": x.id, "fields": json.dumps(x.fields), "error": "",
+                            "path": x.path, "line": x.line})
+    for r in out:  # one schema for every row
+        r.setdefault("path", name)
+        r.setdefault("line", 0)
+    return out
+
+
+def _given_names(order: dict[str, int], path: str) -> list[tuple[str, int]]:
+    """The input name the user gave for a path Ray reports (Ray may normalise it)."""
+    return [(g, i) for g, i in order.items() if g == path or os.path.abspath(g) == os.path.abspath(path)]
+
+
+class _Scorer:
+    """The actor: one model load, the local path's Annotator, one output line per row."""
+
+    def __init__(self, model: str, spec_json: str, n_ctx: int, threads: int, stamp: dict[str, str],
+                 on_error: OnError):
+        from .annotator import Annotator
+        from .engine import LlamaEngine
+        from .spec import spec_from_json
+
+        self.annotator = Annotator(LlamaEngine(model, n_ctx=n_ctx, n_threads=threads), spec_from_json(spec_json))
+        self.stamp, self.on_error = stamp, on_error
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from .data import Item
+        from .engine import ContextOverflow
+
+        lines = []
+        for i in range(len(batch["seq"])):
+            if batch["error"][i]:
+                e = json.loads(batch["error"][i])
+                err = InputError(e["path"], e["line"], e["message"], e["field"], e["id"])
+                lines.append(jsonl_line(error_record(err, self.stamp)))
+                continue
+            item = Item(str(batch["item_id"][i]), json.loads(batch["fields"][i]), str(batch["path"][i]),
+                        int(batch["line"][i]))
+            res = self.annotator.score_many([item.fields])[0]
+            if isinstance(res, ContextOverflow):
+                err = overflow_error(item, res)
+                if self.on_error == "fail":
+                    raise err
+                lines.append(jsonl_line(error_record(err, self.stamp)))
+            elif isinstance(res, Exception):
+                raise res
+            else:
+                lines.append(jsonl_line({**self.annotator.to_record(item.id, res), **self.stamp}))
+        return {"shard": batch["shard"], "seq": batch["seq"], "line_text": lines}
+
+
+class ShardWriter:
+    """OUT_DIR/part-NNNNN.{jsonl,parquet}, `per_shard` records each, every one renamed into place whole."""
+
+    def __init__(self, out_dir: Path, fmt: str, per_shard: int, criteria: list[str]):
+        self.out_dir, self.fmt, self.per_shard, self.criteria = out_dir, fmt, per_shard, criteria
+        self.n_shards = 0
+        self.records = 0
+        self._buf: list[str] = []
+
+    def add(self, line: str) -> None:
+        self._buf.append(line)
+        self.records += 1
+        if len(self._buf) >= self.per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buf:
+            return
+        final = self.out_dir / f"part-{self.n_shards:05d}.{self.fmt}"
+        tmp = final.with_name("." + final.name + ".partial")
+        if self.fmt == "jsonl":
+            with tmp.open("w", encoding="utf-8") as fh:
+                fh.writelines(self._buf)
+                fh.flush()
+                os.fsync(fh.fileno())
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            recs = [json.loads(line) for line in self._buf]
+            cols: dict[str, list[Any]] = {"id": [r.get("id") for r in recs],
+                                          "record": [line.rstrip("\n") for line in self._buf]}
+            for c in self.criteria:
+                cols[f"label.{c}"] = [str(r["labels"][c]) if "labels" in r else None for r in recs]
+            pq.write_table(pa.table(cols), tmp)
+        os.replace(tmp, final)
+        self.n_shards += 1
+        self._buf = []
+
+
+def run_ray_job(model: str | Path, inputs: list[str], out_dir: str | Path, *, spec_json: str, model_sha256: str,
+                actors: int, threads: int, n_ctx: int = 2048, on_error: OnError = "fail",
+                max_chars: int | None = None, ray_address: str | None = None, fmt: str = "jsonl",
+                per_shard: int = 100_000, rows_per_batch: int = 16,
+                progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Annotate INPUTS on Ray into OUT_DIR; returns the manifest it writes there."""
+    try:
+        import ray
+    except ImportError:
+        raise RayJobError("--engine ray needs Ray: pip install 'edge-annotator[ray]'") from None
+    from .spec import spec_from_json
+
+    spec = spec_from_json(spec_json)
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise RayJobError(f"{out} exists and is not empty; the Ray engine writes a fresh folder of shards")
+    if len(set(inputs)) != len(inputs):
+        raise RayJobError("an input file is named twice")
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if not ray.is_initialized():
+        if ray_address:
+            ray.init(address=ray_address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # records come back in input order
+    ctx.enable_progress_bars = False
+    order = {p: i for i, p in enumerate(inputs)}
+    stamp = {"model_sha256": model_sha256, "spec_sha256": spec.sha256}
+    ds = ray.data.read_binary_files(inputs, include_paths=True)
+    plan_fn: Any = _plan_shard
+    ds = ds.flat_map(plan_fn, fn_kwargs={"spec_json": spec_json, "order": order, "on_error": on_error,
+                                             "max_chars": max_chars})
+    ds = ds.map_batches(
+        _Scorer, batch_size=rows_per_batch, batch_format="numpy", num_cpus=threads,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        fn_constructor_kwargs={"model": str(Path(model).resolve()) if Path(model).exists() else str(model),
+                               "spec_json": spec_json, "n_ctx": n_ctx, "threads": threads, "stamp": stamp,
+                               "on_error": on_error})
+    # Ray Data's actor pool defaults to max_restarts=-1 and max_task_retries=-1: a dead actor is
+    # restarted and its batch re-run. An exception raised by our own code is not retried.
+    writer = ShardWriter(out, fmt, per_shard, [c.name for c in spec.criteria])
+    last = (-1, -1)
+    errors = 0
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for shard, seq, line in zip(batch["shard"], batch["seq"], batch["line_text"]):
+                key = (int(shard), int(seq))
+                if key <= last:
+                    raise RayJobError(f"records came back out of order ({key} after {last}); refusing to write")
+                last = key
+                errors += '"error":{' in line
+                writer.add(str(line))
+                if progress:
+                    progress(1)
+    except ray.exceptions.RayTaskError as e:
+        cause = e.as_instanceof_cause() if hasattr(e, "as_instanceof_cause") else e
+        inner = getattr(cause, "cause", None) or cause
+        raise RayJobError(str(inner).strip().splitlines()[-1]) from None
+    writer.flush()
+    seconds = time.perf_counter() - t0
+    manifest = {"inputs": inputs, "records": writer.records, "error_records": errors, "shards": writer.n_shards,
+                "format": fmt, "actors": actors, "threads_per_actor": threads, "seconds": round(seconds, 2),
+                **stamp}
+    (out / "_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
