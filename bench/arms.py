@@ -88,7 +88,7 @@ def arm_hf(args: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(args["threads"])
     spec, items = load_spec(args["spec"]), _items(args)
     tok = AutoTokenizer.from_pretrained(args["hf_dir"])
-    model = AutoModelForCausalLM.from_pretrained(args["hf_dir"], dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(args["hf_dir"], dtype=torch.float32, use_safetensors=True).eval()
     labels = []
     t0 = time.perf_counter()
     with torch.inference_mode():

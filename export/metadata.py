@@ -25,8 +25,11 @@ from edge_annotator.runtime.spec import TaskSpec, load_spec
 log = logging.getLogger(__name__)
 
 
-def embed_spec(src: str | Path, dst: str | Path, spec: TaskSpec, provenance: dict[str, Any] | None = None) -> Path:
-    """Copy GGUF `src` to `dst` with the spec and provenance under the edge_annotator.* keys."""
+def embed_spec(src: str | Path, dst: str | Path, spec: TaskSpec, provenance: dict[str, Any] | None = None,
+               extra: dict[str, str] | None = None) -> Path:
+    """Copy GGUF `src` to `dst` with the spec and provenance under the edge_annotator.* keys.
+
+    `extra` string keys (e.g. tokenizer.chat_template) are set too, replacing any of the same name."""
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise ValueError(f"{dst}: write to a new file, not over the source")
@@ -39,6 +42,8 @@ def embed_spec(src: str | Path, dst: str | Path, spec: TaskSpec, provenance: dic
             # GGUF.* are virtual; the writer adds the architecture itself; our own keys are replaced
             if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith(("GGUF.", PREFIX + ".")):
                 continue
+            if extra and field.name in extra:
+                continue
             vtype = field.types[0]
             sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
@@ -46,6 +51,8 @@ def embed_spec(src: str | Path, dst: str | Path, spec: TaskSpec, provenance: dic
         writer.add_string(Keys.SPEC, spec.to_json())
         writer.add_string(Keys.SPEC_SHA256, spec.sha256)
         writer.add_string(Keys.PROVENANCE, json.dumps(provenance or {}, sort_keys=True))
+        for k, v in (extra or {}).items():
+            writer.add_string(k, v)
         for t in reader.tensors:
             writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
         writer.write_header_to_file()

@@ -154,7 +154,7 @@ def compute_imatrix(merged: Path, calib: Path, max_items: int = 32, max_tokens: 
     if not prompts:
         raise MixError(f"{calib}: no calibration items")
     tok = AutoTokenizer.from_pretrained(merged)
-    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, use_safetensors=True).eval()
     tmap = name_map(merged)
     sums: dict[str, Any] = {}
     counts: dict[str, int] = {}

@@ -78,7 +78,7 @@ def parity(merged: str | Path, gguf: str | Path, data: str | Path, max_items: in
     # b-d. labels and distributions on both sides
     g_scores = Annotator(eng, spec).score_many([it.fields for it in items])
     eng.close()
-    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, use_safetensors=True).eval()
     h_scores = score_items(model, hf_tok, spec, items, torch.device("cpu"))
     quant = info.quantization or "?"
     label_min = thresholds["label_alpha"].get(quant, min(thresholds["label_alpha"].values()))

@@ -72,7 +72,7 @@ def _progress() -> Progress:
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("inputs", metavar="INPUT...", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("inputs", metavar="INPUT...", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "output", type=click.Path(), default=None,
               help="Write JSONL here instead of stdout (needed for --resume); with --engine ray, a folder.")
 @click.option("--spec", "spec_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -104,7 +104,7 @@ def _progress() -> Progress:
               help="--engine ray: the output shards' format.")
 @click.option("--shard-records", type=click.IntRange(1), default=100_000, show_default=True,
               help="--engine ray: records per output shard.")
-def annotate(model: Path, inputs: tuple[Path, ...], output: str | None, spec_path: Path | None, threads: int | None,
+def annotate(model: Path, inputs: tuple[str, ...], output: str | None, spec_path: Path | None, threads: int | None,
              n_ctx: int, gpu_layers: int, on_error: str, resume: bool, batch: int, workers: int,
              max_chars: int | None, engine_kind: str, ray_address: str | None, actors: int, out_format: str,
              shard_records: int) -> None:
@@ -129,8 +129,8 @@ def annotate(model: Path, inputs: tuple[Path, ...], output: str | None, spec_pat
     from .gguf_meta import model_info, resolve_spec, sha256_file
     from .jobs import WorkerPool, count_records, fsync_close, open_output, run_job
 
-    for p in inputs:
-        if not p.exists():
+    for p in inputs:  # on Ray, a URI (s3://...) is read by the cluster
+        if not Path(p).exists() and not (engine_kind == "ray" and "://" in p):
             raise click.ClickException(f"{p}: input file not found")
     if engine_kind == "ray":
         _annotate_ray(model, list(inputs), output, spec_path, threads, n_ctx, on_error, resume, batch, workers,
@@ -138,7 +138,7 @@ def annotate(model: Path, inputs: tuple[Path, ...], output: str | None, spec_pat
         return
     if len(inputs) != 1:
         raise click.UsageError("the local engine annotates one INPUT file; several shards: --engine ray")
-    input_path = inputs[0]
+    input_path = Path(inputs[0])
     # Every check on the model and the spec runs before any output is opened.
     llm = LlamaModel(model, n_gpu_layers=gpu_layers)
     spec = resolve_spec(model_info(llm), load_spec(spec_path) if spec_path else None)
@@ -187,7 +187,7 @@ def annotate(model: Path, inputs: tuple[Path, ...], output: str | None, spec_pat
         err.print(f"  [yellow]skipped[/] {m}", markup=True, highlight=False)
 
 
-def _annotate_ray(model: Path, inputs: list[Path], output: str | None, spec_path: Path | None, threads: int | None,
+def _annotate_ray(model: Path, inputs: list[str], output: str | None, spec_path: Path | None, threads: int | None,
                   n_ctx: int, on_error: str, resume: bool, batch: int, workers: int, max_chars: int | None,
                   ray_address: str | None, actors: int, out_format: str, shard_records: int) -> None:
     from .engine import LlamaModel
@@ -214,7 +214,7 @@ def _annotate_ray(model: Path, inputs: list[Path], output: str | None, spec_path
             bar.update(task, advance=n, rate=f"{done / dt:.2f} items/s" if dt > 0 else "")
 
         try:
-            man = run_ray_job(model, [str(p) for p in inputs], output, spec_json=spec.to_json(),
+            man = run_ray_job(model, inputs, output, spec_json=spec.to_json(),
                               model_sha256=sha256_file(model), actors=actors, threads=threads or 1, n_ctx=n_ctx,
                               on_error=on_error, max_chars=max_chars,  # type: ignore[arg-type]
                               ray_address=ray_address, fmt=out_format, per_shard=shard_records, progress=tick)

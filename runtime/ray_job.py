@@ -52,8 +52,7 @@ def _plan_shard(row: dict[str, Any], *, spec_json: str, order: dict[str, int], o
     from .spec import spec_from_json
 
     spec = spec_from_json(spec_json)
-    path = str(row["path"])
-    name = next((given for given, _ in _given_names(order, path)), path)
+    name = _given_name(order, str(row["path"]))
     out: list[dict[str, Any]] = []
     stats = JobStats()
     for chunk in plan(name, spec, 1, on_error, max_chars, stats, io.BytesIO(row["bytes"])):
@@ -74,9 +73,12 @@ def _plan_shard(row: dict[str, Any], *, spec_json: str, order: dict[str, int], o
     return out
 
 
-def _given_names(order: dict[str, int], path: str) -> list[tuple[str, int]]:
-    """The input name the user gave for a path Ray reports (Ray may normalise it)."""
-    return [(g, i) for g, i in order.items() if g == path or os.path.abspath(g) == os.path.abspath(path)]
+def _given_name(order: dict[str, int], path: str) -> str:
+    """The input as the user named it, for a path as Ray reports it (absolute, or without a URI scheme)."""
+    for g in order:
+        if g == path or g.split("://", 1)[-1] == path or os.path.abspath(g) == os.path.abspath(path):
+            return g
+    raise RayJobError(f"Ray read {path}, which is none of the inputs {list(order)}")
 
 
 class _Scorer:

@@ -114,3 +114,40 @@ def test_export_steps_are_ordered() -> None:
     job.expect("check", None)
     with pytest.raises(ExportError, match="expected step 'convert' done first, got 'check'"):
         job.expect("quantize", "convert")
+
+
+def _tensor_types(path: Path) -> dict[str, str]:
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+
+
+def test_adapted_tensors_keep_q8_0_inside_a_4bit_file(exported: dict[str, Path], merged: Path) -> None:
+    from edge_annotator.export.mix import adapted_tensors
+
+    kept = adapted_tensors(merged)
+    # the tiny recipe adapts every attention and MLP projection of its 2 layers
+    assert len(kept) == 14 and "blk.0.attn_q.weight" in kept and "blk.1.ffn_down.weight" in kept
+    path = exported["Q4_0"]
+    man = json.loads(path.with_name(path.name + ".manifest.json").read_text())
+    assert man["adapted_kept"]["type"] == "Q8_0" and man["adapted_kept"]["count"] == 14
+    types = _tensor_types(path)
+    assert {types[n] for n in kept} == {"Q8_0"}
+    assert 8 < man["bits_per_weight"] < 9  # the tied 262k x 64 embedding dominates the tiny model
+
+
+def test_imatrix_and_adapted_type_same(merged: Path, exported: dict[str, Path], tmp_path: Path) -> None:
+    from edge_annotator.export.mix import adapted_tensors, compute_imatrix
+
+    im = compute_imatrix(merged, DATA / "emobank-train-64.jsonl", max_items=4)
+    assert set(im) == set(adapted_tensors(merged))  # every linear layer in the blocks, by GGUF name
+    assert all(v.ndim == 1 and (v >= 0).all() and v.mean() > 0 for v in im.values())
+    out = tmp_path / "im.gguf"
+    r = CliRunner().invoke(cli, ["export", str(merged), "-o", str(out), "--quant", "Q4_0", "--adapted-type", "same",
+                                 "--imatrix", str(DATA / "emobank-train-64.jsonl"), "--imatrix-items", "4"])
+    assert r.exit_code == 0, r.output
+    man = json.loads(out.with_name(out.name + ".manifest.json").read_text())
+    assert man["adapted_kept"] is None and man["imatrix"]["tensors"] == 14
+    types = _tensor_types(out)
+    assert types["blk.0.attn_q.weight"] == "Q4_0"
+    assert out.stat().st_size < exported["Q4_0"].stat().st_size

@@ -46,7 +46,7 @@ def merge(cfg: TrainConfig, run_dir: str | Path, out_dir: str | Path | None = No
     out = Path(out_dir) if out_dir else run / "merged"
     base_dir = run / "base" if cfg.tiny else Path(cfg.base_model)
     dtype = torch.bfloat16 if cfg.compute_dtype == "bfloat16" else torch.float32
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, use_safetensors=True)
     if getattr(base, "hf_quantizer", None) is not None:
         raise ValueError(f"{base_dir}: the base loads quantized ({base.config.quantization_config}); merging "
                          f"needs plain 16/32-bit weights: remake it with python -m edge_annotator.train.from_gguf")

@@ -71,7 +71,7 @@ def load_base(cfg: TrainConfig, device: torch.device, folder: str | Path | None 
     from transformers import AutoModelForCausalLM
 
     src = folder or cfg.base_model
-    kwargs: dict[str, Any] = {"dtype": dtype_of(cfg)}
+    kwargs: dict[str, Any] = {"dtype": dtype_of(cfg), "use_safetensors": True}  # never a pickle
     if cfg.quantization == "nf4":
         from transformers import BitsAndBytesConfig
 
