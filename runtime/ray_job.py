@@ -185,14 +185,20 @@ def run_ray_job(model: str | Path, inputs: list[str], out_dir: str | Path, *, sp
         else:
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size)
     ctx.execution_options.preserve_order = True  # records come back in input order
     ctx.enable_progress_bars = False
+    # Small blocks (~rows_per_batch rows of a few hundred bytes): a shard's records spread over all
+    # the actors, and results stream back while the job runs, instead of one block per shard.
+    ctx.target_max_block_size = rows_per_batch * 512
     order = {p: i for i, p in enumerate(inputs)}
     stamp = {"model_sha256": model_sha256, "spec_sha256": spec.sha256}
-    ds = ray.data.read_binary_files(inputs, include_paths=True)
+    # Reading and parsing reserve no CPU: the actors may hold every core (--actors 2 --threads 1 on
+    # two cores) and the reads must still run, or the pipeline waits forever.
+    ds = ray.data.read_binary_files(inputs, include_paths=True, num_cpus=0)
     plan_fn: Any = _plan_shard
-    ds = ds.flat_map(plan_fn, fn_kwargs={"spec_json": spec_json, "order": order, "on_error": on_error,
-                                             "max_chars": max_chars})
+    ds = ds.flat_map(plan_fn, num_cpus=0, fn_kwargs={"spec_json": spec_json, "order": order, "on_error": on_error,
+                                                     "max_chars": max_chars})
     ds = ds.map_batches(
         _Scorer, batch_size=rows_per_batch, batch_format="numpy", num_cpus=threads,
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -219,6 +225,8 @@ def run_ray_job(model: str | Path, inputs: list[str], out_dir: str | Path, *, sp
         cause = e.as_instanceof_cause() if hasattr(e, "as_instanceof_cause") else e
         inner = getattr(cause, "cause", None) or cause
         raise RayJobError(str(inner).strip().splitlines()[-1]) from None
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size = saved
     writer.flush()
     seconds = time.perf_counter() - t0
     manifest = {"inputs": inputs, "records": writer.records, "error_records": errors, "shards": writer.n_shards,

@@ -151,3 +151,6 @@ def test_imatrix_and_adapted_type_same(merged: Path, exported: dict[str, Path], 
     types = _tensor_types(out)
     assert types["blk.0.attn_q.weight"] == "Q4_0"
     assert out.stat().st_size < exported["Q4_0"].stat().st_size
+    from edge_annotator.export.parity import parity
+
+    assert parity(merged, out, DATA / "emobank-test-50.jsonl", max_items=8)["pass"]
