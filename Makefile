@@ -49,7 +49,7 @@ lint: install  ## ruff and mypy over the package and tests
 # held-out EmoBank sentences; fine-tuned with LoRA on CPU on the shipped EmoBank subset; exported
 # to Q4_K_M with the spec embedded; parity between the fine-tuned HF model and the file; then the
 # held-out items annotated with the file (1 and 2 threads, byte-identical). One table at the end.
-demo: install $(GEMMA) $(GEMMA_HF)  ## the whole job: zero-shot, fine-tune, export, parity, annotate (~25 min)
+demo: install $(GEMMA) $(GEMMA_HF)  ## the whole job: zero-shot, fine-tune, export, parity, annotate (~10 min)
 	$(PY) -m edge_annotator.export.pipeline --config configs/gemma3-270m-lora-cpu-emobank.yaml \
 		--base-gguf $(GEMMA) --test data/emobank-test-50.jsonl --out $(DEMO) --threads $(THREADS)
 
@@ -73,8 +73,11 @@ train: install $(GEMMA_HF)  ## fine-tune and merge: make train CONFIG=configs/NA
 	$(CLI) train $(CONFIG)
 
 # Export the run's merged model, then refuse to publish it (delete it) unless parity passes.
-export: install  ## merged model -> $(RUN)/annotator-$(QUANT).gguf, kept only if parity passes
-	$(CLI) export $(RUN)/merged -o $(RUN)/annotator-$(QUANT).gguf --quant $(QUANT)
+ADAPTED ?= Q8_0
+IMATRIX ?=
+export: install  ## merged model -> $(RUN)/annotator-$(QUANT).gguf, kept only if parity passes (IMATRIX=calib.jsonl)
+	$(CLI) export $(RUN)/merged -o $(RUN)/annotator-$(QUANT).gguf --quant $(QUANT) --adapted-type $(ADAPTED) \
+		$(if $(IMATRIX),--imatrix $(IMATRIX))
 	$(CLI) parity $(RUN)/merged $(RUN)/annotator-$(QUANT).gguf $(HELDOUT) || \
 		{ rm -f $(RUN)/annotator-$(QUANT).gguf $(RUN)/annotator-$(QUANT).gguf.manifest.json; exit 1; }
 
