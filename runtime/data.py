@@ -40,6 +40,9 @@ class InputError(ValueError):
     def to_record(self) -> dict[str, Any]:
         return {"file": self.path, "line": self.line, "field": self.field, "message": self.reason}
 
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable, so it crosses process (and Ray) boundaries intact
+        return (InputError, (self.path, self.line, self.reason, self.field, self.item_id))
+
 
 @dataclass(frozen=True)
 class Row:

@@ -81,6 +81,21 @@ def _given_name(order: dict[str, int], path: str) -> str:
     raise RayJobError(f"Ray read {path}, which is none of the inputs {list(order)}")
 
 
+def _our_error(e: BaseException) -> InputError | None:
+    """The InputError (bad record, --on-error fail) inside the exceptions Ray wraps it in, if any."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, InputError):
+            return InputError(x.path, x.line, x.reason, x.field, x.item_id)
+        todo += [getattr(x, "cause", None), x.__cause__, x.__context__]
+    return None
+
+
 class _Scorer:
     """The actor: one model load, the local path's Annotator, one output line per row."""
 
@@ -185,9 +200,11 @@ def run_ray_job(model: str | Path, inputs: list[str], out_dir: str | Path, *, sp
         else:
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
-    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size)
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size,
+             ctx.raise_original_map_exception)
     ctx.execution_options.preserve_order = True  # records come back in input order
     ctx.enable_progress_bars = False
+    ctx.raise_original_map_exception = True  # a bad record's InputError reaches the driver as itself
     # Small blocks (~rows_per_batch rows of a few hundred bytes): a shard's records spread over all
     # the actors, and results stream back while the job runs, instead of one block per shard.
     ctx.target_max_block_size = rows_per_batch * 512
@@ -221,12 +238,14 @@ def run_ray_job(model: str | Path, inputs: list[str], out_dir: str | Path, *, sp
                 writer.add(str(line))
                 if progress:
                     progress(1)
-    except ray.exceptions.RayTaskError as e:
-        cause = e.as_instanceof_cause() if hasattr(e, "as_instanceof_cause") else e
-        inner = getattr(cause, "cause", None) or cause
-        raise RayJobError(str(inner).strip().splitlines()[-1]) from None
+    except Exception as e:  # Ray wraps our own errors (RayTaskError, UserCodeException): find them
+        inner = _our_error(e)
+        if inner is None:
+            raise
+        raise inner from None
     finally:
-        ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size = saved
+        (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size,
+         ctx.raise_original_map_exception) = saved
     writer.flush()
     seconds = time.perf_counter() - t0
     manifest = {"inputs": inputs, "records": writer.records, "error_records": errors, "shards": writer.n_shards,

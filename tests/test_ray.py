@@ -146,3 +146,14 @@ def test_actor_killed_mid_job_is_retried_without_loss_or_duplicates(local_ray, a
     assert killed[0][1] < 40
     assert man["records"] == 40
     assert (tmp_path / "out" / "part-00000.jsonl").read_text() == expected.read_text()
+
+
+def test_on_error_fail_stops_the_ray_job_naming_file_and_line(local_ray, shards: list[Path], annotator_gguf: Path,
+                                                             tmp_path: Path) -> None:
+    out = tmp_path / "ray-fail"
+    r = CliRunner().invoke(cli, ["annotate", str(annotator_gguf), *map(str, shards), "--engine", "ray",
+                                 "--threads", "1", "-o", str(out)])
+    assert r.exit_code == 1
+    last = r.stderr.strip().splitlines()[-1]  # Ray logs the worker's stack trace above; ours is the last word
+    assert last.startswith("Error: ") and f"{shards[0]}:4:" in last and "malformed JSON" in last, last
+    assert not list(out.glob("part-*")), "the input is checked before annotating; nothing half-written"
