@@ -11,13 +11,22 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from . import __version__
@@ -68,6 +77,17 @@ def _progress() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
                     TimeRemainingColumn(), console=err, transient=False)
+
+
+def _ticker(bar: Progress, task: TaskID, t0: float) -> Callable[[int], None]:
+    """Advance the progress bar by n records and show the rate since t0."""
+
+    def tick(n: int) -> None:
+        done = bar.tasks[task].completed + n
+        dt = time.perf_counter() - t0
+        bar.update(task, advance=n, rate=f"{done / dt:.2f} items/s" if dt > 0 else "")
+
+    return tick
 
 
 @cli.command()
@@ -153,13 +173,7 @@ def annotate(model: Path, inputs: tuple[str, ...], output: str | None, spec_path
         t0 = time.perf_counter()
         try:
             with _progress() as bar:
-                task = bar.add_task("annotating", total=total, rate="")
-
-                def tick(n: int) -> None:
-                    done = bar.tasks[task].completed + n
-                    dt = time.perf_counter() - t0
-                    bar.update(task, advance=n, rate=f"{done / dt:.2f} items/s" if dt > 0 else "")
-
+                tick = _ticker(bar, bar.add_task("annotating", total=total, rate=""), t0)
                 per_worker = max(1, (threads or default_threads()) // workers)
                 pool = WorkerPool(workers, model, annotator, per_worker) if workers > 1 else None
                 try:
@@ -206,13 +220,7 @@ def _annotate_ray(model: Path, inputs: list[str], output: str | None, spec_path:
         llm.close()
     t0 = time.perf_counter()
     with _progress() as bar:
-        task = bar.add_task("annotating (ray)", total=None, rate="")
-
-        def tick(n: int) -> None:
-            done = bar.tasks[task].completed + n
-            dt = time.perf_counter() - t0
-            bar.update(task, advance=n, rate=f"{done / dt:.2f} items/s" if dt > 0 else "")
-
+        tick = _ticker(bar, bar.add_task("annotating (ray)", total=None, rate=""), t0)
         try:
             man = run_ray_job(model, inputs, output, spec_json=spec.to_json(),
                               model_sha256=sha256_file(model), actors=actors, threads=threads or 1, n_ctx=n_ctx,

@@ -67,11 +67,15 @@ def _corpus() -> list[tuple[bytes, str, str | None]]:
     ]
 
 
+def _corpus_file(tmp_path: Path) -> Path:
+    inp = tmp_path / "corpus.jsonl"
+    inp.write_bytes(b"\n".join(raw for raw, _, _ in _corpus()) + b"\n")
+    return inp
+
+
 @pytest.mark.slow
 def test_bad_input_corpus_skip_gives_one_defined_outcome_per_record(tmp_path: Path, gemma_path: Path) -> None:
-    corpus = _corpus()
-    inp = tmp_path / "corpus.jsonl"
-    inp.write_bytes(b"\n".join(raw for raw, _, _ in corpus) + b"\n")
+    corpus, inp = _corpus(), _corpus_file(tmp_path)
     out = tmp_path / "out.jsonl"
     r = _invoke("annotate", str(gemma_path), str(inp), "--spec", SPEC, "--on-error", "skip", "-o", str(out))
     assert r.exit_code == 0, r.output
@@ -89,9 +93,7 @@ def test_bad_input_corpus_skip_gives_one_defined_outcome_per_record(tmp_path: Pa
 
 @pytest.mark.slow
 def test_bad_input_corpus_fail_stops_at_the_first_and_keeps_what_was_done(tmp_path: Path, gemma_path: Path) -> None:
-    corpus = _corpus()
-    inp = tmp_path / "corpus.jsonl"
-    inp.write_bytes(b"\n".join(raw for raw, _, _ in corpus) + b"\n")
+    inp = _corpus_file(tmp_path)
     out = tmp_path / "out.jsonl"
     r = _invoke("annotate", str(gemma_path), str(inp), "--spec", SPEC, "-o", str(out))
     assert r.exit_code == 1 and f"{inp}:2:" in r.stderr and "malformed JSON" in r.stderr
