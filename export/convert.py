@@ -176,15 +176,15 @@ def export(merged: str | Path, output: str | Path, quant: str = "Q4_K_M", thread
     if imatrix is not None and not Path(imatrix).is_file():
         raise ExportError(f"--imatrix {imatrix}: file not found")
     t0 = time.perf_counter()
+    sizes = mix.hf_weight_sizes(job.merged)  # safetensors headers, read once
+    n_weights = sum(sizes.values())
     job.info["adapted_kept"] = None
     try:
         if adapted_type != "same" and BITS[adapted_type] > BITS[quant]:
-            kept = mix.adapted_tensors(job.merged)
+            kept = mix.adapted_tensors(job.merged, sizes)
             if kept:
-                sizes = mix.weight_sizes(job.merged)
-                share = sum(sizes.get(n, 0) for n in kept) / max(1, sum(sizes.values()))
-                job.info["adapted_kept"] = {"type": adapted_type, "tensors": kept, "count": len(kept),
-                                            "weight_share": round(share, 4)}
+                job.info["adapted_kept"] = {"type": adapted_type, "tensors": list(kept), "count": len(kept),
+                                            "weight_share": round(sum(kept.values()) / max(1, n_weights), 4)}
     except mix.MixError as e:
         raise ExportError(str(e)) from None
     job.output.parent.mkdir(parents=True, exist_ok=True)
@@ -221,7 +221,6 @@ def export(merged: str | Path, output: str | Path, quant: str = "Q4_K_M", thread
     job.info.update({"file": str(job.output), "sha256": sha256_file(job.output),
                      "size_bytes": job.output.stat().st_size, "quant": quant, "spec_sha256": spec.sha256,
                      "seconds": round(time.perf_counter() - t0, 1), "steps": job.steps})
-    n_weights = sum(mix.hf_weight_sizes(job.merged).values())
     job.info["bits_per_weight"] = round(8 * job.info["size_bytes"] / max(1, n_weights), 3)
     manifest = job.output.with_name(job.output.name + ".manifest.json")
     tmp_m = manifest.with_name("." + manifest.name + ".partial")

@@ -68,36 +68,31 @@ def hf_weight_sizes(merged: Path) -> dict[str, int]:
     return out
 
 
-def weight_sizes(merged: Path) -> dict[str, int]:
-    """{GGUF name: number of weights} (names gguf-py cannot translate keep their HF name)."""
-    tmap = name_map(merged)
-    return {gguf_name(tmap, k) or k: n for k, n in hf_weight_sizes(merged).items()}
-
-
 def gguf_name(tmap: Any, hf_name: str) -> str | None:
     got = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
     return str(got) if got else None
 
 
-def adapted_tensors(merged: Path) -> list[str]:
-    """The GGUF names of the weights the LoRA adapter changed (from provenance.json's config)."""
+def adapted_tensors(merged: Path, sizes: dict[str, int]) -> dict[str, int]:
+    """{GGUF name: number of weights} of the weights the LoRA adapter changed (provenance.json's
+    config), given SIZES, the merged model's {HF name: number of weights} (hf_weight_sizes)."""
     prov_file = merged / "provenance.json"
     if not prov_file.is_file():
-        return []
+        return {}
     lora = json.loads(prov_file.read_text()).get("config", {}).get("lora", {})
     modules = list(lora.get("target_modules", [])) + list(lora.get("modules_to_save", []))
     if not modules:
-        return []
+        return {}
     tmap = name_map(merged)
-    out = []
-    for name in hf_weight_sizes(merged):
+    out = {}
+    for name, n in sizes.items():
         parts = name.removesuffix(".weight").split(".")
         if name.endswith(".weight") and parts[-1] in modules:
             g = gguf_name(tmap, name)
             if g is None:
                 raise MixError(f"{merged}: no GGUF name for the adapted weight {name}")
-            out.append(g)
-    return sorted(out)
+            out[g] = n
+    return dict(sorted(out.items()))
 
 
 def tensor_overrides(names: list[str], type_name: str) -> Any:

@@ -226,9 +226,7 @@ def _annotate_ray(model: Path, inputs: list[str], output: str | None, spec_path:
                               model_sha256=sha256_file(model), actors=actors, threads=threads or 1, n_ctx=n_ctx,
                               on_error=on_error, max_chars=max_chars,  # type: ignore[arg-type]
                               ray_address=ray_address, fmt=out_format, per_shard=shard_records, progress=tick)
-        except RayJobError as e:
-            raise click.ClickException(str(e)) from None
-        except InputError as e:
+        except (RayJobError, InputError) as e:
             raise click.ClickException(str(e)) from None
     err.print(f"{man['records']} records ({man['error_records']} errors) in {man['seconds']:.1f}s "
               f"({man['records'] / man['seconds']:.2f} records/s) -> {output}/ ({man['shards']} shard(s))")

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Literal
 
+import numpy as np
+
 from .annotator import Annotator
 from .data import InputError, Item, check_item, file_format, iter_rows, write_jsonl_line
 from .engine import ContextOverflow
@@ -109,9 +111,6 @@ class IdTable:
     """
 
     def __init__(self, capacity: int = 1 << 12):
-        import numpy as np
-
-        self._np = np
         self.keys = np.zeros(capacity, dtype=np.uint64)
         self.vals = np.zeros(capacity, dtype=np.uint64)
         self.lines = np.zeros(capacity, dtype=np.uint32)
@@ -126,22 +125,22 @@ class IdTable:
                 return i
             i = (i + 1) & mask
 
-    def get(self, item_id: str) -> tuple[int, int] | None:
-        i = self._slot(_h64(item_id.encode("utf-8", "surrogateescape")))
-        return (int(self.vals[i]), int(self.lines[i])) if self.keys[i] else None
+    def setdefault(self, item_id: str, value: int, line: int) -> tuple[int, int] | None:
+        """The (value, line) stored for item_id if it was seen; else store these and return None.
 
-    def put(self, item_id: str, value: int, line: int) -> None:
+        One hash and one probe per record: the job asks and records in the same step."""
         if 3 * (self.n + 1) > 2 * len(self.keys):
             self._grow()
         key = _h64(item_id.encode("utf-8", "surrogateescape"))
         i = self._slot(key)
-        if not self.keys[i]:
-            self.n += 1
+        if self.keys[i]:
+            return int(self.vals[i]), int(self.lines[i])
+        self.n += 1
         self.keys[i], self.vals[i], self.lines[i] = key, value, min(line, 2**32 - 1)
+        return None
 
     def _grow(self) -> None:
         old = (self.keys, self.vals, self.lines)
-        np = self._np
         size = 2 * len(self.keys)
         self.keys, self.vals = np.zeros(size, dtype=np.uint64), np.zeros(size, dtype=np.uint64)
         self.lines = np.zeros(size, dtype=np.uint32)
@@ -247,7 +246,7 @@ def plan(input_path: str | Path, spec: TaskSpec, batch: int, on_error: OnError, 
                 break
             continue
         key = _fields_key(item.fields)
-        first = seen.get(item.id)
+        first = seen.setdefault(item.id, key, item.line)
         if first is not None:
             if first[0] == key:
                 stats.duplicates += 1  # another rater's row of the same item
@@ -256,7 +255,6 @@ def plan(input_path: str | Path, spec: TaskSpec, batch: int, on_error: OnError, 
                               f"(first seen at line {first[1]})", "id", item.id)):
                 break
             continue
-        seen.put(item.id, key, item.line)
         pending.append(("item", item))
         n_items += 1
         if n_items % batch == 0:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -38,8 +37,6 @@ from typing import Any
 
 from .data import InputError, jsonl_line
 from .jobs import JobStats, OnError, error_record, overflow_error, plan
-
-log = logging.getLogger(__name__)
 
 
 class RayJobError(RuntimeError):

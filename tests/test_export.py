@@ -124,9 +124,9 @@ def _tensor_types(path: Path) -> dict[str, str]:
 
 
 def test_adapted_tensors_keep_q8_0_inside_a_4bit_file(exported: dict[str, Path], merged: Path) -> None:
-    from edge_annotator.export.mix import adapted_tensors, weight_sizes
+    from edge_annotator.export.mix import adapted_tensors, hf_weight_sizes
 
-    kept = adapted_tensors(merged)
+    kept = adapted_tensors(merged, hf_weight_sizes(merged))
     # the tiny recipe adapts every attention and MLP projection of its 2 layers
     assert len(kept) == 14 and "blk.0.attn_q.weight" in kept and "blk.1.ffn_down.weight" in kept
     path = exported["Q4_0"]
@@ -134,15 +134,16 @@ def test_adapted_tensors_keep_q8_0_inside_a_4bit_file(exported: dict[str, Path],
     assert man["adapted_kept"]["type"] == "Q8_0" and man["adapted_kept"]["count"] == 14
     types = _tensor_types(path)
     assert {types[n] for n in kept} == {"Q8_0"}
-    n_weights = sum(weight_sizes(merged).values())
+    n_weights = sum(hf_weight_sizes(merged).values())
     assert man["bits_per_weight"] == round(8 * path.stat().st_size / n_weights, 3)
 
 
 def test_imatrix_and_adapted_type_same(merged: Path, exported: dict[str, Path], tmp_path: Path) -> None:
-    from edge_annotator.export.mix import adapted_tensors, compute_imatrix
+    from edge_annotator.export.mix import adapted_tensors, compute_imatrix, hf_weight_sizes
 
     im = compute_imatrix(merged, DATA / "emobank-train-64.jsonl", max_items=4)
-    assert set(im) == set(adapted_tensors(merged))  # every linear layer in the blocks, by GGUF name
+    # every linear layer in the blocks, by GGUF name
+    assert set(im) == set(adapted_tensors(merged, hf_weight_sizes(merged)))
     assert all(v.ndim == 1 and (v >= 0).all() and v.mean() > 0 for v in im.values())
     out = tmp_path / "im.gguf"
     r = CliRunner().invoke(cli, ["export", str(merged), "-o", str(out), "--quant", "Q4_0", "--adapted-type", "same",

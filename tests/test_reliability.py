@@ -397,11 +397,11 @@ def test_id_table_finds_every_id_across_growth() -> None:
 
     t = IdTable(capacity=4)
     for i in range(5000):
-        assert t.get(f"id-{i}") is None
-        t.put(f"id-{i}", i * 7 + 1, i + 1)
+        assert t.setdefault(f"id-{i}", i * 7 + 1, i + 1) is None  # new: stored
     assert t.n == 5000 and len(t.keys) == 8192
-    assert all(t.get(f"id-{i}") == (i * 7 + 1, i + 1) for i in range(5000))
-    assert t.get("id-5000") is None and t.get("\udcff") is None
+    assert all(t.setdefault(f"id-{i}", 0, 0) == (i * 7 + 1, i + 1) for i in range(5000))  # seen: the first values
+    assert t.setdefault("id-5000", 1, 1) is None and t.setdefault("\udcff", 1, 1) is None
+    assert t.n == 5002
 
 
 # -- weights: safetensors and GGUF only ----------------------------------------------------------
