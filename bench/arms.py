@@ -2,7 +2,8 @@
 
     python -m edge_annotator.bench.arms ARM '{"model": ..., "items": ..., ...}'   # prints one JSON line
 
-- annotate: edge-annotator's scorer (runtime/annotator.py), optionally with --batch.
+- annotate: edge-annotator's scorer (runtime/annotator.py), optionally with --batch, or with
+            llama.cpp's own output layer instead of the answer-only head (answer_head=False).
 - naive:    the llama-cpp-python loop a user would write: one completion per item and criterion,
             the full prompt, temperature 0, a grammar limiting the answer to the allowed labels.
 - hf:       transformers fp32 generate() on the same model, greedy, 2 new tokens per criterion.
@@ -42,7 +43,7 @@ def arm_annotate(args: dict[str, Any]) -> dict[str, Any]:
     from edge_annotator.runtime.engine import LlamaEngine
 
     spec, items = load_spec(args["spec"]), _items(args)
-    eng = LlamaEngine(args["model"], n_threads=args["threads"])
+    eng = LlamaEngine(args["model"], n_threads=args["threads"], answer_head=args.get("answer_head", True))
     ann = Annotator(eng, spec, batch=args.get("batch", 1))
     times, tokens = [], 0
     for _ in range(args.get("reps", 3)):
@@ -53,7 +54,8 @@ def arm_annotate(args: dict[str, Any]) -> dict[str, Any]:
         times.append(time.perf_counter() - t0)
         tokens = eng.n_evaluated - before
     labels = [{k: s.label for k, s in sc.items()} for sc in scores]  # type: ignore[union-attr]
-    return {"seconds": _median(times), "all_seconds": times, "items": len(items), "tokens": tokens, "labels": labels}
+    return {"seconds": _median(times), "all_seconds": times, "items": len(items), "tokens": tokens, "labels": labels,
+            "head_check": eng.head_check}
 
 
 def arm_naive(args: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,11 @@ only where scoring reads them (runtime/annotator.py builds the trees)::
 Greedy scoring needs no sampler, so nothing here is random: the same rows, decoded on the same
 schedule, give bitwise the same logits whatever the thread count and whatever was evaluated
 before (checked in tests/test_runtime.py).
+
+Scoring reads a few answer tokens' logits, so the engine stops llama.cpp's graph before its output
+layer and computes those logits itself (runtime/head.py; a quarter of the time per item on Gemma 3).
+It checks that path against llama.cpp's own logits when it loads a model, and keeps llama.cpp's
+output layer if they disagree (`head_check` says what it measured).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .head import GGUFFormatError, OutputHead
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,7 @@ class ContextOverflow(ValueError):
 
 _llama = None
 _log_cb = None  # keep the ctypes callback alive for as long as llama.cpp may call it
+_ggml = None
 
 
 def _lib():
@@ -64,6 +72,55 @@ def _lib():
         llama_cpp.llama_backend_init()
         _llama = llama_cpp
     return _llama
+
+
+def _ggml_lib() -> ctypes.CDLL:
+    """ggml's tensor accessors, through libllama (dlsym searches the libraries it links)."""
+    global _ggml
+    if _ggml is None:
+        import llama_cpp.llama_cpp as ll
+
+        g = ctypes.CDLL(ll._lib._name)  # a handle of our own: argtypes set here stay ours
+        g.ggml_get_name.restype = ctypes.c_char_p
+        g.ggml_get_name.argtypes = [ctypes.c_void_p]
+        g.ggml_nelements.restype = ctypes.c_int64
+        g.ggml_nelements.argtypes = [ctypes.c_void_p]
+        g.ggml_nbytes.restype = ctypes.c_size_t
+        g.ggml_nbytes.argtypes = [ctypes.c_void_p]
+        g.ggml_backend_tensor_get.restype = None
+        g.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+        _ggml = g
+    return _ggml
+
+
+class _Capture:
+    """What the eval callback collects: llama.cpp's final hidden states ("result_norm", the output
+    layer's input) for a decode's output rows, one array per micro-batch."""
+
+    NODE = b"result_norm"  # the name every llama.cpp model graph gives the output layer's input
+
+    def __init__(self) -> None:
+        self.on = False
+        self.rows: list[np.ndarray] = []
+        self.bad: str | None = None
+
+    def callback(self) -> Any:
+        L, G = _lib(), _ggml_lib()
+
+        @L.ggml_backend_sched_eval_callback
+        def cb(t: int, ask: bool, _user: int) -> bool:
+            if ask:  # asked for every node: is this one we want to read?
+                return self.on and G.ggml_get_name(t) == self.NODE
+            n = G.ggml_nelements(t)
+            if G.ggml_nbytes(t) != 4 * n:
+                self.bad = f"{self.NODE.decode()} is not float32"
+                return True  # let llama.cpp finish; decode_rows reports it
+            buf = np.empty(n, dtype=np.float32)
+            G.ggml_backend_tensor_get(t, buf.ctypes.data, 0, 4 * n)
+            self.rows.append(buf)
+            return False  # stop the graph here: what is left is the output layer
+
+        return cb
 
 
 def default_threads() -> int:
@@ -129,7 +186,7 @@ class LlamaEngine:
     """
 
     def __init__(self, model: LlamaModel | str | Path, *, n_ctx: int = 2048, n_threads: int | None = None,
-                 n_batch: int = 512, n_gpu_layers: int = 0):
+                 n_batch: int = 512, n_gpu_layers: int = 0, answer_head: bool = True):
         self.model = model if isinstance(model, LlamaModel) else LlamaModel(model, n_gpu_layers=n_gpu_layers)
         self.path = self.model.path
         self._vocab = self.model.vocab
@@ -145,7 +202,14 @@ class LlamaEngine:
         self._mem: Any = None
         self.n_seq = 0
         self.n_cells = 0
+        self.n_embd = _lib().llama_model_n_embd(self.model.ptr)
+        self._capture = _Capture()
+        self._cb: Any = None
+        self.head: OutputHead | None = None
+        self.head_check: dict[str, Any] = {"used": False, "reason": "answer_head=False"}
         self.reserve(1, self.n_ctx)
+        if answer_head:
+            self._check_head()
 
     def reserve(self, n_seq: int, n_cells: int) -> None:
         """Make sure the context has `n_seq` sequences and `n_cells` KV cells; a new context starts empty."""
@@ -172,6 +236,10 @@ class LlamaEngine:
         # probabilities not). Without it, 1, 2 and 3 threads agree bitwise, and scoring was faster
         # here (7.1 vs 6.1 items/s on 2 threads): prompts are short and KV reads are cheap.
         cp.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
+        # Reads the final hidden state of scoring's rows and skips the output layer (see head.py);
+        # idle (one Python call per graph node, ~0.3 ms a decode) unless decode_rows turns it on.
+        self._cb = self._capture.callback()
+        cp.cb_eval = self._cb
         self._ctx = L.llama_init_from_model(self.model.ptr, cp)
         if not self._ctx:
             raise ModelError(f"{self.path}: llama.cpp could not create a context of {cp.n_ctx} tokens")
@@ -254,10 +322,12 @@ class LlamaEngine:
         """
         L = _lib()
         b = self._batch
+        cap = self._capture
         got: dict[int, np.ndarray] = {}
         for start in range(0, len(tokens), self.n_batch):
             end = min(start + self.n_batch, len(tokens))
             b.n_tokens = end - start
+            out_rows = []
             for i in range(start, end):
                 k = i - start
                 b.token[k] = tokens[i]
@@ -266,16 +336,88 @@ class LlamaEngine:
                 for j, sq in enumerate(seqs[i]):
                     b.seq_id[k][j] = sq
                 b.logits[k] = 1 if i in outputs else 0
-            rc = L.llama_decode(self._ctx, b)
+                if i in outputs:
+                    out_rows.append(i)
+            cap.rows, cap.bad = [], None
+            cap.on = self.head is not None and bool(out_rows)
+            try:
+                rc = L.llama_decode(self._ctx, b)
+            finally:
+                cap.on = False
             if rc != 0:
                 self.reset()
                 raise RuntimeError(f"llama_decode failed with code {rc}")
             self.n_evaluated += end - start
-            for i in range(start, end):
-                if i in outputs:
+            if self.head is not None and out_rows:
+                hidden = np.concatenate(cap.rows) if cap.rows else np.empty(0, np.float32)
+                if cap.bad or hidden.size != len(out_rows) * self.n_embd:
+                    self.reset()
+                    raise RuntimeError(f"{self.path}: expected {len(out_rows)} hidden states of {self.n_embd} "
+                                       f"from llama.cpp, got {hidden.size} values ({cap.bad or 'wrong count'}); "
+                                       f"run with answer_head=False")
+                hidden = hidden.reshape(len(out_rows), self.n_embd)  # outputs come in batch order
+                for k, i in enumerate(out_rows):
+                    got[i] = self.head.logits(hidden[k], outputs[i])
+            else:
+                for i in out_rows:
                     row = np.ctypeslib.as_array(L.llama_get_logits_ith(self._ctx, i - start), shape=(self.n_vocab,))
                     got[i] = row[outputs[i]].copy()
         return got
+
+    # a fixed probe: the check must not depend on which item a job happens to start with
+    _PROBE = ("The committee reviewed every answer twice, and the scores it gave were written down "
+              "before anyone compared them. Rate the text from 1 to 5:")
+
+    def _check_head(self) -> None:
+        """Use the answer-only output head if its logits agree with llama.cpp's on a fixed probe.
+
+        llama.cpp quantizes the hidden state to 8 bits before its output layer on CPU (~1% of a
+        logit, measured on Gemma 3 270M: at most 0.18 on logits up to 18), so the test is relative:
+        every compared logit within 3% of the largest magnitude. A transform this module does not
+        apply (a logit scale, a bias) moves logits by far more, and the engine keeps llama.cpp's.
+        """
+        try:
+            arch = self.model.meta("general.architecture") or ""
+            cap = self.model.meta(f"{arch}.final_logit_softcapping")
+            head = OutputHead.from_gguf(self.path, softcap=float(cap) if cap else None)
+        except (GGUFFormatError, OSError, KeyError, NotImplementedError, ValueError) as e:
+            self.head_check = {"used": False, "reason": f"output layer not readable: {e}"}
+            log.info("%s: scoring uses llama.cpp's output layer (%s)", self.path, self.head_check["reason"])
+            return
+        if head.n_vocab != self.n_vocab or head.n_embd != self.n_embd:
+            self.head_check = {"used": False, "reason": f"output matrix {head.n_embd}x{head.n_vocab} does not "
+                                                        f"match the model's {self.n_embd}x{self.n_vocab}"}
+            return
+        probe = self.tokenize(self._PROBE)[: self.n_ctx]
+        rows = [len(probe) - 1]  # one: a fresh context keeps a single output row (n_outputs_max)
+        everything = np.arange(self.n_vocab, dtype=np.int64)
+        self.reset()
+        ref = self.decode_rows(probe, list(range(len(probe))), [(0,)] * len(probe), {i: everything for i in rows})
+        # the largest logits (where labels are decided) and a spread over the vocabulary
+        ids = {i: np.unique(np.concatenate([np.argsort(ref[i])[-16:], np.linspace(0, self.n_vocab - 1, 48)
+                                            .astype(np.int64)])) for i in rows}
+        self.reset()
+        self.head = head
+        try:
+            mine = self.decode_rows(probe, list(range(len(probe))), [(0,)] * len(probe), ids)
+        except RuntimeError as e:
+            self.head = None
+            self.head_check = {"used": False, "reason": str(e)}
+            return
+        finally:
+            self.reset()
+        err = max(float(np.abs(mine[i] - ref[i][ids[i]]).max()) for i in rows)
+        scale = max(1.0, max(float(np.abs(ref[i][ids[i]]).max()) for i in rows))
+        used = err <= 0.03 * scale
+        self.head_check = {"used": used, "max_abs_error": round(err, 5), "max_abs_logit": round(scale, 3),
+                           "tensor": head.info.name, "type": head.info.qtype.name,
+                           "reason": "agrees with llama.cpp's logits" if used else "disagrees with llama.cpp's logits"}
+        if not used:
+            self.head = None
+            log.warning("%s: the answer-only output head %s (max error %.3g on logits up to %.3g); using "
+                        "llama.cpp's output layer, which is slower", self.path, self.head_check["reason"], err, scale)
+        else:
+            log.debug("%s: answer-only output head: %s", self.path, self.head_check)
 
     def copy_prefix(self, dst: int, n: int, src: int = 0) -> None:
         """Let sequence `dst` see the first `n` positions of `src` (shares cells, copies nothing)."""
