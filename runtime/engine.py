@@ -205,6 +205,7 @@ class LlamaEngine:
         self.n_embd = _lib().llama_model_n_embd(self.model.ptr)
         self._capture = _Capture()
         self._cb: Any = None
+        self._want_head = answer_head
         self.head: OutputHead | None = None
         self.head_check: dict[str, Any] = {"used": False, "reason": "answer_head=False"}
         self.reserve(1, self.n_ctx)
@@ -238,8 +239,9 @@ class LlamaEngine:
         cp.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
         # Reads the final hidden state of scoring's rows and skips the output layer (see head.py);
         # idle (one Python call per graph node, ~0.3 ms a decode) unless decode_rows turns it on.
-        self._cb = self._capture.callback()
-        cp.cb_eval = self._cb
+        if self._want_head:
+            self._cb = self._capture.callback()
+            cp.cb_eval = self._cb
         self._ctx = L.llama_init_from_model(self.model.ptr, cp)
         if not self._ctx:
             raise ModelError(f"{self.path}: llama.cpp could not create a context of {cp.n_ctx} tokens")
