@@ -204,8 +204,8 @@ class LlamaEngine:
         self.n_cells = 0
         self.n_embd = _lib().llama_model_n_embd(self.model.ptr)
         self._capture = _Capture()
-        self._cb: Any = None
-        self._want_head = answer_head
+        # one callback for every context this engine makes; None: llama.cpp's plain path
+        self._cb: Any = self._capture.callback() if answer_head else None
         self.head: OutputHead | None = None
         self.head_check: dict[str, Any] = {"used": False, "reason": "answer_head=False"}
         self.reserve(1, self.n_ctx)
@@ -239,8 +239,7 @@ class LlamaEngine:
         cp.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
         # Reads the final hidden state of scoring's rows and skips the output layer (see head.py);
         # idle (one Python call per graph node, ~0.3 ms a decode) unless decode_rows turns it on.
-        if self._want_head:
-            self._cb = self._capture.callback()
+        if self._cb is not None:
             cp.cb_eval = self._cb
         self._ctx = L.llama_init_from_model(self.model.ptr, cp)
         if not self._ctx:
@@ -337,8 +336,9 @@ class LlamaEngine:
                 b.n_seq_id[k] = len(seqs[i])
                 for j, sq in enumerate(seqs[i]):
                     b.seq_id[k][j] = sq
-                b.logits[k] = 1 if i in outputs else 0
-                if i in outputs:
+                wanted = i in outputs
+                b.logits[k] = wanted
+                if wanted:
                     out_rows.append(i)
             cap.rows, cap.bad = [], None
             cap.on = self.head is not None and bool(out_rows)
@@ -391,25 +391,25 @@ class LlamaEngine:
                                                         f"match the model's {self.n_embd}x{self.n_vocab}"}
             return
         probe = self.tokenize(self._PROBE)[: self.n_ctx]
-        rows = [len(probe) - 1]  # one: a fresh context keeps a single output row (n_outputs_max)
-        everything = np.arange(self.n_vocab, dtype=np.int64)
+        row = len(probe) - 1  # one: a fresh context keeps a single output row (n_outputs_max)
+        pos = list(range(len(probe)))
+        seqs: list[tuple[int, ...]] = [(0,)] * len(probe)
         self.reset()
-        ref = self.decode_rows(probe, list(range(len(probe))), [(0,)] * len(probe), {i: everything for i in rows})
+        ref = self.decode_rows(probe, pos, seqs, {row: np.arange(self.n_vocab, dtype=np.int64)})[row]
         # the largest logits (where labels are decided) and a spread over the vocabulary
-        ids = {i: np.unique(np.concatenate([np.argsort(ref[i])[-16:], np.linspace(0, self.n_vocab - 1, 48)
-                                            .astype(np.int64)])) for i in rows}
+        ids = np.unique(np.concatenate([np.argsort(ref)[-16:], np.linspace(0, self.n_vocab - 1, 48).astype(np.int64)]))
         self.reset()
         self.head = head
         try:
-            mine = self.decode_rows(probe, list(range(len(probe))), [(0,)] * len(probe), ids)
+            mine = self.decode_rows(probe, pos, seqs, {row: ids})[row]
         except RuntimeError as e:
             self.head = None
             self.head_check = {"used": False, "reason": str(e)}
             return
         finally:
             self.reset()
-        err = max(float(np.abs(mine[i] - ref[i][ids[i]]).max()) for i in rows)
-        scale = max(1.0, max(float(np.abs(ref[i][ids[i]]).max()) for i in rows))
+        err = float(np.abs(mine - ref[ids]).max())
+        scale = max(1.0, float(np.abs(ref[ids]).max()))
         used = err <= 0.03 * scale
         self.head_check = {"used": used, "max_abs_error": round(err, 5), "max_abs_logit": round(scale, 3),
                            "tensor": head.info.name, "type": head.info.qtype.name,

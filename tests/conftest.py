@@ -18,6 +18,11 @@ TASKS = ROOT / "tasks"
 DATA = ROOT / "data"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
+# EmoBank-style sentences the runtime tests score: short, neutral, and one long enough to wrap
+TEXTS = ["The storm destroyed the village.", "We won the cup!", "It is Tuesday.", "Nobody came.",
+         "SAN FRANCISCO -- A staple of Chinese and Indian cooking, these gourds (botanically, Momordica "
+         "charantia) with skin like toads grow on climbing vines that can reach 20 feet."]
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TASKS
+from conftest import TASKS, TEXTS
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import quantize
 
@@ -16,8 +16,6 @@ from edge_annotator.runtime.head import GGUFFormatError, OutputHead, read_tensor
 from edge_annotator.runtime.spec import load_spec
 
 EMO = load_spec(TASKS / "emobank.yaml")
-TEXTS = ["The storm destroyed the village.", "We won the cup!", "It is Tuesday.", "Nobody came.",
-         "A staple of Chinese and Indian cooking, these gourds grow on climbing vines."]
 
 
 def _write(path: Path, alignment: int | None, emb: np.ndarray, qtype: GGMLQuantizationType) -> None:

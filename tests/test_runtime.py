@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import TASKS
+from conftest import TASKS, TEXTS
 
 from edge_annotator.runtime.annotator import Annotator, build_trie
 from edge_annotator.runtime.engine import ContextOverflow, LlamaEngine
@@ -13,11 +13,6 @@ from edge_annotator.runtime.spec import SpecError, load_spec, parse_spec
 pytestmark = pytest.mark.slow
 
 EMO = load_spec(TASKS / "emobank.yaml")
-
-
-TEXTS = ["The storm destroyed the village.", "We won the cup!", "It is Tuesday.", "Nobody came.",
-         "SAN FRANCISCO -- A staple of Chinese and Indian cooking, these gourds (botanically, Momordica "
-         "charantia) with skin like toads grow on climbing vines that can reach 20 feet."]
 
 
 def test_cached_results_equal_the_one_item_at_a_time_reference(engine: LlamaEngine) -> None:
