@@ -180,3 +180,23 @@ def test_head_on_the_architectures_users_bring(tmp_path: Path, arch: str, tied: 
     # F32 weights: llama.cpp's product differs from ours only in summation order
     np.testing.assert_allclose(mine[k], ref[k], rtol=1e-4, atol=1e-4)
     assert int(np.argmax(mine[k])) == int(np.argmax(ref[k]))
+
+
+@pytest.mark.slow
+def test_output_rows_gguf_py_cannot_dequantize_fall_back(gemma_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # gguf-py 0.19 has no dequantizer for some types llama.cpp reads (Q1_0, F64): fault-injected here,
+    # since no model in such a type can be had. Its NotImplementedError is a RuntimeError, which the
+    # head check catches: the engine keeps llama.cpp's layer rather than failing to load
+    import edge_annotator.runtime.head as head_mod
+
+    def unsupported(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+        raise NotImplementedError(f"Dequantization for {qtype.name} is not yet implemented")
+
+    monkeypatch.setattr(head_mod, "dequantize", unsupported)
+    items = [{"text": t} for t in TEXTS[:2]]
+    with LlamaEngine(gemma_path, n_threads=2) as eng:
+        assert eng.head is None and not eng.head_check["used"]
+        assert "not yet implemented" in eng.head_check["reason"]
+        got = Annotator(eng, EMO).score_many(items)
+    with LlamaEngine(gemma_path, n_threads=2, answer_head=False) as eng:
+        assert got == Annotator(eng, EMO).score_many(items)
