@@ -108,10 +108,21 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
+def expected_value(c: Criterion, probs: Sequence[float]) -> float | None:
+    """The probability-weighted mean of the levels' values (G-Eval's score); None for labels.
+
+    It keeps what the argmax throws away: a model unsure between 3 and 4 scores 3.5, not 3."""
+    if c.level == "nominal":
+        return None
+    return float(sum(float(lv.value) * p for lv, p in zip(c.scale, probs)) / max(sum(probs), 1e-300))
+
+
 @dataclass(frozen=True)
 class Score:
     label: int | str
     probs: dict[int | str, float]
+    score: float | None = None
+    """expected_value of the unrounded probabilities; None for nominal criteria."""
 
 
 @dataclass
@@ -269,7 +280,8 @@ class Annotator:
                 probs = level_probs(self.tries[crit.name], lambda prefix: cond.get((j, c, prefix)))  # noqa: B023
                 best = int(np.argmax(probs))  # ties go to the first level in spec order
                 res[crit.name] = Score(crit.scale[best].value,
-                                       {lv.value: round(q, PROB_DIGITS) for lv, q in zip(crit.scale, probs)})
+                                       {lv.value: round(q, PROB_DIGITS) for lv, q in zip(crit.scale, probs)},
+                                       expected_value(crit, probs))
             results.append(res)
         return results
 
@@ -281,9 +293,12 @@ class Annotator:
 
     @staticmethod
     def to_record(item_id: str, scores: Mapping[str, Score]) -> dict[str, Any]:
-        return {"id": item_id,
-                "labels": {k: s.label for k, s in scores.items()},
-                "probs": {k: {str(v): p for v, p in s.probs.items()} for k, s in scores.items()}}
+        rec: dict[str, Any] = {"id": item_id, "labels": {k: s.label for k, s in scores.items()}}
+        numeric = {k: round(s.score, PROB_DIGITS) for k, s in scores.items() if s.score is not None}
+        if numeric:  # rating scales only: labels have no mean
+            rec["scores"] = numeric
+        rec["probs"] = {k: {str(v): p for v, p in s.probs.items()} for k, s in scores.items()}
+        return rec
 
     def record(self, item_id: str, fields: Mapping[str, Any]) -> dict[str, Any]:
         return self.to_record(item_id, self.score(fields))

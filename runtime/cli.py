@@ -130,13 +130,16 @@ def annotate(model: Path, inputs: tuple[str, ...], output: str | None, spec_path
              shard_records: int) -> None:
     """Label every item of INPUT (JSONL, CSV or Parquet) with MODEL (.gguf).
 
-    For every item and criterion it writes the chosen label and the probability of every allowed
-    label, computed from the model's logits restricted to the allowed answers. Output is one JSON
-    record per input record, in input order, each naming the model's sha256 and the spec's hash.
+    For every item and criterion it writes the chosen label (`labels`, the most probable level),
+    for rating scales the score (`scores`, the probability-weighted mean of the levels), and the
+    probability of every allowed label (`probs`), computed from the model's logits restricted to
+    the allowed answers. Output is one JSON record per input record, in input order, each naming
+    the model's sha256 and the spec's hash.
 
     \b
     Examples:
       annotate-cli annotate annotator.gguf items.jsonl > labels.jsonl
+      annotate-cli annotate annotator.gguf items.jsonl | jq -c '{id, scores}'
       annotate-cli annotate gemma.gguf data/emobank-test.jsonl --spec tasks/emobank.yaml --threads 2
       annotate-cli annotate annotator.gguf big.csv -o out.jsonl --on-error skip
       annotate-cli annotate annotator.gguf big.csv -o out.jsonl --resume   # after an interrupt
@@ -232,10 +235,12 @@ def _annotate_ray(model: Path, inputs: list[str], output: str | None, spec_path:
               f"({man['records'] / man['seconds']:.2f} records/s) -> {output}/ ({man['shards']} shard(s))")
 
 
-def _load_preds(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
+def _load_preds(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, float]], int]:
+    """Labels and (where the records carry them) scores by id, and the number of error records."""
     from .data import iter_rows
 
     preds: dict[str, dict[str, Any]] = {}
+    scores: dict[str, dict[str, float]] = {}
     errors = 0
     for row in iter_rows(path):
         if row.error:
@@ -249,7 +254,12 @@ def _load_preds(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
             raise InputError(row.path, row.line, "not an annotate-cli output record (needs 'id' and 'labels')",
                              "labels")
         preds[str(row.data["id"])] = labels
-    return preds, errors
+        sc = row.data.get("scores")
+        if sc is not None:
+            if not isinstance(sc, dict) or not all(isinstance(v, (int, float)) for v in sc.values()):
+                raise InputError(row.path, row.line, "must map each criterion to a number", "scores")
+            scores[str(row.data["id"])] = {k: float(v) for k, v in sc.items()}
+    return preds, scores, errors
 
 
 def _spec_for(spec_path: Path | None, model: Path | None) -> TaskSpec:
@@ -284,7 +294,9 @@ def agree(pred: Path, human: Path, spec_path: Path | None, model: Path | None, a
 
     Per criterion and pooled: alpha with the human consensus, alpha among the humans alone and
     with the model as one more rater (where items have several raters), exact agreement, and
-    macro-F1 (labels) or MAE (scales).
+    macro-F1 (labels) or MAE (scales). For rating scales whose records carry `scores` (the
+    probability-weighted mean of the levels), the same for the score beside the label: alpha
+    (interval) and MAE against the raters' mean, and alpha with the score as one more rater.
 
     \b
     Examples:
@@ -295,18 +307,22 @@ def agree(pred: Path, human: Path, spec_path: Path | None, model: Path | None, a
     from .metrics import agreement
 
     spec = _spec_for(spec_path, model)
-    preds, n_err = _load_preds(pred)
+    preds, scores, n_err = _load_preds(pred)
     humans = read_human(human, spec)
-    report = agreement(spec, preds, humans)
+    report = agreement(spec, preds, humans, scores or None)
     report["error_records"] = n_err
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
     t = Table(title=f"Agreement with humans: {spec.name}, {report['items_with_humans']} items",
               caption="alpha: Krippendorff's, model vs human consensus; humans: among the raters alone; "
-                      "+model: the model as one more rater")
-    heads = {"alpha": "alpha", "alpha_humans": "humans", "alpha_humans_plus_model": "+model",
-             "exact": "exact", "macro_f1": "macro-F1", "mae": "MAE"}
+                      "+model: the model as one more rater; label: the most probable level; "
+                      "score: the probability-weighted mean of the levels (interval alpha, vs the raters' mean)")
+    heads = {"alpha_humans": "humans", "alpha": "label alpha" if scores else "alpha",
+             "alpha_humans_plus_model": "label +model" if scores else "+model",
+             "mae": "label MAE" if scores else "MAE", "score_alpha": "score alpha",
+             "score_alpha_humans_plus_model": "score +model", "score_mae": "score MAE", "score_r": "score r",
+             "exact": "exact", "macro_f1": "macro-F1"}
     rows = report["criteria"] + [{**report["pooled"], "criterion": "pooled", "level": ""}]
     cols = [k for k in heads if any(r.get(k) is not None for r in rows)]  # only what this spec has
     t.add_column("criterion")

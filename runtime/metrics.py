@@ -9,6 +9,10 @@ Per criterion, at the spec's level of measurement:
 - ``exact``: share of items where the model's label equals the consensus rounded to a level;
 - ``macro_f1`` for labels (nominal) and ``mae`` (model vs consensus) for scales.
 
+Where the predictions carry scores (annotate's probability-weighted mean of the levels, rating
+scales only), the same report gains ``score_alpha`` (interval alpha of the score against the
+raters' mean), ``score_mae`` and ``score_alpha_humans_plus_model`` beside the label's figures.
+
 ``pooled`` treats every (item, criterion) pair as one unit when all criteria share a level of
 measurement, and is the mean of the per-criterion values otherwise.
 """
@@ -37,8 +41,33 @@ def _alpha(rows: Sequence[Sequence[float]], level: Any) -> float | None:
     values = data[~np.isnan(data)]
     if pairable == 0 or len(np.unique(values)) < 2:
         return None  # no pairable unit, or every value alike: alpha is 0/0
+    if level == "interval":
+        return _interval_alpha(data)
     a = float(krippendorff.alpha(reliability_data=data, level_of_measurement=level))
     return None if math.isnan(a) else a
+
+
+def _interval_alpha(data: np.ndarray) -> float | None:
+    """Krippendorff's interval alpha in closed form (equal to the krippendorff package's, tested).
+
+    With squared differences, the sum over a unit's ordered value pairs is 2 m SS (SS: squares
+    about the unit's mean), so D_o = (1/n) sum_u 2 m_u SS_u / (m_u - 1) and D_e = 2 SS / (n - 1)
+    over the n pairable values: O(values) where the package builds a values x values matrix, which
+    matters for scores (every one distinct) and for bootstrap intervals."""
+    ok = ~np.isnan(data)
+    m = ok.sum(axis=0)
+    cols = m >= 2
+    x, ok, m = np.where(ok, data, 0.0)[:, cols], ok[:, cols], m[cols]
+    n = float(m.sum())
+    mean_u = x.sum(axis=0) / m
+    ss_u = (np.where(ok, x - mean_u, 0.0) ** 2).sum(axis=0)
+    vals = x[ok]
+    ss = float(((vals - vals.mean()) ** 2).sum())
+    if ss == 0:
+        return None
+    d_o = float((2 * m * ss_u / (m - 1)).sum()) / n
+    d_e = 2 * ss / (n - 1)
+    return 1.0 - d_o / d_e
 
 
 def _code(c: Criterion, v: Value) -> float:
@@ -79,7 +108,8 @@ def _macro_f1(c: Criterion, gold: Sequence[Value], pred: Sequence[Value]) -> flo
 
 
 def criterion_agreement(c: Criterion, preds: Mapping[str, Value],
-                        humans: Mapping[str, Sequence[Value]]) -> dict[str, Any]:
+                        humans: Mapping[str, Sequence[Value]],
+                        scores: Mapping[str, float] | None = None) -> dict[str, Any]:
     ids = [i for i in preds if humans.get(i)]
     out: dict[str, Any] = {"criterion": c.name, "level": c.level, "items": len(ids)}
     if not ids:
@@ -99,27 +129,61 @@ def criterion_agreement(c: Criterion, preds: Mapping[str, Value],
         out["macro_f1"] = _macro_f1(c, gold, model)
     else:
         out["mae"] = float(np.mean([abs(float(p) - float(h)) for p, h in zip(model, cons)]))
+        if scores is not None:
+            out |= _score_agreement([scores.get(i) for i in ids], [humans[i] for i in ids])
+    return out
+
+
+def _pearson(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Pearson's r; None where either side is constant. Tells early in training whether the score
+    follows the raters at all, before its spread is wide enough for alpha to show it."""
+    if len(a) < 2 or float(np.std(a)) == 0.0 or float(np.std(b)) == 0.0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _score_agreement(scores: Sequence[float | None], ratings: Sequence[Sequence[Value]]) -> dict[str, Any]:
+    """Interval alpha and MAE of scores against the raters' mean, and alpha with the score as one
+    more rater. Units without a score (older records) are left out."""
+    pairs = [(float(s), [float(v) for v in rs]) for s, rs in zip(scores, ratings) if s is not None and rs]
+    if not pairs:
+        return {}
+    sc = [p[0] for p in pairs]
+    mean = [float(np.mean(p[1])) for p in pairs]
+    out: dict[str, Any] = {"score_alpha": _alpha([sc, mean], "interval"),
+                           "score_mae": float(np.mean([abs(a - b) for a, b in zip(sc, mean)])),
+                           "score_r": _pearson(sc, mean)}
+    max_r = max(len(p[1]) for p in pairs)
+    if max_r >= 2:
+        rows = [[p[1][k] if k < len(p[1]) else np.nan for p in pairs] for k in range(max_r)]
+        out["score_alpha_humans_plus_model"] = _alpha(rows + [sc], "interval")
     return out
 
 
 def agreement(spec: TaskSpec, preds: Mapping[str, Mapping[str, Value]],
-              humans: Mapping[str, Sequence[Mapping[str, Value]]]) -> dict[str, Any]:
-    """The full report: per criterion and pooled."""
+              humans: Mapping[str, Sequence[Mapping[str, Value]]],
+              scores: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, Any]:
+    """The full report: per criterion and pooled; `scores` (id -> criterion -> score) adds the
+    score's figures for rating scales."""
     per = []
     for c in spec.criteria:
         p = {i: labels[c.name] for i, labels in preds.items() if c.name in labels}
         h = {i: [r[c.name] for r in rs if c.name in r] for i, rs in humans.items()}
-        per.append(criterion_agreement(c, p, h))
-    report: dict[str, Any] = {"spec": spec.name, "criteria": per, "pooled": _pooled(spec, preds, humans, per)}
+        sc = None if scores is None else {i: s[c.name] for i, s in scores.items() if c.name in s}
+        per.append(criterion_agreement(c, p, h, sc))
+    report: dict[str, Any] = {"spec": spec.name, "criteria": per,
+                              "pooled": _pooled(spec, preds, humans, per, scores)}
     report["items_predicted"] = len(preds)
     report["items_with_humans"] = sum(1 for i in preds if humans.get(i))
     return report
 
 
 def _pooled(spec: TaskSpec, preds: Mapping[str, Mapping[str, Value]],
-            humans: Mapping[str, Sequence[Mapping[str, Value]]], per: list[dict[str, Any]]) -> dict[str, Any]:
+            humans: Mapping[str, Sequence[Mapping[str, Value]]], per: list[dict[str, Any]],
+            scores: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, Any]:
     levels = {c.level for c in spec.criteria}
-    keys = ("alpha", "alpha_humans", "alpha_humans_plus_model", "exact", "macro_f1", "mae")
+    keys = ("alpha", "alpha_humans", "alpha_humans_plus_model", "exact", "macro_f1", "mae",
+            "score_alpha", "score_mae", "score_r", "score_alpha_humans_plus_model")
     if len(spec.criteria) == 1:
         return {k: per[0][k] for k in keys if k in per[0]} | {"method": "single criterion"}
     if len(levels) > 1:
@@ -135,11 +199,15 @@ def _pooled(spec: TaskSpec, preds: Mapping[str, Mapping[str, Value]],
     c_row: list[float] = []
     h_units: list[list[float]] = []
     exact, abs_err = [], []
+    unit_scores: list[float | None] = []
+    unit_ratings: list[list[Value]] = []
     for c in spec.criteria:
         for i, labels in preds.items():
             rs = [r[c.name] for r in humans.get(i, []) if c.name in r]
             if c.name not in labels or not rs:
                 continue
+            unit_scores.append(None if scores is None else scores.get(i, {}).get(c.name))
+            unit_ratings.append(rs)
             cons = consensus(c, rs)
             m_row.append(_code(c, labels[c.name]))
             c_row.append(_code(c, cons))
@@ -157,4 +225,20 @@ def _pooled(spec: TaskSpec, preds: Mapping[str, Mapping[str, Value]],
         out["exact"] = float(np.mean(exact))
     if abs_err:
         out["mae"] = float(np.mean(abs_err))
+    if scores is not None and level != "nominal":
+        out |= _score_agreement(unit_scores, unit_ratings)
     return out
+
+
+def bootstrap(stat: Any, n_units: int, resamples: int = 1000, seed: int = 0,
+              level: float = 0.95) -> tuple[float | None, float | None]:
+    """Percentile interval of `stat(indices)` over items resampled with replacement.
+
+    `stat` takes an index array (units drawn with replacement) and returns a number or None
+    (undefined on that sample: left out). None where fewer than 90% of resamples are defined."""
+    rng = np.random.default_rng(seed)
+    vals = [v for v in (stat(rng.integers(0, n_units, n_units)) for _ in range(resamples)) if v is not None]
+    if len(vals) < 0.9 * resamples:
+        return None, None
+    lo, hi = np.quantile(vals, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)

@@ -165,6 +165,8 @@ class ShardWriter:
                                           "record": [line.rstrip("\n") for line in self._buf]}
             for c in self.criteria:
                 cols[f"label.{c}"] = [str(r["labels"][c]) if "labels" in r else None for r in recs]
+                if any(c in r.get("scores", {}) for r in recs):  # rating scales: the score as a number
+                    cols[f"score.{c}"] = [r.get("scores", {}).get(c) for r in recs]
             pq.write_table(pa.table(cols), tmp)
         os.replace(tmp, final)
         self.n_shards += 1

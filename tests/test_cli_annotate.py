@@ -42,9 +42,19 @@ def test_annotate_stdout_is_jsonl_and_thread_count_changes_nothing(tmp_path: Pat
     for r in recs:
         assert r["model_sha256"] == sha and r["spec_sha256"] == load_spec(SPEC).sha256
         assert set(r["labels"]) == {"Valence", "Arousal", "Dominance"}
+        assert list(r) == ["id", "labels", "scores", "probs", "model_sha256", "spec_sha256"]
         for crit, probs in r["probs"].items():
             assert list(probs) == ["1", "2", "3", "4", "5"]
             assert r["labels"][crit] == int(max(probs, key=probs.__getitem__))
+            # the score: the probability-weighted mean of the levels (from unrounded probabilities)
+            assert r["scores"][crit] == pytest.approx(sum(int(v) * p for v, p in probs.items()), abs=1e-5)
+    # agree reads them: score figures beside the label's
+    (tmp_path / "pred.jsonl").write_text(r1.stdout)
+    rep = json.loads(_invoke("agree", str(tmp_path / "pred.jsonl"), str(inp), "--spec", SPEC, "--json").stdout)
+    for c in rep["criteria"] + [rep["pooled"]]:
+        assert {"alpha", "mae", "score_alpha", "score_mae", "score_alpha_humans_plus_model"} <= set(c)
+    table = _invoke("agree", str(tmp_path / "pred.jsonl"), str(inp), "--spec", SPEC).stdout
+    assert "score alpha" in table and "label alpha" in table
 
 
 def test_embedded_spec_and_inspect(tmp_path: Path, annotator_gguf: Path, gemma_path: Path) -> None:

@@ -67,3 +67,50 @@ def test_pooled_over_criteria() -> None:
     assert rep["pooled"]["alpha"] == pytest.approx(1.0)
     assert rep["items_with_humans"] == 5
     assert rep["criteria"][2]["alpha"] is None  # every value alike: alpha is undefined, not a number
+
+
+@pytest.mark.parametrize("missing", [0.0, 0.3])
+def test_interval_alpha_closed_form_equals_the_krippendorff_package(missing: float) -> None:
+    from edge_annotator.runtime.metrics import _alpha
+
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        data = rng.normal(size=(5, 60)).round(2) + rng.normal(size=60)  # shared item effect: alpha well above 0
+        data[rng.random(data.shape) < missing] = np.nan
+        want = krippendorff.alpha(reliability_data=data, level_of_measurement="interval")
+        assert _alpha(data, "interval") == pytest.approx(want, abs=1e-12)
+
+
+def test_scores_sit_beside_labels_in_the_report() -> None:
+    """score: interval alpha and MAE against the raters' mean, and alpha with the score as one more rater."""
+    c = EMO.criteria[0]
+    rng = np.random.default_rng(2)
+    humans = {f"i{i}": [int(x) for x in rng.integers(1, 6, size=4)] for i in range(50)}
+    labels = {i: 3 for i in humans}  # the argmax sits on the central level ...
+    scores = {i: float(np.mean(h)) * 0.5 + 1.5 for i, h in humans.items()}  # ... the score follows the raters
+    r = criterion_agreement(c, labels, humans, scores)
+    ids = list(humans)
+    mean = [float(np.mean(humans[i])) for i in ids]
+    assert r["score_alpha"] == pytest.approx(krippendorff.alpha(
+        reliability_data=[[scores[i] for i in ids], mean], level_of_measurement="interval"))
+    assert r["score_mae"] == pytest.approx(np.mean([abs(scores[i] - m) for i, m in zip(ids, mean)]))
+    h = np.array([[humans[i][k] for i in ids] for k in range(4)], dtype=float)
+    assert r["score_alpha_humans_plus_model"] == pytest.approx(krippendorff.alpha(
+        reliability_data=np.vstack([h, [[scores[i] for i in ids]]]), level_of_measurement="interval"))
+    assert r["score_alpha"] > 0.5 > r["alpha"]  # the label (constant) knows nothing, the score a lot
+    rep = agreement(EMO, {i: {"Valence": 3} for i in ids}, {i: [{"Valence": v} for v in humans[i]] for i in ids},
+                    {i: {"Valence": scores[i]} for i in ids})
+    assert rep["pooled"]["score_alpha"] == pytest.approx(r["score_alpha"])
+    # labels only (nominal) get no score figures; older records without scores neither
+    assert "score_alpha" not in criterion_agreement(GO.criteria[0], {"a": "joy"}, {"a": ["joy"]})
+    assert "score_alpha" not in criterion_agreement(c, labels, humans)
+
+
+def test_bootstrap_interval_brackets_the_estimate() -> None:
+    from edge_annotator.runtime.metrics import bootstrap
+
+    x = np.random.default_rng(0).normal(1.0, 1.0, 400)
+    lo, hi = bootstrap(lambda ix: float(x[ix].mean()), len(x), resamples=500)
+    assert lo is not None and hi is not None and lo < x.mean() < hi
+    assert hi - lo == pytest.approx(2 * 1.96 / np.sqrt(400), rel=0.2)  # the normal interval, roughly
+    assert bootstrap(lambda ix: None, 10) == (None, None)

@@ -94,6 +94,7 @@ def test_ray_output_equals_local_output(local_ray, shards: list[Path], annotator
     assert [x + "\n" for x in table.column("record").to_pylist()] == local_output.splitlines(keepends=True)
     first = json.loads(local_output.splitlines()[0])
     assert table.column("label.Valence").to_pylist()[0] == str(first["labels"]["Valence"])
+    assert table.column("score.Valence").to_pylist()[0] == first["scores"]["Valence"]
 
 
 def _actor_pids() -> list[int]:
