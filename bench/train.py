@@ -1,10 +1,20 @@
-"""Training throughput: logits only at the answer positions vs the full vocabulary head, side by side.
+"""Training throughput: token-tree steps against the step before them, side by side.
 
     python -m edge_annotator.bench.train --base models/gemma-3-270m-hf     # make bench-train
 
-Gemma 3 270M in fp32 on the CPU, LoRA on every projection, real EmoBank training examples (the
-runtime prompt plus the answer). The two arms alternate step by step in one process, on the
-same batches, so machine drift hits both alike; the median step time of each gives the ratio.
+Gemma 3 270M in fp32 on the CPU with the demo recipe's LoRA, real EmoBank items, every criterion
+of each. Both arms train on the very same examples (one criterion of one item each) and are timed
+alternately, step by step, in one process, so machine drift hits both alike:
+
+- per-prompt (the trainer before token trees): every example is its own sequence, the
+  runtime prompt plus the answer, in micro-batches of 4, the vocabulary head at the answer
+  position and cross-entropy over the whole vocabulary;
+- tree (train/tree.py, today's trainer): one sequence per micro-batch, the instruction once,
+  each item once for all its criteria, each criterion's cue a branch, the head restricted to the
+  answer tokens, soft targets.
+
+The figure is examples per second (forward and backward, no optimizer update, so both arms see
+the same weights every step); their ratio is the speed-up.
 """
 
 from __future__ import annotations
@@ -20,19 +30,71 @@ import numpy as np
 import torch
 import yaml
 
+from edge_annotator.runtime.prompt import CANONICAL, render_example
+
+
+def per_prompt_step(model: Any, tok: Any, spec: Any, items: list[Any], examples: list[Any], micro: int) -> int:
+    """The trainer's step before token trees; returns the tokens it processed."""
+    causal = model.get_base_model()
+    seqs: list[tuple[list[int], int]] = []
+    for ex in examples:
+        for ci, c in enumerate(spec.criteria):
+            t = ex.targets[ci]
+            if t is None:
+                continue
+            prompt, answer = render_example(spec, items[ex.item].fields, c, c.values[int(np.argmax(t))], CANONICAL)
+            p, full = tok(prompt)["input_ids"], tok(prompt + answer)["input_ids"]
+            seqs.append((full, len(p)))
+    n_tok = 0
+    for s in range(0, len(seqs), micro):
+        chunk = seqs[s:s + micro]
+        width = max(len(f) for f, _ in chunk)
+        ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        rows, cols, targets = [], [], []
+        for r, (full, n_prompt) in enumerate(chunk):
+            ids[r, : len(full)] = torch.tensor(full)
+            mask[r, : len(full)] = 1
+            for k in range(n_prompt, len(full)):
+                rows.append(r)
+                cols.append(k - 1)  # the logits at k-1 predict token k
+                targets.append(full[k])
+        hidden = causal.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        logits = causal.lm_head(hidden[torch.tensor(rows), torch.tensor(cols)])
+        torch.nn.functional.cross_entropy(logits.float(), torch.tensor(targets), reduction="sum").backward()
+        n_tok += int(mask.sum())
+    return n_tok
+
+
+def tree_step(model: Any, tok: Any, spec: Any, items: list[Any], examples: list[Any], tries: Any,
+              micro_items: int) -> int:
+    from edge_annotator.train.examples import unit_of
+    from edge_annotator.train.tree import build_tree, level_logprobs, soft_cross_entropy, tree_attention
+
+    T = lambda s: list(tok(s)["input_ids"])  # noqa: E731
+    n_tok = 0
+    with tree_attention(model):
+        for s in range(0, len(examples), micro_items):
+            units = [unit_of(ex, items, spec, None, np.random.default_rng(0)) for ex in examples[s:s + micro_items]]
+            tree = build_tree(T, spec, tries, units, CANONICAL, tok.pad_token_id)
+            soft_cross_entropy(level_logprobs(model, tree), tree).backward()
+            n_tok += tree.tokens
+    return n_tok
+
 
 def main(argv: list[str] | None = None) -> int:
     from edge_annotator.runtime.spec import load_spec
     from edge_annotator.train.config import parse_config
-    from edge_annotator.train.examples import build_examples, load_items, render
-    from edge_annotator.train.model import add_lora, answer_logits, load_base, load_tokenizer
-    from edge_annotator.train.trainer import collate
+    from edge_annotator.train.evaluate import answer_tries
+    from edge_annotator.train.examples import build_examples, load_items
+    from edge_annotator.train.model import add_lora, load_base, load_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", default="models/gemma-3-270m-hf")
     ap.add_argument("--config", default="configs/gemma3-270m-lora-cpu-emobank.yaml")
+    ap.add_argument("--data", default="data/emobank-train-400.jsonl")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per arm (after one warm-up each)")
-    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--items", type=int, default=16, help="items per step (each with all its criteria)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     raw = yaml.safe_load(Path(a.config).read_text())
@@ -41,34 +103,33 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     spec = load_spec(cfg.spec)
     tok = load_tokenizer(cfg.base_model)
-    items = load_items(cfg.train_data, spec)
-    examples = build_examples(items, spec, "median")
+    items = load_items(a.data, spec)
+    examples = build_examples(items, spec, "distribution")
+    tries = answer_tries(tok, spec)
     model = add_lora(load_base(cfg, torch.device("cpu")), cfg)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    pad = tok.pad_token_id or 0
-    times: dict[str, list[float]] = {"answer_only": [], "full_logits": []}
-    tokens = 0
+    arms = ("per_prompt", "tree")
+    per_s: dict[str, list[float]] = {k: [] for k in arms}
+    tokens: dict[str, int] = {}
+    n_examples = 0
     for step in range(a.steps + 1):
-        batch = [render(examples[(step * a.micro_batch + k) % len(examples)], items, spec, tok, cfg.augment,
-                        np.random.default_rng([0, step, k])) for k in range(a.micro_batch)]
-        ids, mask, rows, cols, targets = collate(batch, pad)
-        tokens = int(mask.sum())
-        for arm in (("answer_only", "full_logits") if step % 2 == 0 else ("full_logits", "answer_only")):
+        batch = [examples[(step * a.items + k) % len(examples)] for k in range(a.items)]
+        n_examples = sum(e.queries for e in batch)
+        for arm in (arms if step % 2 == 0 else arms[::-1]):
             t0 = time.perf_counter()
-            logits = answer_logits(model, ids, mask, rows, cols, answer_only=arm == "answer_only")
-            loss = torch.nn.functional.cross_entropy(logits.float(), targets)
-            loss.backward()
-            opt.zero_grad(set_to_none=True)  # no update: both arms see the same weights every step
-            dt = time.perf_counter() - t0
+            tokens[arm] = (per_prompt_step(model, tok, spec, items, batch, 4) if arm == "per_prompt"
+                           else tree_step(model, tok, spec, items, batch, tries, a.items))
+            model.zero_grad(set_to_none=True)  # no update: both arms see the same weights every step
             if step > 0:  # the first step of each arm is a warm-up
-                times[arm].append(tokens / dt)
-    res: dict[str, Any] = {k: statistics.median(v) for k, v in times.items()}
-    res["ratio"] = res["answer_only"] / res["full_logits"]
-    res["target"] = 1.8
-    res["micro_batch"] = a.micro_batch
-    res["all_tokens_per_s"] = times
+                per_s[arm].append(n_examples / (time.perf_counter() - t0))
+    res: dict[str, Any] = {f"{k}_examples_per_s": statistics.median(v) for k, v in per_s.items()}
+    res["ratio"] = res["tree_examples_per_s"] / res["per_prompt_examples_per_s"]
+    res["target"] = 3.0
+    res["examples_per_step"] = n_examples
+    res["tokens_per_step"] = tokens
+    res["lora_targets"] = cfg.lora.target_modules
+    res["all_examples_per_s"] = per_s
+    res["threads"] = torch.get_num_threads()
     print(json.dumps(res, indent=2))
     if a.json:
         a.json.write_text(json.dumps(res, indent=2))

@@ -1,4 +1,4 @@
-"""The training stage: configs, examples, the answer-only loss, determinism, resume, merge.
+"""The training stage: configs, examples, determinism, resume, merge, runs that cannot learn.
 
 Runs on the tiny recipe (a 2-layer model built from scratch with Gemma 3's tokenizer, CPU, fp32).
 """
@@ -13,10 +13,9 @@ import torch
 import yaml
 from conftest import DATA, ROOT, TASKS
 
-from edge_annotator.runtime.prompt import prompt_segments, render_prompt
 from edge_annotator.runtime.spec import load_spec
-from edge_annotator.train.config import Augment, ConfigError, TokenDropout, TrainConfig, load_config, parse_config
-from edge_annotator.train.examples import Example, build_examples, load_items, render, split_items
+from edge_annotator.train.config import ConfigError, TrainConfig, load_config, parse_config
+from edge_annotator.train.examples import build_examples, load_items, split_items
 
 pytestmark = pytest.mark.slow
 EMO = load_spec(TASKS / "emobank.yaml")
@@ -56,59 +55,15 @@ def test_config_problems_are_listed_at_once() -> None:
         assert needle in msg, msg
 
 
-def test_training_text_is_the_runtime_prompt_plus_the_answer(gemma_hf: Path, engine) -> None:
-    from edge_annotator.train.model import load_tokenizer
-
-    tok = load_tokenizer(gemma_hf)
-    items = load_items(DATA / "emobank-train-64.jsonl", EMO)
-    ex = Example(0, 1, 4)
-    enc = render(ex, items, EMO, tok, None, np.random.default_rng(0))
-    prompt = render_prompt(EMO, items[0].fields, EMO.criteria[1])
-    n = len(tok(prompt)["input_ids"])
-    assert enc.input_ids[:n] == tok(prompt)["input_ids"]
-    assert tok.decode(enc.input_ids[n:]) == " 4" and enc.labels[:n] == [-100] * n
-    # the HF tokenizer and llama.cpp's give the same prompt tokens
-    assert enc.input_ids[:n] == engine.tokenize(prompt)
-
-
 def test_split_is_by_item_and_raters_modes(tmp_path: Path) -> None:
     items = load_items(DATA / "emobank-train-64.jsonl", EMO)
     tr, va = split_items(items, 0.25, seed=0)
     assert not {i.id for i in tr} & {i.id for i in va} and len(tr) + len(va) == len(items) == 64
     each = build_examples(tr, EMO, "each")
     med = build_examples(tr, EMO, "median")
-    assert len(med) == 3 * len(tr)
-    assert len(each) == 3 * sum(len(i.ratings) for i in tr)
-
-
-def test_token_dropout_only_touches_the_item_text(gemma_hf: Path) -> None:
-    from edge_annotator.train.model import load_tokenizer
-
-    tok = load_tokenizer(gemma_hf)
-    items = load_items(DATA / "emobank-train-64.jsonl", EMO)
-    aug = Augment(templates=False, permute_inputs=False, shuffle_labels=False,
-                  token_dropout=TokenDropout(prob=0.5, fraction=1.0))
-    clean = render(Example(3, 0, 3), items, EMO, tok, None, np.random.default_rng(1))
-    dropped = render(Example(3, 0, 3), items, EMO, tok, aug, np.random.default_rng(1))
-    instr, inputs, _ = prompt_segments(EMO, items[3].fields, EMO.criteria[0])
-    lo, hi = len(tok(instr)["input_ids"]), len(tok(instr + inputs)["input_ids"])
-    diff = [k for k, (a, b) in enumerate(zip(clean.input_ids, dropped.input_ids)) if a != b]
-    assert diff and all(lo <= k < hi for k in diff)
-    assert all(dropped.input_ids[k] == tok.pad_token_id for k in diff)
-    assert dropped.labels == clean.labels
-
-
-def test_answer_only_logits_equal_the_full_forward(tmp_path: Path, gemma_hf: Path) -> None:
-    from edge_annotator.train.model import add_lora, answer_logits, build_tiny
-
-    cfg = tiny(tmp_path, gemma_hf)
-    model = add_lora(build_tiny(cfg), cfg).eval()
-    ids = torch.randint(5, 1000, (2, 12))
-    mask = torch.ones_like(ids)
-    mask[1, 9:] = 0
-    rows, cols = torch.tensor([0, 0, 1]), torch.tensor([3, 11, 8])
-    torch.testing.assert_close(answer_logits(model, ids, mask, rows, cols),
-                               answer_logits(model, ids, mask, rows, cols, answer_only=False))
+    assert len(med) == len(tr) and sum(e.queries for e in med) == 3 * len(tr)
+    assert all(float(t.max()) == 1.0 for e in med for t in e.targets)  # one level each
+    assert len(each) == sum(len(i.ratings) for i in tr)
 
 
 def _adapter(run: Path) -> dict[str, torch.Tensor]:
@@ -135,7 +90,7 @@ def test_same_seed_same_adapter_and_resume_is_exact(tmp_path: Path, gemma_hf: Pa
     import json
 
     def log_of(run: Path) -> list[dict]:  # everything but the timings
-        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+        return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "examples_per_s")}
                 for line in (run / "log.jsonl").read_text().splitlines()]
 
     assert log_of(a.output) == log_of(c.output)
@@ -195,3 +150,43 @@ def test_tiny_recipe_beats_the_untrained_model(tmp_path: Path, gemma_hf: Path) -
 
     prov = json.loads((tmp_path / "run" / "merged" / "provenance.json").read_text())
     assert prov["val_alpha"] > prov["val_alpha_untrained"]
+
+
+def test_a_run_whose_examples_do_not_fit_stops_before_training(tmp_path: Path, gemma_hf: Path) -> None:
+    """max_length 16 leaves nothing to learn from: one clear message, exit 1, within seconds, no adapter."""
+    import time
+
+    from click.testing import CliRunner
+
+    from edge_annotator.train.cli import train as train_cmd
+
+    cfg_path = tmp_path / "short.yaml"
+    raw = yaml.safe_load((ROOT / "configs" / "tiny-lora-cpu.yaml").read_text())
+    raw.update(base_model=str(gemma_hf), spec=str(TASKS / "emobank.yaml"),
+               train_data=str(DATA / "emobank-train-64.jsonl"), output=str(tmp_path / "run"), max_length=16)
+    cfg_path.write_text(yaml.safe_dump(raw))
+    t0 = time.perf_counter()
+    r = CliRunner().invoke(train_cmd, [str(cfg_path)])
+    assert r.exit_code == 1 and time.perf_counter() - t0 < 60
+    msg = r.output.strip().splitlines()
+    import re
+
+    assert len(msg) == 1 and re.search(r"(\d+) of \1 training examples are longer than max_length 16", msg[0]), r.output
+    assert "the longest:" in msg[0] and "tokenizer" in msg[0]
+    assert not (tmp_path / "run" / "best-adapter").exists()
+
+
+def test_checkpoints_are_chosen_by_what_the_user_reads() -> None:
+    """select_by score: the score's alpha for rating scales, the label's for label sets; label: the label's."""
+    from edge_annotator.train.evaluate import selection_alpha
+
+    scales = {"criteria": [{"alpha": -0.1, "score_alpha": 0.3}, {"alpha": 0.0, "score_alpha": 0.1}],
+              "pooled": {"method": "all (item, criterion) units", "alpha": -0.05, "score_alpha": 0.2}}
+    assert selection_alpha(scales, "score") == 0.2 and selection_alpha(scales, "label") == -0.05
+    labels = {"criteria": [{"alpha": 0.4}], "pooled": {"method": "single criterion", "alpha": 0.4}}
+    assert selection_alpha(labels, "score") == selection_alpha(labels, "label") == 0.4
+    mixed = {"criteria": [{"alpha": 0.4}, {"alpha": -0.1, "score_alpha": 0.2}],
+             "pooled": {"method": "mean over criteria (levels differ)", "alpha": 0.15}}
+    assert selection_alpha(mixed, "score") == pytest.approx(0.3)
+    undefined = {"criteria": [{"alpha": None}], "pooled": {"method": "single criterion", "alpha": None}}
+    assert selection_alpha(undefined) == -1.0

@@ -36,7 +36,9 @@ def train(config: Path, output: str | None, max_steps: int | None, resume: bool,
       annotate-cli train configs/gemma3-270m-lora-cpu-emobank.yaml --output runs/emobank --resume
     """
     from .config import ConfigError, load_config
+    from .evaluate import selection_alpha
     from .merge import merge
+    from .trainer import CannotLearn
     from .trainer import train as run_train
 
     try:
@@ -51,21 +53,35 @@ def train(config: Path, output: str | None, max_steps: int | None, resume: bool,
         def on_log(rec: dict[str, Any]) -> None:
             if rec["event"] == "train":
                 bar.update(task, completed=rec["step"], total=rec["total"],
-                           info=f"loss {rec['loss']:.3f} lr {rec['lr']:.2e} {rec['tokens_per_s']:.0f} tok/s")
+                           info=f"loss {rec['loss']:.3f} lr {rec['lr']:.2e} {rec['tokens_per_s']:.0f} tok/s "
+                                f"{rec['examples_per_s']:.1f} ex/s")
             else:
-                bar.console.print(f"step {rec['step']}: validation alpha {rec['alpha']:.3f} "
-                                  + json.dumps({k: None if v is None else round(v, 3)
-                                                for k, v in rec["per_criterion"].items()}))
+                def r3(d: dict[str, Any]) -> str:
+                    return json.dumps({k: None if v is None else round(v, 3) for k, v in d.items()})
 
-        result = run_train(cfg, resume=resume, progress=on_log)
+                bar.console.print(f"step {rec['step']}: validation {rec['select_by']} alpha {rec['alpha']:.3f} "
+                                  + r3(rec["per_criterion"])
+                                  + (f"; score's Pearson r {r3(rec['score_r'])}" if "score_r" in rec else ""))
+
+        try:
+            result = run_train(cfg, resume=resume, progress=on_log)
+        except CannotLearn as e:
+            raise click.ClickException(str(e)) from None
     st = result.state
-    base_alpha = st.baseline["pooled"].get("alpha") if st.baseline else None
-    err.print(f"best validation alpha {st.best_alpha:.3f} at step {st.best_step} "
+    base_alpha = selection_alpha(st.baseline, cfg.select_by) if st.baseline else None
+    err.print(f"best validation {cfg.select_by} alpha {st.best_alpha:.3f} at step {st.best_step} "
               f"(untrained: {base_alpha if base_alpha is None else round(base_alpha, 3)}); "
-              f"{result.steps} steps, {result.tokens_per_s:.0f} tokens/s")
+              f"{result.steps} steps, {result.tokens_per_s:.0f} tokens/s, {result.examples_per_s:.1f} examples/s")
+    timing = {"train_s": round(time.perf_counter() - t0, 1), "steps": result.steps,
+              "examples_per_s": round(result.examples_per_s, 2), "tokens_per_s": round(result.tokens_per_s, 1)}
     if not no_merge:
+        t_merge = time.perf_counter()
         merged = merge(cfg, result.output, extra_provenance={
-            "val_alpha": st.best_alpha, "val_alpha_untrained": base_alpha, "best_step": st.best_step,
+            "val_alpha": st.best_alpha, "val_alpha_untrained": base_alpha, "val_select_by": cfg.select_by,
+            "best_step": st.best_step,
             "val_report": st.best_report})
         err.print(f"merged model: {merged}")
-    err.print(f"done in {time.perf_counter() - t0:.0f}s")
+        timing["merge_s"] = round(time.perf_counter() - t_merge, 1)
+    timing["total_s"] = round(time.perf_counter() - t0, 1)
+    (result.output / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
+    err.print(f"done in {timing['total_s']:.0f}s (RUN/timing.json)")

@@ -56,6 +56,12 @@ class LoraSettings:
     """Dropout on the LoRA input."""
     target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
     """Linear layers that get adapters; the paper adapts every attention and MLP projection."""
+    layers: list[int] | None = None
+    """Decoder layers (0-based) whose target modules get adapters; None: every layer. Adapting only
+    upper layers also spares the backward pass through the layers below them."""
+    lr_ratio: float = 1.0
+    """Learning rate of the B matrices relative to `lr` (LoRA+, Hayou et al. 2024, who use 16:
+    B starts at zero and learns features faster with a larger step)."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full beside the adapters, e.g. [norm] (the final norm) for a model built
     from scratch, whose random head otherwise caps every logit near zero."""
@@ -96,8 +102,10 @@ class TrainConfig:
     """Share of items held out for validation when val_data is not given."""
     tiny: TinyModel | None = None
     """Build a tiny model from scratch instead of loading base_model's weights."""
-    raters: Literal["each", "majority", "median"] = "each"
-    """each: every rater's rating is its own target; majority/median: one consensus target per item."""
+    raters: Literal["distribution", "each", "majority", "median"] = "distribution"
+    """distribution: one example per item and criterion, trained with cross-entropy against the
+    raters' empirical distribution over the levels (with one rater, their label); each: every
+    rater's ratings are their own example; majority/median: the consensus level as one target."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     quantization: Literal["none", "nf4"] = "none"
     """nf4: QLoRA, the frozen base stored in 4-bit NF4 (bitsandbytes)."""
@@ -113,9 +121,12 @@ class TrainConfig:
     epochs: float = 5
     """Passes over the training examples."""
     batch_size: int = 32
-    """Examples per optimizer step."""
+    """Examples per optimizer step. An example is one criterion of one item; an item's criteria
+    are scored from one pass and travel together, so a step takes batch_size / criteria items
+    (rounded up)."""
     micro_batch: int = 8
-    """Examples per forward pass; batch_size must be a multiple of it."""
+    """Examples per forward pass (one token tree sharing the instruction); batch_size must be a
+    multiple of it."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (overrides epochs)."""
     max_length: int = 512
@@ -125,11 +136,13 @@ class TrainConfig:
     """Validate every this many optimizer steps (and at the end)."""
     patience: int = 3
     """Stop after this many validations without a better validation alpha."""
+    select_by: Literal["score", "label"] = "score"
+    """What validation alpha measures (for early stopping and the best checkpoint): score: the
+    probability-weighted mean of the levels for ordinal and interval criteria (what annotate-cli
+    writes as `scores`), the label for nominal ones; label: the most probable level everywhere."""
     val_max_items: int | None = None
     """Validate on at most this many items (the first, in file order)."""
     augment: Augment = field(default_factory=Augment)
-    answer_only_logits: bool = True
-    """Compute the vocabulary head only at the answer positions (the loss needs nothing else)."""
     name: str = ""
     """Shown in logs; defaults to the file name."""
 
@@ -148,10 +161,14 @@ class TrainConfig:
             problems.append("val_fraction must be between 0 and 1")
         if self.lora.r < 1 or self.lora.alpha < 1:
             problems.append("lora.r and lora.alpha must be positive")
+        if self.lora.lr_ratio <= 0:
+            problems.append("lora.lr_ratio must be positive")
         if not 0 <= self.lora.dropout < 1:
             problems.append("lora.dropout must be in [0, 1)")
         if not self.lora.target_modules:
             problems.append("lora.target_modules must name at least one module")
+        if self.lora.layers is not None and (not self.lora.layers or min(self.lora.layers) < 0):
+            problems.append("lora.layers must list at least one layer index (0-based), or be left out")
         if self.lr <= 0:
             problems.append("lr must be positive")
         if not 0 <= self.warmup_ratio < 1:
@@ -193,9 +210,9 @@ def _build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
         return None
 
 
-_LITERALS = {"raters": ("each", "majority", "median"), "quantization": ("none", "nf4"),
+_LITERALS = {"raters": ("distribution", "each", "majority", "median"), "quantization": ("none", "nf4"),
              "compute_dtype": ("float32", "bfloat16"), "device": ("auto", "cpu", "cuda"),
-             "schedule": ("linear", "constant")}
+             "schedule": ("linear", "constant"), "select_by": ("score", "label")}
 
 
 def parse_config(raw: Any, source: str = "<config>", check_paths: bool = True) -> TrainConfig:

@@ -2,7 +2,10 @@
 
 The answers' token trie is built by the runtime's `build_trie`, here with the HF tokenizer; the
 probabilities are the restricted softmaxes at each branching node, multiplied along each
-answer's path (runtime/annotator.py: level_probs), and the label is the most probable level.
+answer's path (the runtime's level_probs), the label is the most probable level and the score
+the probability-weighted mean of the levels (runtime/annotator.py: expected_value). Items are
+scored in token trees (train/tree.py: the instruction once per batch, each item once for all its
+criteria), which give the same numbers as one prompt per item and criterion (tests/test_tree.py).
 Agreement is runtime/metrics.py's Krippendorff alpha.
 """
 
@@ -14,72 +17,83 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_annotator.runtime.annotator import AnswerTrie, build_trie, level_probs
+from edge_annotator.runtime.annotator import AnswerTrie, Score, build_trie, expected_value
 from edge_annotator.runtime.metrics import agreement
-from edge_annotator.runtime.prompt import render_prompt
+from edge_annotator.runtime.prompt import CANONICAL
 from edge_annotator.runtime.spec import TaskSpec
 
 from .examples import Item
-from .model import answer_logits
+from .tree import Unit, build_tree, level_logprobs, tree_attention
 
 
 def hf_tokenize(tokenizer: Any) -> Any:
     return lambda text: list(tokenizer(text)["input_ids"])
 
 
+def answer_tries(tokenizer: Any, spec: TaskSpec) -> dict[str, AnswerTrie]:
+    tok = hf_tokenize(tokenizer)
+    return {c.name: build_trie(tok, spec, c) for c in spec.criteria}
+
+
+def pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 @torch.no_grad()
 def score_items(model: Any, tokenizer: Any, spec: TaskSpec, items: Sequence[Item], device: torch.device,
-                batch: int = 8) -> list[dict[str, tuple[Any, list[float]]]]:
-    """Per item: criterion -> (label, probability of each level in spec order)."""
+                batch: int = 16) -> list[dict[str, Score]]:
+    """Per item: criterion -> Score (label, probability of each level, score), as annotate-cli gives them."""
     tok = hf_tokenize(tokenizer)
-    tries: dict[str, AnswerTrie] = {c.name: build_trie(tok, spec, c) for c in spec.criteria}
-    queries: list[tuple[int, str, tuple[int, ...], list[int]]] = []  # (item, criterion, trie prefix, token ids)
-    for i, it in enumerate(items):
-        for c in spec.criteria:
-            prompt = tok(render_prompt(spec, it.fields, c))
-            for prefix, _ in tries[c.name].branches:
-                queries.append((i, c.name, prefix, prompt + list(prefix)))
+    tries = answer_tries(tokenizer, spec)
     was_training = model.training
     model.eval()
-    cond: dict[tuple[int, str, tuple[int, ...]], dict[int, float]] = {}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for s in range(0, len(queries), batch):
-        chunk = queries[s:s + batch]
-        width = max(len(q[3]) for q in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, q in enumerate(chunk):
-            ids[r, : len(q[3])] = torch.tensor(q[3])
-            mask[r, : len(q[3])] = 1
-        rows = torch.arange(len(chunk))
-        cols = torch.tensor([len(q[3]) - 1 for q in chunk])
-        logits = answer_logits(model, ids.to(device), mask.to(device), rows.to(device), cols.to(device)).float()
-        for r, (i, cname, prefix, _) in enumerate(chunk):
-            kids = dict(tries[cname].branches)[prefix]
-            lg = logits[r, list(kids)].cpu().numpy().astype(np.float64)
-            e = np.exp(lg - lg.max())
-            cond[(i, cname, prefix)] = dict(zip(kids, (e / e.sum()).tolist()))
-    if was_training:
-        model.train()
-    out = []
-    for i in range(len(items)):
-        res = {}
-        for c in spec.criteria:
-            probs = level_probs(tries[c.name], lambda prefix: cond.get((i, c.name, prefix)))  # noqa: B023
-            res[c.name] = (c.scale[int(np.argmax(probs))].value, probs)
-        out.append(res)
+    everything = [np.ones(len(c.scale)) for c in spec.criteria]  # a target only marks what to score
+    out: list[dict[str, Score]] = []
+    try:
+        with tree_attention(model):
+            for s in range(0, len(items), batch):
+                chunk = items[s:s + batch]
+                tree = build_tree(tok, spec, tries, [Unit(it.fields, everything) for it in chunk], CANONICAL,
+                                  pad_id(tokenizer))
+                probs = level_logprobs(model, tree).exp().double().cpu().numpy()
+                for k in range(len(chunk)):
+                    res = {}
+                    for ci, c in enumerate(spec.criteria):
+                        p = probs[k * len(spec.criteria) + ci, : len(c.scale)].tolist()
+                        res[c.name] = Score(c.scale[int(np.argmax(p))].value, dict(zip(c.values, p)),
+                                            expected_value(c, p))
+                    out.append(res)
+    finally:
+        if was_training:
+            model.train()
     return out
 
 
-def validate(model: Any, tokenizer: Any, spec: TaskSpec, items: Sequence[Item], device: torch.device) -> dict[str, Any]:
-    """The runtime's agreement report of the model's labels against the items' human ratings."""
-    scores = score_items(model, tokenizer, spec, items, device)
-    preds = {it.id: {k: v[0] for k, v in sc.items()} for it, sc in zip(items, scores)}
+def report_of(spec: TaskSpec, items: Sequence[Item], scored: Sequence[dict[str, Score]]) -> dict[str, Any]:
+    """The runtime's agreement report (labels and scores) of scored items against their human ratings."""
+    preds = {it.id: {k: v.label for k, v in sc.items()} for it, sc in zip(items, scored)}
+    scores = {it.id: {k: v.score for k, v in sc.items() if v.score is not None} for it, sc in zip(items, scored)}
     humans = {it.id: it.ratings for it in items}
-    return agreement(spec, preds, humans)
+    return agreement(spec, preds, humans, scores)
 
 
-def selection_alpha(report: dict[str, Any]) -> float:
-    """The number checkpoints are chosen by: the pooled alpha (undefined counts as -1)."""
-    a = report["pooled"].get("alpha")
+def validate(model: Any, tokenizer: Any, spec: TaskSpec, items: Sequence[Item], device: torch.device) -> dict[str, Any]:
+    return report_of(spec, items, score_items(model, tokenizer, spec, items, device))
+
+
+def selection_alpha(report: dict[str, Any], select_by: str = "score") -> float:
+    """The number checkpoints are chosen by (undefined counts as -1).
+
+    select_by "score": the score's interval alpha for rating scales and the label's alpha for
+    label sets (they have no score); "label": the label's alpha everywhere. Pooled over criteria
+    as the report pools them (all (item, criterion) units, or the mean where levels differ)."""
+    def pick(r: dict[str, Any]) -> float | None:
+        return r["score_alpha"] if select_by == "score" and "score_alpha" in r else r.get("alpha")
+
+    pooled = report["pooled"]
+    if pooled.get("method") == "mean over criteria (levels differ)":
+        vals = [pick(c) for c in report["criteria"]]
+        a = None if any(v is None for v in vals) else float(np.mean(vals))  # type: ignore[arg-type]
+    else:
+        a = pick(pooled)
     return -1.0 if a is None else float(a)

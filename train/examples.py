@@ -1,9 +1,10 @@
 """Training examples from human-labelled items, with the paper's augmentations.
 
-Every example is (item, criterion, target level). Its text is the runtime's own prompt plus the
-answer (runtime/prompt.py: render_example), so training sees exactly what annotate-cli will.
-Augmentation is drawn from a generator seeded by (seed, epoch, example), never from a running
-state, so a resumed run renders the very same examples as an uninterrupted one.
+An example is an item with a target distribution over each criterion's levels (train/tree.py
+scores all its criteria from one pass). Its text is the runtime's own prompt followed by the
+answer tokens, so training sees exactly what annotate-cli will. Augmentation is drawn from
+generators seeded by (seed, step) and (seed, epoch, example), never from a running state, so a
+resumed run renders the very same examples as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import numpy as np
 
 from edge_annotator.runtime.data import check_item, iter_rows, ratings_of
 from edge_annotator.runtime.metrics import nearest_level
-from edge_annotator.runtime.prompt import RenderOptions, prompt_segments, render_example
+from edge_annotator.runtime.prompt import RenderOptions
 from edge_annotator.runtime.spec import TaskSpec
 
 from .config import Augment
+from .tree import Unit
 
 Value = int | float | str
 
@@ -35,12 +37,20 @@ class Item:
 
 @dataclass(frozen=True)
 class Example:
+    """One training unit: an item (or, with raters: each, one rater's ratings of it) and, per
+    criterion in spec order, the distribution over its levels to learn, or None where unrated.
+
+    All of a unit's criteria are scored from one pass over the item (train/tree.py), so they
+    travel together; `queries` counts the (item, criterion) targets, the "examples" that
+    batch_size is measured in."""
+
     item: int
     """Index into the item list."""
-    criterion: int
-    """Index into spec.criteria."""
-    value: int | str
-    """Target level."""
+    targets: tuple[np.ndarray | None, ...]
+
+    @property
+    def queries(self) -> int:
+        return sum(t is not None for t in self.targets)
 
 
 def load_items(path: str | Path, spec: TaskSpec) -> list[Item]:
@@ -68,22 +78,41 @@ def split_items(items: list[Item], val_fraction: float, seed: int) -> tuple[list
 
 
 def build_examples(items: list[Item], spec: TaskSpec, raters: str) -> list[Example]:
-    """each: one example per rating and criterion; majority/median: one per item and criterion."""
+    """distribution: one unit per item, each criterion's target the raters' empirical distribution
+    over its levels (soft targets: five raters cost one pass, not five); median / majority: one
+    unit per item with the consensus level as target; each: one unit per rating record, its own
+    levels as targets."""
     out: list[Example] = []
     for i, it in enumerate(items):
-        for ci, c in enumerate(spec.criteria):
+        if raters == "each":
+            for r in it.ratings:
+                targets = tuple(_distribution(c, [r[c.name]]) if c.name in r else None for c in spec.criteria)
+                if any(t is not None for t in targets):
+                    out.append(Example(i, targets))
+            continue
+        targets_l: list[np.ndarray | None] = []
+        for c in spec.criteria:
             vals = [r[c.name] for r in it.ratings if c.name in r]
             if not vals:
-                continue
-            if raters == "each":
-                targets = [nearest_level(c, v) for v in vals]
+                targets_l.append(None)
+            elif raters == "distribution":
+                targets_l.append(_distribution(c, vals))
             elif raters == "median" and c.level != "nominal":
                 s = sorted(float(v) for v in vals)
-                targets = [nearest_level(c, s[(len(s) - 1) // 2])]  # lower median
+                targets_l.append(_distribution(c, [s[(len(s) - 1) // 2]]))  # lower median
             else:  # majority (for labels, the only consensus there is); ties go to the spec's first level
-                targets = [_mode(c.values, [nearest_level(c, v) for v in vals])]
-            out.extend(Example(i, ci, v) for v in targets)  # type: ignore[arg-type]
+                targets_l.append(_distribution(c, [_mode(c.values, [nearest_level(c, v) for v in vals])]))
+        if any(t is not None for t in targets_l):
+            out.append(Example(i, tuple(targets_l)))
     return out
+
+
+def _distribution(c: Any, vals: list[Any]) -> np.ndarray:
+    """The empirical distribution of `vals` (each snapped to its nearest level) over c's levels."""
+    t = np.zeros(len(c.scale))
+    for v in vals:
+        t[c.values.index(nearest_level(c, v))] += 1
+    return t / t.sum()
 
 
 def _mode(order: list[Any], vals: list[Any]) -> Any:
@@ -92,59 +121,54 @@ def _mode(order: list[Any], vals: list[Any]) -> Any:
     return next(v for v in order if counts.get(v) == top)
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch, 7]).permutation(n)
+class ExampleStream:
+    """The endless shuffled stream of examples: epoch e is a permutation drawn from (seed, e).
+
+    Position k of the stream is a function of (seed, k) alone, so a resumed run sees the very
+    examples an uninterrupted one does; each epoch's permutation is drawn once, not per example."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
+
+    def take(self, start: int, count: int) -> list[tuple[int, int]]:
+        """(epoch, example index) for positions start .. start + count - 1."""
+        out = []
+        for k in range(start, start + count):
+            epoch, j = divmod(k, self.n)
+            if epoch != self._epoch:
+                self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch, 7]).permutation(self.n)
+            out.append((epoch, int(self._order[j])))
+        return out
 
 
-def example_stream(n: int, seed: int, start: int, count: int) -> list[tuple[int, int]]:
-    """(epoch, example index) for positions start..start+count of the endless shuffled stream."""
-    out: list[tuple[int, int]] = []
-    for k in range(start, start + count):
-        epoch, j = divmod(k, n)
-        out.append((epoch, int(epoch_order(n, seed, epoch)[j])))
-    return out
+def augment_options(spec: TaskSpec, aug: Augment | None, rng: np.random.Generator) -> RenderOptions:
+    """The instruction's augmentation, shared by a micro-batch: a paraphrased template and the
+    order in which each criterion's levels are listed."""
+    if aug is None:
+        return RenderOptions()
+    return RenderOptions(
+        template=int(rng.integers(len(spec.templates))) if aug.templates else 0,
+        level_orders={c.name: tuple(int(x) for x in rng.permutation(len(c.scale))) for c in spec.criteria}
+        if aug.shuffle_labels else None)
 
 
-@dataclass
-class Encoded:
-    input_ids: list[int]
-    labels: list[int]
-    """-100 on prompt tokens; the answer's token ids on the answer."""
-
-
-def render(ex: Example, items: list[Item], spec: TaskSpec, tokenizer: Any, aug: Augment | None,
-           rng: np.random.Generator) -> Encoded:
-    """Tokens of one (possibly augmented) example; the prompt part is exactly the runtime's prompt."""
-    c = spec.criteria[ex.criterion]
-    fields = items[ex.item].fields
-    opts = RenderOptions()
+def unit_of(ex: Example, items: list[Item], spec: TaskSpec, aug: Augment | None,
+            rng: np.random.Generator) -> Unit:
+    """An example as it enters a tree, with its own augmentation: input order and token dropout."""
+    order = None
+    drop = 0.0
     if aug is not None:
-        opts = RenderOptions(
-            template=int(rng.integers(len(spec.templates))) if aug.templates else 0,
-            input_order=tuple(int(x) for x in rng.permutation(len(spec.inputs))) if aug.permute_inputs else None,
-            level_orders={cc.name: tuple(int(x) for x in rng.permutation(len(cc.scale))) for cc in spec.criteria}
-            if aug.shuffle_labels else None)
-    prompt, completion = render_example(spec, fields, c, ex.value, opts)
-    p_ids = tokenizer(prompt)["input_ids"]
-    full = tokenizer(prompt + completion)["input_ids"]
-    if full[: len(p_ids)] != p_ids:
-        raise ValueError(f"answer {completion!r} re-tokenizes the prompt of criterion {c.name}; change answer_cue")
-    ids = list(full)
-    td = aug.token_dropout if aug is not None else None
-    if td is not None and td.prob > 0 and rng.random() < td.fraction:
-        instr, inputs, _ = prompt_segments(spec, fields, c, opts)
-        lo = len(tokenizer(instr)["input_ids"])
-        hi = len(tokenizer(instr + inputs)["input_ids"])
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
-        drop = rng.random(hi - lo) < td.prob
-        for k in np.nonzero(drop)[0]:
-            ids[lo + int(k)] = pad
-    labels = [-100] * len(p_ids) + ids[len(p_ids):]
-    return Encoded(ids, labels)
+        if aug.permute_inputs:
+            order = tuple(int(x) for x in rng.permutation(len(spec.inputs)))
+        td = aug.token_dropout
+        if td.prob > 0 and rng.random() < td.fraction:
+            drop = td.prob
+    return Unit(items[ex.item].fields, ex.targets, input_order=order, drop_prob=drop, rng=rng)
 
 
-def steps_per_epoch(n_examples: int, batch_size: int) -> int:
-    return math.ceil(n_examples / batch_size)
+def steps_per_epoch(n_units: int, units_per_step: int) -> int:
+    return math.ceil(n_units / units_per_step)
 
 
 def data_sha256(*paths: str | Path | None) -> str:

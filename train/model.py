@@ -1,13 +1,10 @@
-"""Base model, LoRA (QLoRA as a flag), and the answer-only forward pass.
+"""Base model and LoRA (QLoRA as a flag).
 
-    model, tok = load_base(cfg, device)
-    model = add_lora(model, cfg)
-    logits = answer_logits(model, input_ids, attention_mask, rows, cols)
+    model = add_lora(load_base(cfg, device), cfg)
 
-On a CPU the vocabulary head dominates a training step: Gemma 3's is 262,144 x 640, so computing
-it at every prompt token of 8 x 256 tokens costs 2,048 x 168M multiply-adds, while the loss
-needs it at the few answer positions only. `answer_logits` runs the decoder, then the head at
-those positions alone.
+The forward pass training uses is train/tree.py's: the decoder over a packed token tree, then
+the vocabulary head for the allowed answer tokens only (on a CPU Gemma 3's 262,144 x 640 head
+would otherwise cost more than every other layer together).
 """
 
 from __future__ import annotations
@@ -94,24 +91,6 @@ def add_lora(model: Any, cfg: TrainConfig) -> Any:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lc = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                     target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM", bias="none",
+                    layers_to_transform=list(cfg.lora.layers) if cfg.lora.layers is not None else None,
                     modules_to_save=list(cfg.lora.modules_to_save) or None)
     return get_peft_model(model, lc)
-
-
-def _softcap(model: Any, logits: torch.Tensor) -> torch.Tensor:
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
-def answer_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  rows: torch.Tensor, cols: torch.Tensor, answer_only: bool = True) -> torch.Tensor:
-    """Logits predicting the token after each (row, col) position, shape (len(rows), vocab).
-
-    answer_only=False runs the model's own forward (the head over every position) and gathers
-    the same rows: the baseline that `make bench-train` compares against.
-    """
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not answer_only:
-        return causal(input_ids=input_ids, attention_mask=attention_mask).logits[rows, cols]
-    hidden = causal.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return _softcap(causal, causal.lm_head(hidden[rows, cols]))

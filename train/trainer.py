@@ -1,12 +1,17 @@
-"""The LoRA training loop: answer-only loss, validation by alpha, best checkpoint, resume.
+"""The LoRA training loop: token-tree batches, soft targets, validation by alpha, best checkpoint, resume.
 
     annotate-cli train configs/tiny-lora-cpu.yaml            # or: make train CONFIG=...
 
 Writes into cfg.output:
-    log.jsonl          one record per step (loss, lr, tokens/s) and per validation (alpha)
+    log.jsonl          one record per step (loss, lr, tokens/s, examples/s) and per validation (alpha)
     checkpoint/        adapter, optimizer, scheduler and RNG state after the last validation
     best-adapter/      the adapter with the best validation alpha so far
     merged/            the best adapter merged into the base weights (train/merge.py)
+
+A step takes batch_size examples (one criterion of one item each; an item's criteria travel
+together) in micro-batches, each one token tree (train/tree.py) sharing one augmented
+instruction. The loss is the cross-entropy between each example's target distribution and the
+runtime's distribution over the allowed answers.
 
 Determinism: examples, their order and their augmentation are functions of (seed, step), and
 the checkpoint holds torch's RNG state, so the same config and seed give the same adapter on a
@@ -28,23 +33,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_annotator.runtime.spec import load_spec
+from edge_annotator.runtime.spec import TaskSpec, load_spec
 
 from .config import TrainConfig
-from .evaluate import selection_alpha, validate
+from .evaluate import answer_tries, hf_tokenize, pad_id, selection_alpha, validate
 from .examples import (
-    Encoded,
+    Example,
+    ExampleStream,
+    Item,
+    augment_options,
     build_examples,
-    example_stream,
     load_items,
-    render,
     split_items,
     steps_per_epoch,
+    unit_of,
 )
 from .from_gguf import atomic_dir
-from .model import add_lora, answer_logits, build_tiny, load_base, load_tokenizer, pick_device
+from .model import add_lora, build_tiny, load_base, load_tokenizer, pick_device
+from .tree import build_tree, level_logprobs, soft_cross_entropy, tree_attention
 
 log = logging.getLogger(__name__)
+
+
+class CannotLearn(RuntimeError):
+    """A run that would train on nothing, or on a fraction of its data: stopped before it wastes time."""
 
 
 @dataclass
@@ -66,7 +78,18 @@ class TrainResult:
     steps: int
     seconds: float
     tokens_per_s: float
+    examples_per_s: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Data:
+    spec: TaskSpec
+    train_items: list[Item]
+    val_items: list[Item]
+    examples: list[Example]
+    units_per_step: int
+    units_per_micro: int
 
 
 def set_seed(seed: int) -> None:
@@ -75,40 +98,8 @@ def set_seed(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def collate(batch: list[Encoded], pad: int) -> Batch:
-    """Right-padded ids and mask, and for every answer token the (row, col) that predicts it."""
-    width = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    rows, cols, targets = [], [], []
-    for r, e in enumerate(batch):
-        ids[r, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        mask[r, : len(e.input_ids)] = 1
-        for k, lab in enumerate(e.labels):
-            if lab != -100:
-                rows.append(r)
-                cols.append(k - 1)  # the logits at k-1 predict token k
-                targets.append(lab)
-    return ids, mask, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets)
-
-
-def _lora_state(model: Any) -> dict[str, torch.Tensor]:
-    from peft import get_peft_model_state_dict
-
-    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
-
-
-def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[dict[str, Any]], None] | None = None,
-          stop_after: int | None = None) -> TrainResult:
-    """Train per cfg. `stop_after` ends the process-equivalent of an interrupt after that many steps
-    (checkpoints are only written at validations, as a killed run would leave them)."""
-    set_seed(cfg.seed)
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg)
+def setup_data(cfg: TrainConfig) -> Data:
+    """Items split by item before any augmentation, and the examples to learn from them."""
     spec = load_spec(cfg.spec)
     items = load_items(cfg.train_data, spec)
     if cfg.val_data:
@@ -123,9 +114,36 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[dict[st
         val_items = val_items[: cfg.val_max_items]
     examples = build_examples(train_items, spec, cfg.raters)
     if not examples:
-        raise ValueError(f"{cfg.train_data}: no training examples with labels for spec '{spec.name}'")
+        raise CannotLearn(f"{cfg.train_data}: no training examples with labels for spec '{spec.name}'")
+    C = len(spec.criteria)
+    return Data(spec, train_items, val_items, examples, math.ceil(cfg.batch_size / C), math.ceil(cfg.micro_batch / C))
 
-    tokenizer = load_tokenizer(cfg.base_model)
+
+def check_lengths(cfg: TrainConfig, data: Data, tokenizer: Any) -> list[Example]:
+    """Drop examples whose longest prompt (canonical template, plus the answer) exceeds max_length,
+    in one summary line; stop if more than 1% would go: that run would learn from a sliver of its data."""
+    tok = hf_tokenize(tokenizer)
+    from edge_annotator.runtime.prompt import render_prompt
+
+    longest: dict[int, int] = {}
+    for i in sorted({e.item for e in data.examples}):
+        fields = data.train_items[i].fields
+        longest[i] = max(len(tok(render_prompt(data.spec, fields, c))) for c in data.spec.criteria) + 1
+    too_long = [e for e in data.examples if longest[e.item] > cfg.max_length]
+    if not too_long:
+        return data.examples
+    worst = max(longest.values())
+    msg = (f"{len(too_long)} of {len(data.examples)} training examples are longer than max_length "
+           f"{cfg.max_length} tokens (the longest: {worst}); raise max_length, shorten the spec's "
+           f"instruction, or check that the base folder's tokenizer is the model's own")
+    if len(too_long) > 0.01 * len(data.examples):
+        raise CannotLearn(msg)
+    log.warning("%s: skipped", msg)
+    return [e for e in data.examples if longest[e.item] <= cfg.max_length]
+
+
+def setup_model(cfg: TrainConfig, out: Path, device: torch.device, tokenizer: Any) -> Any:
+    """The base (or a tiny model built from scratch, kept in RUN/base) with fresh LoRA adapters."""
     if cfg.tiny:
         base_dir = out / "base"
         if not (base_dir / "config.json").exists():
@@ -141,30 +159,78 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[dict[st
     else:
         model = load_base(cfg, device)
     set_seed(cfg.seed)  # LoRA's A matrices are drawn here: the same seed, the same initial adapter
-    model = add_lora(model, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch(len(examples), cfg.batch_size))
-    warmup = int(round(cfg.warmup_ratio * total))
+    return add_lora(model, cfg)
+
+
+def setup_optimizer(cfg: TrainConfig, model: Any, total: int) -> tuple[list[torch.nn.Parameter], Any, Any]:
     from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    b = [p for n, p in named if "lora_B" in n]
+    rest = [p for n, p in named if "lora_B" not in n]
+    groups = [{"params": rest, "lr": cfg.lr}, {"params": b, "lr": cfg.lr * cfg.lora.lr_ratio}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=0.0)
+    warmup = int(round(cfg.warmup_ratio * total))
     sched = (get_linear_schedule_with_warmup(opt, warmup, total) if cfg.schedule == "linear"
              else get_constant_schedule_with_warmup(opt, warmup))
-    state = TrainState()
-    ckpt = out / "checkpoint"
-    logf = out / "log.jsonl"
-    if resume and (ckpt / "state.json").exists():
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
+    return params, opt, sched
 
-        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter.safetensors")))
-        blob = torch.load(ckpt / "optim.pt", weights_only=True)
-        opt.load_state_dict(blob["optimizer"])
-        sched.load_state_dict(blob["scheduler"])
-        torch.set_rng_state(blob["torch_rng"])
-        state = TrainState(**json.loads((ckpt / "state.json").read_text()))
+
+def resume_state(ckpt: Path, model: Any, opt: Any, sched: Any, logf: Path) -> TrainState:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(ckpt / "adapter.safetensors")))
+    blob = torch.load(ckpt / "optim.pt", weights_only=True)
+    opt.load_state_dict(blob["optimizer"])
+    sched.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["torch_rng"])
+    state = TrainState(**json.loads((ckpt / "state.json").read_text()))
+    _truncate_log(logf, state.step)
+    return state
+
+
+def train_step(cfg: TrainConfig, data: Data, examples: list[Example], stream: ExampleStream, model: Any,
+               tokenizer: Any, tries: dict[str, Any], step: int) -> dict[str, float]:
+    """Forward and backward over one step's micro-batches (no optimizer update); its loss and sizes."""
+    tok = hf_tokenize(tokenizer)
+    picked = stream.take(step * data.units_per_step, data.units_per_step)
+    n_queries = sum(examples[j].queries for _, j in picked)
+    loss_sum, tokens = 0.0, 0
+    with tree_attention(model):
+        for m, s in enumerate(range(0, len(picked), data.units_per_micro)):
+            rng = np.random.default_rng([cfg.seed, step, m, 11])  # one stream per micro-batch: (seed, step)
+            opts = augment_options(data.spec, cfg.augment, rng)
+            units = [unit_of(examples[j], data.train_items, data.spec, cfg.augment, rng)
+                     for _, j in picked[s:s + data.units_per_micro]]
+            tree = build_tree(tok, data.spec, tries, units, opts, pad_id(tokenizer))
+            loss = soft_cross_entropy(level_logprobs(model, tree), tree) / n_queries
+            loss.backward()
+            loss_sum += float(loss.detach())
+            tokens += tree.tokens
+    return {"loss": loss_sum, "tokens": tokens, "examples": n_queries}
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[dict[str, Any]], None] | None = None,
+          stop_after: int | None = None) -> TrainResult:
+    """Train per cfg. `stop_after` ends the process-equivalent of an interrupt after that many steps
+    (checkpoints are only written at validations, as a killed run would leave them)."""
+    set_seed(cfg.seed)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg)
+    data = setup_data(cfg)
+    tokenizer = load_tokenizer(cfg.base_model)
+    examples = check_lengths(cfg, data, tokenizer)
+    model = setup_model(cfg, out, device, tokenizer)
+    total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch(len(examples), data.units_per_step))
+    params, opt, sched = setup_optimizer(cfg, model, total)
+    ckpt, logf = out / "checkpoint", out / "log.jsonl"
+    state = TrainState()
+    if resume and (ckpt / "state.json").exists():
+        state = resume_state(ckpt, model, opt, sched, logf)
         log.info("resumed %s at step %d", out, state.step)
-        _truncate_log(logf, state.step)
     elif logf.exists():
         logf.unlink()
 
@@ -174,66 +240,56 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[dict[st
         if progress:
             progress(rec)
 
+    def evaluate(step: int, untrained: bool = False) -> dict[str, Any]:
+        report = validate(model, tokenizer, data.spec, data.val_items, device)
+        a = selection_alpha(report, cfg.select_by)
+        rec = {"step": step, "event": "val", "alpha": a, "select_by": cfg.select_by,
+               "per_criterion": {c["criterion"]: _selected(c, cfg.select_by) for c in report["criteria"]}}
+        if any("score_r" in c for c in report["criteria"]):  # is the score following the raters yet?
+            rec["score_r"] = {c["criterion"]: c.get("score_r") for c in report["criteria"] if "score_r" in c}
+        if untrained:
+            rec["untrained"] = True
+        else:
+            rec["best"] = max(a, state.best_alpha)
+        write_log(rec)
+        return report
+
     if state.baseline is None:
-        state.baseline = validate(model, tokenizer, spec, val_items, device)
-        write_log({"step": 0, "event": "val", "alpha": selection_alpha(state.baseline), "untrained": True,
-                   "per_criterion": {c["criterion"]: c.get("alpha") for c in state.baseline["criteria"]}})
-        state.best_alpha = selection_alpha(state.baseline)
-        state.best_report = state.baseline
-        state.best_step = 0
+        state.baseline = evaluate(0, untrained=True)
+        state.best_alpha = selection_alpha(state.baseline, cfg.select_by)
+        state.best_report, state.best_step = state.baseline, 0
         atomic_dir(out / "best-adapter", lambda d: model.save_pretrained(d))
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tries = answer_tries(tokenizer, data.spec)
+    stream = ExampleStream(len(examples), cfg.seed)
     model.train()
-    t_start, tok_count = time.perf_counter(), 0
+    t_start, tok_count, ex_count = time.perf_counter(), 0.0, 0.0
     history: list[dict[str, Any]] = []
     first_step = state.step
     while state.step < total:
-        step = state.step
-        batch_ex = example_stream(len(examples), cfg.seed, step * cfg.batch_size, cfg.batch_size)
-        encoded = []
-        for epoch, j in batch_ex:
-            rng = np.random.default_rng([cfg.seed, epoch, j])
-            enc = render(examples[j], train_items, spec, tokenizer, cfg.augment, rng)
-            if len(enc.input_ids) > cfg.max_length:
-                log.warning("example of item %s is %d tokens, over max_length %d: skipped",
-                            train_items[examples[j].item].id, len(enc.input_ids), cfg.max_length)
-                continue
-            encoded.append(enc)
-        n_answer = sum(sum(1 for x in e.labels if x != -100) for e in encoded)
         t0 = time.perf_counter()
-        loss_sum = 0.0
-        for s in range(0, len(encoded), cfg.micro_batch):
-            ids, mask, rows, cols, targets = collate(encoded[s:s + cfg.micro_batch], pad)
-            ids, mask, rows, cols, targets = (x.to(device) for x in (ids, mask, rows, cols, targets))
-            logits = answer_logits(model, ids, mask, rows, cols, answer_only=cfg.answer_only_logits)
-            loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum") / max(n_answer, 1)
-            loss.backward()
-            loss_sum += float(loss.detach())
-            tok_count += int(mask.sum())
+        got = train_step(cfg, data, examples, stream, model, tokenizer, tries, state.step)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         state.step += 1
         dt = time.perf_counter() - t0
-        rec = {"step": state.step, "event": "train", "loss": loss_sum, "lr": sched.get_last_lr()[0],
-               "tokens_per_s": sum(len(e.input_ids) for e in encoded) / dt if dt else 0.0, "total": total}
+        tok_count += got["tokens"]
+        ex_count += got["examples"]
+        rec = {"step": state.step, "event": "train", "loss": got["loss"], "lr": sched.get_last_lr()[0],
+               "tokens_per_s": got["tokens"] / dt, "examples_per_s": got["examples"] / dt, "total": total}
         write_log(rec)
         history.append(rec)
         if state.step % cfg.eval_every == 0 or state.step == total:
-            report = validate(model, tokenizer, spec, val_items, device)
-            a = selection_alpha(report)
-            better = a > state.best_alpha
-            if better:
+            report = evaluate(state.step)
+            a = selection_alpha(report, cfg.select_by)
+            if a > state.best_alpha:
                 state.best_alpha, state.best_step, state.bad_evals, state.best_report = a, state.step, 0, report
                 atomic_dir(out / "best-adapter", lambda d: model.save_pretrained(d))
             else:
                 state.bad_evals += 1
-            write_log({"step": state.step, "event": "val", "alpha": a, "best": state.best_alpha,
-                       "per_criterion": {c["criterion"]: c.get("alpha") for c in report["criteria"]}})
-            if state.bad_evals >= cfg.patience:
-                state.stopped_early = True
+            state.stopped_early = state.bad_evals >= cfg.patience
             _save_checkpoint(ckpt, model, opt, sched, state)
             if state.stopped_early:
                 log.info("no better validation alpha in %d validations: stopping at step %d", cfg.patience, state.step)
@@ -241,14 +297,21 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[dict[st
         if stop_after is not None and state.step - first_step >= stop_after:
             break
     seconds = time.perf_counter() - t_start
-    return TrainResult(out, state, state.step, seconds, tok_count / seconds if seconds else 0.0, history)
+    return TrainResult(out, state, state.step, seconds, tok_count / seconds if seconds else 0.0,
+                       ex_count / seconds if seconds else 0.0, history)
+
+
+def _selected(c: dict[str, Any], select_by: str) -> float | None:
+    return c["score_alpha"] if select_by == "score" and "score_alpha" in c else c.get("alpha")
 
 
 def _save_checkpoint(ckpt: Path, model: Any, opt: Any, sched: Any, state: TrainState) -> None:
+    from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     def write(d: Path) -> None:
-        save_file(_lora_state(model), str(d / "adapter.safetensors"))
+        lora = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+        save_file(lora, str(d / "adapter.safetensors"))
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "torch_rng": torch.get_rng_state()}, d / "optim.pt")
         (d / "state.json").write_text(json.dumps(asdict(state)))
@@ -264,4 +327,3 @@ def _truncate_log(logf: Path, step: int) -> None:
     tmp = logf.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, logf)
-

@@ -1,0 +1,353 @@
+"""A micro-batch as one token tree: the instruction once, each item once, each criterion a branch.
+
+    batch = build_tree(tok, spec, tries, units, opts)      # units: items with their targets
+    with tree_attention(model):
+        logp = level_logprobs(model, batch)                 # (queries, levels): the runtime's distribution
+    loss = soft_cross_entropy(logp, batch)
+
+Most of an example's tokens are the instruction and rubric (about 200 of 265 for EmoBank), the
+same for every item of a micro-batch that shares a template and label order; an item's tokens are
+the same for all its criteria. So a micro-batch is packed into one sequence
+
+    [instruction + rubric] [item 1] ... [item B] [cue 1,1] [cue 1,2] ... [cue B,C]
+
+where every token keeps the position it has in its own prompt, and a custom attention function
+(registered with transformers' AttentionInterface, so it serves any model that routes attention
+through it: Gemma 3, Qwen2/3, Llama) lets each token see exactly the tokens before it in its own
+prompt: the instruction sees itself causally, an item the instruction and itself, a cue the
+instruction, its item and itself. Every cue's last hidden state is then the one the full prompt
+would give (tests/test_tree.py checks loss and gradients against one sequence per prompt), at
+about a quarter of the tokens. The cue rows end in the answers' token trie exactly as the runtime
+scores them (runtime/annotator.py): one row per branching node, the logits restricted to that
+node's children, so the level probabilities are the runtime's and the vocabulary head is
+computed for the handful of answer tokens only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edge_annotator.runtime.annotator import AnswerTrie
+from edge_annotator.runtime.prompt import RenderOptions, prompt_segments
+from edge_annotator.runtime.spec import TaskSpec
+
+Tokenize = Callable[[str], list[int]]
+
+
+@dataclass
+class Unit:
+    """One item as it enters a micro-batch: its fields and, per criterion, a target distribution."""
+
+    fields: Mapping[str, Any]
+    targets: Sequence[np.ndarray | None]
+    """Per criterion (spec order): probabilities over its levels, or None to leave it out."""
+    input_order: tuple[int, ...] | None = None
+    """This item's order of the spec's input fields (augmentation); None keeps the spec's."""
+    dropout: Sequence[int] = ()
+    """Positions in the item's tokens to replace with the pad token (augmentation)."""
+    drop_prob: float = 0.0
+    """Alternatively: each item token is replaced with this probability, drawn from `rng`."""
+    rng: np.random.Generator | None = None
+
+
+@dataclass
+class TreeBatch:
+    input_ids: torch.Tensor
+    """(1, N) the packed tokens."""
+    position_ids: torch.Tensor
+    """(1, N) each token's position in its own prompt."""
+    item_of: torch.Tensor
+    """(N - prefix_len,) for each token after the prefix: the unit it belongs to."""
+    row_of: torch.Tensor
+    """(N - prefix_len,) the scoring row a token belongs to, -1 for an item's own tokens."""
+    ends: torch.Tensor
+    """(R,) packed index of each scoring row's last token."""
+    kids: torch.Tensor
+    """(R, K) answer token ids the row's logits are restricted to (padded with 0)."""
+    kid_valid: torch.Tensor
+    """(R, K)"""
+    contrib: torch.Tensor
+    """(M, 4): (query, level, row, kid slot): log P(level) of a query sums its rows' log-probs."""
+    targets: torch.Tensor
+    """(Q, L) target distribution per query (zero beyond a criterion's levels)."""
+    queries: list[tuple[int, int]]
+    """(unit, criterion) of each query."""
+    n_levels: list[int]
+    """Levels of each query's criterion."""
+    prefix_len: int
+    _masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def row_tokens(self, r: int) -> list[int]:
+        """The full token sequence scoring row r stands for: prefix, its item, the row itself."""
+        Lp = self.prefix_len
+        rest = self.input_ids[0, Lp:]
+        mine = (self.item_of == self.item_of[self.ends[r] - Lp]) & ((self.row_of == -1) | (self.row_of == r))
+        return self.input_ids[0, :Lp].tolist() + rest[mine].tolist()
+
+    def masks(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which keys each query sees: (N, Lp) over the prefix and (N - Lp, N - Lp) after it.
+
+        Packed order is prefix, items, rows, so "before me in my own prompt" is: the prefix
+        (causally for prefix tokens, all of it for the rest), then my item's tokens up to me, and
+        for a row token its item's tokens and its own row's up to it."""
+        key = window or 0
+        got = self._masks.get(key)
+        if got is None:
+            Lp, pos = self.prefix_len, self.position_ids[0]
+            n = torch.arange(pos.shape[0])
+            m_a = (n[:, None] >= Lp) | (n[:, None] >= n[None, :Lp])
+            i, r = self.item_of, self.row_of
+            j = torch.arange(i.shape[0])
+            same_item = i[:, None] == i[None, :]
+            m_b = same_item & ((r[None, :] == -1) | (r[None, :] == r[:, None])) & (j[None] <= j[:, None])
+            if window:
+                m_a &= (pos[:, None] - pos[None, :Lp]) < window
+                m_b &= (pos[Lp:, None] - pos[None, Lp:]) < window
+            got = self._masks[key] = (m_a, m_b)
+        return got
+
+
+def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def build_tree(tokenize: Tokenize, spec: TaskSpec, tries: Mapping[str, AnswerTrie], units: Sequence[Unit],
+               opts: RenderOptions, pad_id: int) -> TreeBatch:
+    """Pack units (all rendered with the instruction `opts`: one template and label order) into one tree.
+
+    Token boundaries follow the runtime's rule (runtime/annotator.py: Annotator.plan): each prompt
+    is tokenized whole, and a segment ends where its own tokens stop being a prefix of the
+    prompt's, so the packed tokens of every prompt are exactly its own tokenization."""
+    instr_text = prompt_segments(spec, units[0].fields, spec.criteria[0], opts)[0]
+    instr = tokenize(instr_text)
+    plans = []
+    for u in units:
+        o = RenderOptions(opts.template, u.input_order, opts.level_orders)
+        segs = [prompt_segments(spec, u.fields, c, o) for c in spec.criteria]
+        if segs[0][0] != instr_text:
+            raise ValueError("units of one tree must share the instruction (template and label order)")
+        fulls = [tokenize(a + b + cue) for a, b, cue in segs]
+        head = tokenize(segs[0][0] + segs[0][1])
+        shared = min(_lcp(f, instr) for f in fulls)
+        split = min(_lcp(f, head) for f in fulls)
+        if any(len(f) == split for f in fulls):
+            split -= 1  # every cue keeps at least one token of its own (the runtime does the same)
+        plans.append((fulls, shared, split))
+    Lp = min(p[1] for p in plans)
+    prefix = plans[0][0][0][:Lp]
+
+    ids: list[int] = list(prefix)
+    pos: list[int] = list(range(Lp))
+    item_of: list[int] = []
+    row_of: list[int] = []
+    item_end: list[int] = []  # position after each item's last token
+    for u, (fulls, shared, split) in zip(units, plans):
+        toks = list(fulls[0][Lp:split])
+        drop = list(u.dropout)
+        if u.drop_prob > 0 and u.rng is not None:
+            lo = shared - Lp  # the item's own tokens, not an instruction tail that merged into it
+            drop = [lo + int(k) for k in np.nonzero(u.rng.random(len(toks) - lo) < u.drop_prob)[0]]
+        for k in drop:
+            toks[k] = pad_id
+        ids.extend(toks)
+        pos.extend(range(Lp, Lp + len(toks)))
+        item_of.extend([len(item_end)] * len(toks))
+        row_of.extend([-1] * len(toks))
+        item_end.append(Lp + len(toks))
+
+    ends: list[int] = []
+    kids: list[tuple[int, ...]] = []
+    contrib: list[tuple[int, int, int, int]] = []
+    targets: list[np.ndarray] = []
+    queries: list[tuple[int, int]] = []
+    n_levels: list[int] = []
+    for ui, (u, (fulls, _, split), at) in enumerate(zip(units, plans, item_end)):
+        for ci, c in enumerate(spec.criteria):
+            t = u.targets[ci] if ci < len(u.targets) else None
+            if t is None:
+                continue
+            trie = tries[c.name]
+            cue = list(fulls[ci][split:])
+            q = len(queries)
+            queries.append((ui, ci))
+            n_levels.append(len(c.scale))
+            targets.append(np.asarray(t, dtype=np.float64))
+            node_row: dict[tuple[int, ...], int] = {}
+            for prefix_toks, children in trie.branches:
+                toks = cue + list(prefix_toks)
+                ids.extend(toks)
+                pos.extend(range(at, at + len(toks)))
+                item_of.extend([ui] * len(toks))
+                row_of.extend([len(ends)] * len(toks))
+                node_row[prefix_toks] = len(ends)
+                ends.append(len(ids) - 1)
+                kids.append(children)
+            for lv, path in enumerate(trie.paths):
+                for d in range(len(path)):
+                    r = node_row.get(path[:d])
+                    if r is not None:
+                        contrib.append((q, lv, r, kids[r].index(path[d])))
+    if not queries:
+        raise ValueError("no unit has a target: nothing to score")
+    K = max(len(k) for k in kids)
+    kid_t = torch.zeros(len(kids), K, dtype=torch.long)
+    kid_valid = torch.zeros(len(kids), K, dtype=torch.bool)
+    for r, ks in enumerate(kids):
+        kid_t[r, : len(ks)] = torch.tensor(ks)
+        kid_valid[r, : len(ks)] = True
+    L = max(n_levels)
+    tgt = torch.zeros(len(queries), L, dtype=torch.float32)
+    for q, t in enumerate(targets):
+        tgt[q, : len(t)] = torch.from_numpy(t.astype(np.float32))
+    return TreeBatch(torch.tensor([ids]), torch.tensor([pos]), torch.tensor(item_of, dtype=torch.long),
+                     torch.tensor(row_of, dtype=torch.long), torch.tensor(ends), kid_t, kid_valid,
+                     torch.tensor(contrib, dtype=torch.long), tgt, queries, n_levels, Lp)
+
+
+# --- attention over the tree ------------------------------------------------------------------
+
+_CURRENT: contextvars.ContextVar[TreeBatch | None] = contextvars.ContextVar("edge_annotator_tree", default=None)
+IMPL = "edge_annotator_tree"
+
+
+def _tree_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                    sliding_window: int | None = None, softcap: float | None = None,
+                    **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface: query (1, H, N, d), key/value (1, KVH, N, d) -> (1, N, H, d).
+
+    Two dense parts, no gathers: every query against the shared prefix's keys, and the tokens
+    after the prefix against each other, each masked to the tree; one softmax over both. Grouped
+    query heads broadcast against their key head without copies."""
+    batch = _CURRENT.get()
+    if batch is None:
+        raise RuntimeError("tree attention called outside `with tree_attention(model)` and a tree forward")
+    _, H, N, d = query.shape
+    G = key.shape[1]
+    Lp = batch.prefix_len
+    scale = scaling if scaling is not None else d ** -0.5
+    q = query[0].reshape(G, H // G, N, d)
+    k, v = key[0][:, None], value[0][:, None]  # (G, 1, N, d)
+    m_a, m_b = (m.to(q.device) for m in batch.masks(sliding_window))
+    s_a = (q @ k[..., :Lp, :].transpose(-1, -2)) * scale  # (G, R, N, Lp)
+    s_b = (q[..., Lp:, :] @ k[..., Lp:, :].transpose(-1, -2)) * scale  # (G, R, N - Lp, N - Lp)
+    if softcap:
+        s_a, s_b = torch.tanh(s_a / softcap) * softcap, torch.tanh(s_b / softcap) * softcap
+    s_a = s_a.masked_fill(~m_a, float("-inf"))
+    s_b = s_b.masked_fill(~m_b, float("-inf"))
+    p_pre = F.dropout(torch.softmax(s_a[..., :Lp, :], dim=-1), dropout, module.training)
+    p = F.dropout(torch.softmax(torch.cat([s_a[..., Lp:, :], s_b], dim=-1), dim=-1), dropout, module.training)
+    out = torch.cat([p_pre @ v[..., :Lp, :], p[..., :Lp] @ v[..., :Lp, :] + p[..., Lp:] @ v[..., Lp:, :]], dim=-2)
+    return out.reshape(H, N, d).transpose(0, 1)[None], None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(IMPL, _tree_attention)
+
+
+@contextlib.contextmanager
+def tree_attention(model: Any) -> Iterator[None]:
+    """Route the model's attention through the tree while inside; restore its own afterwards."""
+    _register()
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = causal.config
+    old = cfg._attn_implementation
+    cfg._attn_implementation = IMPL
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = old
+
+
+def _causal(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def restricted_logits(model: Any, hidden: torch.Tensor, kids: torch.Tensor) -> torch.Tensor:
+    """Logits of the answer tokens `kids` (R, K) only, from final hidden states (R, H)."""
+    causal = _causal(model)
+    w = causal.get_output_embeddings().weight[kids]  # (R, K, H)
+    logits = torch.einsum("rh,rkh->rk", hidden.to(w.dtype), w).float()
+    cap = getattr(causal.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def level_logprobs_from_rows(row_logits: torch.Tensor, batch: TreeBatch) -> torch.Tensor:
+    """(Q, L) log-probability of each level: the sum over its trie path of the restricted log-softmaxes."""
+    lp = torch.log_softmax(row_logits.masked_fill(~batch.kid_valid.to(row_logits.device), float("-inf")), dim=-1)
+    c = batch.contrib.to(row_logits.device)
+    vals = lp[c[:, 2], c[:, 3]]
+    Q, L = batch.targets.shape
+    flat = torch.zeros(Q * L, dtype=lp.dtype, device=lp.device).index_add(0, c[:, 0] * L + c[:, 1], vals)
+    return flat.view(Q, L)
+
+
+def level_logprobs(model: Any, batch: TreeBatch) -> torch.Tensor:
+    """One forward over the packed tree (inside `tree_attention(model)`)."""
+    causal = _causal(model)
+    dev = next(causal.parameters()).device
+    token = _CURRENT.set(batch)
+    try:
+        hidden = causal.model(input_ids=batch.input_ids.to(dev), position_ids=batch.position_ids.to(dev),
+                              use_cache=False).last_hidden_state[0]
+    finally:
+        _CURRENT.reset(token)
+    row_logits = restricted_logits(model, hidden[batch.ends.to(dev)], batch.kids.to(dev))
+    return level_logprobs_from_rows(row_logits, batch)
+
+
+def soft_cross_entropy(logp: torch.Tensor, batch: TreeBatch) -> torch.Tensor:
+    """Sum over queries of -sum_l target_l log p_l (the caller divides by the step's query count)."""
+    t = batch.targets.to(logp.device)
+    return -(t * logp).sum()
+
+
+# --- the reference: one full sequence per prompt ---------------------------------------------
+
+def unshared_level_logprobs(model: Any, tokenize: Tokenize, spec: TaskSpec, tries: Mapping[str, AnswerTrie],
+                            units: Sequence[Unit], opts: RenderOptions, pad_id: int,
+                            batch: TreeBatch) -> torch.Tensor:
+    """The same (Q, L) log-probabilities with every scoring row rendered on its own
+    (runtime/prompt.py: render_prompt, then the trie node's tokens) and run as its own right-padded
+    sequence through the model's own attention: the reference the tree must equal (without token
+    dropout, which this path does not apply)."""
+    from edge_annotator.runtime.prompt import render_prompt
+
+    causal = _causal(model)
+    dev = next(causal.parameters()).device
+    seqs: list[list[int]] = []
+    for ui, ci in batch.queries:
+        u, c = units[ui], spec.criteria[ci]
+        prompt = tokenize(render_prompt(spec, u.fields, c, RenderOptions(opts.template, u.input_order,
+                                                                          opts.level_orders)))
+        for prefix_toks, _ in tries[c.name].branches:
+            seqs.append(prompt + list(prefix_toks))
+    width = max(len(s) for s in seqs)
+    x = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    m = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        x[i, : len(s)] = torch.tensor(s)
+        m[i, : len(s)] = 1
+    hidden = causal.model(input_ids=x.to(dev), attention_mask=m.to(dev), use_cache=False).last_hidden_state
+    last = torch.tensor([len(s) - 1 for s in seqs], device=dev)
+    h = hidden[torch.arange(len(seqs), device=dev), last]
+    return level_logprobs_from_rows(restricted_logits(model, h, batch.kids.to(dev)), batch)
