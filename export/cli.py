@@ -66,9 +66,11 @@ def export(merged: Path, output: Path, quant: str, adapted_type: str, imatrix: P
 def parity(merged: Path, model: Path, data: Path, max_items: int | None, threads: int | None, as_json: bool) -> None:
     """Check that MODEL (.gguf) labels like MERGED (its HF source) and agrees with humans as well.
 
-    Four layers: prompt tokens, allowed-label distributions (KL), labels (alpha HF vs GGUF) and
-    agreement with the human labels in DATA before and after export. Exits 1 when a threshold
-    fails (export/parity.py: THRESHOLDS), so a Makefile can refuse to publish the file.
+    Per criterion: prompt tokens, allowed-label distributions (KL), scores (mean and max change
+    of the probability-weighted mean of the levels), labels (share that flip; alpha HF vs GGUF is
+    shown but does not decide) and agreement with the human labels in DATA before and after
+    export. Exits 1 when a threshold fails (export/parity.py: THRESHOLDS, per quantization type),
+    so a Makefile can refuse to publish the file.
 
     \b
     Examples:
@@ -82,20 +84,26 @@ def parity(merged: Path, model: Path, data: Path, max_items: int | None, threads
         click.echo(json.dumps(rep, indent=2))
     else:
         t = Table(title=f"parity: {model.name} ({rep['quantization']}) vs {merged}, {rep['items']} items")
-        for col in ("criterion", "KL mean", "label alpha", "exact", "alpha humans HF", "alpha humans GGUF"):
+        for col in ("criterion", "KL mean", "|d score| mean", "|d score| max", "labels flipped",
+                    "label alpha HF vs GGUF", "humans: HF", "humans: GGUF"):
             t.add_column(col, justify="right" if col != "criterion" else "left")
 
-        def f(v: float | None) -> str:
-            return "n/a" if v is None else f"{v:.3f}"
+        def f(v: float | None, digits: int = 3) -> str:
+            return "n/a" if v is None else f"{v:.{digits}f}"
 
         for p in rep["criteria"]:
-            t.add_row(p["criterion"], f"{p['kl_mean']:.4f}", f(p["label_alpha"]), f(p["label_exact"]),
-                      f(p["human_alpha_hf"]), f(p["human_alpha_gguf"]))
+            score = "human_score_alpha_hf" in p
+            t.add_row(p["criterion"], f(p["kl_mean"], 4), f(p.get("score_delta_mean"), 4),
+                      f(p.get("score_delta_max"), 4), f"{p['label_flips']} ({p['label_flip_share']:.1%})",
+                      f(p["label_alpha"]), f(p["human_score_alpha_hf" if score else "human_alpha_hf"]),
+                      f(p["human_score_alpha_gguf" if score else "human_alpha_gguf"]))
         click.echo()
         Console().print(t)
         tk, hu, th = rep["tokens"], rep["humans"], rep["thresholds"]
-        click.echo(f"tokens identical: {tk['identical']}/{tk['total']} (need {th['tokens_identical']:.0%})")
-        click.echo(f"label alpha threshold: {th['label_alpha']}; human alpha HF {f(hu['alpha_hf'])} -> GGUF "
+        click.echo(f"tokens identical: {tk['identical']}/{tk['total']} (need {th['tokens_identical']:.0%}); "
+                   f"allowed: labels flipped {th['label_flip_share']:.0%}, |d score| mean "
+                   f"{th['score_delta_mean']} max {th['score_delta_max']}")
+        click.echo(f"alpha with humans ({hu['measure']}): HF {f(hu['alpha_hf'])} -> GGUF "
                    f"{f(hu['alpha_gguf'])}, drop {hu['drop']:.3f} (allowed {th['human_alpha_drop']})")
         click.echo("PASS" if rep["pass"] else "FAIL: " + ", ".join(k for k, v in rep["checks"].items() if not v))
     if not rep["pass"]:
