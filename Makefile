@@ -13,7 +13,7 @@ GEMMA_HF := $(MODELS)/gemma-3-270m-hf
 THREADS ?= 2
 DEMO := $(MODELS)/demo
 
-.PHONY: help install test test-fast lint demo demo-zero-shot bench bench-train train export export-all clean
+.PHONY: help install test test-fast lint demo demo-zero-shot bench bench-train train export export-all eval clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -45,13 +45,13 @@ lint: install  ## ruff and mypy over the package and tests
 	$(VENV)/bin/ruff check runtime train export bench tests
 	$(VENV)/bin/mypy runtime export bench train
 
-# The main job on an embedded default: Gemma 3 270M from its registry package, zero-shot on 50
+# The main job on an embedded default: Gemma 3 270M from its registry package, zero-shot on 200
 # held-out EmoBank sentences; fine-tuned with LoRA on CPU on the shipped EmoBank subset; exported
 # to Q4_K_M with the spec embedded; parity between the fine-tuned HF model and the file; then the
 # held-out items annotated with the file (1 and 2 threads, byte-identical). One table at the end.
-demo: install $(GEMMA) $(GEMMA_HF)  ## the whole job: zero-shot, fine-tune, export, parity, annotate (~10 min)
+demo: install $(GEMMA) $(GEMMA_HF)  ## the whole job: zero-shot, fine-tune, export, parity, annotate (~25 min)
 	$(PY) -m edge_annotator.export.pipeline --config configs/gemma3-270m-lora-cpu-emobank.yaml \
-		--base-gguf $(GEMMA) --test data/emobank-test-50.jsonl --out $(DEMO) --threads $(THREADS)
+		--base-gguf $(GEMMA) --test data/emobank-test-200.jsonl --out $(DEMO) --threads $(THREADS)
 
 # A quick look at the runtime alone: the base model zero-shot on the held-out sample (1 minute).
 demo-zero-shot: install $(GEMMA)  ## annotate the shipped EmoBank sample zero-shot and measure agreement
@@ -68,7 +68,7 @@ $(GEMMA_HF): | $(GEMMA)
 CONFIG ?= configs/tiny-lora-cpu.yaml
 RUN = $(shell $(PY) -c "import yaml,sys; print(yaml.safe_load(open('$(CONFIG)'))['output'])" 2>/dev/null)
 QUANT ?= Q4_K_M
-HELDOUT ?= data/emobank-test-50.jsonl
+HELDOUT ?= data/emobank-test-200.jsonl
 train: install $(GEMMA_HF)  ## fine-tune and merge: make train CONFIG=configs/NAME.yaml
 	$(CLI) train $(CONFIG)
 
@@ -89,10 +89,16 @@ export-all: install  ## export F16, Q8_0, Q5_K_M, Q4_K_M and Q4_0, each gated by
 bench: install $(GEMMA) $(GEMMA_HF)  ## throughput ratios, side by side (about 5 minutes)
 	$(CLI) bench --model $(GEMMA) --hf-dir $(GEMMA_HF) --threads $(THREADS) --json $(MODELS)/bench.json --markdown BENCHMARKS.md
 
-# Training tokens/s with logits only at the answer positions vs the full vocabulary head (Gemma 3
-# 270M, fp32, CPU), the two arms alternating on the same batches in one process.
-bench-train: install $(GEMMA_HF)  ## answer-only vs full-logits training step, side by side (~3 minutes)
+# Training examples/s of the token-tree step against the step before it (one sequence per example),
+# Gemma 3 270M fp32 on the CPU, the two arms alternating on the same examples in one process.
+bench-train: install $(GEMMA_HF)  ## token-tree vs per-prompt training step, side by side (~3 minutes)
 	$(PY) -m edge_annotator.bench.train --base $(GEMMA_HF) --json $(MODELS)/bench-train.json
+
+# The evaluation table: the shipped CPU recipes trained on the full train splits of the datasets in
+# ../shared/data, exported to Q4_K_M and scored on the full test splits with bootstrap intervals.
+DATA_SRC ?= ../shared/data
+eval: install $(GEMMA) $(GEMMA_HF)  ## train the CPU recipes, evaluate on full test splits -> models/eval/eval.md (~2 h)
+	$(PY) scripts/eval.py --shared $(DATA_SRC) --out $(MODELS)/eval --threads $(THREADS)
 
 clean:  ## remove built models and caches (keeps .venv)
 	rm -rf $(MODELS) .pytest_cache .mypy_cache .ruff_cache

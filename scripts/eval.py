@@ -1,0 +1,215 @@
+"""The evaluation table: the shipped CPU recipes trained, exported and scored on full test splits.
+
+    make eval            # python scripts/eval.py --shared ../shared/data --out models/eval
+
+For every recipe: the full splits are converted from the authors' releases (annotate-cli data),
+the recipe is trained (annotate-cli train) and exported to Q4_K_M (annotate-cli export), and the
+full test split is annotated twice: by the zero-shot base (its spec given on the command line)
+and by the fine-tuned file. Then, per criterion and pooled: alpha with the human consensus for
+the label and (rating scales) for the score, the humans' own alpha, macro-F1 for label sets, and
+a 95% bootstrap interval for each (items resampled, 1000 times, seed 0). The table goes to
+OUT/eval.md and OUT/eval.json. Each step is skipped when its output exists (--fresh redoes all),
+so an interrupted evaluation continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from edge_annotator.runtime.data import read_human
+from edge_annotator.runtime.metrics import _alpha, _code, _macro_f1, bootstrap, consensus, nearest_level
+from edge_annotator.runtime.spec import Criterion, TaskSpec, load_spec
+
+# recipe -> (dataset, test split)
+RECIPES = {
+    "configs/gemma3-270m-lora-cpu-emobank.yaml": ("emobank", "test"),
+    "configs/gemma3-270m-lora-cpu-convabuse.yaml": ("convabuse", "test"),
+    "configs/gemma3-270m-lora-cpu-goemotions.yaml": ("goemotions", "test"),
+}
+SPLITS = {"emobank": ("train", "dev", "test"), "convabuse": ("train", "valid", "test"),
+          "goemotions": ("train", "dev", "test")}
+
+
+def cli(*args: str) -> None:
+    print("+ annotate-cli " + " ".join(args), file=sys.stderr, flush=True)
+    r = subprocess.run([sys.executable, "-m", "edge_annotator.runtime.cli", *args])
+    if r.returncode != 0:
+        raise SystemExit(f"annotate-cli {args[0]} failed ({r.returncode})")
+
+
+def convert(shared: Path, data_dir: Path, name: str) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS[name]:
+        out = data_dir / f"{name}-{split}.jsonl"
+        if not out.exists():
+            cli("data", name, "--source", str(shared / name), "--split", split, "-o", str(out))
+
+
+def read_out(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, float]]]:
+    labels, scores = {}, {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if "labels" in r:
+            labels[r["id"]] = r["labels"]
+            scores[r["id"]] = r.get("scores", {})
+    return labels, scores
+
+
+def _ci(stat: Any, n: int) -> dict[str, Any]:
+    point = stat(np.arange(n))
+    lo, hi = bootstrap(stat, n)
+    return {"value": point, "ci95": [lo, hi]}
+
+
+def criterion_table(c: Criterion, ids: list[str], labels: dict[str, dict[str, Any]],
+                    scores: dict[str, dict[str, float]], humans: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Label and score alpha with the consensus, the humans' own alpha, macro-F1; each with its interval."""
+    rated = [i for i in ids if any(c.name in r for r in humans.get(i, []))]
+    hum = [[r[c.name] for r in humans[i] if c.name in r] for i in rated]
+    cons = np.array([_code(c, consensus(c, h)) for h in hum])
+    lab = np.array([_code(c, labels[i][c.name]) for i in rated])
+    max_r = max(len(h) for h in hum)
+    H = np.array([[_code(c, h[k]) if k < len(h) else np.nan for h in hum] for k in range(max_r)])
+    out: dict[str, Any] = {"items": len(rated), "raters_max": max_r,
+                           "label_alpha": _ci(lambda ix: _alpha([lab[ix], cons[ix]], c.level), len(rated))}
+    if max_r >= 2:
+        out["humans_alpha"] = _ci(lambda ix: _alpha(H[:, ix], c.level), len(rated))
+    if c.level == "nominal":
+        gold = [c.values[int(v)] for v in cons]
+        pred = [c.values[int(v)] for v in lab]
+        out["macro_f1"] = _ci(lambda ix: _macro_f1(c, [gold[k] for k in ix], [pred[k] for k in ix]), len(rated))
+        out["label_counts"] = {str(v): int((lab == k).sum()) for k, v in enumerate(c.values) if (lab == k).any()}
+    else:
+        sc = np.array([scores.get(i, {}).get(c.name, np.nan) for i in rated])
+        mean = np.array([np.mean([float(v) for v in h]) for h in hum])
+        if not np.isnan(sc).any():
+            out["score_alpha"] = _ci(lambda ix: _alpha([sc[ix], mean[ix]], "interval"), len(rated))
+            out["score_sd"], out["consensus_sd"] = float(sc.std()), float(mean.std())
+        out["label_counts"] = {str(v): int(sum(nearest_level(c, float(x)) == v for x in lab)) for v in c.values}
+    return out
+
+
+def pooled_table(spec: TaskSpec, ids: list[str], labels: dict[str, dict[str, Any]],
+                 scores: dict[str, dict[str, float]], humans: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Every (item, criterion) one unit (the scales are shared); items resampled with all their criteria."""
+    rows = []  # (item index, label code, consensus code, score, raters' mean, ratings)
+    for k, i in enumerate(ids):
+        for c in spec.criteria:
+            h = [r[c.name] for r in humans.get(i, []) if c.name in r]
+            if h:
+                rows.append((k, _code(c, labels[i][c.name]), _code(c, consensus(c, h)),
+                             scores.get(i, {}).get(c.name, np.nan), float(np.mean(h)), [float(v) for v in h]))
+    level = spec.criteria[0].level
+    item = np.array([r[0] for r in rows])
+    by_item = [np.nonzero(item == k)[0] for k in range(len(ids))]
+    lab, cons, sc, mean = (np.array([r[j] for r in rows]) for j in (1, 2, 3, 4))
+    max_r = max(len(r[5]) for r in rows)
+    H = np.array([[r[5][k] if k < len(r[5]) else np.nan for r in rows] for k in range(max_r)])
+
+    def units(ix: np.ndarray) -> np.ndarray:
+        return np.concatenate([by_item[k] for k in ix])
+
+    out = {"label_alpha": _ci(lambda ix: _alpha([lab[units(ix)], cons[units(ix)]], level), len(ids)),
+           "humans_alpha": _ci(lambda ix: _alpha(H[:, units(ix)], level), len(ids))}
+    if not np.isnan(sc).any():
+        out["score_alpha"] = _ci(lambda ix: _alpha([sc[units(ix)], mean[units(ix)]], "interval"), len(ids))
+    return out
+
+
+def evaluate(spec: TaskSpec, out_file: Path, test: Path) -> dict[str, Any]:
+    labels, scores = read_out(out_file)
+    humans = read_human(test, spec)
+    ids = [i for i in labels if humans.get(i)]
+    res = {"items": len(ids), "criteria": {c.name: criterion_table(c, ids, labels, scores, humans)
+                                           for c in spec.criteria}}
+    if len(spec.criteria) > 1 and len({c.level for c in spec.criteria}) == 1:
+        res["pooled"] = pooled_table(spec, ids, labels, scores, humans)
+    return res
+
+
+def run_recipe(recipe: Path, shared: Path, out: Path, base_gguf: Path, threads: int, fresh: bool) -> dict[str, Any]:
+    name, split = RECIPES[str(recipe)]
+    convert(shared, Path("models/data"), name)
+    raw = yaml.safe_load(recipe.read_text())
+    spec = load_spec(raw["spec"])
+    run_dir = Path(raw["output"])
+    merged, gguf = run_dir / "merged", out / f"{name}-Q4_K_M.gguf"
+    test = Path("models/data") / f"{name}-{split}.jsonl"
+    timing = run_dir / "timing.json"  # written by annotate-cli train
+    if fresh or not (merged / "config.json").exists():
+        cli("train", str(recipe))
+    if fresh or not gguf.exists():
+        gguf.unlink(missing_ok=True)
+        cli("export", str(merged), "-o", str(gguf), "--quant", "Q4_K_M")
+    res: dict[str, Any] = {"recipe": str(recipe), "test": str(test), "dataset": name}
+    for arm, model, extra in (("zero_shot", base_gguf, ["--spec", raw["spec"]]), ("fine_tuned", gguf, [])):
+        dest = out / f"{name}-{arm}.jsonl"
+        if fresh:
+            dest.unlink(missing_ok=True)
+        cli("annotate", str(model), str(test), "-o", str(dest), "--threads", str(threads), "--resume", *extra)
+        res[arm] = evaluate(spec, dest, test)
+    res["train_and_merge_s"] = json.loads(timing.read_text())["total_s"] if timing.exists() else None
+    prov = json.loads((merged / "provenance.json").read_text())
+    res["val_alpha"], res["best_step"] = prov.get("val_alpha"), prov.get("best_step")
+    return res
+
+
+def _f(x: dict[str, Any] | None) -> str:
+    if not x or x.get("value") is None:
+        return "n/a"
+    lo, hi = x["ci95"]
+    ci = "" if lo is None else f" [{lo:.2f}, {hi:.2f}]"
+    return f"{x['value']:.3f}{ci}"
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    lines = ["| data (test items) | criterion | humans' own alpha | zero-shot label alpha | zero-shot score alpha "
+             "| fine-tuned label alpha | fine-tuned score alpha | fine-tuned macro-F1 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        zs, ft = r["zero_shot"], r["fine_tuned"]
+        rows = [(k, zs["criteria"][k], ft["criteria"][k]) for k in ft["criteria"]]
+        if "pooled" in ft:
+            rows.append(("pooled", zs["pooled"], ft["pooled"]))
+        for k, z, f in rows:
+            lines.append(f"| {r['dataset']} ({ft['items']}) | {k} | {_f(f.get('humans_alpha'))} | "
+                         f"{_f(z['label_alpha'])} | {_f(z.get('score_alpha'))} | {_f(f['label_alpha'])} | "
+                         f"{_f(f.get('score_alpha'))} | {_f(f.get('macro_f1'))} |")
+    lines.append("")
+    lines.append("| recipe | train + merge on 2 cores | best validation step | validation alpha |")
+    lines.append("|---|---|---|---|")
+    for r in results:
+        t = r["train_and_merge_s"]
+        lines.append(f"| `{r['recipe']}` | {'n/a' if t is None else f'{t / 60:.1f} min'} | {r['best_step']} | "
+                     f"{r['val_alpha'] if r['val_alpha'] is None else round(r['val_alpha'], 3)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shared", type=Path, default=Path("../shared/data"), help="the three datasets' releases")
+    ap.add_argument("--out", type=Path, default=Path("models/eval"))
+    ap.add_argument("--base-gguf", type=Path, default=Path("models/gemma-3-270m-q4_k_m.gguf"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--recipes", nargs="*", type=Path, default=[Path(r) for r in RECIPES])
+    ap.add_argument("--fresh", action="store_true", help="train, export and annotate again even if done")
+    a = ap.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    results = [run_recipe(r, a.shared, a.out, a.base_gguf, a.threads, a.fresh) for r in a.recipes]
+    md = markdown(results)
+    (a.out / "eval.md").write_text(md)
+    (a.out / "eval.json").write_text(json.dumps(results, indent=2))
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
