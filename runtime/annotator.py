@@ -102,6 +102,16 @@ def level_probs(trie: AnswerTrie, cond: Callable[[tuple[int, ...]], dict[int, fl
     return probs
 
 
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two token lists share: where a prompt's segment boundary falls."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     z = x.astype(np.float64) - np.max(x)
     e = np.exp(z)
@@ -178,18 +188,10 @@ class Annotator:
         fulls = [eng.tokenize(a + b + cue) for a, b, cue in segs]
         head = eng.tokenize(instr_text + inputs_text)
 
-        def lcp(a: list[int], b: list[int]) -> int:
-            n = 0
-            for x, y in zip(a, b):
-                if x != y:
-                    break
-                n += 1
-            return n
-
         # Boundaries are where each text's own tokens are a prefix of the prompt's (a token that
         # merges across a boundary moves it back): a function of the text alone.
-        shared = min(lcp(f, instr) for f in fulls)
-        split = min(lcp(f, head) for f in fulls)
+        shared = min(common_prefix_len(f, instr) for f in fulls)
+        split = min(common_prefix_len(f, head) for f in fulls)
         cues = [f[split:] + self._stem(c) for f, c in zip(fulls, self.spec.criteria)]
         if any(len(cue) == 0 for cue in cues):
             split -= 1

@@ -75,9 +75,10 @@ def test_parity_layers(exported: dict[str, Path], merged: Path, quant: str) -> N
     rep = parity(merged, exported[quant], DATA / "emobank-test-50.jsonl", max_items=12)
     assert rep["tokens"]["share"] == 1.0
     for c in rep["criteria"]:
-        # measured on the tiny random model: mean KL 0.010-0.012 for F16 and Q8_0, 0.013-0.017 for
-        # Q4_0 (its logits of +-15 amplify rounding far more than Gemma's: 0.0000 at F16 there)
-        assert c["kl_mean"] < (0.03 if quant in ("F16", "Q8_0") else 0.05), c
+        # measured on the tiny model (12 items): mean KL < 0.0001 at every type (its linear layers
+        # are all adapted, so they stay Q8_0 inside the Q4_0 file), mean |delta score| 0.0002 at
+        # F16 and 0.003 at Q8_0; 0.01-0.06 while its layers ran on another RoPE base than llama.cpp's
+        assert c["kl_mean"] < 0.002, c
         assert 0 <= c["score_delta_mean"] <= c["score_delta_max"]
     assert rep["checks"]["labels"] and rep["checks"]["scores"], rep["criteria"]
     assert rep["pass"], rep["checks"]

@@ -87,13 +87,15 @@ def selection_alpha(report: dict[str, Any], select_by: str = "score") -> float:
     select_by "score": the score's interval alpha for rating scales and the label's alpha for
     label sets (they have no score); "label": the label's alpha everywhere. Pooled over criteria
     as the report pools them (all (item, criterion) units, or the mean where levels differ)."""
-    def pick(r: dict[str, Any]) -> float | None:
-        return r["score_alpha"] if select_by == "score" and "score_alpha" in r else r.get("alpha")
-
     pooled = report["pooled"]
     if pooled.get("method") == "mean over criteria (levels differ)":
-        vals = [pick(c) for c in report["criteria"]]
+        vals = [selected_alpha(c, select_by) for c in report["criteria"]]
         a = None if any(v is None for v in vals) else float(np.mean(vals))  # type: ignore[arg-type]
     else:
-        a = pick(pooled)
+        a = selected_alpha(pooled, select_by)
     return -1.0 if a is None else float(a)
+
+
+def selected_alpha(r: dict[str, Any], select_by: str) -> float | None:
+    """One criterion's (or the pooled) alpha as select_by reads it."""
+    return r["score_alpha"] if select_by == "score" and "score_alpha" in r else r.get("alpha")

@@ -50,7 +50,10 @@ def build_tiny(cfg: TrainConfig) -> Any:
     conf.num_key_value_heads = 1
     conf.head_dim = t.head_dim
     if getattr(conf, "layer_types", None) is not None:
-        conf.layer_types = ["full_attention"] * t.layers
+        # Gemma 3's pattern (five sliding-window layers, then one global), which llama.cpp assumes
+        # whatever the layer count: GGUF has no per-layer key for it, and a 2-layer model of global
+        # layers would run on the other RoPE base there.
+        conf.layer_types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(t.layers)]
     if hasattr(conf, "query_pre_attn_scalar"):
         conf.query_pre_attn_scalar = t.head_dim
     for k in ("quantization_config",):

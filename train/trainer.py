@@ -33,10 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from edge_annotator.runtime.prompt import RenderOptions, render_instruction, render_prompt
 from edge_annotator.runtime.spec import TaskSpec, load_spec
 
 from .config import TrainConfig
-from .evaluate import answer_tries, hf_tokenize, pad_id, selection_alpha, validate
+from .evaluate import answer_tries, hf_tokenize, pad_id, selected_alpha, selection_alpha, validate
 from .examples import (
     Example,
     ExampleStream,
@@ -120,15 +121,21 @@ def setup_data(cfg: TrainConfig) -> Data:
 
 
 def check_lengths(cfg: TrainConfig, data: Data, tokenizer: Any) -> list[Example]:
-    """Drop examples whose longest prompt (canonical template, plus the answer) exceeds max_length,
-    in one summary line; stop if more than 1% would go: that run would learn from a sliver of its data."""
-    tok = hf_tokenize(tokenizer)
-    from edge_annotator.runtime.prompt import render_prompt
+    """Drop examples whose longest prompt plus the answer exceeds max_length, in one summary line;
+    stop if more than 1% would go: that run would learn from a sliver of its data.
 
+    A prompt's length is measured with the canonical instruction, plus the longest paraphrase's
+    extra tokens where templates are augmented (the instruction does not depend on the item)."""
+    tok = hf_tokenize(tokenizer)
+    spec = data.spec
+    extra = 0
+    if cfg.augment.templates and len(spec.templates) > 1:
+        lens = [len(tok(render_instruction(spec, RenderOptions(template=t)))) for t in range(len(spec.templates))]
+        extra = max(lens) - lens[0]
     longest: dict[int, int] = {}
     for i in sorted({e.item for e in data.examples}):
         fields = data.train_items[i].fields
-        longest[i] = max(len(tok(render_prompt(data.spec, fields, c))) for c in data.spec.criteria) + 1
+        longest[i] = max(len(tok(render_prompt(spec, fields, c))) for c in spec.criteria) + 1 + extra
     too_long = [e for e in data.examples if longest[e.item] > cfg.max_length]
     if not too_long:
         return data.examples
@@ -244,7 +251,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[dict[st
         report = validate(model, tokenizer, data.spec, data.val_items, device)
         a = selection_alpha(report, cfg.select_by)
         rec = {"step": step, "event": "val", "alpha": a, "select_by": cfg.select_by,
-               "per_criterion": {c["criterion"]: _selected(c, cfg.select_by) for c in report["criteria"]}}
+               "per_criterion": {c["criterion"]: selected_alpha(c, cfg.select_by) for c in report["criteria"]}}
         if any("score_r" in c for c in report["criteria"]):  # is the score following the raters yet?
             rec["score_r"] = {c["criterion"]: c.get("score_r") for c in report["criteria"] if "score_r" in c}
         if untrained:
@@ -299,10 +306,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[dict[st
     seconds = time.perf_counter() - t_start
     return TrainResult(out, state, state.step, seconds, tok_count / seconds if seconds else 0.0,
                        ex_count / seconds if seconds else 0.0, history)
-
-
-def _selected(c: dict[str, Any], select_by: str) -> float | None:
-    return c["score_alpha"] if select_by == "score" and "score_alpha" in c else c.get("alpha")
 
 
 def _save_checkpoint(ckpt: Path, model: Any, opt: Any, sched: Any, state: TrainState) -> None:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edge_annotator.runtime.annotator import AnswerTrie
+from edge_annotator.runtime.annotator import AnswerTrie, common_prefix_len
 from edge_annotator.runtime.prompt import RenderOptions, prompt_segments
 from edge_annotator.runtime.spec import TaskSpec
 
@@ -51,10 +51,9 @@ class Unit:
     """Per criterion (spec order): probabilities over its levels, or None to leave it out."""
     input_order: tuple[int, ...] | None = None
     """This item's order of the spec's input fields (augmentation); None keeps the spec's."""
-    dropout: Sequence[int] = ()
-    """Positions in the item's tokens to replace with the pad token (augmentation)."""
     drop_prob: float = 0.0
-    """Alternatively: each item token is replaced with this probability, drawn from `rng`."""
+    """Token dropout: each of the item's tokens is replaced by the pad token with this probability,
+    drawn from `rng` (augmentation)."""
     rng: np.random.Generator | None = None
 
 
@@ -119,15 +118,6 @@ class TreeBatch:
         return got
 
 
-def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def build_tree(tokenize: Tokenize, spec: TaskSpec, tries: Mapping[str, AnswerTrie], units: Sequence[Unit],
                opts: RenderOptions, pad_id: int) -> TreeBatch:
     """Pack units (all rendered with the instruction `opts`: one template and label order) into one tree.
@@ -145,8 +135,8 @@ def build_tree(tokenize: Tokenize, spec: TaskSpec, tries: Mapping[str, AnswerTri
             raise ValueError("units of one tree must share the instruction (template and label order)")
         fulls = [tokenize(a + b + cue) for a, b, cue in segs]
         head = tokenize(segs[0][0] + segs[0][1])
-        shared = min(_lcp(f, instr) for f in fulls)
-        split = min(_lcp(f, head) for f in fulls)
+        shared = min(common_prefix_len(f, instr) for f in fulls)
+        split = min(common_prefix_len(f, head) for f in fulls)
         if any(len(f) == split for f in fulls):
             split -= 1  # every cue keeps at least one token of its own (the runtime does the same)
         plans.append((fulls, shared, split))
@@ -160,12 +150,10 @@ def build_tree(tokenize: Tokenize, spec: TaskSpec, tries: Mapping[str, AnswerTri
     item_end: list[int] = []  # position after each item's last token
     for u, (fulls, shared, split) in zip(units, plans):
         toks = list(fulls[0][Lp:split])
-        drop = list(u.dropout)
         if u.drop_prob > 0 and u.rng is not None:
             lo = shared - Lp  # the item's own tokens, not an instruction tail that merged into it
-            drop = [lo + int(k) for k in np.nonzero(u.rng.random(len(toks) - lo) < u.drop_prob)[0]]
-        for k in drop:
-            toks[k] = pad_id
+            for k in np.nonzero(u.rng.random(len(toks) - lo) < u.drop_prob)[0]:
+                toks[lo + int(k)] = pad_id
         ids.extend(toks)
         pos.extend(range(Lp, Lp + len(toks)))
         item_of.extend([len(item_end)] * len(toks))
@@ -252,8 +240,10 @@ def _tree_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
         s_a, s_b = torch.tanh(s_a / softcap) * softcap, torch.tanh(s_b / softcap) * softcap
     s_a = s_a.masked_fill(~m_a, float("-inf"))
     s_b = s_b.masked_fill(~m_b, float("-inf"))
-    p_pre = F.dropout(torch.softmax(s_a[..., :Lp, :], dim=-1), dropout, module.training)
-    p = F.dropout(torch.softmax(torch.cat([s_a[..., Lp:, :], s_b], dim=-1), dim=-1), dropout, module.training)
+    # softmax in fp32 whatever the compute dtype (as transformers' eager attention does for bf16)
+    p_pre = torch.softmax(s_a[..., :Lp, :], dim=-1, dtype=torch.float32).to(q.dtype)
+    p = torch.softmax(torch.cat([s_a[..., Lp:, :], s_b], dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
+    p_pre, p = F.dropout(p_pre, dropout, module.training), F.dropout(p, dropout, module.training)
     out = torch.cat([p_pre @ v[..., :Lp, :], p[..., :Lp] @ v[..., :Lp, :] + p[..., Lp:] @ v[..., Lp:, :]], dim=-2)
     return out.reshape(H, N, d).transpose(0, 1)[None], None
 
