@@ -92,7 +92,7 @@ bench: install $(GEMMA) $(GEMMA_HF)  ## throughput ratios, side by side (about 5
 # Training examples/s of the token-tree step against the step before it (one sequence per example),
 # Gemma 3 270M fp32 on the CPU, the two arms alternating on the same examples in one process.
 bench-train: install $(GEMMA_HF)  ## token-tree vs per-prompt training step, side by side (~3 minutes)
-	$(PY) -m edge_annotator.bench.train --base $(GEMMA_HF) --json $(MODELS)/bench-train.json
+	$(PY) -m edge_annotator.bench.train --base $(GEMMA_HF) --json $(MODELS)/bench-train.json --markdown BENCHMARKS.md
 
 # The evaluation table: the shipped CPU recipes trained on the full train splits of the datasets in
 # ../shared/data, exported to Q4_K_M and scored on the full test splits with bootstrap intervals.

@@ -34,7 +34,7 @@ def _run_arm(arm: str, args: dict[str, Any]) -> dict[str, Any]:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def _cpu() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -53,7 +53,8 @@ def run_bench(model: Path, hf_dir: Path | None, spec: Path, data: Path, n_items:
               batch: int) -> dict[str, Any]:
     base = {"model": str(model), "spec": str(spec), "data": str(data), "n_items": n_items, "threads": threads}
     res: dict[str, Any] = {
-        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "threads": threads, "python": platform.python_version()},
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads,
+                    "python": platform.python_version()},
         "model": model.name, "spec": spec.name, "data": data.name, "items": n_items,
     }
     # llama.cpp's own rate, measured at the start and again at the end of the run: this shared VM's
@@ -101,10 +102,23 @@ def run_bench(model: Path, hf_dir: Path | None, spec: Path, data: Path, n_items:
     return res
 
 
+def write_section(path: Path, name: str, text: str) -> None:
+    """Put `text` between this section's markers in a shared Markdown file (BENCHMARKS.md), keeping
+    the other benchmark's section: `make bench` and `make bench-train` each rewrite only their own."""
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    path.write_text(new)
+
+
 def markdown(res: dict[str, Any], command: str) -> str:
     m = res["machine"]
     lines = [
-        "# Benchmarks",
+        "## Annotation throughput",
         "",
         f"Measured by `{command}` on {m['cpu']}, {m['cores']} cores, {m['threads']} threads, Python {m['python']}.",
         f"Model `{res['model']}`, spec `{res['spec']}` (3 criteria), the first {res['items']} items of "
@@ -182,7 +196,7 @@ def bench(model: Path, hf_dir: Path | None, spec: Path, data: Path, n_items: int
     if json_out:
         json_out.write_text(json.dumps(res, indent=2))
     if md_out:
-        md_out.write_text(md)
+        write_section(md_out, "annotate", md)
     click.echo(json.dumps(res["ratios"], indent=2))
     t = Table(title="ratios (side by side, this run)")
     t.add_column("annotate arm")
