@@ -323,14 +323,16 @@ def agree(pred: Path, human: Path, spec_path: Path | None, model: Path | None, a
              "mae": "label MAE" if scores else "MAE", "score_alpha": "score alpha",
              "score_alpha_humans_plus_model": "score +model", "score_mae": "score MAE", "score_r": "score r",
              "exact": "exact", "macro_f1": "macro-F1"}
-    rows = report["criteria"] + [{**report["pooled"], "criterion": "pooled", "level": ""}]
-    cols = [k for k in heads if any(r.get(k) is not None for r in rows)]  # only what this spec has
-    t.add_column("criterion")
-    t.add_column("level")
-    for k in cols:
-        t.add_column(heads[k], justify="right")
-    for r in rows:
-        t.add_row(r["criterion"], r["level"], *[_fmt(r.get(k)) for k in cols])
+    # one column per criterion (and pooled), one row per figure: it fits 80 columns with scores
+    # beside labels, where a column per figure (eleven) squeezed the names into ellipses
+    cols = report["criteria"] + [{**report["pooled"], "criterion": "pooled", "level": ""}]
+    t.add_column("")
+    for c in cols:
+        t.add_column(c["criterion"], justify="right")
+    t.add_row("level", *[c["level"] for c in cols])
+    for k, head in heads.items():
+        if any(c.get(k) is not None for c in cols):  # only what this spec has
+            t.add_row(head, *[_fmt(c.get(k)) for c in cols])
     Console().print(t)
     if n_err:
         err.print(f"{n_err} error record(s) in {pred} were left out")
