@@ -130,7 +130,7 @@ def default_threads() -> int:
 class LlamaModel:
     """A loaded GGUF model: weights, vocabulary and metadata, without a context."""
 
-    def __init__(self, path: str | Path, *, n_gpu_layers: int = 0):
+    def __init__(self, path: str | Path, *, n_gpu_layers: int = 0, vocab_only: bool = False):
         L = _lib()
         self.path = Path(path)
         if not self.path.is_file():
@@ -142,6 +142,7 @@ class LlamaModel:
                              f"convert the model with 'annotate-cli export' or llama.cpp's converter")
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
+        mp.vocab_only = vocab_only  # the tokenizer alone: no weights read (checks of HF tokenizers)
         self.ptr = L.llama_model_load_from_file(str(self.path).encode(), mp)
         if not self.ptr:
             raise ModelError(f"{self.path}: llama.cpp could not load this model: the file is corrupt or truncated, "
@@ -152,6 +153,20 @@ class LlamaModel:
         self.add_bos = bool(L.llama_vocab_get_add_bos(self.vocab))
         self.n_ctx_train = L.llama_model_n_ctx_train(self.ptr)
         self.n_params = L.llama_model_n_params(self.ptr)
+
+    def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of text; special-token text in the input stays plain text (no injection)."""
+        L = _lib()
+        data = text.encode("utf-8")
+        bos = self.add_bos if add_bos is None else add_bos
+        cap = len(data) + 8
+        buf = (L.llama_token * cap)()
+        n = L.llama_tokenize(self.vocab, data, len(data), buf, cap, bos, False)
+        if n < 0:  # buffer too small: llama.cpp says how many it needs
+            cap = -n
+            buf = (L.llama_token * cap)()
+            n = L.llama_tokenize(self.vocab, data, len(data), buf, cap, bos, False)
+        return list(buf[:n])
 
     def meta(self, key: str) -> str | None:
         """A metadata value as text (llama.cpp renders numbers and booleans; arrays are summarised)."""
@@ -261,17 +276,7 @@ class LlamaEngine:
     # -- tokens -------------------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of text; special-token text in the input stays plain text (no injection)."""
-        L = _lib()
-        data = text.encode("utf-8")
-        bos = self.add_bos if add_bos is None else add_bos
-        cap = len(data) + 8
-        buf = (L.llama_token * cap)()
-        n = L.llama_tokenize(self._vocab, data, len(data), buf, cap, bos, False)
-        if n < 0:  # buffer too small: llama.cpp says how many it needs
-            cap = -n
-            buf = (L.llama_token * cap)()
-            n = L.llama_tokenize(self._vocab, data, len(data), buf, cap, bos, False)
-        return list(buf[:n])
+        return self.model.tokenize(text, add_bos)
 
     def piece(self, token: int) -> str:
         L = _lib()

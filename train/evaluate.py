@@ -27,7 +27,9 @@ from .tree import Unit, build_tree, level_logprobs, tree_attention
 
 
 def hf_tokenize(tokenizer: Any) -> Any:
-    return lambda text: list(tokenizer(text)["input_ids"])
+    """Token ids as llama.cpp gives them at run time: BOS as the tokenizer adds it, and text that
+    looks like a special token ("<bos>" inside an item) kept as text, not parsed into that token."""
+    return lambda text: list(tokenizer(text, split_special_tokens=True)["input_ids"])
 
 
 def answer_tries(tokenizer: Any, spec: TaskSpec) -> dict[str, AnswerTrie]:

@@ -6,15 +6,23 @@ the HF side of benchmarks and parity checks.
 transformers dequantizes the GGUF on load (about a minute for Gemma 3 270M on 2 cores). Only
 safetensors are written. The folder is written beside the target and renamed into place, so an
 interrupted run leaves nothing half-written.
+
+The converted tokenizer is checked against the GGUF's own vocabulary (llama.cpp, train/tokcheck.py)
+before anything is written: transformers' GGUF conversion of Gemma 3's tokenizer is right in 5.24
+and wrong in 5.17 (96 tokens for a 19-token sentence), so a difference refuses the conversion. The
+texts and llama.cpp's ids go into the folder for training to check again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from .tokcheck import FINGERPRINT, TokenizerMismatch, check_against_gguf
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +41,21 @@ def atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
     return final
 
 
-def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+    """The GGUF's weights as fp32 safetensors with an HF tokenizer: converted from the GGUF, or the
+    model's own from `tokenizer_dir` (where this transformers converts it wrongly), checked alike."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src, out = Path(gguf_path), Path(out_dir)
     if not src.is_file():
         raise FileNotFoundError(f"{src}: GGUF file not found")
-    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    if tokenizer_dir is not None:
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    # refuses before the weights are loaded or anything is written
+    fingerprint = check_against_gguf(tok, src, source=None if tokenizer_dir is None else str(tokenizer_dir))
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     # the weights are dequantized: save them as the plain fp32 they now are, with no GGUF quantizer
     model.hf_quantizer = None  # type: ignore[assignment]
@@ -50,16 +65,28 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     def write(d: Path) -> None:
         model.save_pretrained(d, safe_serialization=True)
         tok.save_pretrained(d)
+        (d / FINGERPRINT).write_text(json.dumps(fingerprint, ensure_ascii=False) + "\n")
 
     return atomic_dir(out, write)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print("usage: python -m edge_annotator.train.from_gguf MODEL.gguf OUT_DIR", file=sys.stderr)
-        return 2
-    print(gguf_to_hf(args[0], args[1]))
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m edge_annotator.train.from_gguf",
+                                 description="A GGUF base model to an fp32 HF folder, its tokenizer checked against "
+                                             "the GGUF's (llama.cpp).")
+    ap.add_argument("gguf", help="MODEL.gguf")
+    ap.add_argument("out", help="OUT_DIR (written beside, then renamed into place)")
+    ap.add_argument("--tokenizer", default=None, metavar="DIR",
+                    help="take the tokenizer from this HF folder (the model's own tokenizer.json) instead of "
+                         "converting the GGUF's; it is checked the same way")
+    a = ap.parse_args(argv)
+    try:
+        print(gguf_to_hf(a.gguf, a.out, a.tokenizer))
+    except (FileNotFoundError, TokenizerMismatch) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -51,6 +51,7 @@ from .examples import (
 )
 from .from_gguf import atomic_dir
 from .model import add_lora, build_tiny, load_base, load_tokenizer, pick_device
+from .tokcheck import check_folder
 from .tree import build_tree, level_logprobs, soft_cross_entropy, tree_attention
 
 log = logging.getLogger(__name__)
@@ -229,6 +230,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[dict[st
     device = pick_device(cfg)
     data = setup_data(cfg)
     tokenizer = load_tokenizer(cfg.base_model)
+    if problem := check_folder(Path(cfg.base_model), tokenizer):  # ids that llama.cpp would not give
+        raise CannotLearn(problem)
     examples = check_lengths(cfg, data, tokenizer)
     model = setup_model(cfg, out, device, tokenizer)
     total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch(len(examples), data.units_per_step))

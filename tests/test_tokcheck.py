@@ -1,0 +1,93 @@
+"""The HF tokenizer is checked against the GGUF's vocabulary where a base is made and where it is used.
+
+A tokenizer that differs is made for real: Gemma 3's tokenizer.json with its BPE merges removed
+(every word then falls apart into characters, as transformers 5.17's conversion made a 19-token
+sentence 96 tokens)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import DATA, ROOT, TASKS
+
+pytestmark = pytest.mark.slow
+
+
+def _broken_copy(src: Path, dst: Path) -> Path:
+    """src's config, weights (linked) and fingerprint, with a tokenizer.json that has no merges."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name == "model.safetensors":
+            (dst / f.name).symlink_to(f.resolve())
+        elif f.is_file():
+            shutil.copy(f, dst / f.name)
+    tj = json.loads((src / "tokenizer.json").read_text())
+    tj["model"]["merges"] = []
+    (dst / "tokenizer.json").write_text(json.dumps(tj))
+    return dst
+
+
+def test_the_converted_tokenizer_matches_llama_cpp_and_its_fingerprint_is_written(gemma_hf: Path,
+                                                                                    gemma_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from edge_annotator.train.tokcheck import FINGERPRINT, check_against_gguf, check_folder, probe_texts
+
+    fp = check_against_gguf(AutoTokenizer.from_pretrained(gemma_hf), gemma_path)
+    # the sentence transformers 5.17 split into 96 tokens is 19 for llama.cpp; every shipped spec's prompts
+    assert len(fp["ids"][0]) == 19 and len(fp["texts"]) == len(probe_texts()) > 8
+    assert (gemma_hf / FINGERPRINT).is_file()  # from_gguf wrote it when the folder was made
+    assert check_folder(gemma_hf, AutoTokenizer.from_pretrained(gemma_hf)) is None
+
+
+def test_from_gguf_refuses_a_tokenizer_that_splits_differently(gemma_hf: Path, gemma_path: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The conversion's tokenizer is replaced by the merge-less one (this transformers converts
+    Gemma correctly; 5.17 does not, and is not installable here): one line, exit 1, nothing written."""
+    import transformers
+
+    from edge_annotator.train import from_gguf
+
+    broken = transformers.AutoTokenizer.from_pretrained(_broken_copy(gemma_hf, tmp_path / "broken"))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: broken)
+    out = tmp_path / "hf"
+    assert from_gguf.main([str(gemma_path), str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "splits" in err[0] and "differently from llama.cpp" in err[0], err
+    assert not out.exists() and not (tmp_path / "hf.partial").exists()
+
+
+def test_from_gguf_refuses_a_tokenizer_folder_that_is_not_the_model_s(gemma_hf: Path, gemma_path: Path,
+                                                                     tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from edge_annotator.train import from_gguf
+
+    out = tmp_path / "hf"
+    broken = _broken_copy(gemma_hf, tmp_path / "broken")
+    assert from_gguf.main([str(gemma_path), str(out), "--tokenizer", str(broken)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"from {broken} splits" in err[0] and "not this model's tokenizer" in err[0], err
+    assert not out.exists()
+
+
+def test_training_stops_before_step_1_on_a_tokenizer_changed_since_conversion(gemma_hf: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from edge_annotator.train.cli import train as train_cmd
+
+    base = _broken_copy(gemma_hf, tmp_path / "base")
+    raw = yaml.safe_load((ROOT / "configs" / "tiny-lora-cpu.yaml").read_text())
+    raw.update(base_model=str(base), spec=str(TASKS / "emobank.yaml"),
+               train_data=str(DATA / "emobank-train-64.jsonl"), output=str(tmp_path / "run"))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    r = CliRunner().invoke(train_cmd, [str(cfg)])
+    assert r.exit_code == 1, r.output
+    lines = [ln for ln in r.output.strip().splitlines() if "tokenizer" in ln]
+    assert len(lines) == 1 and "differently from" in lines[0] and "from_gguf" in lines[0], r.output
+    assert not (tmp_path / "run" / "best-adapter").exists() and not (tmp_path / "run" / "log.jsonl").exists()
