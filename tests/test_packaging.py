@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -114,3 +115,53 @@ def test_cli_help_lists_commands_with_examples() -> None:
     for cmd in ("annotate", "agree", "inspect", "data"):
         r = runner.invoke(cli, [cmd, "--help"])
         assert r.exit_code == 0 and "Examples:" in r.output, cmd
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_from_an_installed_wheel(tmp_path: Path, gemma_hf: Path) -> None:
+    """Built as a wheel and installed apart from the checkout, train.gpu_check finds its config,
+    spec and data in the package and runs its QLoRA check as far as this machine allows: on the CPU
+    (NF4 with fp32 compute) to the end; the CUDA run needs a GPU."""
+    import shutil
+
+    wheels, site, src = tmp_path / "wheels", tmp_path / "site", tmp_path / "src"
+    # built from a copy: setuptools leaves a build/ folder in the tree it builds
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", "models", "build", ".git", "*.egg-info",
+                                                              "__pycache__", ".*_cache", ".gpu"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(wheels)], check=True, capture_output=True, timeout=300)
+    wheel = next(wheels.glob("edge_annotator-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    assert (site / "edge_annotator" / "tasks" / "emobank.yaml").is_file()
+    assert (site / "edge_annotator" / "data" / "emobank-train-64.jsonl").is_file()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    code = ("import edge_annotator.train.gpu_check as g, sys; assert g.__file__.startswith(sys.argv[1]), g.__file__; "
+            "sys.exit(g.main(sys.argv[2:]))")
+    run = tmp_path / "elsewhere"
+    run.mkdir()
+    r = subprocess.run([sys.executable, "-c", code, str(site), str(gemma_hf), "--steps", "2", "--device", "cpu"],
+                       cwd=run, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    rep = json.loads(r.stdout[r.stdout.index("{"):])
+    assert rep["device"] == "cpu" and rep["steps"] == 2 and rep["merge_ok"]
+    import torch
+
+    if not torch.cuda.is_available():
+        r = subprocess.run([sys.executable, "-c", code, str(site), str(gemma_hf)], cwd=run, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "no CUDA device" in r.stderr
+
+
+def test_gpu_train_check_script_parses_and_stops_clearly_without_cuda(tmp_path: Path) -> None:
+    """The GPU script's prelude runs anywhere: on a machine without CUDA it stops with one clear line."""
+    script = ROOT / "scripts" / "gpu_train_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine runs the script itself")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "SITE": str(tmp_path / "s")}
+    r = subprocess.run(["bash", str(script), str(tmp_path), str(tmp_path / "back")], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 1 and "gpu_train_check: needs CUDA" in r.stderr, r.stdout + r.stderr

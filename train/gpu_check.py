@@ -1,6 +1,6 @@
 """QLoRA on a CUDA GPU, offline: NF4 base with bf16 compute, a few steps, merge, check, tokens/s.
 
-    python -m edge_annotator.train.gpu_check TOKENIZER_DIR [--steps 20]     # scripts/gpu_check.sh
+    python -m edge_annotator.train.gpu_check TOKENIZER_DIR [--steps 20] [--device cpu]   # scripts/gpu_check.sh
 
 Uses a small model built from scratch with the tokenizer of TOKENIZER_DIR (any HF folder of a
 supported architecture), so it needs no weights and no network. It checks that:
@@ -18,7 +18,23 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
+
+# The tiny recipe (configs/tiny-lora-cpu.yaml) as QLoRA, built here so that an installed package
+# needs no checkout: the spec and the 64 EmoBank items ship inside it (train/assets.py).
+def check_config(tokenizer_dir: Path, out: str, steps: int, device: str) -> dict[str, object]:
+    from .assets import shipped
+
+    return {
+        "base_model": str(tokenizer_dir),
+        "tiny": {"layers": 2, "hidden": 64, "intermediate": 128, "heads": 2, "head_dim": 32},
+        "spec": str(shipped("tasks", "emobank.yaml")),
+        "train_data": str(shipped("data", "emobank-train-64.jsonl")),
+        "val_fraction": 0.25, "val_max_items": 8, "output": out, "raters": "distribution",
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "quantization": "nf4", "compute_dtype": "bfloat16" if device == "cuda" else "float32", "device": device,
+        "lr": 3.0e-3, "schedule": "linear", "warmup_ratio": 0.05, "epochs": 100, "max_steps": steps,
+        "batch_size": 16, "micro_batch": 16, "eval_every": steps, "patience": steps, "seed": 0,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,21 +45,18 @@ def main(argv: list[str] | None = None) -> int:
     from edge_annotator.train.merge import merge
     from edge_annotator.train.trainer import train
 
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("tokenizer_dir", type=Path)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu: the same QLoRA check with fp32 compute (bitsandbytes' CPU backend), to try an "
+                         "install on a machine without a GPU")
     a = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA device: this check needs a GPU", file=sys.stderr)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: this check needs a GPU (--device cpu runs it on the CPU)", file=sys.stderr)
         return 2
-    root = Path(__file__).resolve().parents[1]
-    raw = yaml.safe_load((root / "configs" / "tiny-lora-cpu.yaml").read_text())
     with tempfile.TemporaryDirectory() as tmp:
-        raw.update(base_model=str(a.tokenizer_dir), spec=str(root / "tasks" / "emobank.yaml"),
-                   train_data=str(root / "data" / "emobank-train-64.jsonl"), output=f"{tmp}/run",
-                   quantization="nf4", compute_dtype="bfloat16", device="cuda", max_steps=a.steps,
-                   eval_every=a.steps, patience=a.steps, val_max_items=8)
-        cfg = parse_config(raw, "gpu-check")
+        cfg = parse_config(check_config(a.tokenizer_dir, f"{tmp}/run", a.steps, a.device), "gpu-check")
         res = train(cfg)
         losses = [h["loss"] for h in res.history]
         out = merge(cfg, res.output)
@@ -56,11 +69,12 @@ def main(argv: list[str] | None = None) -> int:
             delta = (cfg.lora.alpha / cfg.lora.r) * (lora[k.replace("lora_A", "lora_B")].float() @ lora[k].float())
             expect = base[name].float() + delta
             worst = max(worst, float((merged[name].float() - expect).abs().max()))
-        report = {"device": torch.cuda.get_device_name(0), "steps": res.steps, "first_loss": losses[0],
-                  "last_loss": losses[-1], "tokens_per_s": res.tokens_per_s, "merge_max_abs_err": worst,
-                  "loss_fell": losses[-1] < losses[0], "merge_ok": worst < 2e-2}  # bf16 weights: ~3 digits
+        report = {"device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu", "steps": res.steps,
+                  "first_loss": losses[0], "last_loss": losses[-1], "tokens_per_s": res.tokens_per_s,
+                  "merge_max_abs_err": worst, "loss_fell": losses[-1] < losses[0],
+                  "merge_ok": worst < 2e-2}  # bf16 weights: ~3 digits
         print(json.dumps(report, indent=2))
-        return 0 if report["loss_fell"] and report["merge_ok"] and all(map(lambda x: x == x, losses)) else 1
+        return 0 if report["loss_fell"] and report["merge_ok"] and all(x == x for x in losses) else 1
 
 
 if __name__ == "__main__":
