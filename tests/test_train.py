@@ -119,6 +119,30 @@ def test_merge_is_base_plus_scaled_lora_product(tmp_path: Path, gemma_hf: Path) 
     assert float(b_.abs().sum()) > 0
     torch.testing.assert_close(merged[w], base[w] + (cfg.lora.alpha / cfg.lora.r) * b_ @ a_)
 
+    # --merge-only: the adapter trained elsewhere (a GPU machine) merged apart from training, alike
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from edge_annotator.train.cli import train as train_cmd
+
+    shutil.rmtree(out)
+    cfg_path = tmp_path / "c.yaml"
+    raw = yaml.safe_load((ROOT / "configs" / "tiny-lora-cpu.yaml").read_text())
+    raw.update(base_model=str(gemma_hf), spec=str(TASKS / "emobank.yaml"),
+               train_data=str(DATA / "emobank-train-64.jsonl"), output=str(tmp_path / "run"))
+    cfg_path.write_text(yaml.safe_dump(raw))
+    r = CliRunner().invoke(train_cmd, [str(cfg_path), "--merge-only"])
+    assert r.exit_code == 0, r.output
+    again = load_file(str(out / "model.safetensors"))
+    assert set(again) == set(merged) and all(torch.equal(again[k], merged[k]) for k in merged)
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["merged_apart_from_training"] and prov["val_alpha"] == res.state.best_alpha
+    shutil.rmtree(res.output / "best-adapter")
+    r = CliRunner().invoke(train_cmd, [str(cfg_path), "--merge-only"])
+    assert r.exit_code == 1 and "no adapter to merge" in r.output
+
 
 def test_qlora_nf4_trains_on_cpu(tmp_path: Path, gemma_hf: Path) -> None:
     import bitsandbytes as bnb

