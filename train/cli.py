@@ -31,7 +31,10 @@ def train(config: Path, output: str | None, max_steps: int | None, resume: bool,
     """Fine-tune a base model on human-labelled items (LoRA; QLoRA with quantization: nf4).
 
     Validates with the runtime's own scoring and Krippendorff's alpha, keeps the best adapter,
-    stops early, and merges the best adapter into the base weights (RUN/merged).
+    stops early, and merges the best adapter into the base weights (RUN/merged). With several
+    raters per item, `raters: distribution` (the default) trains each item and criterion once
+    against the raters' distribution over the levels; `select_by: score` (the default) chooses
+    checkpoints by the alpha of the score annotate-cli writes (the probability-weighted mean).
 
     \b
     Examples:
