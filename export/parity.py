@@ -32,15 +32,23 @@ from edge_annotator.runtime.metrics import criterion_agreement
 from edge_annotator.runtime.prompt import render_prompt
 from edge_annotator.runtime.spec import spec_from_json
 
-# Measured (README, Export and parity) on the demo's Gemma 3 270M fine-tune and the tiny recipe:
-# see the table there for the figures these bounds sit above.
+# Measured (README, Export and parity) on the demo's Gemma 3 270M fine-tune, 200 held-out EmoBank
+# sentences, per criterion V / A / D:
+#   Q8_0, and Q4_K_M with the adapted tensors at Q8_0 (the default; the same tensors): mean |delta
+#   score| 0.0039 / 0.0029 / 0.0026, max 0.042 / 0.014 / 0.016, no label flipped, score alpha with
+#   the readers 0.2542 -> 0.2542;
+#   Q4_K_M throughout (--adapted-type same): mean 0.050 / 0.043 / 0.049, max 0.19 / 0.17 / 0.11,
+#   1 label of 200 flipped (label alpha HF vs GGUF 0.66 on Arousal for that one flip), score alpha
+#   0.254 -> 0.219.
+# The 8-bit bounds sit 2.5x above what 8 bits cost; the 4- and 5-bit ones below what 4 bits
+# throughout cost, because that file agreed with the readers 0.035 worse: the gate refuses it.
 THRESHOLDS: dict[str, Any] = {
     "tokens_identical": 1.0,
     "label_flip_share": {"F32": 0.01, "F16": 0.01, "BF16": 0.01, "Q8_0": 0.01,
                          "Q6_K": 0.02, "Q5_K_M": 0.02, "Q4_K_M": 0.02, "Q4_0": 0.02},
     "score_delta_mean": {"F32": 0.01, "F16": 0.01, "BF16": 0.01, "Q8_0": 0.01,
                          "Q6_K": 0.03, "Q5_K_M": 0.03, "Q4_K_M": 0.03, "Q4_0": 0.03},
-    "score_delta_max": {"F32": 0.05, "F16": 0.05, "BF16": 0.05, "Q8_0": 0.05,
+    "score_delta_max": {"F32": 0.10, "F16": 0.10, "BF16": 0.10, "Q8_0": 0.10,
                         "Q6_K": 0.15, "Q5_K_M": 0.15, "Q4_K_M": 0.15, "Q4_0": 0.15},
     "human_alpha_drop": 0.02,
 }
