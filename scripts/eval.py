@@ -172,7 +172,7 @@ def _f(x: dict[str, Any] | None) -> str:
 
 def markdown(results: list[dict[str, Any]]) -> str:
     lines = ["| data (test items) | criterion | humans' own alpha | zero-shot label alpha | zero-shot score alpha "
-             "| fine-tuned label alpha | fine-tuned score alpha | fine-tuned macro-F1 |",
+             "| fine-tuned label alpha | fine-tuned score alpha | macro-F1 zero-shot / fine-tuned |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
         zs, ft = r["zero_shot"], r["fine_tuned"]
@@ -182,7 +182,9 @@ def markdown(results: list[dict[str, Any]]) -> str:
         for k, z, f in rows:
             lines.append(f"| {r['dataset']} ({ft['items']}) | {k} | {_f(f.get('humans_alpha'))} | "
                          f"{_f(z['label_alpha'])} | {_f(z.get('score_alpha'))} | {_f(f['label_alpha'])} | "
-                         f"{_f(f.get('score_alpha'))} | {_f(f.get('macro_f1'))} |")
+                         f"{_f(f.get('score_alpha'))} | "
+                         + ("n/a" if "macro_f1" not in f else f"{_f(z.get('macro_f1'))} / {_f(f['macro_f1'])}")
+                         + " |")
     lines.append("")
     lines.append("| recipe | train + merge on 2 cores | best validation step | validation alpha |")
     lines.append("|---|---|---|---|")
