@@ -94,14 +94,14 @@ def parity(merged: Path, model: Path, data: Path, max_items: int | None, threads
         for p in rep["criteria"]:
             score = "human_score_alpha_hf" in p
             t.add_row(p["criterion"], f(p["kl_mean"], 4), f(p.get("score_delta_mean"), 4),
-                      f(p.get("score_delta_max"), 4), f"{p['label_flips']} ({p['label_flip_share']:.1%})",
+                      f(p.get("score_delta_max"), 4), f"{p['label_flips']} ({p['label_flips_decisive']} decisive)",
                       f(p["label_alpha"]), f(p["human_score_alpha_hf" if score else "human_alpha_hf"]),
                       f(p["human_score_alpha_gguf" if score else "human_alpha_gguf"]))
         click.echo()
         Console().print(t)
         tk, hu, th = rep["tokens"], rep["humans"], rep["thresholds"]
         click.echo(f"tokens identical: {tk['identical']}/{tk['total']} (need {th['tokens_identical']:.0%}); "
-                   f"allowed: labels flipped {th['label_flip_share']:.0%}, |d score| mean "
+                   f"allowed: decisive label flips {th['label_flip_share']:.0%} of items, |d score| mean "
                    f"{th['score_delta_mean']} max {th['score_delta_max']}")
         click.echo(f"alpha with humans ({hu['measure']}): HF {f(hu['alpha_hf'])} -> GGUF "
                    f"{f(hu['alpha_gguf'])}, drop {hu['drop']:.3f} (allowed {th['human_alpha_drop']})")

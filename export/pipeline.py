@@ -126,8 +126,9 @@ def table(res: dict[str, Any], criteria: Any) -> str:
     rows.append(f"| parity: mean KL(HF, GGUF) per criterion | | | {per('kl_mean')} |")
     rows.append(f"| parity: mean / max score change (allowed {th['score_delta_mean']} / {th['score_delta_max']}) | "
                 f"| | {per('score_delta_mean')}; {per('score_delta_max')} |")
-    flips = " / ".join(f"{c['label_flips']}" for c in p["criteria"])
-    rows.append(f"| parity: labels flipped (allowed {th['label_flip_share']:.0%} of items) | | | {flips} of "
+    flips = " / ".join(f"{c['label_flips']} ({c['label_flips_decisive']})" for c in p["criteria"])
+    rows.append(f"| parity: labels flipped (decisively; allowed {th['label_flip_share']:.0%} of items) | | | "
+                f"{flips} of "
                 f"{p['items']} |")
     rows.append(f"| parity: label alpha HF vs GGUF (reported, not gated) | | | {per('label_alpha', 3)} |")
     rows.append(f"| parity: drop in score alpha with humans (allowed {th['human_alpha_drop']}) | | | "
