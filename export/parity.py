@@ -118,7 +118,7 @@ def parity(merged: str | Path, gguf: str | Path, data: str | Path, max_items: in
     g_scores = Annotator(eng, spec).score_many([it.fields for it in items])
     eng.close()
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, use_safetensors=True).eval()
-    h_scores = score_items(model, hf_tok, spec, items, torch.device("cpu"))
+    h_scores = score_items(model, hf_tok, spec, items)
     quant = info.quantization or "?"
     th = thresholds_for(quant, thresholds)
     g_ok: list[dict[str, Score]] = []

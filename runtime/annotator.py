@@ -112,6 +112,22 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def segment_bounds(instr: Sequence[int], head: Sequence[int], fulls: Sequence[Sequence[int]],
+                   stems: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """Where an item's prompts (one per criterion, each tokenized whole: `fulls`) stop sharing the
+    instruction's tokens and the instruction-plus-inputs' tokens (`head`): (shared, split).
+
+    Boundaries are where each text's own tokens are a prefix of the prompt's (a token that merges
+    across a boundary moves it back), a function of the text alone. Every cue, with its
+    criterion's answer stem, keeps at least one token of its own. The runtime (Annotator.plan)
+    and training's token trees (train/tree.py) both cut prompts here."""
+    shared = min(common_prefix_len(f, instr) for f in fulls)
+    split = min(common_prefix_len(f, head) for f in fulls)
+    if any(len(f) == split and not stem for f, stem in zip(fulls, stems)):
+        split -= 1
+    return shared, split
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     z = x.astype(np.float64) - np.max(x)
     e = np.exp(z)
@@ -187,15 +203,9 @@ class Annotator:
             instr = self._instr_tokens[instr_text]
         fulls = [eng.tokenize(a + b + cue) for a, b, cue in segs]
         head = eng.tokenize(instr_text + inputs_text)
-
-        # Boundaries are where each text's own tokens are a prefix of the prompt's (a token that
-        # merges across a boundary moves it back): a function of the text alone.
-        shared = min(common_prefix_len(f, instr) for f in fulls)
-        split = min(common_prefix_len(f, head) for f in fulls)
-        cues = [f[split:] + self._stem(c) for f, c in zip(fulls, self.spec.criteria)]
-        if any(len(cue) == 0 for cue in cues):
-            split -= 1
-            cues = [f[split:] + self._stem(c) for f, c in zip(fulls, self.spec.criteria)]
+        stems = [self._stem(c) for c in self.spec.criteria]
+        shared, split = segment_bounds(instr, head, fulls, stems)
+        cues = [f[split:] + stem for f, stem in zip(fulls, stems)]
         longest = split + max(len(cue) + max(len(p) for p in self.tries[c.name].paths)
                               for cue, c in zip(cues, self.spec.criteria))
         plan = _Plan(shared, fulls[0][shared:split], cues)

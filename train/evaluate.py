@@ -42,7 +42,7 @@ def pad_id(tokenizer: Any) -> int:
 
 
 @torch.no_grad()
-def score_items(model: Any, tokenizer: Any, spec: TaskSpec, items: Sequence[Item], device: torch.device,
+def score_items(model: Any, tokenizer: Any, spec: TaskSpec, items: Sequence[Item],
                 batch: int = 16) -> list[dict[str, Score]]:
     """Per item: criterion -> Score (label, probability of each level, score), as annotate-cli gives them."""
     tok = hf_tokenize(tokenizer)
@@ -79,8 +79,8 @@ def report_of(spec: TaskSpec, items: Sequence[Item], scored: Sequence[dict[str, 
     return agreement(spec, preds, humans, scores)
 
 
-def validate(model: Any, tokenizer: Any, spec: TaskSpec, items: Sequence[Item], device: torch.device) -> dict[str, Any]:
-    return report_of(spec, items, score_items(model, tokenizer, spec, items, device))
+def validate(model: Any, tokenizer: Any, spec: TaskSpec, items: Sequence[Item]) -> dict[str, Any]:
+    return report_of(spec, items, score_items(model, tokenizer, spec, items))
 
 
 def selection_alpha(report: dict[str, Any], select_by: str = "score") -> float:

@@ -2,9 +2,9 @@
 
 An example is an item with a target distribution over each criterion's levels (train/tree.py
 scores all its criteria from one pass). Its text is the runtime's own prompt followed by the
-answer tokens, so training sees exactly what annotate-cli will. Augmentation is drawn from
-generators seeded by (seed, step) and (seed, epoch, example), never from a running state, so a
-resumed run renders the very same examples as an uninterrupted one.
+answer tokens, so training sees exactly what annotate-cli will. The order of examples is drawn
+from generators seeded by (seed, epoch) and augmentation from (seed, step, micro-batch), never
+from a running state, so a resumed run renders the very same examples as an uninterrupted one.
 """
 
 from __future__ import annotations

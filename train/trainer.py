@@ -250,8 +250,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[dict[st
         if progress:
             progress(rec)
 
-    def evaluate(step: int, untrained: bool = False) -> dict[str, Any]:
-        report = validate(model, tokenizer, data.spec, data.val_items, device)
+    def evaluate(step: int, untrained: bool = False) -> tuple[dict[str, Any], float]:
+        """The validation report and the alpha checkpoints are chosen by; logged."""
+        report = validate(model, tokenizer, data.spec, data.val_items)
         a = selection_alpha(report, cfg.select_by)
         rec = {"step": step, "event": "val", "alpha": a, "select_by": cfg.select_by,
                "per_criterion": {c["criterion"]: selected_alpha(c, cfg.select_by) for c in report["criteria"]}}
@@ -262,11 +263,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[dict[st
         else:
             rec["best"] = max(a, state.best_alpha)
         write_log(rec)
-        return report
+        return report, a
 
     if state.baseline is None:
-        state.baseline = evaluate(0, untrained=True)
-        state.best_alpha = selection_alpha(state.baseline, cfg.select_by)
+        state.baseline, state.best_alpha = evaluate(0, untrained=True)
         state.best_report, state.best_step = state.baseline, 0
         atomic_dir(out / "best-adapter", lambda d: model.save_pretrained(d))
 
@@ -292,8 +292,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[dict[st
         write_log(rec)
         history.append(rec)
         if state.step % cfg.eval_every == 0 or state.step == total:
-            report = evaluate(state.step)
-            a = selection_alpha(report, cfg.select_by)
+            report, a = evaluate(state.step)
             if a > state.best_alpha:
                 state.best_alpha, state.best_step, state.bad_evals, state.best_report = a, state.step, 0, report
                 atomic_dir(out / "best-adapter", lambda d: model.save_pretrained(d))

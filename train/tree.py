@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edge_annotator.runtime.annotator import AnswerTrie, common_prefix_len
+from edge_annotator.runtime.annotator import AnswerTrie, segment_bounds
 from edge_annotator.runtime.prompt import RenderOptions, prompt_segments
 from edge_annotator.runtime.spec import TaskSpec
 
@@ -127,6 +127,7 @@ def build_tree(tokenize: Tokenize, spec: TaskSpec, tries: Mapping[str, AnswerTri
     prompt's, so the packed tokens of every prompt are exactly its own tokenization."""
     instr_text = prompt_segments(spec, units[0].fields, spec.criteria[0], opts)[0]
     instr = tokenize(instr_text)
+    stems = [tries[c.name].branches[0][0] for c in spec.criteria]  # each answer trie's root
     plans = []
     for u in units:
         o = RenderOptions(opts.template, u.input_order, opts.level_orders)
@@ -135,10 +136,7 @@ def build_tree(tokenize: Tokenize, spec: TaskSpec, tries: Mapping[str, AnswerTri
             raise ValueError("units of one tree must share the instruction (template and label order)")
         fulls = [tokenize(a + b + cue) for a, b, cue in segs]
         head = tokenize(segs[0][0] + segs[0][1])
-        shared = min(common_prefix_len(f, instr) for f in fulls)
-        split = min(common_prefix_len(f, head) for f in fulls)
-        if any(len(f) == split for f in fulls):
-            split -= 1  # every cue keeps at least one token of its own (the runtime does the same)
+        shared, split = segment_bounds(instr, head, fulls, stems)
         plans.append((fulls, shared, split))
     Lp = min(p[1] for p in plans)
     prefix = plans[0][0][0][:Lp]
