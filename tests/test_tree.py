@@ -24,6 +24,7 @@ from edge_annotator.runtime.prompt import CANONICAL, RenderOptions, render_promp
 from edge_annotator.runtime.spec import TaskSpec, load_spec, parse_spec
 from edge_annotator.train.examples import load_items
 from edge_annotator.train.tree import (
+    Tokens,
     Unit,
     build_tree,
     level_logprobs,
@@ -180,6 +181,30 @@ def test_token_dropout_only_touches_the_item_tokens(gemma_hf: Path) -> None:
     assert len(diff) > 0 and bool((b[diff] == tok.pad_token_id).all())
     after = diff - clean.prefix_len
     assert bool((after >= 0).all()) and bool((clean.row_of[after] == -1).all())  # item tokens, never the cues
+
+
+def test_batched_kept_tokens_build_the_very_same_tree(gemma_hf: Path) -> None:
+    """Tokens (one batched call, ids kept) gives each text's own ids, so the tree is the one a
+    call per text builds, the first time and from what it kept; a full store drops its oldest."""
+    spec = load_spec(TASKS / "convabuse.yaml")
+    tok, _ = _tok(gemma_hf)
+    one = lambda s: list(tok(s, split_special_tokens=True)["input_ids"])  # noqa: E731
+    tries = {c.name: build_trie(one, spec, c) for c in spec.criteria}
+    items = load_items(DATA / "convabuse-train-300.jsonl", spec)[:8]
+    units = [Unit(it.fields, [np.ones(5)], input_order=(3, 1, 0, 2)) for it in items]
+    opts = RenderOptions(1, None, {"severity": (4, 0, 2, 1, 3)})
+    ref = build_tree(one, spec, tries, units, opts, tok.pad_token_id)
+    kept = Tokens(tok)
+    for n in range(2):
+        got = build_tree(kept, spec, tries, units, opts, tok.pad_token_id)
+        for name in ("input_ids", "position_ids", "item_of", "row_of", "ends", "kids", "contrib"):
+            assert torch.equal(getattr(got, name), getattr(ref, name)), (n, name)
+    texts = 1 + len(items) * 2  # the instruction, each item's head and its one prompt
+    assert (kept.misses, kept.hits) == (texts, texts)
+    small = Tokens(tok, capacity=2)
+    words = ["<bos> stays text", "two", "three", "two"]
+    assert small.many(words) == [one(w) for w in words]
+    assert list(small._kept) == ["two", "three"] and small.misses == 3
 
 
 def test_distribution_targets_cost_one_pass_for_all_raters(gemma_hf: Path) -> None:

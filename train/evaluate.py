@@ -23,13 +23,14 @@ from edge_annotator.runtime.prompt import CANONICAL
 from edge_annotator.runtime.spec import TaskSpec
 
 from .examples import Item
-from .tree import Unit, build_tree, level_logprobs, tree_attention
+from .tree import Tokens, Unit, build_tree, level_logprobs, tree_attention
 
 
-def hf_tokenize(tokenizer: Any) -> Any:
+def hf_tokenize(tokenizer: Any) -> Tokens:
     """Token ids as llama.cpp gives them at run time: BOS as the tokenizer adds it, and text that
-    looks like a special token ("<bos>" inside an item) kept as text, not parsed into that token."""
-    return lambda text: list(tokenizer(text, split_special_tokens=True)["input_ids"])
+    looks like a special token ("<bos>" inside an item) kept as text, not parsed into that token.
+    Batched and kept (tree.Tokens)."""
+    return Tokens(tokenizer)
 
 
 def answer_tries(tokenizer: Any, spec: TaskSpec) -> dict[str, AnswerTrie]:

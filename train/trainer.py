@@ -26,6 +26,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_annotator.runtime.prompt import RenderOptions, render_instruction, render_prompt
+from edge_annotator.runtime.prompt import CANONICAL, RenderOptions, prompt_segments, render_instruction
 from edge_annotator.runtime.spec import TaskSpec, load_spec
 
 from .config import TrainConfig
@@ -52,7 +53,7 @@ from .examples import (
 from .from_gguf import atomic_dir
 from .model import add_lora, build_tiny, load_base, load_tokenizer, pick_device
 from .tokcheck import check_folder
-from .tree import build_tree, level_logprobs, soft_cross_entropy, tree_attention
+from .tree import Tokens, TreeBatch, build_tree, level_logprobs, soft_cross_entropy, tree_attention
 
 log = logging.getLogger(__name__)
 
@@ -121,22 +122,29 @@ def setup_data(cfg: TrainConfig) -> Data:
     return Data(spec, train_items, val_items, examples, math.ceil(cfg.batch_size / C), math.ceil(cfg.micro_batch / C))
 
 
-def check_lengths(cfg: TrainConfig, data: Data, tokenizer: Any) -> list[Example]:
+def check_lengths(cfg: TrainConfig, data: Data, tok: Tokens) -> list[Example]:
     """Drop examples whose longest prompt plus the answer exceeds max_length, in one summary line;
     stop if more than 1% would go: that run would learn from a sliver of its data.
 
     A prompt's length is measured with the canonical instruction, plus the longest paraphrase's
-    extra tokens where templates are augmented (the instruction does not depend on the item)."""
-    tok = hf_tokenize(tokenizer)
+    extra tokens where templates are augmented (the instruction does not depend on the item).
+    The texts are the ones a canonical token tree tokenizes (each item's head and prompts), in one
+    batched call, so `tok` then holds them for training."""
     spec = data.spec
     extra = 0
     if cfg.augment.templates and len(spec.templates) > 1:
-        lens = [len(tok(render_instruction(spec, RenderOptions(template=t)))) for t in range(len(spec.templates))]
+        lens = [len(ids) for ids in tok.many([render_instruction(spec, RenderOptions(template=t))
+                                              for t in range(len(spec.templates))])]
         extra = max(lens) - lens[0]
-    longest: dict[int, int] = {}
-    for i in sorted({e.item for e in data.examples}):
-        fields = data.train_items[i].fields
-        longest[i] = max(len(tok(render_prompt(spec, fields, c))) for c in spec.criteria) + 1 + extra
+    ids = sorted({e.item for e in data.examples})
+    texts = []
+    for i in ids:
+        segs = [prompt_segments(spec, data.train_items[i].fields, c, CANONICAL) for c in spec.criteria]
+        texts.append(segs[0][0] + segs[0][1])
+        texts.extend(a + b + cue for a, b, cue in segs)
+    lens = [len(t) for t in tok.many(texts)]
+    C = len(spec.criteria)
+    longest = {i: max(lens[k * (C + 1) + 1: (k + 1) * (C + 1)]) + 1 + extra for k, i in enumerate(ids)}
     too_long = [e for e in data.examples if longest[e.item] > cfg.max_length]
     if not too_long:
         return data.examples
@@ -199,25 +207,38 @@ def resume_state(ckpt: Path, model: Any, opt: Any, sched: Any, logf: Path) -> Tr
     return state
 
 
-def train_step(cfg: TrainConfig, data: Data, examples: list[Example], stream: ExampleStream, model: Any,
-               tokenizer: Any, tries: dict[str, Any], step: int) -> dict[str, float]:
-    """Forward and backward over one step's micro-batches (no optimizer update); its loss and sizes."""
-    tok = hf_tokenize(tokenizer)
+@dataclass
+class StepBatch:
+    """One step's token trees, built on the CPU, and the number of queries the loss is divided by."""
+
+    trees: list[TreeBatch]
+    queries: int
+
+
+def prepare_step(cfg: TrainConfig, data: Data, examples: list[Example], stream: ExampleStream, tok: Tokens,
+                 tries: dict[str, Any], pad: int, step: int) -> StepBatch:
+    """The token trees of one step: a function of (seed, step) alone, so it can run ahead in a thread."""
     picked = stream.take(step * data.units_per_step, data.units_per_step)
-    n_queries = sum(examples[j].queries for _, j in picked)
+    trees = []
+    for m, s in enumerate(range(0, len(picked), data.units_per_micro)):
+        rng = np.random.default_rng([cfg.seed, step, m, 11])  # one stream per micro-batch: (seed, step)
+        opts = augment_options(data.spec, cfg.augment, rng)
+        units = [unit_of(examples[j], data.train_items, data.spec, cfg.augment, rng)
+                 for _, j in picked[s:s + data.units_per_micro]]
+        trees.append(build_tree(tok, data.spec, tries, units, opts, pad))
+    return StepBatch(trees, sum(examples[j].queries for _, j in picked))
+
+
+def train_step(model: Any, batch: StepBatch) -> dict[str, float]:
+    """Forward and backward over one step's micro-batches (no optimizer update); its loss and sizes."""
     loss_sum, tokens = 0.0, 0
     with tree_attention(model):
-        for m, s in enumerate(range(0, len(picked), data.units_per_micro)):
-            rng = np.random.default_rng([cfg.seed, step, m, 11])  # one stream per micro-batch: (seed, step)
-            opts = augment_options(data.spec, cfg.augment, rng)
-            units = [unit_of(examples[j], data.train_items, data.spec, cfg.augment, rng)
-                     for _, j in picked[s:s + data.units_per_micro]]
-            tree = build_tree(tok, data.spec, tries, units, opts, pad_id(tokenizer))
-            loss = soft_cross_entropy(level_logprobs(model, tree), tree) / n_queries
+        for tree in batch.trees:
+            loss = soft_cross_entropy(level_logprobs(model, tree), tree) / batch.queries
             loss.backward()
             loss_sum += float(loss.detach())
             tokens += tree.tokens
-    return {"loss": loss_sum, "tokens": tokens, "examples": n_queries}
+    return {"loss": loss_sum, "tokens": tokens, "examples": batch.queries}
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[dict[str, Any]], None] | None = None,
@@ -232,7 +253,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[dict[st
     tokenizer = load_tokenizer(cfg.base_model)
     if problem := check_folder(Path(cfg.base_model), tokenizer):  # ids that llama.cpp would not give
         raise CannotLearn(problem)
-    examples = check_lengths(cfg, data, tokenizer)
+    tok = hf_tokenize(tokenizer)
+    examples = check_lengths(cfg, data, tok)
     model = setup_model(cfg, out, device, tokenizer)
     total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch(len(examples), data.units_per_step))
     params, opt, sched = setup_optimizer(cfg, model, total)
@@ -276,35 +298,46 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[dict[st
     t_start, tok_count, ex_count = time.perf_counter(), 0.0, 0.0
     history: list[dict[str, Any]] = []
     first_step = state.step
-    while state.step < total:
-        t0 = time.perf_counter()
-        got = train_step(cfg, data, examples, stream, model, tokenizer, tries, state.step)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        state.step += 1
-        dt = time.perf_counter() - t0
-        tok_count += got["tokens"]
-        ex_count += got["examples"]
-        rec = {"step": state.step, "event": "train", "loss": got["loss"], "lr": sched.get_last_lr()[0],
-               "tokens_per_s": got["tokens"] / dt, "examples_per_s": got["examples"] / dt, "total": total}
-        write_log(rec)
-        history.append(rec)
-        if state.step % cfg.eval_every == 0 or state.step == total:
-            report, a = evaluate(state.step)
-            if a > state.best_alpha:
-                state.best_alpha, state.best_step, state.bad_evals, state.best_report = a, state.step, 0, report
-                atomic_dir(out / "best-adapter", lambda d: model.save_pretrained(d))
-            else:
-                state.bad_evals += 1
-            state.stopped_early = state.bad_evals >= cfg.patience
-            _save_checkpoint(ckpt, model, opt, sched, state)
-            if state.stopped_early:
-                log.info("no better validation alpha in %d validations: stopping at step %d", cfg.patience, state.step)
+    # Step k + 1's trees are built in a thread while step k runs on the device (tokenizing and
+    # packing are CPU work a GPU step would otherwise wait for). The thread is waited for before
+    # each validation, so the tokenizer is never used from two threads at once.
+    pad = pad_id(tokenizer)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-annotator-prefetch") as pool:
+        ahead = pool.submit(prepare_step, cfg, data, examples, stream, tok, tries, pad, state.step)
+        while state.step < total:
+            t0 = time.perf_counter()
+            batch = ahead.result()
+            if state.step + 1 < total:
+                ahead = pool.submit(prepare_step, cfg, data, examples, stream, tok, tries, pad, state.step + 1)
+            got = train_step(model, batch)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            state.step += 1
+            dt = time.perf_counter() - t0
+            tok_count += got["tokens"]
+            ex_count += got["examples"]
+            rec = {"step": state.step, "event": "train", "loss": got["loss"], "lr": sched.get_last_lr()[0],
+                   "tokens_per_s": got["tokens"] / dt, "examples_per_s": got["examples"] / dt, "total": total}
+            write_log(rec)
+            history.append(rec)
+            if state.step % cfg.eval_every == 0 or state.step == total:
+                wait([ahead])  # the tokenizer idle (an error in it surfaces at the next step)
+                report, a = evaluate(state.step)
+                if a > state.best_alpha:
+                    state.best_alpha, state.best_step, state.bad_evals, state.best_report = a, state.step, 0, report
+                    atomic_dir(out / "best-adapter", lambda d: model.save_pretrained(d))
+                else:
+                    state.bad_evals += 1
+                state.stopped_early = state.bad_evals >= cfg.patience
+                _save_checkpoint(ckpt, model, opt, sched, state)
+                if state.stopped_early:
+                    log.info("no better validation alpha in %d validations: stopping at step %d",
+                             cfg.patience, state.step)
+                    break
+            if stop_after is not None and state.step - first_step >= stop_after:
                 break
-        if stop_after is not None and state.step - first_step >= stop_after:
-            break
     seconds = time.perf_counter() - t_start
     return TrainResult(out, state, state.step, seconds, tok_count / seconds if seconds else 0.0,
                        ex_count / seconds if seconds else 0.0, history)

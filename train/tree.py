@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,46 @@ from edge_annotator.runtime.prompt import RenderOptions, prompt_segments
 from edge_annotator.runtime.spec import TaskSpec
 
 Tokenize = Callable[[str], list[int]]
+
+
+class Tokens:
+    """A tokenizer's ids for texts, as llama.cpp gives them at run time, computed in batches and kept.
+
+        tok = Tokens(tokenizer)
+        tok("one text")                      # -> list[int]
+        tok.many(["a", "b", "a"])            # one batched call for the texts not seen before
+
+    A tree needs 1 + C + 1 whole-prompt tokenizations per item (prompts are tokenized whole, so the
+    runtime's token boundaries hold); one call per text was about 85% of building a tree. `many`
+    sends the texts not yet kept to the tokenizer in one batch (the Rust tokenizer encodes a batch
+    in parallel, without the GIL) and keeps up to `capacity` texts' ids as int32 arrays, oldest
+    dropped first: a recipe without augmentation renders the same prompts every epoch, and every
+    micro-batch of one template shares its instruction. Each call returns fresh lists."""
+
+    def __init__(self, tokenizer: Any, capacity: int = 200_000):
+        self.tokenizer, self.capacity = tokenizer, capacity
+        self._kept: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def __call__(self, text: str) -> list[int]:
+        return self.many([text])[0]
+
+    def many(self, texts: Sequence[str]) -> list[list[int]]:
+        new = [t for t in dict.fromkeys(texts) if t not in self._kept]
+        self.misses += len(new)
+        self.hits += len(texts) - len(new)
+        if new:
+            for t, i in zip(new, self.tokenizer(new, split_special_tokens=True)["input_ids"]):
+                self._kept[t] = np.asarray(i, dtype=np.int32)
+        out = [self._kept[t].tolist() for t in texts]
+        while len(self._kept) > self.capacity:
+            self._kept.popitem(last=False)
+        return out
+
+
+def tokenize_all(tokenize: Tokenize, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of every text: one batched call through a Tokens, else one call per text."""
+    return tokenize.many(texts) if isinstance(tokenize, Tokens) else [tokenize(t) for t in texts]
 
 
 @dataclass
@@ -126,16 +167,21 @@ def build_tree(tokenize: Tokenize, spec: TaskSpec, tries: Mapping[str, AnswerTri
     is tokenized whole, and a segment ends where its own tokens stop being a prefix of the
     prompt's, so the packed tokens of every prompt are exactly its own tokenization."""
     instr_text = prompt_segments(spec, units[0].fields, spec.criteria[0], opts)[0]
-    instr = tokenize(instr_text)
-    stems = [tries[c.name].branches[0][0] for c in spec.criteria]  # each answer trie's root
-    plans = []
+    texts = [instr_text]  # then per unit: its head (instruction + inputs) and one prompt per criterion
     for u in units:
         o = RenderOptions(opts.template, u.input_order, opts.level_orders)
         segs = [prompt_segments(spec, u.fields, c, o) for c in spec.criteria]
         if segs[0][0] != instr_text:
             raise ValueError("units of one tree must share the instruction (template and label order)")
-        fulls = [tokenize(a + b + cue) for a, b, cue in segs]
-        head = tokenize(segs[0][0] + segs[0][1])
+        texts.append(segs[0][0] + segs[0][1])
+        texts.extend(a + b + cue for a, b, cue in segs)
+    ids_of = tokenize_all(tokenize, texts)
+    instr = ids_of[0]
+    stems = [tries[c.name].branches[0][0] for c in spec.criteria]  # each answer trie's root
+    plans = []
+    C = len(spec.criteria)
+    for k in range(len(units)):
+        head, fulls = ids_of[1 + k * (C + 1)], ids_of[2 + k * (C + 1): 1 + (k + 1) * (C + 1)]
         shared, split = segment_bounds(instr, head, fulls, stems)
         plans.append((fulls, shared, split))
     Lp = min(p[1] for p in plans)
@@ -150,8 +196,8 @@ def build_tree(tokenize: Tokenize, spec: TaskSpec, tries: Mapping[str, AnswerTri
         toks = list(fulls[0][Lp:split])
         if u.drop_prob > 0 and u.rng is not None:
             lo = shared - Lp  # the item's own tokens, not an instruction tail that merged into it
-            for k in np.nonzero(u.rng.random(len(toks) - lo) < u.drop_prob)[0]:
-                toks[lo + int(k)] = pad_id
+            for dropped in np.nonzero(u.rng.random(len(toks) - lo) < u.drop_prob)[0]:
+                toks[lo + int(dropped)] = pad_id
         ids.extend(toks)
         pos.extend(range(Lp, Lp + len(toks)))
         item_of.extend([len(item_end)] * len(toks))
