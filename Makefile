@@ -13,7 +13,7 @@ GEMMA_HF := $(MODELS)/gemma-3-270m-hf
 THREADS ?= 2
 DEMO := $(MODELS)/demo
 
-.PHONY: help install test test-fast lint demo demo-zero-shot bench bench-train train export export-all eval clean
+.PHONY: help install install-cuda test test-fast lint demo demo-zero-shot bench bench-train train export export-all eval clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -30,6 +30,18 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 install: $(STAMP)  ## make .venv/ with the runtime, training, export and dev tools
+
+# llama-cpp-python rebuilt from source with CUDA, in place of the CPU build (needs nvcc and a C++
+# compiler; about as long as the CPU build per architecture). CUDA_ARCH: 90 for H100/H200, 89 for
+# RTX 40xx, 86 for RTX 30xx, native for the GPU of this machine. `annotate-cli inspect` then says
+# "GPU offload", and --gpu-layers N|all takes effect.
+CUDA_ARCH ?= native
+install-cuda: install  ## rebuild llama-cpp-python with CUDA for --gpu-layers (CUDA_ARCH=90 on H100/H200)
+	CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCH)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PY) -m pip install -c constraints.txt --force-reinstall --no-deps --no-cache-dir \
+		--no-binary llama-cpp-python llama-cpp-python
+	$(PY) -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else \
+		'make install-cuda: llama-cpp-python was built without a GPU backend')"
 
 $(GEMMA): | $(STAMP)
 	mkdir -p $(MODELS)

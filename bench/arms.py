@@ -43,7 +43,8 @@ def arm_annotate(args: dict[str, Any]) -> dict[str, Any]:
     from edge_annotator.runtime.engine import LlamaEngine
 
     spec, items = load_spec(args["spec"]), _items(args)
-    eng = LlamaEngine(args["model"], n_threads=args["threads"], answer_head=args.get("answer_head", True))
+    eng = LlamaEngine(args["model"], n_threads=args["threads"], answer_head=args.get("answer_head", True),
+                      n_gpu_layers=args.get("gpu_layers", 0))
     ann = Annotator(eng, spec, batch=args.get("batch", 1))
     times, tokens = [], 0
     for _ in range(args.get("reps", 3)):
@@ -62,7 +63,8 @@ def arm_naive(args: dict[str, Any]) -> dict[str, Any]:
     from llama_cpp import Llama, LlamaGrammar
 
     spec, items = load_spec(args["spec"]), _items(args)
-    llm = Llama(args["model"], n_threads=args["threads"], n_ctx=2048, verbose=False)
+    llm = Llama(args["model"], n_threads=args["threads"], n_ctx=2048, n_gpu_layers=args.get("gpu_layers", 0),
+                verbose=False)
     grammars = {c.name: LlamaGrammar.from_string(
         "root ::= \" \" (" + " | ".join(json.dumps(lv.answer) for lv in c.scale) + ")", verbose=False)
         for c in spec.criteria}
@@ -112,7 +114,7 @@ def arm_pp512(args: dict[str, Any]) -> dict[str, Any]:
     from llama_cpp import Llama
 
     llm = Llama(args["model"], n_threads=args["threads"], n_threads_batch=args["threads"], n_ctx=1024,
-                n_batch=512, n_ubatch=512, verbose=False)
+                n_batch=512, n_ubatch=512, n_gpu_layers=args.get("gpu_layers", 0), verbose=False)
     toks = np.random.default_rng(0).integers(1000, llm.n_vocab(), 512).tolist()
     rates = []
     llm.eval(toks[:64])  # warm-up

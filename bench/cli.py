@@ -19,6 +19,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from edge_annotator.runtime.cli import gpu_layers_option
+
 err = Console(stderr=True)
 
 # Targets from the throughput issue, as ratios measured side by side.
@@ -50,11 +52,12 @@ def _agreement(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> float:
 
 
 def run_bench(model: Path, hf_dir: Path | None, spec: Path, data: Path, n_items: int, threads: int,
-              batch: int) -> dict[str, Any]:
-    base = {"model": str(model), "spec": str(spec), "data": str(data), "n_items": n_items, "threads": threads}
+              batch: int, gpu_layers: int = 0) -> dict[str, Any]:
+    base = {"model": str(model), "spec": str(spec), "data": str(data), "n_items": n_items, "threads": threads,
+            "gpu_layers": gpu_layers}
     res: dict[str, Any] = {
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads,
-                    "python": platform.python_version()},
+                    "python": platform.python_version(), "gpu_layers": gpu_layers},
         "model": model.name, "spec": spec.name, "data": data.name, "items": n_items,
     }
     # llama.cpp's own rate, measured at the start and again at the end of the run: this shared VM's
@@ -180,10 +183,11 @@ def markdown(res: dict[str, Any], command: str) -> str:
 @click.option("--threads", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--batch", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Also measure annotate-cli --batch N (1: skip).")
+@gpu_layers_option
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--markdown", "md_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def bench(model: Path, hf_dir: Path | None, spec: Path, data: Path, n_items: int, threads: int, batch: int,
-          json_out: Path | None, md_out: Path | None) -> None:
+          gpu_layers: int, json_out: Path | None, md_out: Path | None) -> None:
     """Throughput of annotate-cli against what users would otherwise run, side by side.
 
     \b
@@ -191,7 +195,7 @@ def bench(model: Path, hf_dir: Path | None, spec: Path, data: Path, n_items: int
       annotate-cli bench                                   # llama.cpp arms only
       annotate-cli bench --hf-dir models/gemma-3-270m-hf --markdown BENCHMARKS.md
     """
-    res = run_bench(model, hf_dir, spec, data, n_items, threads, batch)
+    res = run_bench(model, hf_dir, spec, data, n_items, threads, batch, gpu_layers)
     md = markdown(res, "make bench")
     if json_out:
         json_out.write_text(json.dumps(res, indent=2))

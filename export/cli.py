@@ -10,6 +10,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from edge_annotator.runtime.cli import gpu_layers_option
+
 err = Console(stderr=True)
 
 
@@ -62,8 +64,10 @@ def export(merged: Path, output: Path, quant: str, adapted_type: str, imatrix: P
 @click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--max-items", type=click.IntRange(1), default=None)
 @click.option("--threads", type=click.IntRange(1), default=None)
+@gpu_layers_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def parity(merged: Path, model: Path, data: Path, max_items: int | None, threads: int | None, as_json: bool) -> None:
+def parity(merged: Path, model: Path, data: Path, max_items: int | None, threads: int | None, gpu_layers: int,
+           as_json: bool) -> None:
     """Check that MODEL (.gguf) labels like MERGED (its HF source) and agrees with humans as well.
 
     Per criterion: prompt tokens, allowed-label distributions (KL), scores (mean and max change
@@ -79,7 +83,7 @@ def parity(merged: Path, model: Path, data: Path, max_items: int | None, threads
     """
     from .parity import parity as run_parity
 
-    rep = run_parity(merged, model, data, max_items, threads)
+    rep = run_parity(merged, model, data, max_items, threads, gpu_layers=gpu_layers)
     if as_json:
         click.echo(json.dumps(rep, indent=2))
     else:

@@ -79,7 +79,7 @@ def _kl(p: list[float], q: list[float]) -> float:
 
 
 def parity(merged: str | Path, gguf: str | Path, data: str | Path, max_items: int | None = None,
-           threads: int | None = None, thresholds: dict[str, Any] = THRESHOLDS) -> dict[str, Any]:
+           threads: int | None = None, thresholds: dict[str, Any] = THRESHOLDS, gpu_layers: int = 0) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -91,7 +91,7 @@ def parity(merged: str | Path, gguf: str | Path, data: str | Path, max_items: in
 
     merged, gguf = Path(merged), Path(gguf)
     spec = spec_from_json((merged / "spec.json").read_text(), str(merged / "spec.json"))
-    llm = LlamaModel(gguf)
+    llm = LlamaModel(gguf, n_gpu_layers=gpu_layers)
     info = model_info(llm)
     if info.spec is None or info.spec.sha256 != spec.sha256:
         raise ValueError(f"{gguf} does not embed the spec of {merged} (spec sha256 differs)")

@@ -50,6 +50,34 @@ class Group(click.Group):
             raise click.ClickException(str(e)) from None
 
 
+class GpuLayers(click.ParamType):
+    """--gpu-layers: a count of layers, or "all" (every layer and the output layer: GPU_ALL)."""
+
+    name = "N|all"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        if text == "all":
+            from .engine import GPU_ALL
+
+            return GPU_ALL
+        if text.isdigit():
+            return int(text)
+        self.fail(f"{value!r} is neither a count of layers (0, 1, 2, ...) nor 'all'", param, ctx)
+
+
+def gpu_layers_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The one --gpu-layers of annotate, parity and bench."""
+    return click.option("--gpu-layers", type=GpuLayers(), default="0", show_default=True, metavar="N|all",
+                        envvar="ANNOTATE_GPU_LAYERS",
+                        show_envvar=True,
+                        help="Layers to run on the GPU, N or all; needs a GPU build of llama-cpp-python "
+                             "(make install-cuda). 0: the CPU only. What holds across settings: README, "
+                             "Guarantees.")(f)
+
+
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
@@ -101,7 +129,7 @@ def _ticker(bar: Progress, task: TaskID, t0: float) -> Callable[[int], None]:
               show_envvar=True, help="CPU threads [default: all cores]. Output does not depend on it.")
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=64), default=2048, show_default=True,
               help="Context window in tokens; longer prompts are rejected per item.")
-@click.option("--gpu-layers", type=int, default=0, show_default=True, help="Layers to offload to a GPU build.")
+@gpu_layers_option
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help="fail: stop at the first bad record, naming file, line and field. "
                    "skip: write an error record for it and go on.")
@@ -157,7 +185,7 @@ def annotate(model: Path, inputs: tuple[str, ...], output: str | None, spec_path
             raise click.ClickException(f"{p}: input file not found")
     if engine_kind == "ray":
         _annotate_ray(model, list(inputs), output, spec_path, threads, n_ctx, on_error, resume, batch, workers,
-                      max_chars, ray_address, actors, out_format, shard_records)
+                      max_chars, ray_address, actors, out_format, shard_records, gpu_layers)
         return
     if len(inputs) != 1:
         raise click.UsageError("the local engine annotates one INPUT file; several shards: --engine ray")
@@ -167,7 +195,7 @@ def annotate(model: Path, inputs: tuple[str, ...], output: str | None, spec_path
     spec = resolve_spec(model_info(llm), load_spec(spec_path) if spec_path else None)
     total = count_records(input_path)
     model_sha = sha256_file(model)
-    with LlamaEngine(llm, n_ctx=n_ctx, n_threads=threads) as engine:
+    with LlamaEngine(llm, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers) as engine:
         annotator = Annotator(engine, spec, batch=batch)
         try:
             out, state = open_output(output, resume)
@@ -178,7 +206,7 @@ def annotate(model: Path, inputs: tuple[str, ...], output: str | None, spec_path
             with _progress() as bar:
                 tick = _ticker(bar, bar.add_task("annotating", total=total, rate=""), t0)
                 per_worker = max(1, (threads or default_threads()) // workers)
-                pool = WorkerPool(workers, model, annotator, per_worker) if workers > 1 else None
+                pool = WorkerPool(workers, model, annotator, per_worker, gpu_layers) if workers > 1 else None
                 try:
                     stats = run_job(annotator, input_path, out, model_sha256=model_sha,
                                     on_error=on_error, resume=state, max_chars=max_chars,  # type: ignore[arg-type]
@@ -206,7 +234,7 @@ def annotate(model: Path, inputs: tuple[str, ...], output: str | None, spec_path
 
 def _annotate_ray(model: Path, inputs: list[str], output: str | None, spec_path: Path | None, threads: int | None,
                   n_ctx: int, on_error: str, resume: bool, batch: int, workers: int, max_chars: int | None,
-                  ray_address: str | None, actors: int, out_format: str, shard_records: int) -> None:
+                  ray_address: str | None, actors: int, out_format: str, shard_records: int, gpu_layers: int) -> None:
     from .engine import LlamaModel
     from .gguf_meta import model_info, resolve_spec, sha256_file
     from .ray_job import RayJobError, run_ray_job
@@ -228,7 +256,8 @@ def _annotate_ray(model: Path, inputs: list[str], output: str | None, spec_path:
             man = run_ray_job(model, inputs, output, spec_json=spec.to_json(),
                               model_sha256=sha256_file(model), actors=actors, threads=threads or 1, n_ctx=n_ctx,
                               on_error=on_error, max_chars=max_chars,  # type: ignore[arg-type]
-                              ray_address=ray_address, fmt=out_format, per_shard=shard_records, progress=tick)
+                              ray_address=ray_address, fmt=out_format, per_shard=shard_records, progress=tick,
+                              gpu_layers=gpu_layers)
         except (RayJobError, InputError) as e:
             raise click.ClickException(str(e)) from None
     err.print(f"{man['records']} records ({man['error_records']} errors) in {man['seconds']:.1f}s "
@@ -346,17 +375,20 @@ def agree(pred: Path, human: Path, spec_path: Path | None, model: Path | None, a
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @click.option("--no-hash", is_flag=True, help="Skip the sha256 (slow on multi-GB files).")
 def inspect(model: Path, as_json: bool, no_hash: bool) -> None:
-    """Show a GGUF annotator: architecture, quantization, size, sha256, embedded spec, provenance.
+    """Show a GGUF annotator: architecture, quantization, size, sha256, embedded spec, provenance,
+    and what this installation's llama.cpp runs it on (CPU only, or with GPU offload).
 
     \b
     Examples:
       annotate-cli inspect annotator.gguf
       annotate-cli inspect annotator.gguf --json | jq .spec.criteria
     """
+    from .engine import backend_info
     from .gguf_meta import read_model_info, sha256_file
 
     info = read_model_info(model)
     d = info.to_dict(None if no_hash else sha256_file(model))
+    d["backend"] = backend_info()  # this installation's llama.cpp, not the file's
     if as_json:
         click.echo(json.dumps(d, indent=2, ensure_ascii=False))
         return
@@ -376,6 +408,9 @@ def inspect(model: Path, as_json: bool, no_hash: bool) -> None:
     else:
         t.add_row("spec", info.spec_error or "none embedded (use --spec to annotate zero-shot)")
     t.add_row("provenance", json.dumps(info.provenance) if info.provenance else "none")
+    b = d["backend"]
+    where = "GPU offload (--gpu-layers)" if b["gpu_offload"] else "CPU only (a GPU build: make install-cuda)"
+    t.add_row("backend", f"llama-cpp-python {b['llama_cpp_python']}, {where}")
     Console().print(t)
 
 

@@ -123,6 +123,31 @@ class _Capture:
         return cb
 
 
+GPU_ALL = -1
+"""n_gpu_layers for every layer, the output layer included (llama.cpp: a negative value means all)."""
+
+
+def gpu_offload_supported() -> bool:
+    """Whether this llama-cpp-python build has a GPU backend (CUDA, Metal, Vulkan, ...)."""
+    return bool(_lib().llama_supports_gpu_offload())
+
+
+def backend_info() -> dict[str, Any]:
+    """What this llama-cpp-python build runs on: GPU offload or not, and llama.cpp's own feature line."""
+    L = _lib()
+    system = L.llama_print_system_info().decode(errors="replace").strip().rstrip("|").strip()
+    return {"gpu_offload": bool(L.llama_supports_gpu_offload()), "llama_cpp_python": _version(), "system": system}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llama_cpp_python")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
@@ -140,8 +165,12 @@ class LlamaModel:
         if magic != b"GGUF":
             raise ModelError(f"{self.path}: not a GGUF file (it starts with {magic!r}, a GGUF with b'GGUF'); "
                              f"convert the model with 'annotate-cli export' or llama.cpp's converter")
+        if n_gpu_layers != 0 and not vocab_only and not L.llama_supports_gpu_offload():
+            raise ModelError(f"--gpu-layers {'all' if n_gpu_layers < 0 else n_gpu_layers}: this llama-cpp-python "
+                             f"build runs on the CPU only (llama.cpp would ignore the flag); install a GPU build "
+                             f"(make install-cuda; README, Install) or leave --gpu-layers at 0")
         mp = L.llama_model_default_params()
-        mp.n_gpu_layers = n_gpu_layers
+        mp.n_gpu_layers = n_gpu_layers  # set always: llama.cpp's own default has changed between versions
         mp.vocab_only = vocab_only  # the tokenizer alone: no weights read (checks of HF tokenizers)
         self.ptr = L.llama_model_load_from_file(str(self.path).encode(), mp)
         if not self.ptr:
@@ -252,6 +281,12 @@ class LlamaEngine:
         # probabilities not). Without it, 1, 2 and 3 threads agree bitwise, and scoring was faster
         # here (7.1 vs 6.1 items/s on 2 threads): prompts are short and KV reads are cheap.
         cp.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
+        # On a GPU build, where a layer runs is the model's --gpu-layers and nothing else: llama.cpp
+        # otherwise sends the CPU layers' batches of 32 or more tokens to the GPU (op offload,
+        # llama.cpp #6083 and #13386), so a layer's kernel would depend on a prompt's length. The KV
+        # cache of an offloaded layer stays with it. Neither changes anything on a CPU-only build.
+        cp.op_offload = False
+        cp.offload_kqv = True
         # Reads the final hidden state of scoring's rows and skips the output layer (see head.py);
         # idle (one Python call per graph node, ~0.3 ms a decode) unless decode_rows turns it on.
         if self._cb is not None:

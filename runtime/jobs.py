@@ -269,12 +269,13 @@ def plan(input_path: str | Path, spec: TaskSpec, batch: int, on_error: OnError, 
 _worker: Annotator | None = None
 
 
-def _worker_init(model: str, spec_json: str, n_ctx: int, threads: int, batch: int) -> None:
+def _worker_init(model: str, spec_json: str, n_ctx: int, threads: int, batch: int, gpu_layers: int) -> None:
     global _worker
     from .engine import LlamaEngine
     from .spec import spec_from_json
 
-    _worker = Annotator(LlamaEngine(model, n_ctx=n_ctx, n_threads=threads), spec_from_json(spec_json), batch=batch)
+    _worker = Annotator(LlamaEngine(model, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers),
+                        spec_from_json(spec_json), batch=batch)
 
 
 def _worker_score(fields: list[dict[str, str]]) -> list[Any]:
@@ -285,7 +286,8 @@ def _worker_score(fields: list[dict[str, str]]) -> list[Any]:
 class WorkerPool:
     """N processes, each with its own copy of the model, scoring groups in a bounded ordered window."""
 
-    def __init__(self, workers: int, model: str | Path, annotator: Annotator, threads_per_worker: int):
+    def __init__(self, workers: int, model: str | Path, annotator: Annotator, threads_per_worker: int,
+                 gpu_layers: int = 0):
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
@@ -293,7 +295,7 @@ class WorkerPool:
         self._ex = ProcessPoolExecutor(
             workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
             initargs=(str(model), annotator.spec.to_json(), annotator.engine.n_ctx, threads_per_worker,
-                      annotator.batch))
+                      annotator.batch, gpu_layers))
 
     def ordered(self, chunks: Iterator[list[tuple[str, Any]]],
                 fields_of: Callable[[list[tuple[str, Any]]], list[dict[str, str]] | None]

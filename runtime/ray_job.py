@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -97,12 +98,13 @@ class _Scorer:
     """The actor: one model load, the local path's Annotator, one output line per row."""
 
     def __init__(self, model: str, spec_json: str, n_ctx: int, threads: int, stamp: dict[str, str],
-                 on_error: OnError):
+                 on_error: OnError, gpu_layers: int = 0):
         from .annotator import Annotator
         from .engine import LlamaEngine
         from .spec import spec_from_json
 
-        self.annotator = Annotator(LlamaEngine(model, n_ctx=n_ctx, n_threads=threads), spec_from_json(spec_json))
+        self.annotator = Annotator(LlamaEngine(model, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers),
+                                   spec_from_json(spec_json))
         self.stamp, self.on_error = stamp, on_error
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -177,7 +179,7 @@ def run_ray_job(model: str | Path, inputs: list[str], out_dir: str | Path, *, sp
                 actors: int, threads: int, n_ctx: int = 2048, on_error: OnError = "fail",
                 max_chars: int | None = None, ray_address: str | None = None, fmt: str = "jsonl",
                 per_shard: int = 100_000, rows_per_batch: int = 16,
-                progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+                progress: Callable[[int], None] | None = None, gpu_layers: int = 0) -> dict[str, Any]:
     """Annotate INPUTS on Ray into OUT_DIR; returns the manifest it writes there."""
     try:
         import ray
@@ -215,12 +217,20 @@ def run_ray_job(model: str | Path, inputs: list[str], out_dir: str | Path, *, sp
     plan_fn: Any = _plan_shard
     ds = ds.flat_map(plan_fn, num_cpus=0, fn_kwargs={"spec_json": spec_json, "order": order, "on_error": on_error,
                                                      "max_chars": max_chars})
+    # An actor that offloads layers asks Ray for one GPU share: the actors split the cluster's GPUs
+    # evenly (two actors on one GPU: 0.5 each), so Ray places them only where a GPU is.
+    gpus = 0.0
+    if gpu_layers != 0:
+        n_gpus = int(ray.cluster_resources().get("GPU", 0))
+        if n_gpus == 0:
+            raise RayJobError("--gpu-layers: the Ray cluster has no GPU; leave --gpu-layers at 0 or add GPU nodes")
+        gpus = 1.0 / math.ceil(actors / n_gpus)
     ds = ds.map_batches(
-        _Scorer, batch_size=rows_per_batch, batch_format="numpy", num_cpus=threads,
+        _Scorer, batch_size=rows_per_batch, batch_format="numpy", num_cpus=threads, num_gpus=gpus,
         compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs={"model": str(Path(model).resolve()) if Path(model).exists() else str(model),
                                "spec_json": spec_json, "n_ctx": n_ctx, "threads": threads, "stamp": stamp,
-                               "on_error": on_error})
+                               "on_error": on_error, "gpu_layers": gpu_layers})
     # Ray Data's actor pool defaults to max_restarts=-1 and max_task_retries=-1: a dead actor is
     # restarted and its batch re-run. An exception raised by our own code is not retried.
     writer = ShardWriter(out, fmt, per_shard, [c.name for c in spec.criteria])
