@@ -216,3 +216,47 @@ def test_checkpoints_are_chosen_by_what_the_user_reads() -> None:
     assert selection_alpha(mixed, "score") == pytest.approx(0.3)
     undefined = {"criteria": [{"alpha": None}], "pooled": {"method": "single criterion", "alpha": None}}
     assert selection_alpha(undefined) == -1.0
+
+
+def _tiny_yaml(tmp_path: Path, gemma_hf: Path, extra: str) -> Path:
+    """The tiny recipe as a YAML file with `extra` lines appended as written (YAML 1.1 typing applies)."""
+    raw = yaml.safe_load((ROOT / "configs" / "tiny-lora-cpu.yaml").read_text())
+    raw.update(base_model=str(gemma_hf), spec=str(TASKS / "emobank.yaml"),
+               train_data=str(DATA / "emobank-train-64.jsonl"), output=str(tmp_path / "run"))
+    for key in yaml.safe_load(extra):
+        raw.pop(key, None)
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(raw) + extra)
+    return p
+
+
+def test_a_float_yaml_reads_as_text_trains_as_the_number_meant(tmp_path: Path, gemma_hf: Path) -> None:
+    """PyYAML reads `lr: 5e-5` (no decimal point) as the string '5e-5'; the loader reads the field's
+    annotation and takes it as 5e-05, and the run trains."""
+    from click.testing import CliRunner
+
+    from edge_annotator.train.cli import train as train_cmd
+
+    p = _tiny_yaml(tmp_path, gemma_hf, "lr: 5e-5\nbatch_size: 8\nmicro_batch: 8\n")
+    assert yaml.safe_load(p.read_text())["lr"] == "5e-5"
+    assert load_config(p).lr == 5e-5
+    r = CliRunner().invoke(train_cmd, [str(p), "--max-steps", "2", "--no-merge"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "run" / "best-adapter").is_dir()
+
+
+def test_wrong_types_and_unknown_keys_are_one_config_error(tmp_path: Path, gemma_hf: Path) -> None:
+    from click.testing import CliRunner
+
+    from edge_annotator.train.cli import train as train_cmd
+
+    p = _tiny_yaml(tmp_path, gemma_hf, 'lr: fast\nbatch_size: "32"\nmicro_batch: 8\nlearning_rate: 0.1\n'
+                                       'lora: {r: 8, layers: [1, top]}\naugment: {templates: maybe}\n')
+    r = CliRunner().invoke(train_cmd, [str(p)])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert "invalid training config (5 problem(s))" in r.output, r.output
+    for needle in ("lr: expected a number, got 'fast'", "batch_size: expected a whole number, got '32'",
+                   "learning_rate: unknown key", "lora.layers[1]: expected a whole number, got 'top'",
+                   "augment.templates: expected true or false, got 'maybe'"):
+        assert needle in r.output, r.output
+    assert not (tmp_path / "run").exists()

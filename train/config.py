@@ -10,6 +10,9 @@ QLoRA is a flag on the one LoRA path: `quantization: nf4`.
 from __future__ import annotations
 
 import dataclasses
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -186,42 +189,101 @@ class TrainConfig:
             raise ConfigError(source, problems)
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
+    """A `cls` dataclass from a YAML mapping, each value checked against its field's annotation;
+    every problem is appended to `problems` (all of them, not the first)."""
     if not isinstance(raw, dict):
-        problems.append(f"{where or 'config'}: expected a mapping")
+        problems.append(f"{where or 'config'}: expected a mapping, got {_shown(raw)}")
         return None
+    hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    prefix = f"{where}." if where else ""
     kwargs: dict[str, Any] = {}
     for k, v in raw.items():
         if k not in fields:
-            problems.append(f"{where + '.' if where else ''}{k}: unknown key (allowed: {', '.join(fields)})")
+            problems.append(f"{prefix}{k}: unknown key (allowed: {', '.join(fields)})")
             continue
-        sub = {"tiny": TinyModel, "lora": LoraSettings, "augment": Augment, "token_dropout": TokenDropout}.get(k)
-        kwargs[k] = _build(sub, v, f"{where + '.' if where else ''}{k}", problems) if sub and v is not None else v
+        kwargs[k] = _convert(hints[k], v, f"{prefix}{k}", problems)
     for name, f in fields.items():
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and name not in kwargs:
-            problems.append(f"{where + '.' if where else ''}{name}: required")
-    if any(p.startswith(where) for p in problems) and where == "":
-        return None
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        problems.append(f"{where or 'config'}: {e}")
-        return None
+            problems.append(f"{prefix}{name}: required")
+    return None if problems else cls(**kwargs)
 
 
-_LITERALS = {"raters": ("distribution", "each", "majority", "median"), "quantization": ("none", "nf4"),
-             "compute_dtype": ("float32", "bfloat16"), "device": ("auto", "cpu", "cuda"),
-             "schedule": ("linear", "constant"), "select_by": ("score", "label")}
+def _convert(tp: Any, v: Any, where: str, problems: list[str]) -> Any:
+    """`v` as annotation `tp` says: dataclasses, Literal, X | None, list[X], bool, int, float, str.
+
+    A float may be written as a string YAML 1.1 leaves unparsed ("5e-5", which PyYAML reads as
+    text because it has no decimal point): it is read as the number the user meant."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if v is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        for opt in options:
+            trial: list[str] = []
+            got = _convert(opt, v, where, trial)
+            if not trial:
+                return got
+        if len(options) == 1:
+            return _convert(options[0], v, where, problems)
+        problems.append(f"{where}: expected {' or '.join(_type_name(o) for o in options)}, got {_shown(v)}")
+        return None
+    if origin is typing.Literal:
+        if v not in args:
+            problems.append(f"{where}: must be one of {', '.join(map(str, args))}, got {v!r}")
+        return v
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return _build(tp, v, where, problems)
+    if origin is list:
+        if not isinstance(v, list):
+            problems.append(f"{where}: expected a list, got {_shown(v)}")
+            return None
+        return [_convert(args[0], x, f"{where}[{i}]", problems) for i, x in enumerate(v)]
+    if tp is bool:
+        if not isinstance(v, bool):
+            problems.append(f"{where}: expected true or false, got {_shown(v)}")
+        return v
+    if tp is int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            problems.append(f"{where}: expected a whole number, got {_shown(v)}")
+        return v
+    if tp is float:
+        if isinstance(v, str) and _NUMBER.fullmatch(v.strip()):
+            return float(v)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            problems.append(f"{where}: expected a number, got {_shown(v)}")
+            return v
+        return float(v)
+    if tp is str:
+        if not isinstance(v, str):
+            problems.append(f"{where}: expected text, got {_shown(v)}")
+        return v
+    return v
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if typing.get_origin(tp) is list:
+        return "a list"
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "text"}.get(tp, str(tp))
+
+
+def _shown(v: Any) -> str:
+    kind = {str: "text", bool: "a boolean", int: "a whole number", float: "a number", list: "a list",
+            dict: "a mapping", type(None): "nothing"}.get(type(v), type(v).__name__)
+    return f"{v!r} ({kind})" if not isinstance(v, (list, dict)) else kind
 
 
 def parse_config(raw: Any, source: str = "<config>", check_paths: bool = True) -> TrainConfig:
     problems: list[str] = []
     cfg = _build(TrainConfig, raw, "", problems)
-    if isinstance(raw, dict):
-        for k, allowed in _LITERALS.items():
-            if k in raw and raw[k] not in allowed:
-                problems.append(f"{k}: must be one of {', '.join(allowed)}, got {raw[k]!r}")
     if problems or cfg is None:
         raise ConfigError(source, problems or ["could not be read"])
     cfg.name = cfg.name or Path(source).stem
