@@ -12,6 +12,8 @@ from rich.table import Table
 
 from edge_annotator.runtime.cli import gpu_layers_option
 
+from .quants import ADAPTED_TYPES, FILE_TYPES
+
 err = Console(stderr=True)
 
 
@@ -19,9 +21,9 @@ err = Console(stderr=True)
 @click.argument("merged", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The .gguf to write (atomically; a manifest with checksums goes beside it).")
-@click.option("--quant", type=click.Choice(["Q4_K_M", "Q4_0", "Q5_K_M", "Q8_0", "F16"]), default="Q4_K_M",
+@click.option("--quant", type=click.Choice(FILE_TYPES), default="Q4_K_M",
               show_default=True)
-@click.option("--adapted-type", type=click.Choice(["Q8_0", "Q6_K", "F16", "same"]), default="Q8_0", show_default=True,
+@click.option("--adapted-type", type=click.Choice([*ADAPTED_TYPES, "same"]), default="Q8_0", show_default=True,
               help="Type the LoRA-adapted tensors keep when --quant is narrower (their updates are smaller than "
                    "a 4-bit step); 'same' quantizes them like the rest.")
 @click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,

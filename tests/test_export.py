@@ -46,7 +46,6 @@ def test_export_writes_a_self_describing_file_and_manifest(exported: dict[str, P
     for quant, path in exported.items():
         man = json.loads(path.with_name(path.name + ".manifest.json").read_text())
         assert man["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-        assert man["steps"] == ["check", "convert", "quantize", "embed", "verify", "publish"]
         assert man["verify"]["add_bos"] is True and man["quant"] == quant
         assert not [p for p in path.parent.iterdir() if p.name.startswith(".")], "no temporary leftovers"
         llm = llama_cpp.Llama(str(path), n_ctx=256, verbose=False)  # plain llama-cpp-python loads it
@@ -122,13 +121,17 @@ def test_a_failed_export_leaves_no_gguf(merged: Path, tmp_path: Path, monkeypatc
     assert list(tmp_path.iterdir()) == [], "neither the output nor temporary files remain"
 
 
-def test_export_steps_are_ordered() -> None:
-    from edge_annotator.export.convert import Export, ExportError
+def test_one_table_of_quantization_types_matches_llama_cpp() -> None:
+    """export/quants.py names each type by gguf-py's enums; llama.cpp's own ABI agrees on every value
+    export hands it (the quantizer's llama_ftype, a tensor override's ggml_type)."""
+    import llama_cpp
 
-    job = Export(Path("m"), Path("o.gguf"), "Q8_0")
-    job.expect("check", None)
-    with pytest.raises(ExportError, match="expected step 'convert' done first, got 'check'"):
-        job.expect("quantize", "convert")
+    from edge_annotator.export.quants import ADAPTED_TYPES, FILE_TYPES, QUANTS
+
+    for name in FILE_TYPES:
+        assert int(QUANTS[name].file_type) == getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}"), name
+    for name in ADAPTED_TYPES:
+        assert int(QUANTS[name].tensor_type) == getattr(llama_cpp, f"GGML_TYPE_{name}"), name
 
 
 def _tensor_types(path: Path) -> dict[str, str]:
