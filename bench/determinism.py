@@ -28,20 +28,14 @@ from typing import Any
 
 def annotate_lines(model: Path, items: Path, spec_path: Path | None, gpu_layers: int, threads: int | None,
                    ) -> tuple[list[str], float]:
-    """The output lines annotate-cli would write for ITEMS, and the seconds the job took."""
-    from edge_annotator.runtime.annotator import Annotator
-    from edge_annotator.runtime.engine import LlamaEngine, LlamaModel
-    from edge_annotator.runtime.gguf_meta import model_info, resolve_spec, sha256_file
-    from edge_annotator.runtime.jobs import run_job
-    from edge_annotator.runtime.spec import load_spec
+    """The output lines annotate-cli writes for ITEMS (runtime.jobs.annotate_file, its job function),
+    and the seconds the job took, the model's load included."""
+    from edge_annotator.runtime.jobs import JobOptions, annotate_file
 
-    llm = LlamaModel(model, n_gpu_layers=gpu_layers)
-    spec = resolve_spec(model_info(llm), load_spec(spec_path) if spec_path else None)
     out = io.StringIO()
-    with LlamaEngine(llm, n_threads=threads) as engine:
-        t0 = time.perf_counter()
-        run_job(Annotator(engine, spec), items, out, model_sha256=sha256_file(model))
-        seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    annotate_file(model, items, out, JobOptions(spec=spec_path, threads=threads, gpu_layers=gpu_layers))
+    seconds = time.perf_counter() - t0
     return out.getvalue().splitlines(), seconds
 
 

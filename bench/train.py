@@ -9,7 +9,7 @@ alternately, step by step, in one process, so machine drift hits both alike:
 - per-prompt (the trainer before token trees): every example is its own sequence, the
   runtime prompt plus the answer, in micro-batches of 4, the vocabulary head at the answer
   position and cross-entropy over the whole vocabulary;
-- tree (train/tree.py, today's trainer): one sequence per micro-batch, the instruction once,
+- tree (hf/tree.py, today's trainer): one sequence per micro-batch, the instruction once,
   each item once for all its criteria, each criterion's cue a branch, the head restricted to the
   answer tokens, soft targets.
 
@@ -69,8 +69,8 @@ def per_prompt_step(model: Any, tok: Any, spec: Any, items: list[Any], examples:
 
 def tree_step(model: Any, tok: Any, spec: Any, items: list[Any], examples: list[Any], tries: Any,
               micro_items: int) -> int:
+    from edge_annotator.hf.tree import build_tree, level_logprobs, soft_cross_entropy, tree_attention
     from edge_annotator.train.examples import unit_of
-    from edge_annotator.train.tree import build_tree, level_logprobs, soft_cross_entropy, tree_attention
 
     T = lambda s: list(tok(s)["input_ids"])  # noqa: E731
     n_tok = 0
@@ -86,11 +86,11 @@ def tree_step(model: Any, tok: Any, spec: Any, items: list[Any], examples: list[
 def prep_rates(tok: Any, spec: Any, items: list[Any], examples: list[Any], tries: Any, micro_items: int,
                trees: int, repeats: int = 3) -> dict[str, float]:
     """Items per second of building token trees (the trainer's CPU work per step, no model), three ways:
-    one tokenizer call per text (the trainer before train/tree.py's Tokens), Tokens on texts not seen
+    one tokenizer call per text (the trainer before hf/tree.py's Tokens), Tokens on texts not seen
     before (one batched call per tree), and Tokens again on the same trees (a second epoch without
     augmentation). Medians of `repeats`."""
+    from edge_annotator.hf.tree import Tokens, build_tree
     from edge_annotator.train.examples import unit_of
-    from edge_annotator.train.tree import Tokens, build_tree
 
     one = lambda s: list(tok(s, split_special_tokens=True)["input_ids"])  # noqa: E731
     chunks = [[unit_of(examples[(t * micro_items + k) % len(examples)], items, spec, None, np.random.default_rng(0))
@@ -107,9 +107,9 @@ def prep_rates(tok: Any, spec: Any, items: list[Any], examples: list[Any], tries
 
 
 def main(argv: list[str] | None = None) -> int:
+    from edge_annotator.hf.score import answer_tries
     from edge_annotator.runtime.spec import load_spec
     from edge_annotator.train.config import parse_config
-    from edge_annotator.train.evaluate import answer_tries
     from edge_annotator.train.examples import build_examples, load_items
     from edge_annotator.train.model import add_lora, load_base, load_tokenizer
 
@@ -187,7 +187,7 @@ def markdown(res: dict[str, Any], m: dict[str, Any], a: argparse.Namespace) -> s
         "|---|---|---|",
         f"| one sequence per example (the trainer before token trees; full-vocabulary loss) | {pp:.2f} | "
         f"{res['tokens_per_step']['per_prompt']} |",
-        f"| token tree (train/tree.py: shared instruction, one pass per item, restricted head) | {tr:.2f} | "
+        f"| token tree (hf/tree.py: shared instruction, one pass per item, restricted head) | {tr:.2f} | "
         f"{res['tokens_per_step']['tree']} |",
         "",
         f"Ratio {res['ratio']:.2f}x (target >= {res['target']:.0f}x: {met}).",

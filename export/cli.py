@@ -10,7 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from edge_annotator.runtime.cli import gpu_layers_option
+from edge_annotator.runtime.options import gpu_layers_option
 
 from .quants import ADAPTED_TYPES, FILE_TYPES
 

@@ -120,7 +120,7 @@ def verify(path: Path, merged: Path, spec: TaskSpec) -> dict[str, Any]:
     """llama.cpp loads it, and tokenizes as the HF tokenizer did in training (BOS included)."""
     from transformers import AutoTokenizer
 
-    from edge_annotator.runtime.engine import LlamaModel
+    from edge_annotator.runtime.engine import LlamaEngine, LlamaModel
     from edge_annotator.runtime.gguf_meta import model_info
     from edge_annotator.runtime.prompt import render_prompt
 
@@ -129,28 +129,24 @@ def verify(path: Path, merged: Path, spec: TaskSpec) -> dict[str, Any]:
         info = model_info(model)
         if info.spec is None or info.spec.sha256 != spec.sha256:
             raise ExportError(f"{path}: the embedded spec does not match {merged / 'spec.json'}")
-        from edge_annotator.runtime.engine import LlamaEngine
-
-        eng = LlamaEngine(model, n_ctx=512, n_threads=1)
-        hf = AutoTokenizer.from_pretrained(merged)
-        hf_bos = hf("x")["input_ids"][:1] == [hf.bos_token_id] if hf.bos_token_id is not None else False
-        if eng.add_bos != hf_bos:
-            raise ExportError(f"{path}: llama.cpp {'adds' if eng.add_bos else 'does not add'} BOS but the HF "
-                              f"tokenizer {'does' if hf_bos else 'does not'}; training and run time would differ")
-        samples = [{f.name: t for f in spec.inputs} for t in
-                   ("An example, with punctuation!", "Zahlen 1-5 und Ümlaute", "  leading spaces\nand a newline")]
-        for s in samples:
-            for c in spec.criteria:
-                p = render_prompt(spec, s, c)
-                if eng.tokenize(p) != list(hf(p)["input_ids"]):
-                    raise ExportError(f"{path}: llama.cpp and the HF tokenizer split a {c.name} prompt differently")
-        chat = model.meta("tokenizer.chat_template")
-        eng.close()
-        return {"add_bos": eng.add_bos, "chat_template_present": chat is not None,
-                "architecture": info.architecture, "quantization": info.quantization}
-    except BaseException:
+        with LlamaEngine(model, n_ctx=512, n_threads=1) as eng:
+            hf = AutoTokenizer.from_pretrained(merged)
+            hf_bos = hf("x")["input_ids"][:1] == [hf.bos_token_id] if hf.bos_token_id is not None else False
+            if eng.add_bos != hf_bos:
+                raise ExportError(f"{path}: llama.cpp {'adds' if eng.add_bos else 'does not add'} BOS but the HF "
+                                  f"tokenizer {'does' if hf_bos else 'does not'}; training and run time would differ")
+            samples = [{f.name: t for f in spec.inputs} for t in
+                       ("An example, with punctuation!", "Zahlen 1-5 und Ümlaute", "  leading spaces\nand a newline")]
+            for s in samples:
+                for c in spec.criteria:
+                    p = render_prompt(spec, s, c)
+                    if eng.tokenize(p) != list(hf(p)["input_ids"]):
+                        raise ExportError(f"{path}: llama.cpp and the HF tokenizer split a {c.name} prompt "
+                                          f"differently")
+            return {"add_bos": eng.add_bos, "chat_template_present": model.meta("tokenizer.chat_template") is not None,
+                    "architecture": info.architecture, "quantization": info.quantization}
+    finally:
         model.close()
-        raise
 
 
 def export(merged: str | Path, output: str | Path, quant: str = "Q4_K_M", threads: int | None = None,

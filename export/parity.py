@@ -18,19 +18,20 @@ e. humans        alpha with the human labels before (HF) and after (GGUF) export
                  the score's alpha for rating scales, the label's for label sets (as training's
                  select_by: score chooses checkpoints).
 
-HF side: the merged fp32 model scored by training's validator (train/evaluate.py); GGUF side:
+HF side: the merged fp32 model scored by training's validator (hf/score.py); GGUF side:
 the runtime's Annotator, exactly as annotate-cli runs it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge_annotator.runtime.data import check_item, iter_rows, ratings_of
+from edge_annotator.runtime.data import Item, check_item, iter_rows, ratings_of
 from edge_annotator.runtime.metrics import criterion_agreement
 from edge_annotator.runtime.prompt import render_prompt
 from edge_annotator.runtime.spec import spec_from_json
@@ -81,40 +82,41 @@ def parity(merged: str | Path, gguf: str | Path, data: str | Path, max_items: in
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from edge_annotator.hf.score import report_of, score_items, selection_alpha
     from edge_annotator.runtime.annotator import Annotator, Score
     from edge_annotator.runtime.engine import LlamaEngine, LlamaModel
     from edge_annotator.runtime.gguf_meta import model_info
-    from edge_annotator.train.evaluate import report_of, score_items, selection_alpha
-    from edge_annotator.train.examples import Item
 
     merged, gguf = Path(merged), Path(gguf)
     spec = spec_from_json((merged / "spec.json").read_text(), str(merged / "spec.json"))
     llm = LlamaModel(gguf, n_gpu_layers=gpu_layers)
-    info = model_info(llm)
-    if info.spec is None or info.spec.sha256 != spec.sha256:
-        raise ValueError(f"{gguf} does not embed the spec of {merged} (spec sha256 differs)")
-    items: list[Item] = []
-    for rec in iter_rows(data):
-        it = check_item(rec, spec)
-        items.append(Item(it.id, it.fields, ratings_of(rec, spec)))
-        if max_items and len(items) >= max_items:
-            break
-    eng = LlamaEngine(llm, n_threads=threads)
-    hf_tok = AutoTokenizer.from_pretrained(merged)
-    # a. tokens
-    same = total = 0
-    first_diff = None
-    for it in items:
-        for c in spec.criteria:
-            p = render_prompt(spec, it.fields, c)
-            ok = eng.tokenize(p) == list(hf_tok(p)["input_ids"])
-            same += ok
-            total += 1
-            if not ok and first_diff is None:
-                first_diff = f"item {it.id}, criterion {c.name}"
-    # b-e. distributions, scores, labels and agreement on both sides
-    g_scores = Annotator(eng, spec).score_many([it.fields for it in items])
-    eng.close()
+    try:
+        info = model_info(llm)
+        if info.spec is None or info.spec.sha256 != spec.sha256:
+            raise ValueError(f"{gguf} does not embed the spec of {merged} (spec sha256 differs)")
+        items: list[Item] = []
+        for rec in iter_rows(data):
+            it = check_item(rec, spec)
+            items.append(replace(it, ratings=ratings_of(rec, spec)))
+            if max_items and len(items) >= max_items:
+                break
+        hf_tok = AutoTokenizer.from_pretrained(merged)
+        with LlamaEngine(llm, n_threads=threads) as eng:  # the context freed before the model
+            # a. tokens
+            same = total = 0
+            first_diff = None
+            for it in items:
+                for c in spec.criteria:
+                    p = render_prompt(spec, it.fields, c)
+                    ok = eng.tokenize(p) == list(hf_tok(p)["input_ids"])
+                    same += ok
+                    total += 1
+                    if not ok and first_diff is None:
+                        first_diff = f"item {it.id}, criterion {c.name}"
+            # b-e. distributions, scores, labels and agreement on both sides
+            g_scores = Annotator(eng, spec).score_many([it.fields for it in items])
+    finally:
+        llm.close()
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, use_safetensors=True).eval()
     h_scores = score_items(model, hf_tok, spec, items)
     quant = info.quantization or "?"

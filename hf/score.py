@@ -4,7 +4,7 @@ The answers' token trie is built by the runtime's `build_trie`, here with the HF
 probabilities are the restricted softmaxes at each branching node, multiplied along each
 answer's path (the runtime's level_probs), the label is the most probable level and the score
 the probability-weighted mean of the levels (runtime/annotator.py: expected_value). Items are
-scored in token trees (train/tree.py: the instruction once per batch, each item once for all its
+scored in token trees (hf/tree.py: the instruction once per batch, each item once for all its
 criteria), which give the same numbers as one prompt per item and criterion (tests/test_tree.py).
 Agreement is runtime/metrics.py's Krippendorff alpha.
 """
@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from edge_annotator.runtime.annotator import AnswerTrie, Score, build_trie, expected_value
+from edge_annotator.runtime.data import Item
 from edge_annotator.runtime.metrics import agreement
 from edge_annotator.runtime.prompt import CANONICAL
 from edge_annotator.runtime.spec import TaskSpec
 
-from .examples import Item
 from .tree import Tokens, Unit, build_tree, level_logprobs, tree_attention
 
 

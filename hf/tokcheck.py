@@ -41,10 +41,9 @@ PROBES: tuple[str, ...] = (
 
 def _spec_prompts(tasks: Path | None) -> list[str]:
     """Each shipped spec's prompt for one sample item, criterion by criterion."""
+    from edge_annotator.runtime.assets import shipped_dir
     from edge_annotator.runtime.prompt import render_prompt
     from edge_annotator.runtime.spec import load_spec
-
-    from .assets import shipped_dir
 
     folder = tasks or shipped_dir("tasks")
     out: list[str] = []
@@ -86,7 +85,7 @@ def check_against_gguf(tokenizer: Any, gguf: Path, tasks: Path | None = None, so
                        ) -> dict[str, Any]:
     """The fingerprint to write, or TokenizerMismatch naming how the HF tokenizer differs.
     `source`: the folder the tokenizer came from, when it was not converted from the GGUF."""
-    from .evaluate import hf_tokenize
+    from .score import hf_tokenize
 
     texts = probe_texts(tasks)
     ids = gguf_ids(gguf, texts)
@@ -107,7 +106,7 @@ def check_folder(folder: Path, tokenizer: Any) -> str | None:
     fp = folder / FINGERPRINT
     if not fp.is_file():
         return None
-    from .evaluate import hf_tokenize
+    from .score import hf_tokenize
 
     rec = json.loads(fp.read_text())
     diff = differences(rec["texts"], rec["ids"], hf_tokenize(tokenizer))

@@ -120,7 +120,7 @@ def segment_bounds(instr: Sequence[int], head: Sequence[int], fulls: Sequence[Se
     Boundaries are where each text's own tokens are a prefix of the prompt's (a token that merges
     across a boundary moves it back), a function of the text alone. Every cue, with its
     criterion's answer stem, keeps at least one token of its own. The runtime (Annotator.plan)
-    and training's token trees (train/tree.py) both cut prompts here."""
+    and training's token trees (hf/tree.py) both cut prompts here."""
     shared = min(common_prefix_len(f, instr) for f in fulls)
     split = min(common_prefix_len(f, head) for f in fulls)
     if any(len(f) == split and not stem for f, stem in zip(fulls, stems)):

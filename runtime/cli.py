@@ -32,6 +32,7 @@ from rich.table import Table
 from . import __version__
 from .data import InputError
 from .engine import ModelError
+from .options import gpu_layers_option
 from .spec import SpecError, TaskSpec, load_spec
 
 err = Console(stderr=True)
@@ -48,34 +49,6 @@ class Group(click.Group):
             return super().invoke(ctx)
         except USER_ERRORS as e:
             raise click.ClickException(str(e)) from None
-
-
-class GpuLayers(click.ParamType):
-    """--gpu-layers: a count of layers, or "all" (every layer and the output layer: GPU_ALL)."""
-
-    name = "N|all"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        text = str(value).strip().lower()
-        if text == "all":
-            from .engine import GPU_ALL
-
-            return GPU_ALL
-        if text.isdigit():
-            return int(text)
-        self.fail(f"{value!r} is neither a count of layers (0, 1, 2, ...) nor 'all'", param, ctx)
-
-
-def gpu_layers_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    """The one --gpu-layers of annotate, parity and bench."""
-    return click.option("--gpu-layers", type=GpuLayers(), default="0", show_default=True, metavar="N|all",
-                        envvar="ANNOTATE_GPU_LAYERS",
-                        show_envvar=True,
-                        help="Layers to run on the GPU, N or all; needs a GPU build of llama-cpp-python "
-                             "(make install-cuda). 0: the CPU only. What holds across settings: README, "
-                             "Guarantees.")(f)
 
 
 def _setup_logging(verbose: int) -> None:
@@ -175,10 +148,7 @@ def annotate(model: Path, inputs: tuple[str, ...], output: str | None, spec_path
       annotate-cli annotate annotator.gguf big.jsonl --batch 4 > out.jsonl  # faster, not bit-exact
       annotate-cli annotate annotator.gguf shards/*.jsonl --engine ray --actors 8 --threads 4 -o out/
     """
-    from .annotator import Annotator
-    from .engine import LlamaEngine, LlamaModel, default_threads
-    from .gguf_meta import model_info, resolve_spec, sha256_file
-    from .jobs import WorkerPool, count_records, fsync_close, open_output, run_job
+    from .jobs import JobOptions, annotate_file, count_records
 
     for p in inputs:  # on Ray, a URI (s3://...) is read by the cluster
         if not Path(p).exists() and not (engine_kind == "ray" and "://" in p):
@@ -189,33 +159,19 @@ def annotate(model: Path, inputs: tuple[str, ...], output: str | None, spec_path
         return
     if len(inputs) != 1:
         raise click.UsageError("the local engine annotates one INPUT file; several shards: --engine ray")
-    input_path = Path(inputs[0])
-    # Every check on the model and the spec runs before any output is opened.
-    llm = LlamaModel(model, n_gpu_layers=gpu_layers)
-    spec = resolve_spec(model_info(llm), load_spec(spec_path) if spec_path else None)
-    total = count_records(input_path)
-    model_sha = sha256_file(model)
-    with LlamaEngine(llm, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers) as engine:
-        annotator = Annotator(engine, spec, batch=batch)
-        try:
-            out, state = open_output(output, resume)
-        except ValueError as e:
-            raise click.UsageError(str(e)) from None
-        t0 = time.perf_counter()
-        try:
-            with _progress() as bar:
-                tick = _ticker(bar, bar.add_task("annotating", total=total, rate=""), t0)
-                per_worker = max(1, (threads or default_threads()) // workers)
-                pool = WorkerPool(workers, model, annotator, per_worker, gpu_layers) if workers > 1 else None
-                try:
-                    stats = run_job(annotator, input_path, out, model_sha256=model_sha,
-                                    on_error=on_error, resume=state, max_chars=max_chars,  # type: ignore[arg-type]
-                                    progress=tick, pool=pool)
-                finally:
-                    if pool:
-                        pool.close()
-        finally:
-            fsync_close(out)
+    if resume and output in (None, "-"):
+        raise click.UsageError("--resume needs -o FILE: a job written to stdout cannot be resumed")
+    options = JobOptions(spec=spec_path, threads=threads, n_ctx=n_ctx, gpu_layers=gpu_layers, batch=batch,
+                         workers=workers, on_error=on_error, max_chars=max_chars)  # type: ignore[arg-type]
+    total = count_records(inputs[0])
+    t0 = time.perf_counter()
+    bar = _progress()  # shown once the model and the output are ready: a refused model prints one line only
+    tick = _ticker(bar, bar.add_task("annotating", total=total, rate=""), t0)
+    try:
+        stats = annotate_file(model, inputs[0], output, options, resume=resume, progress=tick, started=bar.start)
+    finally:
+        if bar.live.is_started:
+            bar.stop()
     dt = time.perf_counter() - t0
     msg = f"{stats.written} annotated in {dt:.1f}s ({stats.written / dt if dt else 0:.2f} items/s"
     if stats.tokens_evaluated:  # counted in this process: not with --workers
@@ -235,8 +191,8 @@ def annotate(model: Path, inputs: tuple[str, ...], output: str | None, spec_path
 def _annotate_ray(model: Path, inputs: list[str], output: str | None, spec_path: Path | None, threads: int | None,
                   n_ctx: int, on_error: str, resume: bool, batch: int, workers: int, max_chars: int | None,
                   ray_address: str | None, actors: int, out_format: str, shard_records: int, gpu_layers: int) -> None:
-    from .engine import LlamaModel
-    from .gguf_meta import model_info, resolve_spec, sha256_file
+    from .gguf_meta import sha256_file
+    from .jobs import open_model
     from .ray_job import RayJobError, run_ray_job
 
     if output in (None, "-"):
@@ -244,11 +200,8 @@ def _annotate_ray(model: Path, inputs: list[str], output: str | None, spec_path:
     if resume or batch != 1 or workers != 1:
         raise click.UsageError("--engine ray runs the exact path with Ray's own retries: "
                                "--resume, --batch and --workers do not apply")
-    llm = LlamaModel(model)  # the spec and every model check, on the driver, before Ray starts
-    try:
-        spec = resolve_spec(model_info(llm), load_spec(spec_path) if spec_path else None)
-    finally:
-        llm.close()
+    llm, spec = open_model(model, spec_path)  # the spec and every model check, on the driver, before Ray starts
+    llm.close()
     t0 = time.perf_counter()
     with _progress() as bar:
         tick = _ticker(bar, bar.add_task("annotating (ray)", total=None, rate=""), t0)
@@ -308,6 +261,66 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3f}"
     return str(v)
+
+
+@cli.command()
+@click.argument("pred", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--to", "fmt", type=click.Choice(["label-studio", "argilla", "csv"]), required=True,
+              help="The tool to import into.")
+@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Task spec YAML the predictions were made with.")
+@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Or: the annotator .gguf whose embedded spec to use.")
+@click.option("--items", "items_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="The items file annotate read: its texts go into the tasks (without it, ids only).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="label-studio: tasks JSON; argilla: records JSON; csv: the table.")
+@click.option("--label-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="label-studio: also write the labelling interface (<View> XML) here.")
+@click.option("--settings", "settings_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="argilla: also write the dataset settings (fields, questions) as JSON here.")
+def convert(pred: Path, fmt: str, spec_path: Path | None, model: Path | None, items_path: Path | None,
+            output: Path, label_config: Path | None, settings_path: Path | None) -> None:
+    """Turn annotate's output (PRED) into pre-annotations for Label Studio or Argilla, or a CSV.
+
+    Every record of PRED becomes one task, record or row; error records are kept, flagged with
+    their message. README, File formats shows each format and the import steps.
+
+    \b
+    Examples:
+      annotate-cli convert labels.jsonl --to label-studio --model annotator.gguf --items items.jsonl \\
+          -o tasks.json --label-config config.xml
+      annotate-cli convert labels.jsonl --to argilla --model annotator.gguf --items items.jsonl \\
+          -o records.json --settings settings.json
+      annotate-cli convert labels.jsonl --to csv --spec tasks/emobank.yaml -o labels.csv
+    """
+    import csv
+
+    from . import convert as cv
+
+    spec = _spec_for(spec_path, model)
+    preds = cv.read_predictions(pred, spec)
+    inputs = cv.read_inputs(items_path, spec) if items_path else None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "csv":
+        header, rows = cv.csv_rows(preds, spec, inputs)
+        with output.open("w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(header)
+            w.writerows(rows)
+    elif fmt == "label-studio":
+        output.write_text(json.dumps(cv.label_studio_tasks(preds, spec, inputs), indent=1, ensure_ascii=False))
+        if label_config:
+            label_config.write_text(cv.label_studio_config(spec))
+    else:
+        name = model.stem if model else spec.name
+        shas = {p.model_sha256 for p in preds if p.model_sha256}
+        agent = f"edge-annotator/{name}" + (f"@{sorted(shas)[0][:12]}" if len(shas) == 1 else "")
+        output.write_text(json.dumps(cv.argilla_records(preds, spec, inputs, agent), indent=1, ensure_ascii=False))
+        if settings_path:
+            settings_path.write_text(json.dumps(cv.argilla_settings(spec), indent=1, ensure_ascii=False))
+    errors = sum(p.error is not None for p in preds)
+    err.print(f"{len(preds)} records ({errors} error records, flagged) -> {output} ({fmt})")
 
 
 @cli.command()

@@ -18,7 +18,7 @@ import io
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -38,7 +38,12 @@ class InputError(ValueError):
         super().__init__(f"{where}:{what} {message}")
 
     def to_record(self) -> dict[str, Any]:
+        """The `error` of an error record (the item's id goes beside it); from_record reads it back."""
         return {"file": self.path, "line": self.line, "field": self.field, "message": self.reason}
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any], item_id: str | None = None) -> InputError:
+        return cls(rec["file"], rec["line"], rec["message"], rec["field"], item_id)
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable, so it crosses process (and Ray) boundaries intact
         return (InputError, (self.path, self.line, self.reason, self.field, self.item_id))
@@ -174,12 +179,22 @@ def _iter_parquet(name: str, stream: BinaryIO | None) -> Iterator[Row]:
             yield Row(name, n, rec)
 
 
+Value = int | float | str
+"""A criterion's value as a rater or the spec writes it."""
+
+
 @dataclass(frozen=True)
 class Item:
+    """One item to annotate, score or learn from: the one Item of the runtime, training and parity."""
+
     id: str
     fields: dict[str, str]
+    """The spec's input fields, checked."""
     path: str
+    """The file it came from, and its 1-based line (a row number for Parquet): errors name them."""
     line: int
+    ratings: list[dict[str, Value]] = field(default_factory=list)
+    """Human ratings (criterion -> value), one mapping per rater; empty for items to annotate."""
 
 
 def check_item(row: Row, spec: TaskSpec, max_chars: int | None = None) -> Item:
@@ -242,7 +257,7 @@ def _coerce_label(v: Any, c: Criterion, path: str, line: int, where: str) -> int
     return int(num) if float(num).is_integer() else float(num)
 
 
-def ratings_of(row: Row, spec: TaskSpec) -> list[dict[str, int | float | str]]:
+def ratings_of(row: Row, spec: TaskSpec) -> list[dict[str, Value]]:
     """The human ratings in a row (possibly none), each a mapping criterion -> value."""
     if row.error:
         raise row.error

@@ -231,6 +231,7 @@ class LlamaEngine:
 
     def __init__(self, model: LlamaModel | str | Path, *, n_ctx: int = 2048, n_threads: int | None = None,
                  n_batch: int = 512, n_gpu_layers: int = 0, answer_head: bool = True):
+        self._owns_model = not isinstance(model, LlamaModel)  # a model handed in is its owner's to free
         self.model = model if isinstance(model, LlamaModel) else LlamaModel(model, n_gpu_layers=n_gpu_layers)
         self.path = self.model.path
         self._vocab = self.model.vocab
@@ -476,8 +477,9 @@ class LlamaEngine:
         self._cached = []
 
     def close(self) -> None:
+        """Free the context, and the model when this engine loaded it (one handed in stays open)."""
         self._free_context()
-        if getattr(self, "model", None) is not None:
+        if getattr(self, "model", None) is not None and getattr(self, "_owns_model", False):
             self.model.close()
 
     def __enter__(self) -> LlamaEngine:

@@ -23,7 +23,7 @@ import numpy as np
 
 from .annotator import Annotator
 from .data import InputError, Item, check_item, file_format, iter_rows, write_jsonl_line
-from .engine import ContextOverflow
+from .engine import ContextOverflow, LlamaEngine, LlamaModel, default_threads
 from .spec import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -173,16 +173,16 @@ def run_job(annotator: Annotator, input_path: str | Path, out: IO[str], *, model
         if err.line not in state.done_error_lines:
             write_jsonl_line(out, error_record(err, stamp))
 
-    def write(chunk: list[tuple[str, Any]], scores: list[Any] | None) -> None:
-        items = [x for kind, x in chunk if kind == "item"]
+    def write(chunk: list[Event], scores: list[Any] | None) -> None:
+        items = [x for x in chunk if isinstance(x, Item)]
         by_item = dict(zip((id(it) for it in items), scores or [None] * len(items)))
-        for kind, x in chunk:
+        for x in chunk:
             if progress:
                 progress(1)
-            if kind == "error":
-                emit_error(x)
-            elif kind == "raise":
-                raise x
+            if isinstance(x, Skipped):
+                emit_error(x.error)
+            elif isinstance(x, Fatal):
+                raise x.error
             elif x.id in state.done_ids:
                 stats.resumed += 1
             else:
@@ -196,8 +196,8 @@ def run_job(annotator: Annotator, input_path: str | Path, out: IO[str], *, model
                 write_jsonl_line(out, {**annotator.to_record(x.id, res), **stamp})
                 stats.written += 1
 
-    def needs_scoring(chunk: list[tuple[str, Any]]) -> list[dict[str, str]] | None:
-        items = [x for kind, x in chunk if kind == "item"]
+    def needs_scoring(chunk: list[Event]) -> list[dict[str, str]] | None:
+        items = [x for x in chunk if isinstance(x, Item)]
         return [it.fields for it in items] if any(it.id not in state.done_ids for it in items) else None
 
     chunks = plan(input_path, annotator.spec, annotator.batch, on_error, max_chars, stats)
@@ -221,21 +221,36 @@ def error_record(err: InputError, stamp: dict[str, str]) -> dict[str, Any]:
     return {"id": err.item_id, "error": err.to_record(), **stamp}
 
 
-def plan(input_path: str | Path, spec: TaskSpec, batch: int, on_error: OnError, max_chars: int | None,
-         stats: JobStats, stream: BinaryIO | None = None) -> Iterator[list[tuple[str, Any]]]:
-    """The input as consecutive chunks of records, each holding one scoring group of valid items.
+@dataclass(frozen=True)
+class Skipped:
+    """A bad record that becomes an error record in the output (on_error='skip')."""
 
-    A chunk is a list of ("item", Item), ("error", InputError) or, with on_error='fail', a final
-    ("raise", InputError) after which nothing more is read. Repeated rows of one item (same id,
-    same inputs) are dropped and counted. The local job and the Ray job (runtime/ray_job.py) both
-    read their input through here.
+    error: InputError
+
+
+@dataclass(frozen=True)
+class Fatal:
+    """A bad record that ends the job (on_error='fail'): the last event; nothing after it is read."""
+
+    error: InputError
+
+
+Event = Item | Skipped | Fatal
+"""What one input record becomes: an item to score, or a bad record skipped or fatal."""
+
+
+def plan(input_path: str | Path, spec: TaskSpec, batch: int, on_error: OnError, max_chars: int | None,
+         stats: JobStats, stream: BinaryIO | None = None) -> Iterator[list[Event]]:
+    """The input as consecutive chunks of events, one per record, each chunk holding one scoring
+    group of valid items. Repeated rows of one item (same id, same inputs) are dropped and counted.
+    The local job and the Ray job (runtime/ray_job.py) both read their input through here.
     """
     seen = IdTable()  # id -> (inputs hash, first line)
-    pending: list[tuple[str, Any]] = []
+    pending: list[Event] = []
     n_items = 0
 
     def bad(err: InputError) -> bool:
-        pending.append(("raise" if on_error == "fail" else "error", err))
+        pending.append(Fatal(err) if on_error == "fail" else Skipped(err))
         return on_error == "fail"
 
     for row in iter_rows(input_path, stream):
@@ -255,7 +270,7 @@ def plan(input_path: str | Path, spec: TaskSpec, batch: int, on_error: OnError, 
                               f"(first seen at line {first[1]})", "id", item.id)):
                 break
             continue
-        pending.append(("item", item))
+        pending.append(item)
         n_items += 1
         if n_items % batch == 0:
             yield pending
@@ -297,13 +312,13 @@ class WorkerPool:
             initargs=(str(model), annotator.spec.to_json(), annotator.engine.n_ctx, threads_per_worker,
                       annotator.batch, gpu_layers))
 
-    def ordered(self, chunks: Iterator[list[tuple[str, Any]]],
-                fields_of: Callable[[list[tuple[str, Any]]], list[dict[str, str]] | None]
-                ) -> Iterator[tuple[list[tuple[str, Any]], list[Any] | None]]:
+    def ordered(self, chunks: Iterator[list[Event]],
+                fields_of: Callable[[list[Event]], list[dict[str, str]] | None]
+                ) -> Iterator[tuple[list[Event], list[Any] | None]]:
         """(chunk, scores) in input order; at most 4 groups per worker are read ahead (bounded memory)."""
         from collections import deque
 
-        window: deque[tuple[list[tuple[str, Any]], Any]] = deque()
+        window: deque[tuple[list[Event], Any]] = deque()
         for chunk in chunks:
             todo = fields_of(chunk)
             window.append((chunk, self._ex.submit(_worker_score, todo) if todo else None))
@@ -316,6 +331,78 @@ class WorkerPool:
 
     def close(self) -> None:
         self._ex.shutdown(cancel_futures=True)
+
+
+# -- one annotation job: what annotate-cli, bench and the determinism check all run ----------------
+
+@dataclass(frozen=True)
+class JobOptions:
+    """How to run a job; annotate-cli's flags of the same names."""
+
+    spec: Path | None = None
+    """A spec YAML for a model with none embedded (zero-shot); None: the model's own."""
+    threads: int | None = None
+    n_ctx: int = 2048
+    gpu_layers: int = 0
+    batch: int = 1
+    workers: int = 1
+    on_error: OnError = "fail"
+    max_chars: int | None = None
+
+
+def open_model(model: str | Path, spec_path: str | Path | None = None, gpu_layers: int = 0
+               ) -> tuple[LlamaModel, TaskSpec]:
+    """Load a GGUF and resolve the spec it annotates with: the embedded one, or SPEC_PATH's for a
+    model without one (gguf_meta.resolve_spec says which wins and refuses a mismatch)."""
+    from .gguf_meta import model_info, resolve_spec
+    from .spec import load_spec
+
+    llm = LlamaModel(model, n_gpu_layers=gpu_layers)
+    try:
+        return llm, resolve_spec(model_info(llm), load_spec(spec_path) if spec_path else None)
+    except BaseException:
+        llm.close()
+        raise
+
+
+def annotate_file(model: str | Path, input_path: str | Path, output: str | None | IO[str],
+                  options: JobOptions = JobOptions(), *, resume: bool = False,
+                  progress: Callable[[int], None] | None = None, started: Callable[[], None] | None = None
+                  ) -> JobStats:
+    """Annotate every record of INPUT_PATH with MODEL into OUTPUT: a path (opened fresh, or for
+    append with `resume`), None or "-" for stdout, or an open text stream the caller owns.
+
+    Every check on the model and the spec runs before the output is opened; `started` is called
+    then, before the first record. Returns the job's counts; raises InputError on the first bad
+    record with on_error="fail"."""
+    from .gguf_meta import sha256_file
+
+    llm, spec = open_model(model, options.spec, options.gpu_layers)
+    try:
+        model_sha = sha256_file(model)
+        with LlamaEngine(llm, n_ctx=options.n_ctx, n_threads=options.threads) as engine:
+            annotator = Annotator(engine, spec, batch=options.batch)
+            owned = output is None or isinstance(output, str)
+            if output is None or isinstance(output, str):
+                out, state = open_output(output, resume)
+            else:
+                out, state = output, None
+            pool = None
+            try:
+                if started:
+                    started()
+                if options.workers > 1:
+                    per_worker = max(1, (options.threads or default_threads()) // options.workers)
+                    pool = WorkerPool(options.workers, model, annotator, per_worker, options.gpu_layers)
+                return run_job(annotator, input_path, out, model_sha256=model_sha, on_error=options.on_error,
+                               resume=state, max_chars=options.max_chars, progress=progress, pool=pool)
+            finally:
+                if pool:
+                    pool.close()
+                if owned:
+                    fsync_close(out)
+    finally:
+        llm.close()
 
 
 def open_output(path: str | None, resume: bool) -> tuple[IO[str], ResumeState | None]:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import InputError, jsonl_line
-from .jobs import JobStats, OnError, error_record, overflow_error, plan
+from .jobs import Fatal, JobStats, OnError, Skipped, error_record, overflow_error, plan
 
 
 class RayJobError(RuntimeError):
@@ -54,14 +54,14 @@ def _plan_shard(row: dict[str, Any], *, spec_json: str, order: dict[str, int], o
     out: list[dict[str, Any]] = []
     stats = JobStats()
     for chunk in plan(name, spec, 1, on_error, max_chars, stats, io.BytesIO(row["bytes"])):
-        for kind, x in chunk:
-            if kind == "raise":
-                raise x
+        for x in chunk:
+            if isinstance(x, Fatal):
+                raise x.error
             seq = len(out)
             base = {"shard": order[name], "seq": seq}
-            if kind == "error":
-                out.append({**base, "item_id": x.item_id or "", "fields": "", "error": json.dumps(
-                    {"path": x.path, "line": x.line, "message": x.reason, "field": x.field, "id": x.item_id})})
+            if isinstance(x, Skipped):
+                out.append({**base, "item_id": x.error.item_id or "", "fields": "",
+                            "error": json.dumps(x.error.to_record())})
             else:
                 out.append({**base, "item_id": x.id, "fields": json.dumps(x.fields), "error": "",
                             "path": x.path, "line": x.line})
@@ -114,8 +114,7 @@ class _Scorer:
         lines = []
         for i in range(len(batch["seq"])):
             if batch["error"][i]:
-                e = json.loads(batch["error"][i])
-                err = InputError(e["path"], e["line"], e["message"], e["field"], e["id"])
+                err = InputError.from_record(json.loads(batch["error"][i]), str(batch["item_id"][i]) or None)
                 lines.append(jsonl_line(error_record(err, self.stamp)))
                 continue
             item = Item(str(batch["item_id"][i]), json.loads(batch["fields"][i]), str(batch["path"][i]),

@@ -1,6 +1,6 @@
 """The whole main job, as `make demo` runs it: zero-shot baseline, fine-tune, export, parity, annotate.
 
-    python -m edge_annotator.export.pipeline --config configs/gemma3-270m-lora-cpu-emobank.yaml \\
+    python scripts/demo.py --config configs/gemma3-270m-lora-cpu-emobank.yaml \\
         --base-gguf models/gemma-3-270m-q4_k_m.gguf --test data/emobank-test-200.jsonl --out models/demo
 
 Prints one table with three columns (zero-shot base GGUF, fine-tuned HF, exported GGUF) and

@@ -121,6 +121,27 @@ def test_a_failed_export_leaves_no_gguf(merged: Path, tmp_path: Path, monkeypatc
     assert list(tmp_path.iterdir()) == [], "neither the output nor temporary files remain"
 
 
+def test_parity_json_bytes_are_as_recorded(exported: dict[str, Path], merged: Path) -> None:
+    """parity --json on the tiny model's Q8_0 export, as recorded before the redesign (issue 16),
+    run in a process where importing edge_annotator.train fails (export depends on hf/, not train/);
+    the two paths it names are reduced to file names."""
+    import subprocess
+    import sys
+
+    from golden import check_golden
+    from test_packaging import BLOCK_TRAIN
+
+    code = BLOCK_TRAIN + f"""
+from edge_annotator.runtime.cli import cli
+cli(['parity', {str(merged)!r}, {str(exported["Q8_0"])!r}, {str(DATA / "emobank-test-50.jsonl")!r},
+     '--threads', '2', '--json'])
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode in (0, 1) and r.stdout.startswith("{"), r.stderr[-3000:]
+    text = r.stdout.replace(str(merged), merged.name).replace(str(exported["Q8_0"]), exported["Q8_0"].name)
+    check_golden("parity-tiny-Q8_0-emobank-test-50.json", text)
+
+
 def test_one_table_of_quantization_types_matches_llama_cpp() -> None:
     """export/quants.py names each type by gguf-py's enums; llama.cpp's own ABI agrees on every value
     export hands it (the quantizer's llama_ftype, a tensor override's ggml_type)."""

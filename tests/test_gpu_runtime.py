@@ -27,7 +27,7 @@ def _sample(tmp_path: Path, n: int) -> Path:
 
 
 def test_gpu_layers_takes_a_count_or_all_and_nothing_else(tmp_path: Path) -> None:
-    from edge_annotator.runtime.cli import GpuLayers
+    from edge_annotator.runtime.options import GpuLayers
 
     t = GpuLayers()
     assert (t.convert("0", None, None), t.convert("12", None, None), t.convert("ALL", None, None)) == (0, 12, GPU_ALL)

@@ -88,6 +88,48 @@ def test_runtime_source_never_imports_torch_or_later_stages() -> None:
                 assert not n.startswith(("edge_annotator.train", "edge_annotator.export")), f"{path.name} imports {n}"
 
 
+BLOCK_TRAIN = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == 'edge_annotator.train' or name.startswith('edge_annotator.train.'):
+            raise ImportError(f'{name} is blocked in this test')
+        return None
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def test_export_and_hf_never_import_train(tmp_path: Path) -> None:
+    """export/ depends on hf/ and the runtime, never on train/: in the source, and when every export
+    and hf module is imported and the export commands run (parity's real call: test_export.py)."""
+    for folder in ("export", "hf"):
+        for path in (ROOT / folder).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                        else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+                for m in mods:
+                    assert not m.startswith("edge_annotator.train"), f"{folder}/{path.name} imports {m}"
+    code = """
+import importlib, pkgutil
+for pkg in ('edge_annotator.export', 'edge_annotator.hf'):
+    mod = importlib.import_module(pkg)
+    for m in pkgutil.iter_modules(mod.__path__):
+        importlib.import_module(f'{pkg}.{m.name}')
+from edge_annotator.runtime.cli import cli
+for cmd in ('export', 'parity'):
+    try:
+        cli([cmd, '--help'], standalone_mode=False)
+    except SystemExit as e:
+        assert not e.code, e.code
+assert not [m for m in sys.modules if m.startswith('edge_annotator.train')]
+print('NO-TRAIN')
+"""
+    r = subprocess.run([sys.executable, "-c", BLOCK_TRAIN + code], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "NO-TRAIN" in r.stdout
+
+
 def test_only_namespaced_packages_are_installed(tmp_path: Path) -> None:
     code = """
 import importlib

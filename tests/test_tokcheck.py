@@ -35,7 +35,7 @@ def test_the_converted_tokenizer_matches_llama_cpp_and_its_fingerprint_is_writte
                                                                                     gemma_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from edge_annotator.train.tokcheck import FINGERPRINT, check_against_gguf, check_folder, probe_texts
+    from edge_annotator.hf.tokcheck import FINGERPRINT, check_against_gguf, check_folder, probe_texts
 
     fp = check_against_gguf(AutoTokenizer.from_pretrained(gemma_hf), gemma_path)
     # the sentence transformers 5.17 split into 96 tokens is 19 for llama.cpp; every shipped spec's prompts

@@ -204,7 +204,7 @@ def test_a_run_whose_examples_do_not_fit_stops_before_training(tmp_path: Path, g
 
 def test_checkpoints_are_chosen_by_what_the_user_reads() -> None:
     """select_by score: the score's alpha for rating scales, the label's for label sets; label: the label's."""
-    from edge_annotator.train.evaluate import selection_alpha
+    from edge_annotator.hf.score import selection_alpha
 
     scales = {"criteria": [{"alpha": -0.1, "score_alpha": 0.3}, {"alpha": 0.0, "score_alpha": 0.1}],
               "pooled": {"method": "all (item, criterion) units", "alpha": -0.05, "score_alpha": 0.2}}

@@ -1,4 +1,4 @@
-"""Token-tree micro-batches (train/tree.py) give the loss and gradients of one sequence per prompt.
+"""Token-tree micro-batches (hf/tree.py) give the loss and gradients of one sequence per prompt.
 
 The tree packs a micro-batch's shared instruction once, each item once and each criterion's cue
 as a branch, with a custom attention function; the reference runs every scoring row as its own
@@ -19,11 +19,7 @@ import torch
 import yaml
 from conftest import DATA, TASKS
 
-from edge_annotator.runtime.annotator import build_trie
-from edge_annotator.runtime.prompt import CANONICAL, RenderOptions, render_prompt
-from edge_annotator.runtime.spec import TaskSpec, load_spec, parse_spec
-from edge_annotator.train.examples import load_items
-from edge_annotator.train.tree import (
+from edge_annotator.hf.tree import (
     Tokens,
     Unit,
     build_tree,
@@ -32,6 +28,10 @@ from edge_annotator.train.tree import (
     tree_attention,
     unshared_level_logprobs,
 )
+from edge_annotator.runtime.annotator import build_trie
+from edge_annotator.runtime.prompt import CANONICAL, RenderOptions, render_prompt
+from edge_annotator.runtime.spec import TaskSpec, load_spec, parse_spec
+from edge_annotator.train.examples import load_items
 
 pytestmark = pytest.mark.slow
 

@@ -43,8 +43,9 @@ def train(config: Path, output: str | None, max_steps: int | None, resume: bool,
       annotate-cli train configs/gemma3-270m-lora-cpu-emobank.yaml --output runs/emobank --resume
       annotate-cli train configs/gemma3-270m-qlora-gpu-emobank.yaml --merge-only   # adapter from a GPU
     """
+    from edge_annotator.hf.score import selection_alpha
+
     from .config import ConfigError, load_config
-    from .evaluate import selection_alpha
     from .merge import merge
     from .trainer import CannotLearn
     from .trainer import train as run_train
@@ -101,7 +102,8 @@ def train(config: Path, output: str | None, max_steps: int | None, resume: bool,
 def _merge_only(cfg: Any) -> None:
     """Merge RUN/best-adapter as training would have, with the validation figures of
     RUN/checkpoint/state.json in the provenance where the run left them."""
-    from .evaluate import selection_alpha
+    from edge_annotator.hf.score import selection_alpha
+
     from .merge import merge
 
     run = Path(cfg.output)

@@ -1,6 +1,6 @@
 """Training examples from human-labelled items, with the paper's augmentations.
 
-An example is an item with a target distribution over each criterion's levels (train/tree.py
+An example is an item with a target distribution over each criterion's levels (hf/tree.py
 scores all its criteria from one pass). Its text is the runtime's own prompt followed by the
 answer tokens, so training sees exactly what annotate-cli will. The order of examples is drawn
 from generators seeded by (seed, epoch) and augmentation from (seed, step, micro-batch), never
@@ -11,28 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge_annotator.runtime.data import check_item, iter_rows, ratings_of
+from edge_annotator.hf.tree import Unit
+from edge_annotator.runtime.data import Item, check_item, iter_rows, ratings_of
 from edge_annotator.runtime.metrics import nearest_level
 from edge_annotator.runtime.prompt import RenderOptions
 from edge_annotator.runtime.spec import TaskSpec
 
 from .config import Augment
-from .tree import Unit
-
-Value = int | float | str
-
-
-@dataclass
-class Item:
-    id: str
-    fields: dict[str, str]
-    ratings: list[dict[str, Value]]
 
 
 @dataclass(frozen=True)
@@ -40,7 +31,7 @@ class Example:
     """One training unit: an item (or, with raters: each, one rater's ratings of it) and, per
     criterion in spec order, the distribution over its levels to learn, or None where unrated.
 
-    All of a unit's criteria are scored from one pass over the item (train/tree.py), so they
+    All of a unit's criteria are scored from one pass over the item (hf/tree.py), so they
     travel together; `queries` counts the (item, criterion) targets, the "examples" that
     batch_size is measured in."""
 
@@ -62,7 +53,7 @@ def load_items(path: str | Path, spec: TaskSpec) -> list[Item]:
         if it.id in by_id:
             by_id[it.id].ratings.extend(rs)
         else:
-            by_id[it.id] = Item(it.id, it.fields, rs)
+            by_id[it.id] = replace(it, ratings=rs)
     return [it for it in by_id.values() if it.ratings]
 
 

@@ -7,7 +7,7 @@ transformers dequantizes the GGUF on load (about a minute for Gemma 3 270M on 2 
 safetensors are written. The folder is written beside the target and renamed into place, so an
 interrupted run leaves nothing half-written.
 
-The converted tokenizer is checked against the GGUF's own vocabulary (llama.cpp, train/tokcheck.py)
+The converted tokenizer is checked against the GGUF's own vocabulary (llama.cpp, hf/tokcheck.py)
 before anything is written: transformers' GGUF conversion of Gemma 3's tokenizer is right in 5.24
 and wrong in 5.17 (96 tokens for a 19-token sentence), so a difference refuses the conversion. The
 texts and llama.cpp's ids go into the folder for training to check again.
@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .tokcheck import FINGERPRINT, TokenizerMismatch, check_against_gguf
+from edge_annotator.hf.tokcheck import FINGERPRINT, TokenizerMismatch, check_against_gguf
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 
 # The tiny recipe (configs/tiny-lora-cpu.yaml) as QLoRA, built here so that an installed package
-# needs no checkout: the spec and the 64 EmoBank items ship inside it (train/assets.py).
+# needs no checkout: the spec and the 64 EmoBank items ship inside it (runtime/assets.py).
 def check_config(tokenizer_dir: Path, out: str, steps: int, device: str) -> dict[str, object]:
-    from .assets import shipped
+    from edge_annotator.runtime.assets import shipped
 
     return {
         "base_model": str(tokenizer_dir),

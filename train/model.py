@@ -2,7 +2,7 @@
 
     model = add_lora(load_base(cfg, device), cfg)
 
-The forward pass training uses is train/tree.py's: the decoder over a packed token tree, then
+The forward pass training uses is hf/tree.py's: the decoder over a packed token tree, then
 the vocabulary head for the allowed answer tokens only (on a CPU Gemma 3's 262,144 x 640 head
 would otherwise cost more than every other layer together).
 """

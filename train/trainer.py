@@ -9,7 +9,7 @@ Writes into cfg.output:
     merged/            the best adapter merged into the base weights (train/merge.py)
 
 A step takes batch_size examples (one criterion of one item each; an item's criteria travel
-together) in micro-batches, each one token tree (train/tree.py) sharing one augmented
+together) in micro-batches, each one token tree (hf/tree.py) sharing one augmented
 instruction. The loss is the cross-entropy between each example's target distribution and the
 runtime's distribution over the allowed answers.
 
@@ -34,11 +34,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from edge_annotator.hf.score import answer_tries, hf_tokenize, pad_id, selected_alpha, selection_alpha, validate
+from edge_annotator.hf.tokcheck import check_folder
+from edge_annotator.hf.tree import Tokens, TreeBatch, build_tree, level_logprobs, soft_cross_entropy, tree_attention
 from edge_annotator.runtime.prompt import CANONICAL, RenderOptions, prompt_segments, render_instruction
 from edge_annotator.runtime.spec import TaskSpec, load_spec
 
 from .config import TrainConfig
-from .evaluate import answer_tries, hf_tokenize, pad_id, selected_alpha, selection_alpha, validate
 from .examples import (
     Example,
     ExampleStream,
@@ -52,8 +54,6 @@ from .examples import (
 )
 from .from_gguf import atomic_dir
 from .model import add_lora, build_tiny, load_base, load_tokenizer, pick_device
-from .tokcheck import check_folder
-from .tree import Tokens, TreeBatch, build_tree, level_logprobs, soft_cross_entropy, tree_attention
 
 log = logging.getLogger(__name__)
 
@@ -245,36 +245,104 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[dict[st
           stop_after: int | None = None) -> TrainResult:
     """Train per cfg. `stop_after` ends the process-equivalent of an interrupt after that many steps
     (checkpoints are only written at validations, as a killed run would leave them)."""
-    set_seed(cfg.seed)
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg)
-    data = setup_data(cfg)
-    tokenizer = load_tokenizer(cfg.base_model)
-    if problem := check_folder(Path(cfg.base_model), tokenizer):  # ids that llama.cpp would not give
-        raise CannotLearn(problem)
-    tok = hf_tokenize(tokenizer)
-    examples = check_lengths(cfg, data, tok)
-    model = setup_model(cfg, out, device, tokenizer)
-    total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch(len(examples), data.units_per_step))
-    params, opt, sched = setup_optimizer(cfg, model, total)
-    ckpt, logf = out / "checkpoint", out / "log.jsonl"
-    state = TrainState()
-    if resume and (ckpt / "state.json").exists():
-        state = resume_state(ckpt, model, opt, sched, logf)
-        log.info("resumed %s at step %d", out, state.step)
-    elif logf.exists():
-        logf.unlink()
+    run = Run(cfg, progress)
+    run.setup(resume)
+    return run.fit(stop_after)
 
-    def write_log(rec: dict[str, Any]) -> None:
-        with logf.open("a") as fh:
+
+class Run:
+    """One training run: `setup` builds data, model and optimizer (or resumes them), `fit` runs the
+    loop; validation, early stopping and checkpoints live in `validate_and_checkpoint`."""
+
+    def __init__(self, cfg: TrainConfig, progress: Callable[[dict[str, Any]], None] | None = None):
+        self.cfg, self.progress = cfg, progress
+        self.out = Path(cfg.output)
+        self.ckpt, self.logf = self.out / "checkpoint", self.out / "log.jsonl"
+        self.state = TrainState()
+        self.history: list[dict[str, Any]] = []
+        self.tok_count = self.ex_count = 0.0
+
+    def setup(self, resume: bool) -> None:
+        cfg = self.cfg
+        set_seed(cfg.seed)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.data = setup_data(cfg)
+        self.tokenizer = load_tokenizer(cfg.base_model)
+        if problem := check_folder(Path(cfg.base_model), self.tokenizer):  # ids llama.cpp would not give
+            raise CannotLearn(problem)
+        self.tok = hf_tokenize(self.tokenizer)
+        self.examples = check_lengths(cfg, self.data, self.tok)
+        self.model = setup_model(cfg, self.out, pick_device(cfg), self.tokenizer)
+        self.total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch(len(self.examples),
+                                                                             self.data.units_per_step))
+        self.params, self.opt, self.sched = setup_optimizer(cfg, self.model, self.total)
+        if resume and (self.ckpt / "state.json").exists():
+            self.state = resume_state(self.ckpt, self.model, self.opt, self.sched, self.logf)
+            log.info("resumed %s at step %d", self.out, self.state.step)
+        elif self.logf.exists():
+            self.logf.unlink()
+        self.tries = answer_tries(self.tokenizer, self.data.spec)
+        self.stream = ExampleStream(len(self.examples), cfg.seed)
+
+    def write_log(self, rec: dict[str, Any]) -> None:
+        with self.logf.open("a") as fh:
             fh.write(json.dumps(rec) + "\n")
-        if progress:
-            progress(rec)
+        if self.progress:
+            self.progress(rec)
 
-    def evaluate(step: int, untrained: bool = False) -> tuple[dict[str, Any], float]:
+    def prepare(self, step: int) -> StepBatch:
+        return prepare_step(self.cfg, self.data, self.examples, self.stream, self.tok, self.tries,
+                            pad_id(self.tokenizer), step)
+
+    def fit(self, stop_after: int | None = None) -> TrainResult:
+        """The loop. Step k + 1's trees are built in a thread while step k runs on the device
+        (tokenizing and packing are CPU work a GPU step would otherwise wait for); the thread is
+        waited for before each validation, so the tokenizer is never used from two threads at once."""
+        state = self.state
+        if state.baseline is None:
+            state.baseline, state.best_alpha = self.evaluate(0, untrained=True)
+            state.best_report, state.best_step = state.baseline, 0
+            atomic_dir(self.out / "best-adapter", lambda d: self.model.save_pretrained(d))
+        self.model.train()
+        t_start, first_step = time.perf_counter(), state.step
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-annotator-prefetch") as pool:
+            ahead = pool.submit(self.prepare, state.step)
+            while state.step < self.total:
+                t0 = time.perf_counter()
+                batch = ahead.result()
+                if state.step + 1 < self.total:
+                    ahead = pool.submit(self.prepare, state.step + 1)
+                self.optimize(batch, t0)
+                if state.step % self.cfg.eval_every == 0 or state.step == self.total:
+                    wait([ahead])  # the tokenizer idle (an error in it surfaces at the next step)
+                    if self.validate_and_checkpoint():
+                        break
+                if stop_after is not None and state.step - first_step >= stop_after:
+                    break
+        seconds = time.perf_counter() - t_start
+        return TrainResult(self.out, state, state.step, seconds, self.tok_count / seconds if seconds else 0.0,
+                           self.ex_count / seconds if seconds else 0.0, self.history)
+
+    def optimize(self, batch: StepBatch, t0: float) -> None:
+        """One optimizer step on a prepared batch, logged."""
+        got = train_step(self.model, batch)
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.state.step += 1
+        dt = time.perf_counter() - t0
+        self.tok_count += got["tokens"]
+        self.ex_count += got["examples"]
+        rec = {"step": self.state.step, "event": "train", "loss": got["loss"], "lr": self.sched.get_last_lr()[0],
+               "tokens_per_s": got["tokens"] / dt, "examples_per_s": got["examples"] / dt, "total": self.total}
+        self.write_log(rec)
+        self.history.append(rec)
+
+    def evaluate(self, step: int, untrained: bool = False) -> tuple[dict[str, Any], float]:
         """The validation report and the alpha checkpoints are chosen by; logged."""
-        report = validate(model, tokenizer, data.spec, data.val_items)
+        cfg = self.cfg
+        report = validate(self.model, self.tokenizer, self.data.spec, self.data.val_items)
         a = selection_alpha(report, cfg.select_by)
         rec = {"step": step, "event": "val", "alpha": a, "select_by": cfg.select_by,
                "per_criterion": {c["criterion"]: selected_alpha(c, cfg.select_by) for c in report["criteria"]}}
@@ -283,64 +351,25 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[dict[st
         if untrained:
             rec["untrained"] = True
         else:
-            rec["best"] = max(a, state.best_alpha)
-        write_log(rec)
+            rec["best"] = max(a, self.state.best_alpha)
+        self.write_log(rec)
         return report, a
 
-    if state.baseline is None:
-        state.baseline, state.best_alpha = evaluate(0, untrained=True)
-        state.best_report, state.best_step = state.baseline, 0
-        atomic_dir(out / "best-adapter", lambda d: model.save_pretrained(d))
-
-    tries = answer_tries(tokenizer, data.spec)
-    stream = ExampleStream(len(examples), cfg.seed)
-    model.train()
-    t_start, tok_count, ex_count = time.perf_counter(), 0.0, 0.0
-    history: list[dict[str, Any]] = []
-    first_step = state.step
-    # Step k + 1's trees are built in a thread while step k runs on the device (tokenizing and
-    # packing are CPU work a GPU step would otherwise wait for). The thread is waited for before
-    # each validation, so the tokenizer is never used from two threads at once.
-    pad = pad_id(tokenizer)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-annotator-prefetch") as pool:
-        ahead = pool.submit(prepare_step, cfg, data, examples, stream, tok, tries, pad, state.step)
-        while state.step < total:
-            t0 = time.perf_counter()
-            batch = ahead.result()
-            if state.step + 1 < total:
-                ahead = pool.submit(prepare_step, cfg, data, examples, stream, tok, tries, pad, state.step + 1)
-            got = train_step(model, batch)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            state.step += 1
-            dt = time.perf_counter() - t0
-            tok_count += got["tokens"]
-            ex_count += got["examples"]
-            rec = {"step": state.step, "event": "train", "loss": got["loss"], "lr": sched.get_last_lr()[0],
-                   "tokens_per_s": got["tokens"] / dt, "examples_per_s": got["examples"] / dt, "total": total}
-            write_log(rec)
-            history.append(rec)
-            if state.step % cfg.eval_every == 0 or state.step == total:
-                wait([ahead])  # the tokenizer idle (an error in it surfaces at the next step)
-                report, a = evaluate(state.step)
-                if a > state.best_alpha:
-                    state.best_alpha, state.best_step, state.bad_evals, state.best_report = a, state.step, 0, report
-                    atomic_dir(out / "best-adapter", lambda d: model.save_pretrained(d))
-                else:
-                    state.bad_evals += 1
-                state.stopped_early = state.bad_evals >= cfg.patience
-                _save_checkpoint(ckpt, model, opt, sched, state)
-                if state.stopped_early:
-                    log.info("no better validation alpha in %d validations: stopping at step %d",
-                             cfg.patience, state.step)
-                    break
-            if stop_after is not None and state.step - first_step >= stop_after:
-                break
-    seconds = time.perf_counter() - t_start
-    return TrainResult(out, state, state.step, seconds, tok_count / seconds if seconds else 0.0,
-                       ex_count / seconds if seconds else 0.0, history)
+    def validate_and_checkpoint(self) -> bool:
+        """Validate; keep the best adapter; checkpoint; True when patience has run out."""
+        state = self.state
+        report, a = self.evaluate(state.step)
+        if a > state.best_alpha:
+            state.best_alpha, state.best_step, state.bad_evals, state.best_report = a, state.step, 0, report
+            atomic_dir(self.out / "best-adapter", lambda d: self.model.save_pretrained(d))
+        else:
+            state.bad_evals += 1
+        state.stopped_early = state.bad_evals >= self.cfg.patience
+        _save_checkpoint(self.ckpt, self.model, self.opt, self.sched, state)
+        if state.stopped_early:
+            log.info("no better validation alpha in %d validations: stopping at step %d", self.cfg.patience,
+                     state.step)
+        return state.stopped_early
 
 
 def _save_checkpoint(ckpt: Path, model: Any, opt: Any, sched: Any, state: TrainState) -> None:
