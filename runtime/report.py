@@ -1,0 +1,260 @@
+"""`annotate-cli agree --report DIR`: an agreement report a reviewer can look at.
+
+    report = build_report(spec, preds, humans, items, seed=0)     # numbers: DIR/report.json
+    write_report(report, figures, DIR)                             # DIR/report.html, images inside
+
+Per criterion: alpha with the human consensus for the label and (rating scales) the score, each
+with a 95% bootstrap interval (items resampled, seed fixed: the same inputs give the same bytes);
+the humans' own alpha and alpha with the model as one more rater, with intervals; a confusion
+matrix (model label against the consensus); a reliability diagram with its expected calibration
+error (the top label's probability for label sets; every level's probability against "the
+consensus is this level" for rating scales); for rating scales the score against the consensus;
+and the 10 items where model and consensus disagree most, with their text.
+
+matplotlib and jinja2 (the `report` extra) are imported only here, only when a report is made.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .convert import Prediction
+from .metrics import _alpha, _code, bootstrap, consensus, nearest_level
+from .spec import Criterion, TaskSpec
+
+RESAMPLES = 1000
+BINS = 10
+
+
+def _interval(stat: Any, n: int, seed: int) -> list[float | None]:
+    lo, hi = bootstrap(stat, n, RESAMPLES, seed)
+    return [lo, hi]
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(float(x), 6)
+
+
+def criterion_report(c: Criterion, preds: Sequence[Prediction], humans: Mapping[str, Sequence[Mapping[str, Any]]],
+                     texts: Mapping[str, str], seed: int) -> dict[str, Any]:
+    """Every figure of one criterion over the items that have both a prediction and human ratings."""
+    rows = [(p, [r[c.name] for r in humans.get(p.id, []) if c.name in r]) for p in preds if p.error is None]
+    rows = [(p, rs) for p, rs in rows if rs]
+    out: dict[str, Any] = {"criterion": c.name, "level": c.level, "items": len(rows)}
+    if not rows:
+        return out
+    n, max_r = len(rows), max(len(rs) for _, rs in rows)
+    model = np.array([_code(c, p.labels[c.name]) for p, _ in rows])
+    cons_v = [consensus(c, rs) for _, rs in rows]
+    cons = np.array([_code(c, v) for v in cons_v])
+    hum = np.array([[_code(c, rs[k]) if k < len(rs) else np.nan for _, rs in rows] for k in range(max_r)])
+
+    def label_alpha(ix: np.ndarray) -> float | None:
+        return _alpha([model[ix], cons[ix]], c.level)
+
+    out["label_alpha"] = _r(label_alpha(np.arange(n)))
+    out["label_alpha_ci"] = [_r(x) for x in _interval(label_alpha, n, seed)]
+    if max_r >= 2:
+        def humans_alpha(ix: np.ndarray) -> float | None:
+            return _alpha(hum[:, ix].tolist(), c.level)
+
+        def plus_model(ix: np.ndarray) -> float | None:
+            return _alpha(np.vstack([hum[:, ix], model[ix]]).tolist(), c.level)
+
+        out["humans_alpha"], out["humans_alpha_ci"] = _r(humans_alpha(np.arange(n))), \
+            [_r(x) for x in _interval(humans_alpha, n, seed)]
+        out["humans_plus_model_alpha"], out["humans_plus_model_alpha_ci"] = _r(plus_model(np.arange(n))), \
+            [_r(x) for x in _interval(plus_model, n, seed)]
+    if c.level != "nominal" and all(c.name in p.scores for p, _ in rows):
+        score = np.array([p.scores[c.name] for p, _ in rows])
+        mean = np.array([float(np.mean([float(v) for v in rs])) for _, rs in rows])
+
+        def score_alpha(ix: np.ndarray) -> float | None:
+            return _alpha([score[ix], mean[ix]], "interval")
+
+        out["score_alpha"], out["score_alpha_ci"] = _r(score_alpha(np.arange(n))), \
+            [_r(x) for x in _interval(score_alpha, n, seed)]
+        out["scatter"] = {"score": score.round(6).tolist(), "consensus_mean": mean.round(6).tolist()}
+        gap = np.abs(score - mean)
+    else:
+        p_cons = np.array([float(p.probs[c.name].get(str(nearest_level(c, v)), 0.0)) for (p, _), v in
+                           zip(rows, cons_v)])
+        gap = 1.0 - p_cons  # how little probability the model gave the consensus label
+    levels = [str(v) for v in c.values]
+    gold = [str(nearest_level(c, v)) for v in cons_v]
+    pred = [str(p.labels[c.name]) for p, _ in rows]
+    out["confusion"] = {"levels": levels, "counts": [[sum(1 for g, q in zip(gold, pred) if g == a and q == b)
+                                                      for b in levels] for a in levels]}
+    out["reliability"] = _reliability(c, [p for p, _ in rows], gold)
+    worst = np.argsort(-gap, kind="stable")[:10]
+    out["disagreements"] = [{"id": rows[i][0].id, "text": texts.get(rows[i][0].id, ""), "model": pred[i],
+                             "score": rows[i][0].scores.get(c.name), "consensus": _r(float(cons[i]))
+                             if c.level != "nominal" else gold[i], "ratings": [str(v) for v in rows[i][1]],
+                             "gap": _r(float(gap[i]))} for i in worst]
+    return out
+
+
+def _reliability(c: Criterion, preds: Sequence[Prediction], gold: Sequence[str]) -> dict[str, Any]:
+    """Binned confidence against accuracy, and the expected calibration error (|acc - conf| weighted by
+    each bin's share). Label sets: the top label's probability, right when it is the consensus.
+    Rating scales: every level's probability, right when that level is the consensus (classwise)."""
+    conf: list[float] = []
+    hit: list[float] = []
+    for p, g in zip(preds, gold):
+        probs = p.probs[c.name]
+        if c.level == "nominal":
+            top = str(p.labels[c.name])
+            conf.append(float(probs[top]))
+            hit.append(float(top == g))
+        else:
+            for lv, q in probs.items():
+                conf.append(float(q))
+                hit.append(float(lv == g))
+    cf, ht = np.array(conf), np.array(hit)
+    idx = np.minimum((cf * BINS).astype(int), BINS - 1)
+    bins = []
+    ece = 0.0
+    for b in range(BINS):
+        m = idx == b
+        if m.any():
+            bins.append({"bin": b, "count": int(m.sum()), "confidence": _r(cf[m].mean()),
+                         "accuracy": _r(ht[m].mean())})
+            ece += m.mean() * abs(float(cf[m].mean()) - float(ht[m].mean()))
+    return {"kind": "top label" if c.level == "nominal" else "every level", "ece": _r(ece), "bins": bins}
+
+
+def build_report(spec: TaskSpec, preds: Sequence[Prediction], humans: Mapping[str, Sequence[Mapping[str, Any]]],
+                 texts: Mapping[str, str], seed: int = 0) -> dict[str, Any]:
+    return {"spec": spec.name, "seed": seed, "resamples": RESAMPLES, "records": len(preds),
+            "error_records": sum(p.error is not None for p in preds),
+            "criteria": [criterion_report(c, preds, humans, texts, seed) for c in spec.criteria]}
+
+
+# -- figures and the page ----------------------------------------------------------------------
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, metadata={"Software": None})  # no version or date: same bytes
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def figures(crit: dict[str, Any]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    if "confusion" in crit:
+        cm = np.array(crit["confusion"]["counts"])
+        levels = crit["confusion"]["levels"]
+        fig, ax = plt.subplots(figsize=(1.2 + 0.35 * len(levels), 1.0 + 0.35 * len(levels)))
+        ax.imshow(cm, cmap="Blues")
+        ax.set_xticks(range(len(levels)), levels, rotation=90 if len(levels) > 8 else 0, fontsize=7)
+        ax.set_yticks(range(len(levels)), levels, fontsize=7)
+        ax.set_xlabel("model label")
+        ax.set_ylabel("human consensus")
+        if len(levels) <= 10:
+            for (i, j), v in np.ndenumerate(cm):
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
+                        color="black" if v < cm.max() / 2 else "white")
+        ax.set_title(f"{crit['criterion']}: confusion")
+        fig.tight_layout()
+        out["confusion"] = _png(fig)
+        rel = crit["reliability"]
+        fig, ax = plt.subplots(figsize=(3.6, 3.4))
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
+        conf = [b["confidence"] for b in rel["bins"]]
+        acc = [b["accuracy"] for b in rel["bins"]]
+        ax.plot(conf, acc, marker="o")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel(f"predicted probability ({rel['kind']})")
+        ax.set_ylabel("observed frequency")
+        ax.set_title(f"{crit['criterion']}: ECE {rel['ece']:.3f}")
+        fig.tight_layout()
+        out["reliability"] = _png(fig)
+    if "scatter" in crit:
+        sc = crit["scatter"]
+        fig, ax = plt.subplots(figsize=(3.6, 3.4))
+        ax.scatter(sc["consensus_mean"], sc["score"], s=8, alpha=0.6)
+        lo = min(min(sc["score"]), min(sc["consensus_mean"]))
+        hi = max(max(sc["score"]), max(sc["consensus_mean"]))
+        ax.plot([lo, hi], [lo, hi], ls="--", color="grey", lw=1)
+        ax.set_xlabel("human mean")
+        ax.set_ylabel("model score")
+        ax.set_title(f"{crit['criterion']}: score alpha {crit['score_alpha']:.3f}")
+        fig.tight_layout()
+        out["scatter"] = _png(fig)
+    return out
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Agreement report: {{ r.spec }}</title>
+<style>
+body { font-family: system-ui, sans-serif; margin: 2em; max-width: 70em; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+td, th { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+.figs img { margin-right: 1em; vertical-align: top; }
+</style></head>
+<body>
+<h1>Agreement report: {{ r.spec }}</h1>
+<p>{{ r.records }} records ({{ r.error_records }} error records). Intervals: 95% bootstrap over items,
+{{ r.resamples }} resamples, seed {{ r.seed }}.</p>
+{% for c in r.criteria %}
+<h2>{{ c.criterion }} ({{ c.level }}, {{ c["items"] }} items)</h2>
+<table>
+<tr><th>alpha with the human consensus</th><th>value</th><th>95% interval</th></tr>
+{% for key, name in rows %}{% if c[key] is defined %}
+<tr><td>{{ name }}</td><td>{{ fmt(c[key]) }}</td><td>{{ ci(c[key ~ "_ci"]) }}</td></tr>
+{% endif %}{% endfor %}
+</table>
+<div class="figs">{% for name, src in figs[loop.index0].items() %}
+<img alt="{{ c.criterion }} {{ name }}" src="{{ src }}">{% endfor %}</div>
+{% if c.disagreements %}
+<h3>Where model and consensus disagree most</h3>
+<table><tr><th>id</th><th>text</th><th>model</th><th>score</th><th>consensus</th><th>ratings</th></tr>
+{% for d in c.disagreements %}<tr><td>{{ d.id }}</td><td>{{ d.text }}</td><td>{{ d.model }}</td>
+<td>{{ fmt(d.score) }}</td>
+<td>{{ d.consensus }}</td><td>{{ d.ratings | join(", ") }}</td></tr>
+{% endfor %}</table>{% endif %}
+{% endfor %}
+<script>
+window.addEventListener("load", () => {
+  const imgs = [...document.images];
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.dataset.imagesRendered = ok + "/" + imgs.length;
+});
+</script>
+</body></html>
+"""
+
+ROWS = [("label_alpha", "label"), ("score_alpha", "score (probability-weighted mean)"),
+        ("humans_alpha", "humans among themselves"), ("humans_plus_model_alpha", "humans + the model as a rater")]
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path) -> Path:
+    """DIR/report.json and DIR/report.html (self-contained: the figures are inline PNGs)."""
+    import jinja2
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    figs = [figures(c) for c in report["criteria"]]
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    html = env.from_string(PAGE).render(
+        r=report, figs=figs, rows=ROWS,
+        fmt=lambda v: "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v),
+        ci=lambda v: "n/a" if not v or v[0] is None else f"[{v[0]:.3f}, {v[1]:.3f}]")
+    (out / "report.html").write_text(html)
+    return out / "report.html"

@@ -1,0 +1,68 @@
+"""annotate-cli agree --report: report.json and a self-contained report.html, the same bytes for
+the same inputs and seed, rendered by a real browser (headless Chromium, where installed)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import DATA, TASKS
+from golden import GOLDEN
+
+from edge_annotator.runtime.cli import cli
+
+PRED = GOLDEN / "annotate-emobank-test-50.jsonl"
+HUMANS = DATA / "emobank-test-50.jsonl"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _report(out: Path, seed: int = 0) -> None:
+    r = CliRunner().invoke(cli, ["agree", str(PRED), str(HUMANS), "--spec", str(TASKS / "emobank.yaml"),
+                                 "--report", str(out), "--seed", str(seed)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+
+
+def test_report_holds_every_figure_with_intervals_and_repeats_byte_for_byte(tmp_path: Path) -> None:
+    _report(tmp_path / "a")
+    _report(tmp_path / "b")
+    for name in ("report.json", "report.html"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    rep = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert [c["criterion"] for c in rep["criteria"]] == ["Valence", "Arousal", "Dominance"]
+    agree_json = json.loads(CliRunner().invoke(cli, ["agree", str(PRED), str(HUMANS), "--spec",
+                                                     str(TASKS / "emobank.yaml"), "--json"]).stdout)
+    for c, a in zip(rep["criteria"], agree_json["criteria"]):
+        assert c["items"] == 50
+        for key, want in (("label_alpha", a["alpha"]), ("score_alpha", a["score_alpha"]),
+                          ("humans_alpha", a["alpha_humans"]),
+                          ("humans_plus_model_alpha", a["alpha_humans_plus_model"])):
+            assert c[key] == pytest.approx(want, abs=1e-6), key  # the same alpha agree prints
+            lo, hi = c[key + "_ci"]
+            assert lo < c[key] < hi, key
+        assert sum(map(sum, c["confusion"]["counts"])) == 50
+        assert 0 <= c["reliability"]["ece"] <= 1 and sum(b["count"] for b in c["reliability"]["bins"]) == 250
+        assert len(c["disagreements"]) == 10 and c["disagreements"][0]["text"]
+        assert len(c["scatter"]["score"]) == 50
+    _report(tmp_path / "c", seed=1)
+    other = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert other["criteria"][0]["label_alpha_ci"] != rep["criteria"][0]["label_alpha_ci"]
+    html = (tmp_path / "a" / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') == 9 and "http" not in html.split("<script>")[0]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (Debian: apt-get install chromium)")
+def test_chromium_renders_the_report_and_its_images(tmp_path: Path) -> None:
+    _report(tmp_path)
+    page = (tmp_path / "report.html").as_uri()
+    flags = ["--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120)
+    assert 'data-images-rendered="9/9"' in dom.stdout, dom.stdout[-2000:] + dom.stderr[-2000:]
+    shot = tmp_path / "shot.png"
+    subprocess.run([CHROMIUM, *flags, "--window-size=1100,1400", f"--screenshot={shot}", page],
+                   capture_output=True, timeout=120)
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a page with plots, not a blank one
