@@ -13,7 +13,7 @@ GEMMA_HF := $(MODELS)/gemma-3-270m-hf
 THREADS ?= 2
 DEMO := $(MODELS)/demo
 
-.PHONY: help install install-cuda formats-venv test test-fast lint demo demo-zero-shot bench bench-train train export export-all eval clean
+.PHONY: help install install-cuda formats-venv label-studio-check test test-fast lint demo demo-zero-shot bench bench-train train export export-all eval clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -57,7 +57,23 @@ $(FORMATS_VENV)/.stamp:
 
 formats-venv: $(FORMATS_VENV)/.stamp  ## label-studio-sdk and argilla in .venv-formats/ (for the convert tests)
 
-test: install $(GEMMA) $(GEMMA_HF) $(FORMATS_VENV)/.stamp  ## run the whole test suite (what CI runs)
+# A real Label Studio server (its own virtualenv, loopback only, a throw-away data folder) creates a
+# project with convert's label config, imports 50 converted tasks with predictions through its API
+# and gives back 50 tasks and 50 predictions with the same results (scripts/label_studio_check.py).
+LS_VENV := .venv-labelstudio
+LS_CHECK := $(MODELS)/label-studio-check
+$(LS_VENV)/.stamp:
+	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install -q label-studio==1.23.2
+	touch $@
+
+label-studio-check: install $(LS_VENV)/.stamp  ## Label Studio server: import 50 converted tasks, read them back (~1 min)
+	mkdir -p $(LS_CHECK)
+	$(CLI) convert tests/golden/annotate-emobank-test-50.jsonl --to label-studio --spec tasks/emobank.yaml \
+		--items data/emobank-test-50.jsonl -o $(LS_CHECK)/tasks.json --label-config $(LS_CHECK)/config.xml
+	$(PY) scripts/label_studio_check.py $(LS_VENV)/bin/label-studio $(LS_CHECK)/tasks.json $(LS_CHECK)/config.xml
+
+test: install $(GEMMA) $(GEMMA_HF) $(FORMATS_VENV)/.stamp label-studio-check  ## run the whole test suite (what CI runs)
 	EDGE_ANNOTATOR_TEST_MODEL=$(GEMMA) EDGE_ANNOTATOR_TEST_HF=$(GEMMA_HF) \
 		EDGE_ANNOTATOR_FORMATS_PY=$(FORMATS_VENV)/bin/python $(VENV)/bin/pytest
 

@@ -1,0 +1,101 @@
+"""A real Label Studio server takes annotate-cli convert's tasks: `make label-studio-check`.
+
+    python scripts/label_studio_check.py LABEL_STUDIO_EXE TASKS.json CONFIG.xml
+
+Starts `label-studio` (its own virtualenv: its pins clash with the project's) on a free local port
+with a throw-away data folder and user, creates a project with CONFIG.xml through the API, imports
+TASKS.json, reads every task and its predictions back, and checks: as many tasks and predictions
+as were sent, and each prediction's result as sent. Prints one JSON line; exits 1 on a difference.
+Only this machine's loopback interface is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _api(base: str, token: str, method: str, path: str, body: Any = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(base + path, data=data, method=method,
+                                 headers={"Authorization": f"Token {token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        text = r.read().decode()
+    return json.loads(text) if text else None
+
+
+def main(exe: str, tasks_path: str, config_path: str) -> int:
+    tasks = json.loads(Path(tasks_path).read_text())
+    config = Path(config_path).read_text()
+    port, token = _free_port(), secrets.token_hex(20)
+    base = f"http://127.0.0.1:{port}"
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ls-check-") as data_dir:
+        env = {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": data_dir, "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+               "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true", "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "",
+               "COLLECT_ANALYTICS": "false"}
+        log = open(Path(data_dir) / "server.log", "w")
+        server = subprocess.Popen([exe, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
+                                   "--data-dir", data_dir, "--username", "check@example.com",
+                                   "--password", secrets.token_hex(12), "--user-token", token],
+                                  stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            for _ in range(600):
+                try:
+                    urllib.request.urlopen(base + "/health", timeout=2)
+                    break
+                except (urllib.error.URLError, ConnectionError, OSError):
+                    if server.poll() is not None:
+                        raise SystemExit(f"label-studio exited ({server.returncode}):\n"
+                                         + (Path(data_dir) / "server.log").read_text()[-3000:])
+                    time.sleep(0.5)
+            started = time.perf_counter() - t0
+            project = _api(base, token, "POST", "/api/projects", {"title": "edge-annotator check",
+                                                                  "label_config": config})
+            pid = project["id"]
+            imported = _api(base, token, "POST", f"/api/projects/{pid}/import", tasks)
+            got = _api(base, token, "GET", f"/api/tasks?project={pid}&page_size=10000&fields=all")
+            got = got["tasks"] if isinstance(got, dict) else got
+            preds = [p for t in got for p in _api(base, token, "GET", f"/api/predictions?task={t['id']}")]
+        finally:
+            server.terminate()
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+            log.close()
+    sent = {t["data"]["id"]: t["predictions"] for t in tasks}
+    back = {t["data"]["id"]: t for t in got}
+    by_task = {}
+    for p in preds:
+        by_task.setdefault(p["task"], []).append(p)
+    same = sum(1 for i, ps in sent.items() if i in back and
+               [[(r["from_name"], r["value"]) for r in p["result"]] for p in ps] ==
+               [[(r["from_name"], r["value"]) for r in p["result"]] for p in by_task.get(back[i]["id"], [])])
+    out = {"server_start_s": round(started, 1), "seconds": round(time.perf_counter() - t0, 1),
+           "tasks_sent": len(tasks), "tasks_read_back": len(got), "predictions_sent": sum(len(v) for v in sent.values()),
+           "predictions_read_back": len(preds), "tasks_with_the_same_results": same,
+           "import_response": {k: imported.get(k) for k in ("task_count", "prediction_count") if k in imported}}
+    print(json.dumps(out))
+    ok = (len(got) == len(tasks) and len(preds) == out["predictions_sent"] and same == len(tasks))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(*sys.argv[1:4]))
