@@ -245,15 +245,12 @@ def _load_preds(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[s
 
 
 def _write_report(pred: Path, human: Path, spec: TaskSpec, out: Path, seed: int) -> None:
-    try:
-        import jinja2  # noqa: F401
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise click.ClickException("--report needs matplotlib and jinja2: "
-                                   "pip install 'edge-annotator[report]'") from None
     from .convert import read_predictions
     from .data import iter_rows, read_human
-    from .report import build_report, write_report
+    from .report import build_report, missing_extra, write_report
+
+    if missing := missing_extra():
+        raise click.ClickException(missing)
 
     texts = {}
     for row in iter_rows(human):

@@ -33,6 +33,18 @@ RESAMPLES = 1000
 BINS = 10
 
 
+def missing_extra() -> str | None:
+    """What to install when the `report` extra is absent, else None."""
+    import importlib.util
+
+    try:
+        if all(importlib.util.find_spec(m) is not None for m in ("matplotlib", "jinja2")):
+            return None
+    except ImportError:
+        pass
+    return "--report needs matplotlib and jinja2: pip install 'edge-annotator[report]'"
+
+
 def _interval(stat: Any, n: int, seed: int) -> list[float | None]:
     lo, hi = bootstrap(stat, n, RESAMPLES, seed)
     return [lo, hi]
@@ -244,7 +256,8 @@ ROWS = [("label_alpha", "label"), ("score_alpha", "score (probability-weighted m
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> Path:
-    """DIR/report.json and DIR/report.html (self-contained: the figures are inline PNGs)."""
+    """DIR/report.json and DIR/report.html (self-contained: the figures are inline PNGs). jinja2
+    renders this module's own PAGE, autoescaped, and nothing else: never a template from a model."""
     import jinja2
 
     out = Path(out_dir)

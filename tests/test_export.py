@@ -142,6 +142,40 @@ cli(['parity', {str(merged)!r}, {str(exported["Q8_0"])!r}, {str(DATA / "emobank-
     check_golden("parity-tiny-Q8_0-emobank-test-50.json", text)
 
 
+def test_the_export_extra_alone_runs_export_and_parity(merged: Path, tmp_path: Path) -> None:
+    """pip install '.[export]' into a fresh virtualenv, nothing else of the project's: export makes a
+    Q8_0 file of the tiny merged model and parity passes on it, both in that environment (the
+    converter, which make install puts in its own folder, found through EDGE_ANNOTATOR_CONVERTER)."""
+    import os
+    import subprocess
+    import sys
+
+    from test_packaging import copy_tree
+
+    from edge_annotator.export.convert import converter_dir
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    src = copy_tree(tmp_path / "src")
+    r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-c", str(ROOT / "constraints.txt"),
+                        f"{src}[export]"], capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    py = str(venv / "bin" / "python")
+    r = subprocess.run([py, "-c", "import peft"], capture_output=True, text=True)
+    assert r.returncode != 0, "the train extra's peft is in the export-only environment"
+    env = {**os.environ, "EDGE_ANNOTATOR_CONVERTER": str(converter_dir())}
+    cli = str(venv / "bin" / "annotate-cli")
+    out = tmp_path / "tiny-Q8_0.gguf"
+    r = subprocess.run([cli, "export", str(merged), "-o", str(out), "--quant", "Q8_0"], env=env,
+                       capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0 and out.is_file(), r.stdout[-2000:] + r.stderr[-3000:]
+    r = subprocess.run([cli, "parity", str(merged), str(out), str(DATA / "emobank-test-50.jsonl"), "--max-items", "10",
+                        "--json"], env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rep = json.loads(r.stdout)
+    assert rep["pass"] and rep["items"] == 10 and rep["tokens"]["share"] == 1.0
+
+
 def test_one_table_of_quantization_types_matches_llama_cpp() -> None:
     """export/quants.py names each type by gguf-py's enums; llama.cpp's own ABI agrees on every value
     export hands it (the quantizer's llama_ftype, a tensor override's ggml_type)."""

@@ -178,17 +178,23 @@ def test_cli_help_lists_commands_with_examples() -> None:
         assert r.exit_code == 0 and "Examples:" in r.output, cmd
 
 
+def copy_tree(dst: Path) -> Path:
+    """The checkout without its virtualenvs, models and caches: what a user's clone holds (setuptools
+    leaves a build/ folder in the tree it builds, so builds run on a copy)."""
+    import shutil
+
+    shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(".venv*", "models", "build", ".git", "*.egg-info",
+                                                              "__pycache__", ".*_cache", ".gpu"))
+    return dst
+
+
 @pytest.mark.slow
 def test_gpu_check_runs_from_an_installed_wheel(tmp_path: Path, gemma_hf: Path) -> None:
     """Built as a wheel and installed apart from the checkout, train.gpu_check finds its config,
     spec and data in the package and runs its QLoRA check as far as this machine allows: on the CPU
     (NF4 with fp32 compute) to the end; the CUDA run needs a GPU."""
-    import shutil
-
     wheels, site, src = tmp_path / "wheels", tmp_path / "site", tmp_path / "src"
-    # built from a copy: setuptools leaves a build/ folder in the tree it builds
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", "models", "build", ".git", "*.egg-info",
-                                                              "__pycache__", ".*_cache", ".gpu"))
+    copy_tree(src)
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(wheels)], check=True, capture_output=True, timeout=300)
     wheel = next(wheels.glob("edge_annotator-*.whl"))
