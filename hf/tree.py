@@ -159,6 +159,14 @@ class TreeBatch:
         return got
 
 
+def item_texts(spec: TaskSpec, fields: Mapping[str, Any], opts: RenderOptions) -> tuple[str, str, list[str]]:
+    """The texts a tree tokenizes for one item, each whole: the instruction, the head (instruction
+    and inputs) and one full prompt per criterion (spec order). Training's length check tokenizes
+    the same texts, so the ids it keeps are the ones the trees then ask for."""
+    segs = [prompt_segments(spec, fields, c, opts) for c in spec.criteria]
+    return segs[0][0], segs[0][0] + segs[0][1], [a + b + cue for a, b, cue in segs]
+
+
 def build_tree(tokenize: Tokenize, spec: TaskSpec, tries: Mapping[str, AnswerTrie], units: Sequence[Unit],
                opts: RenderOptions, pad_id: int) -> TreeBatch:
     """Pack units (all rendered with the instruction `opts`: one template and label order) into one tree.
@@ -169,12 +177,12 @@ def build_tree(tokenize: Tokenize, spec: TaskSpec, tries: Mapping[str, AnswerTri
     instr_text = prompt_segments(spec, units[0].fields, spec.criteria[0], opts)[0]
     texts = [instr_text]  # then per unit: its head (instruction + inputs) and one prompt per criterion
     for u in units:
-        o = RenderOptions(opts.template, u.input_order, opts.level_orders)
-        segs = [prompt_segments(spec, u.fields, c, o) for c in spec.criteria]
-        if segs[0][0] != instr_text:
+        own_instr, head_text, prompts = item_texts(spec, u.fields,
+                                                   RenderOptions(opts.template, u.input_order, opts.level_orders))
+        if own_instr != instr_text:
             raise ValueError("units of one tree must share the instruction (template and label order)")
-        texts.append(segs[0][0] + segs[0][1])
-        texts.extend(a + b + cue for a, b, cue in segs)
+        texts.append(head_text)
+        texts.extend(prompts)
     ids_of = tokenize_all(tokenize, texts)
     instr = ids_of[0]
     stems = [tries[c.name].branches[0][0] for c in spec.criteria]  # each answer trie's root

@@ -244,9 +244,10 @@ def _load_preds(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[s
     return preds, scores, errors
 
 
-def _write_report(pred: Path, human: Path, spec: TaskSpec, out: Path, seed: int) -> None:
+def _write_report(pred: Path, human: Path, humans: dict[str, Any], spec: TaskSpec, out: Path, seed: int) -> None:
+    """agree --report: `humans` are HUMAN's ratings as agree read them; the texts come from HUMAN's rows."""
     from .convert import read_predictions
-    from .data import iter_rows, read_human
+    from .data import iter_rows
     from .report import build_report, missing_extra, write_report
 
     if missing := missing_extra():
@@ -256,7 +257,7 @@ def _write_report(pred: Path, human: Path, spec: TaskSpec, out: Path, seed: int)
     for row in iter_rows(human):
         if row.data is not None and "id" in row.data:
             texts[str(row.data["id"])] = " | ".join(str(row.data.get(f.name, "")) for f in spec.inputs)
-    rep = build_report(spec, read_predictions(pred, spec), read_human(human, spec), texts, seed)
+    rep = build_report(spec, read_predictions(pred, spec), humans, texts, seed)
     err.print(f"report -> {write_report(rep, out)}")
 
 
@@ -376,7 +377,7 @@ def agree(pred: Path, human: Path, spec_path: Path | None, model: Path | None, a
     report = agreement(spec, preds, humans, scores or None)
     report["error_records"] = n_err
     if report_dir is not None:
-        _write_report(pred, human, spec, report_dir, seed)
+        _write_report(pred, human, humans, spec, report_dir, seed)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

@@ -286,7 +286,6 @@ _worker: Annotator | None = None
 
 def _worker_init(model: str, spec_json: str, n_ctx: int, threads: int, batch: int, gpu_layers: int) -> None:
     global _worker
-    from .engine import LlamaEngine
     from .spec import spec_from_json
 
     _worker = Annotator(LlamaEngine(model, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers),
@@ -382,11 +381,10 @@ def annotate_file(model: str | Path, input_path: str | Path, output: str | None 
         model_sha = sha256_file(model)
         with LlamaEngine(llm, n_ctx=options.n_ctx, n_threads=options.threads) as engine:
             annotator = Annotator(engine, spec, batch=options.batch)
-            owned = output is None or isinstance(output, str)
             if output is None or isinstance(output, str):
-                out, state = open_output(output, resume)
+                (out, state), owned = open_output(output, resume), True
             else:
-                out, state = output, None
+                out, state, owned = output, None, False
             pool = None
             try:
                 if started:

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -63,6 +64,16 @@ def _convert(*args: str):
     return CliRunner().invoke(cli, ["convert", *args], catch_exceptions=False)
 
 
+def _converted(tmp_path: Path, task: str, fmt: str, extra: str, extra_name: str) -> tuple[Path, Path, Path, Any]:
+    """The task's predictions converted to FMT with --items: (predictions, output, the file EXTRA wrote, spec)."""
+    pred, items = _predictions(tmp_path, task)
+    out, side = tmp_path / f"{fmt}.json", tmp_path / extra_name
+    r = _convert(str(pred), "--to", fmt, "--spec", str(TASKS / f"{task}.yaml"), "--items", str(items), "-o", str(out),
+                 extra, str(side))
+    assert r.exit_code == 0, r.output
+    return pred, out, side, load_spec(TASKS / f"{task}.yaml")
+
+
 def _sdk_check(kind: str, a: Path, b: Path) -> dict:
     r = subprocess.run([str(FORMATS_PY), str(ROOT / "tests" / "tools" / "formats_check.py"), kind, str(a), str(b)],
                        capture_output=True, text=True, timeout=300)
@@ -90,12 +101,7 @@ def test_csv_has_one_row_per_record_and_flags_errors(tmp_path: Path) -> None:
 @needs_sdks
 @pytest.mark.parametrize("task", sorted(CASES))
 def test_label_studio_config_parses_and_every_prediction_validates(tmp_path: Path, task: str) -> None:
-    pred, items = _predictions(tmp_path, task)
-    tasks, config = tmp_path / "tasks.json", tmp_path / "config.xml"
-    r = _convert(str(pred), "--to", "label-studio", "--spec", str(TASKS / f"{task}.yaml"), "--items", str(items),
-                 "-o", str(tasks), "--label-config", str(config))
-    assert r.exit_code == 0, r.output
-    spec = load_spec(TASKS / f"{task}.yaml")
+    pred, tasks, config, spec = _converted(tmp_path, task, "label-studio", "--label-config", "config.xml")
     got = _sdk_check("label-studio", config, tasks)
     assert got["controls"] == [c.name for c in spec.criteria] and got["objects"] == spec.input_names
     assert (got["tasks"], got["predictions"], got["invalid"]) == (50, 49, 0), got
@@ -114,12 +120,7 @@ def test_label_studio_config_parses_and_every_prediction_validates(tmp_path: Pat
 @needs_sdks
 @pytest.mark.parametrize("task", sorted(CASES))
 def test_argilla_settings_and_records_build_with_the_sdk(tmp_path: Path, task: str) -> None:
-    pred, items = _predictions(tmp_path, task)
-    records, settings = tmp_path / "records.json", tmp_path / "settings.json"
-    r = _convert(str(pred), "--to", "argilla", "--spec", str(TASKS / f"{task}.yaml"), "--items", str(items),
-                 "-o", str(records), "--settings", str(settings))
-    assert r.exit_code == 0, r.output
-    spec = load_spec(TASKS / f"{task}.yaml")
+    pred, records, settings, spec = _converted(tmp_path, task, "argilla", "--settings", "settings.json")
     got = _sdk_check("argilla", settings, records)
     assert (got["records"], got["suggestions"], got["invalid"]) == (50, 49 * len(spec.criteria), 0), got
     want = "RatingQuestion" if task == "emobank" else "LabelQuestion"  # -2..2 and 28 labels are label questions

@@ -36,8 +36,16 @@ import torch
 
 from edge_annotator.hf.score import answer_tries, hf_tokenize, pad_id, selected_alpha, selection_alpha, validate
 from edge_annotator.hf.tokcheck import check_folder
-from edge_annotator.hf.tree import Tokens, TreeBatch, build_tree, level_logprobs, soft_cross_entropy, tree_attention
-from edge_annotator.runtime.prompt import CANONICAL, RenderOptions, prompt_segments, render_instruction
+from edge_annotator.hf.tree import (
+    Tokens,
+    TreeBatch,
+    build_tree,
+    item_texts,
+    level_logprobs,
+    soft_cross_entropy,
+    tree_attention,
+)
+from edge_annotator.runtime.prompt import CANONICAL, RenderOptions, render_instruction
 from edge_annotator.runtime.spec import TaskSpec, load_spec
 
 from .config import TrainConfig
@@ -139,9 +147,9 @@ def check_lengths(cfg: TrainConfig, data: Data, tok: Tokens) -> list[Example]:
     ids = sorted({e.item for e in data.examples})
     texts = []
     for i in ids:
-        segs = [prompt_segments(spec, data.train_items[i].fields, c, CANONICAL) for c in spec.criteria]
-        texts.append(segs[0][0] + segs[0][1])
-        texts.extend(a + b + cue for a, b, cue in segs)
+        _, head, fulls = item_texts(spec, data.train_items[i].fields, CANONICAL)
+        texts.append(head)
+        texts.extend(fulls)
     lens = [len(t) for t in tok.many(texts)]
     C = len(spec.criteria)
     longest = {i: max(lens[k * (C + 1) + 1: (k + 1) * (C + 1)]) + 1 + extra for k, i in enumerate(ids)}
