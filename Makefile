@@ -81,7 +81,7 @@ test-fast: install  ## tests that need no real model
 	$(VENV)/bin/pytest -m "not slow"
 
 lint: install  ## ruff and mypy over the package and tests
-	$(VENV)/bin/ruff check runtime train export hf bench tests
+	$(VENV)/bin/ruff check runtime train export hf bench tests scripts
 	$(VENV)/bin/mypy runtime export hf bench train
 
 # The main job on an embedded default: Gemma 3 270M from its registry package, zero-shot on 200

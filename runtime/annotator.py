@@ -18,11 +18,11 @@ import numpy as np
 
 from .engine import ContextOverflow, LlamaEngine
 from .prompt import ANSWER_SEP, prompt_segments, render_prompt
+from .records import PROB_DIGITS, Score, result_record
 from .spec import Criterion, SpecError, TaskSpec
 
 log = logging.getLogger(__name__)
 
-PROB_DIGITS = 6  # probabilities are rounded for readable output; labels use the unrounded values
 
 
 @dataclass(frozen=True)
@@ -141,14 +141,6 @@ def expected_value(c: Criterion, probs: Sequence[float]) -> float | None:
     if c.level == "nominal":
         return None
     return float(sum(float(lv.value) * p for lv, p in zip(c.scale, probs)) / max(sum(probs), 1e-300))
-
-
-@dataclass(frozen=True)
-class Score:
-    label: int | str
-    probs: dict[int | str, float]
-    score: float | None = None
-    """expected_value of the unrounded probabilities; None for nominal criteria."""
 
 
 @dataclass
@@ -303,14 +295,5 @@ class Annotator:
             raise res
         return res
 
-    @staticmethod
-    def to_record(item_id: str, scores: Mapping[str, Score]) -> dict[str, Any]:
-        rec: dict[str, Any] = {"id": item_id, "labels": {k: s.label for k, s in scores.items()}}
-        numeric = {k: round(s.score, PROB_DIGITS) for k, s in scores.items() if s.score is not None}
-        if numeric:  # rating scales only: labels have no mean
-            rec["scores"] = numeric
-        rec["probs"] = {k: {str(v): p for v, p in s.probs.items()} for k, s in scores.items()}
-        return rec
-
     def record(self, item_id: str, fields: Mapping[str, Any]) -> dict[str, Any]:
-        return self.to_record(item_id, self.score(fields))
+        return result_record(item_id, self.score(fields))

@@ -33,6 +33,7 @@ from . import __version__
 from .data import InputError
 from .engine import ModelError
 from .options import gpu_layers_option
+from .records import Prediction
 from .spec import SpecError, TaskSpec, load_spec
 
 err = Console(stderr=True)
@@ -217,36 +218,9 @@ def _annotate_ray(model: Path, inputs: list[str], output: str | None, spec_path:
               f"({man['records'] / man['seconds']:.2f} records/s) -> {output}/ ({man['shards']} shard(s))")
 
 
-def _load_preds(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, float]], int]:
-    """Labels and (where the records carry them) scores by id, and the number of error records."""
-    from .data import iter_rows
-
-    preds: dict[str, dict[str, Any]] = {}
-    scores: dict[str, dict[str, float]] = {}
-    errors = 0
-    for row in iter_rows(path):
-        if row.error:
-            raise row.error
-        assert row.data is not None
-        if "error" in row.data:
-            errors += 1
-            continue
-        labels = row.data.get("labels")
-        if not isinstance(labels, dict) or "id" not in row.data:
-            raise InputError(row.path, row.line, "not an annotate-cli output record (needs 'id' and 'labels')",
-                             "labels")
-        preds[str(row.data["id"])] = labels
-        sc = row.data.get("scores")
-        if sc is not None:
-            if not isinstance(sc, dict) or not all(isinstance(v, (int, float)) for v in sc.values()):
-                raise InputError(row.path, row.line, "must map each criterion to a number", "scores")
-            scores[str(row.data["id"])] = {k: float(v) for k, v in sc.items()}
-    return preds, scores, errors
-
-
-def _write_report(pred: Path, human: Path, humans: dict[str, Any], spec: TaskSpec, out: Path, seed: int) -> None:
-    """agree --report: `humans` are HUMAN's ratings as agree read them; the texts come from HUMAN's rows."""
-    from .convert import read_predictions
+def _write_report(preds: list[Prediction], human: Path, humans: dict[str, Any], spec: TaskSpec, out: Path,
+                  seed: int) -> None:
+    """agree --report: `preds` and `humans` as agree read them; the texts come from HUMAN's rows."""
     from .data import iter_rows
     from .report import build_report, missing_extra, write_report
 
@@ -257,7 +231,7 @@ def _write_report(pred: Path, human: Path, humans: dict[str, Any], spec: TaskSpe
     for row in iter_rows(human):
         if row.data is not None and "id" in row.data:
             texts[str(row.data["id"])] = " | ".join(str(row.data.get(f.name, "")) for f in spec.inputs)
-    rep = build_report(spec, read_predictions(pred, spec), humans, texts, seed)
+    rep = build_report(spec, preds, humans, texts, seed)
     err.print(f"report -> {write_report(rep, out)}")
 
 
@@ -314,9 +288,10 @@ def convert(pred: Path, fmt: str, spec_path: Path | None, model: Path | None, it
     import csv
 
     from . import convert as cv
+    from .records import read_predictions
 
     spec = _spec_for(spec_path, model)
-    preds = cv.read_predictions(pred, spec)
+    preds = read_predictions(pred, spec)
     inputs = cv.read_inputs(items_path, spec) if items_path else None
     output.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "csv":
@@ -370,14 +345,17 @@ def agree(pred: Path, human: Path, spec_path: Path | None, model: Path | None, a
     """
     from .data import read_human
     from .metrics import agreement
+    from .records import read_predictions
 
     spec = _spec_for(spec_path, model)
-    preds, scores, n_err = _load_preds(pred)
+    records = read_predictions(pred, spec)
+    ok = [p for p in records if p.error is None]
+    scores = {p.id: p.scores for p in ok if p.scores}
     humans = read_human(human, spec)
-    report = agreement(spec, preds, humans, scores or None)
-    report["error_records"] = n_err
+    report = agreement(spec, {p.id: p.labels for p in ok}, humans, scores or None)
+    report["error_records"] = len(records) - len(ok)
     if report_dir is not None:
-        _write_report(pred, human, humans, spec, report_dir, seed)
+        _write_report(records, human, humans, spec, report_dir, seed)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -401,8 +379,8 @@ def agree(pred: Path, human: Path, spec_path: Path | None, model: Path | None, a
         if any(c.get(k) is not None for c in cols):  # only what this spec has
             t.add_row(head, *[_fmt(c.get(k)) for c in cols])
     Console().print(t)
-    if n_err:
-        err.print(f"{n_err} error record(s) in {pred} were left out")
+    if report["error_records"]:
+        err.print(f"{report['error_records']} error record(s) in {pred} were left out")
     missing = report["items_predicted"] - report["items_with_humans"]
     if missing:
         err.print(f"{missing} predicted item(s) have no human label in {human}")

@@ -1,6 +1,6 @@
 """annotate-cli's output in the formats labelling tools import: Label Studio, Argilla 2.x, CSV.
 
-    preds = read_predictions("labels.jsonl")
+    preds = read_predictions("labels.jsonl", spec)             # runtime/records.py
     inputs = read_inputs("items.jsonl", spec)                 # the texts, by id (optional)
     tasks = label_studio_tasks(preds, spec, inputs)           # + label_studio_config(spec)
     records = argilla_records(preds, spec, inputs, agent)     # + argilla_settings(spec)
@@ -14,64 +14,16 @@ probability); all probabilities travel with the item where the tool has no field
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
 from .data import InputError, check_item, iter_rows
+from .records import Prediction
 from .spec import Criterion, TaskSpec
 
 ERROR_KEY = "edge_annotator_error"
 PROBS_KEY = "edge_annotator"
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One annotate-cli output record: a result, or an error record."""
-
-    id: str
-    line: int
-    labels: dict[str, Any]
-    scores: dict[str, float]
-    probs: dict[str, dict[str, float]]
-    model_sha256: str
-    error: dict[str, Any] | None = None
-
-    def confidence(self, criterion: str) -> float:
-        """The chosen label's probability."""
-        return float(self.probs.get(criterion, {}).get(str(self.labels.get(criterion)), math.nan))
-
-
-def read_predictions(path: str | Path, spec: TaskSpec) -> list[Prediction]:
-    """annotate-cli's JSONL (or Parquet) output, each record checked against the spec: InputError
-    names the file, line and field of the first that is not one."""
-    out = []
-    names = {c.name for c in spec.criteria}
-    for row in iter_rows(path):
-        if row.error:
-            raise row.error
-        d = row.data
-        assert d is not None
-        if "id" not in d:
-            raise InputError(row.path, row.line, "not an annotate-cli output record: no 'id'", "id")
-        sha = str(d.get("model_sha256", ""))
-        if "error" in d:
-            err = d["error"] if isinstance(d["error"], dict) else {"message": str(d["error"])}
-            out.append(Prediction(str(d["id"]), row.line, {}, {}, {}, sha, err))
-            continue
-        labels, probs, scores = d.get("labels"), d.get("probs"), d.get("scores") or {}
-        if not isinstance(labels, dict) or set(labels) != names:
-            raise InputError(row.path, row.line, f"must map every criterion of spec '{spec.name}' "
-                             f"({', '.join(sorted(names))}) to a label", "labels", str(d["id"]))
-        if not isinstance(probs, dict) or set(probs) != names:
-            raise InputError(row.path, row.line, "must map every criterion to its levels' probabilities",
-                             "probs", str(d["id"]))
-        if not isinstance(scores, dict) or not all(isinstance(v, (int, float)) for v in scores.values()):
-            raise InputError(row.path, row.line, "must map criteria to numbers", "scores", str(d["id"]))
-        out.append(Prediction(str(d["id"]), row.line, labels, {k: float(v) for k, v in scores.items()}, probs, sha))
-    return out
 
 
 def read_inputs(path: str | Path, spec: TaskSpec) -> dict[str, dict[str, str]]:

@@ -302,14 +302,3 @@ def read_human(path: str | Path, spec: TaskSpec) -> dict[str, list[dict[str, int
             raise InputError(row.path, row.line, "missing: every record needs an 'id'", "id")
         out.setdefault(str(row.data["id"]), []).extend(ratings_of(row, spec))
     return out
-
-
-def jsonl_line(record: dict[str, Any]) -> str:
-    """One compact, key-stable JSON line: the one serialisation of every output record."""
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
-
-
-def write_jsonl_line(fh: Any, record: dict[str, Any]) -> None:
-    """jsonl_line, flushed so a killed job loses nothing written."""
-    fh.write(jsonl_line(record))
-    fh.flush()

@@ -22,8 +22,9 @@ from typing import IO, Any, BinaryIO, Literal
 import numpy as np
 
 from .annotator import Annotator
-from .data import InputError, Item, check_item, file_format, iter_rows, write_jsonl_line
+from .data import InputError, Item, check_item, file_format, iter_rows
 from .engine import ContextOverflow, LlamaEngine, LlamaModel, default_threads
+from .records import error_record, result_record, write_jsonl_line
 from .spec import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,7 @@ def run_job(annotator: Annotator, input_path: str | Path, out: IO[str], *, model
                         raise err
                     emit_error(err)
                     continue
-                write_jsonl_line(out, {**annotator.to_record(x.id, res), **stamp})
+                write_jsonl_line(out, result_record(x.id, res, stamp))
                 stats.written += 1
 
     def needs_scoring(chunk: list[Event]) -> list[dict[str, str]] | None:
@@ -215,10 +216,6 @@ def run_job(annotator: Annotator, input_path: str | Path, out: IO[str], *, model
 def overflow_error(item: Item, res: ContextOverflow) -> InputError:
     longest = max(item.fields, key=lambda k: len(item.fields[k]))
     return InputError(item.path, item.line, f"text too long: the prompt {res}", longest, item.id)
-
-
-def error_record(err: InputError, stamp: dict[str, str]) -> dict[str, Any]:
-    return {"id": err.item_id, "error": err.to_record(), **stamp}
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ Pipeline (one Ray Dataset, streamed):
             repeated rows, per shard exactly as `annotate-cli annotate SHARD` would;
 3. score    `map_batches` over an actor pool: each actor loads the GGUF once, builds the same
             `Annotator` as the local path, and turns each item into its output line with the same
-            serialisation (runtime/data.py `jsonl_line`);
+            serialisation (runtime/records.py `jsonl_line`);
 4. write    the driver streams the lines in input order (Ray Data's preserve_order) into
             OUT_DIR/part-NNNNN.jsonl (or .parquet), each shard written to a temporary name and
             renamed when complete, then OUT_DIR/_manifest.json.
@@ -36,8 +36,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .data import InputError, jsonl_line
-from .jobs import Fatal, JobStats, OnError, Skipped, error_record, overflow_error, plan
+from .data import InputError
+from .jobs import Fatal, JobStats, OnError, Skipped, overflow_error, plan
+from .records import error_record, jsonl_line, result_record
 
 
 class RayJobError(RuntimeError):
@@ -128,7 +129,7 @@ class _Scorer:
             elif isinstance(res, Exception):
                 raise res
             else:
-                lines.append(jsonl_line({**self.annotator.to_record(item.id, res), **self.stamp}))
+                lines.append(jsonl_line(result_record(item.id, res, self.stamp)))
         return {"shard": batch["shard"], "seq": batch["seq"], "line_text": lines}
 
 

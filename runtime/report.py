@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from .convert import Prediction
 from .metrics import _alpha, _code, bootstrap, consensus, nearest_level
+from .records import Prediction
 from .spec import Criterion, TaskSpec
 
 RESAMPLES = 1000

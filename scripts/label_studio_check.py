@@ -89,7 +89,8 @@ def main(exe: str, tasks_path: str, config_path: str) -> int:
                [[(r["from_name"], r["value"]) for r in p["result"]] for p in ps] ==
                [[(r["from_name"], r["value"]) for r in p["result"]] for p in by_task.get(back[i]["id"], [])])
     out = {"server_start_s": round(started, 1), "seconds": round(time.perf_counter() - t0, 1),
-           "tasks_sent": len(tasks), "tasks_read_back": len(got), "predictions_sent": sum(len(v) for v in sent.values()),
+           "tasks_sent": len(tasks), "tasks_read_back": len(got),
+           "predictions_sent": sum(len(v) for v in sent.values()),
            "predictions_read_back": len(preds), "tasks_with_the_same_results": same,
            "import_response": {k: imported.get(k) for k in ("task_count", "prediction_count") if k in imported}}
     print(json.dumps(out))
