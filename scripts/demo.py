@@ -4,47 +4,50 @@
         --base-gguf models/gemma-3-270m-q4_k_m.gguf --test data/emobank-test-200.jsonl --out models/demo
 
 Prints one table with three columns (zero-shot base GGUF, fine-tuned HF, exported GGUF) and
-writes it to OUT/demo.md and OUT/demo.json. Every figure is measured in this run.
+writes it to OUT/demo.md and OUT/demo.json. Every figure is measured in this run. Each stage is
+the library function its annotate-cli command runs (annotate_file, train_and_merge, export, parity).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import click
+
 from edge_annotator.runtime.data import read_human
+from edge_annotator.runtime.jobs import JobOptions, annotate_file
 from edge_annotator.runtime.metrics import agreement
-from edge_annotator.runtime.spec import load_spec
-
-
-def _cli(*args: str) -> None:
-    r = subprocess.run([sys.executable, "-m", "edge_annotator.runtime.cli", *args])
-    if r.returncode != 0:
-        raise SystemExit(f"annotate-cli {args[0]} failed ({r.returncode})")
+from edge_annotator.runtime.records import read_predictions
+from edge_annotator.runtime.spec import TaskSpec, load_spec
 
 
 def _annotate(model: Path, data: Path, out: Path, spec: Path | None, threads: int) -> float:
     out.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    _cli("annotate", str(model), str(data), "-o", str(out), "--threads", str(threads),
-         *(["--spec", str(spec)] if spec else []))
+    annotate_file(model, data, str(out), JobOptions(spec=spec, threads=threads))
     return time.perf_counter() - t0
 
 
-def _report(spec: Any, path: Path, humans: dict[str, Any]) -> dict[str, Any]:
+def _report(spec: TaskSpec, path: Path, humans: dict[str, Any]) -> dict[str, Any]:
     """agree's report of an annotate output: labels and scores against the human ratings."""
-    recs = [r for r in map(json.loads, path.read_text().splitlines()) if "labels" in r]
-    return agreement(spec, {r["id"]: r["labels"] for r in recs}, humans,
-                     {r["id"]: r.get("scores", {}) for r in recs})
+    recs = [p for p in read_predictions(path, spec) if p.error is None]
+    return agreement(spec, {p.id: p.labels for p in recs}, humans, {p.id: p.scores for p in recs})
+
+
+def _validation(rec: dict[str, Any]) -> None:
+    if rec["event"] != "train":
+        print(f"step {rec['step']}: validation {rec['select_by']} alpha {rec['alpha']:.3f}", file=sys.stderr)
 
 
 def run(config: Path, base_gguf: Path, test: Path, out: Path, threads: int, quant: str) -> dict[str, Any]:
+    from edge_annotator.export.convert import export
+    from edge_annotator.export.parity import parity
     from edge_annotator.train.config import load_config
+    from edge_annotator.train.job import train_and_merge
 
     cfg = load_config(config)
     spec = load_spec(cfg.spec)
@@ -59,23 +62,19 @@ def run(config: Path, base_gguf: Path, test: Path, out: Path, threads: int, quan
     res["zero_shot"] = _report(spec, zs, humans)
     # 2. fine-tune and merge
     t0 = time.perf_counter()
-    _cli("train", str(config))
+    merged = train_and_merge(cfg, progress=_validation).merged
+    assert merged is not None
     stages["train + merge"] = time.perf_counter() - t0
-    merged = Path(cfg.output) / "merged"
     # 3. export
     gguf = out / f"annotator-{quant}.gguf"
     t0 = time.perf_counter()
-    _cli("export", str(merged), "-o", str(gguf), "--quant", quant)
+    export(merged, gguf, quant)
     stages["export"] = time.perf_counter() - t0
     # 4. parity: HF (fine-tuned, fp32) against the exported file, on the held-out items
     t0 = time.perf_counter()
-    pj = out / "parity.json"
-    with pj.open("w") as fh:
-        r = subprocess.run([sys.executable, "-m", "edge_annotator.runtime.cli", "parity", str(merged), str(gguf),
-                            str(test), "--json", "--threads", str(threads)], stdout=fh)
+    res["parity"] = parity(merged, gguf, test, threads=threads)
+    (out / "parity.json").write_text(json.dumps(res["parity"], indent=2) + "\n")
     stages["parity"] = time.perf_counter() - t0
-    res["parity"] = json.loads(pj.read_text())
-    res["parity_exit"] = r.returncode
     # 5. annotate with the exported file, twice: threads 1 and N must give the same bytes
     a1, a2 = out / "annotated-t1.jsonl", out / f"annotated-t{threads}.jsonl"
     _annotate(gguf, test, a1, None, 1)
@@ -150,24 +149,28 @@ def table(res: dict[str, Any], criteria: Any) -> str:
     return "\n".join(rows) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", type=Path, default=Path("configs/gemma3-270m-lora-cpu-emobank.yaml"))
-    ap.add_argument("--base-gguf", type=Path, default=Path("models/gemma-3-270m-q4_k_m.gguf"))
-    ap.add_argument("--test", type=Path, default=Path("data/emobank-test-200.jsonl"))
-    ap.add_argument("--out", type=Path, default=Path("models/demo"))
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quant", default="Q4_K_M")
-    a = ap.parse_args(argv)
-    res = run(a.config, a.base_gguf, a.test, a.out, a.threads, a.quant)
+@click.command()
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=Path("configs/gemma3-270m-lora-cpu-emobank.yaml"), show_default=True)
+@click.option("--base-gguf", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=Path("models/gemma-3-270m-q4_k_m.gguf"), show_default=True)
+@click.option("--test", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=Path("data/emobank-test-200.jsonl"), show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("models/demo"),
+              show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--quant", default="Q4_K_M", show_default=True)
+def main(config: Path, base_gguf: Path, test: Path, out: Path, threads: int, quant: str) -> None:
+    """The whole main job: zero-shot baseline, fine-tune, export, parity, annotate; one table."""
+    res = run(config, base_gguf, test, out, threads, quant)
     if not res["parity"]["pass"]:
         failed = ", ".join(k for k, v in res["parity"]["checks"].items() if not v)
-        print(f"\nPARITY FAILED for {a.quant} ({failed}): this file would not be published "
+        print(f"\nPARITY FAILED for {quant} ({failed}): this file would not be published "
               f"(make export deletes such a file). See README, 'Export and parity'.", file=sys.stderr)
     if not res["identical_across_threads"]:
         print("\nthe exported file's output differed between thread counts", file=sys.stderr)
-    return 0 if res["parity"]["pass"] and res["identical_across_threads"] else 1
+    sys.exit(0 if res["parity"]["pass"] and res["identical_across_threads"] else 1)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

@@ -2,8 +2,9 @@
 
     make eval            # python scripts/eval.py --shared ../shared/data --out models/eval
 
-For every recipe: the full splits are converted from the authors' releases (annotate-cli data),
-the recipe is trained (annotate-cli train) and exported to Q4_K_M (annotate-cli export), and the
+For every recipe: the full splits are converted from the authors' releases (prepare_data.py),
+the recipe is trained and merged (train_and_merge, as annotate-cli train) and exported to Q4_K_M
+(export, as annotate-cli export), and the
 full test split is annotated twice: by the zero-shot base (its spec given on the command line)
 and by the fine-tuned file. Then, per criterion and pooled: alpha with the human consensus for
 the label and (rating scales) for the score, the humans' own alpha, macro-F1 for label sets, and
@@ -14,19 +15,24 @@ so an interrupted evaluation continues where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 import yaml
+from prepare_data import convert
 
+from edge_annotator.export.convert import export
 from edge_annotator.runtime.data import read_human
+from edge_annotator.runtime.jobs import JobOptions, annotate_file
 from edge_annotator.runtime.metrics import _alpha, _code, _macro_f1, bootstrap, consensus, nearest_level
+from edge_annotator.runtime.records import jsonl_line, read_predictions
 from edge_annotator.runtime.spec import Criterion, TaskSpec, load_spec
+from edge_annotator.train.config import load_config
+from edge_annotator.train.job import train_and_merge
 
 # recipe -> (dataset, test split)
 RECIPES = {
@@ -38,29 +44,16 @@ SPLITS = {"emobank": ("train", "dev", "test"), "convabuse": ("train", "valid", "
           "goemotions": ("train", "dev", "test")}
 
 
-def cli(*args: str) -> None:
-    print("+ annotate-cli " + " ".join(args), file=sys.stderr, flush=True)
-    r = subprocess.run([sys.executable, "-m", "edge_annotator.runtime.cli", *args])
-    if r.returncode != 0:
-        raise SystemExit(f"annotate-cli {args[0]} failed ({r.returncode})")
-
-
-def convert(shared: Path, data_dir: Path, name: str) -> None:
+def convert_splits(shared: Path, data_dir: Path, name: str) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     for split in SPLITS[name]:
         out = data_dir / f"{name}-{split}.jsonl"
         if not out.exists():
-            cli("data", name, "--source", str(shared / name), "--split", split, "-o", str(out))
-
-
-def read_out(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, float]]]:
-    labels, scores = {}, {}
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
-        if "labels" in r:
-            labels[r["id"]] = r["labels"]
-            scores[r["id"]] = r.get("scores", {})
-    return labels, scores
+            items = convert(name, shared / name, split)
+            tmp = out.with_name(out.name + ".partial")
+            tmp.write_text("".join(jsonl_line(it) for it in items), encoding="utf-8")
+            tmp.replace(out)
+            print(f"{len(items)} {name} {split} items -> {out}", file=sys.stderr)
 
 
 def _ci(stat: Any, n: int) -> dict[str, Any]:
@@ -125,7 +118,8 @@ def pooled_table(spec: TaskSpec, ids: list[str], labels: dict[str, dict[str, Any
 
 
 def evaluate(spec: TaskSpec, out_file: Path, test: Path) -> dict[str, Any]:
-    labels, scores = read_out(out_file)
+    preds = [p for p in read_predictions(out_file, spec) if p.error is None]
+    labels, scores = {p.id: p.labels for p in preds}, {p.id: p.scores for p in preds}
     humans = read_human(test, spec)
     ids = [i for i in labels if humans.get(i)]
     res = {"items": len(ids), "criteria": {c.name: criterion_table(c, ids, labels, scores, humans)
@@ -137,7 +131,7 @@ def evaluate(spec: TaskSpec, out_file: Path, test: Path) -> dict[str, Any]:
 
 def run_recipe(recipe: Path, shared: Path, out: Path, base_gguf: Path, threads: int, fresh: bool) -> dict[str, Any]:
     name, split = RECIPES[str(recipe)]
-    convert(shared, Path("models/data"), name)
+    convert_splits(shared, Path("models/data"), name)
     raw = yaml.safe_load(recipe.read_text())
     spec = load_spec(raw["spec"])
     run_dir = Path(raw["output"])
@@ -145,21 +139,27 @@ def run_recipe(recipe: Path, shared: Path, out: Path, base_gguf: Path, threads: 
     test = Path("models/data") / f"{name}-{split}.jsonl"
     timing = run_dir / "timing.json"  # written by annotate-cli train
     if fresh or not (merged / "config.json").exists():
-        cli("train", str(recipe))
+        train_and_merge(load_config(recipe), progress=_validation)
     if fresh or not gguf.exists():
         gguf.unlink(missing_ok=True)
-        cli("export", str(merged), "-o", str(gguf), "--quant", "Q4_K_M")
+        export(merged, gguf, "Q4_K_M")
     res: dict[str, Any] = {"recipe": str(recipe), "test": str(test), "dataset": name}
-    for arm, model, extra in (("zero_shot", base_gguf, ["--spec", raw["spec"]]), ("fine_tuned", gguf, [])):
+    for arm, model, spec_path in (("zero_shot", base_gguf, Path(raw["spec"])), ("fine_tuned", gguf, None)):
         dest = out / f"{name}-{arm}.jsonl"
         if fresh:
             dest.unlink(missing_ok=True)
-        cli("annotate", str(model), str(test), "-o", str(dest), "--threads", str(threads), "--resume", *extra)
+        print(f"annotate {model} {test} -> {dest}", file=sys.stderr)
+        annotate_file(model, test, str(dest), JobOptions(spec=spec_path, threads=threads), resume=True)
         res[arm] = evaluate(spec, dest, test)
     res["train_and_merge_s"] = json.loads(timing.read_text())["total_s"] if timing.exists() else None
     prov = json.loads((merged / "provenance.json").read_text())
     res["val_alpha"], res["best_step"] = prov.get("val_alpha"), prov.get("best_step")
     return res
+
+
+def _validation(rec: dict[str, Any]) -> None:
+    if rec["event"] != "train":
+        print(f"step {rec['step']}: validation {rec['select_by']} alpha {rec['alpha']:.3f}", file=sys.stderr)
 
 
 def _f(x: dict[str, Any] | None) -> str:
@@ -195,23 +195,26 @@ def markdown(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shared", type=Path, default=Path("../shared/data"), help="the three datasets' releases")
-    ap.add_argument("--out", type=Path, default=Path("models/eval"))
-    ap.add_argument("--base-gguf", type=Path, default=Path("models/gemma-3-270m-q4_k_m.gguf"))
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--recipes", nargs="*", type=Path, default=[Path(r) for r in RECIPES])
-    ap.add_argument("--fresh", action="store_true", help="train, export and annotate again even if done")
-    a = ap.parse_args(argv)
-    a.out.mkdir(parents=True, exist_ok=True)
-    results = [run_recipe(r, a.shared, a.out, a.base_gguf, a.threads, a.fresh) for r in a.recipes]
+@click.command()
+@click.option("--shared", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=Path("../shared/data"), show_default=True, help="The three datasets' releases.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("models/eval"),
+              show_default=True)
+@click.option("--base-gguf", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=Path("models/gemma-3-270m-q4_k_m.gguf"), show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--recipe", "recipes", type=click.Choice(list(RECIPES)), multiple=True,
+              help="Only these recipes (repeat the option) [default: all three].")
+@click.option("--fresh", is_flag=True, help="Train, export and annotate again even if done.")
+def main(shared: Path, out: Path, base_gguf: Path, threads: int, recipes: tuple[str, ...], fresh: bool) -> None:
+    """Train the CPU recipes, export them, and score them on the full test splits with intervals."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = [run_recipe(Path(r), shared, out, base_gguf, threads, fresh) for r in recipes or RECIPES]
     md = markdown(results)
-    (a.out / "eval.md").write_text(md)
-    (a.out / "eval.json").write_text(json.dumps(results, indent=2))
+    (out / "eval.md").write_text(md)
+    (out / "eval.json").write_text(json.dumps(results, indent=2))
     print(md)
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

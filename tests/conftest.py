@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "tasks"
 DATA = ROOT / "data"
 SHARED_DATA = ROOT.parent / "shared" / "data"
+# development code kept out of the package (scripts/: the demo, the data converters, the GPU check)
+sys.path.insert(0, str(ROOT / "scripts"))
 
 # EmoBank-style sentences the runtime tests score: short, neutral, and one long enough to wrap
 TEXTS = ["The storm destroyed the village.", "We won the cup!", "It is Tuesday.", "Nobody came.",

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 from conftest import DATA, SHARED_DATA, TASKS
+from prepare_data import convert  # scripts/
 
 from edge_annotator.runtime.data import check_item, iter_rows, read_human
-from edge_annotator.runtime.datasets import convert
 from edge_annotator.runtime.spec import load_spec
 
 SHIPPED = sorted(DATA.glob("*.jsonl"))

@@ -1,4 +1,4 @@
-"""QLoRA NF4 with bf16 compute on a CUDA GPU (train/gpu_check.py); skipped where there is none."""
+"""QLoRA NF4 with bf16 compute on a CUDA GPU (scripts/gpu_check.py); skipped where there is none."""
 
 from __future__ import annotations
 
@@ -11,6 +11,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_qlora_trains_and_merges_on_gpu(gemma_hf: Path) -> None:
-    from edge_annotator.train.gpu_check import main
+    from gpu_check import check  # scripts/
 
-    assert main([str(gemma_hf), "--steps", "10"]) == 0
+    assert check(gemma_hf, 10, "cuda") == 0

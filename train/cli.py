@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,24 +45,38 @@ def train(config: Path, output: str | None, max_steps: int | None, resume: bool,
       annotate-cli train configs/gemma3-270m-lora-cpu-emobank.yaml --output runs/emobank --resume
       annotate-cli train configs/gemma3-270m-qlora-gpu-emobank.yaml --merge-only   # adapter from a GPU
     """
-    from edge_annotator.hf.score import selection_alpha
-
     from .config import ConfigError, load_config
-    from .merge import merge
+    from .job import NoAdapter, merge_run, train_and_merge
     from .trainer import CannotLearn
-    from .trainer import train as run_train
 
     try:
         cfg = load_config(config, output=output, max_steps=max_steps)
-    except ConfigError as e:
+        if merge_only:
+            t0 = time.perf_counter()
+            err.print(f"merged model: {merge_run(cfg)} ({time.perf_counter() - t0:.0f}s)")
+            return
+        with _progress_bar() as on_log:
+            done = train_and_merge(cfg, resume=resume, merge_after=not no_merge, progress=on_log)
+    except (ConfigError, CannotLearn, NoAdapter) as e:
         raise click.ClickException(str(e)) from None
-    if merge_only:
-        _merge_only(cfg)
-        return
-    t0 = time.perf_counter()
+    st, r = done.result.state, done.result
+    base = None if done.baseline_alpha is None else round(done.baseline_alpha, 3)
+    err.print(f"best validation {cfg.select_by} alpha {st.best_alpha:.3f} at step {st.best_step} (untrained: {base}); "
+              f"{r.steps} steps, {r.tokens_per_s:.0f} tokens/s, {r.examples_per_s:.1f} examples/s")
+    if done.merged:
+        err.print(f"merged model: {done.merged}")
+    err.print(f"done in {done.timing['total_s']:.0f}s (RUN/timing.json)")
+
+
+@contextmanager
+def _progress_bar() -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A progress bar over training steps, with each validation printed above it."""
     with Progress(TextColumn("[bold]training[/] {task.fields[info]}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err) as bar:
         task = bar.add_task("train", total=None, info="")
+
+        def r3(d: dict[str, Any]) -> str:
+            return json.dumps({k: None if v is None else round(v, 3) for k, v in d.items()})
 
         def on_log(rec: dict[str, Any]) -> None:
             if rec["event"] == "train":
@@ -68,58 +84,8 @@ def train(config: Path, output: str | None, max_steps: int | None, resume: bool,
                            info=f"loss {rec['loss']:.3f} lr {rec['lr']:.2e} {rec['tokens_per_s']:.0f} tok/s "
                                 f"{rec['examples_per_s']:.1f} ex/s")
             else:
-                def r3(d: dict[str, Any]) -> str:
-                    return json.dumps({k: None if v is None else round(v, 3) for k, v in d.items()})
-
                 bar.console.print(f"step {rec['step']}: validation {rec['select_by']} alpha {rec['alpha']:.3f} "
                                   + r3(rec["per_criterion"])
                                   + (f"; score's Pearson r {r3(rec['score_r'])}" if "score_r" in rec else ""))
 
-        try:
-            result = run_train(cfg, resume=resume, progress=on_log)
-        except CannotLearn as e:
-            raise click.ClickException(str(e)) from None
-    st = result.state
-    base_alpha = selection_alpha(st.baseline, cfg.select_by) if st.baseline else None
-    err.print(f"best validation {cfg.select_by} alpha {st.best_alpha:.3f} at step {st.best_step} "
-              f"(untrained: {base_alpha if base_alpha is None else round(base_alpha, 3)}); "
-              f"{result.steps} steps, {result.tokens_per_s:.0f} tokens/s, {result.examples_per_s:.1f} examples/s")
-    timing = {"train_s": round(time.perf_counter() - t0, 1), "steps": result.steps,
-              "examples_per_s": round(result.examples_per_s, 2), "tokens_per_s": round(result.tokens_per_s, 1)}
-    if not no_merge:
-        t_merge = time.perf_counter()
-        merged = merge(cfg, result.output, extra_provenance={
-            "val_alpha": st.best_alpha, "val_alpha_untrained": base_alpha, "val_select_by": cfg.select_by,
-            "best_step": st.best_step,
-            "val_report": st.best_report})
-        err.print(f"merged model: {merged}")
-        timing["merge_s"] = round(time.perf_counter() - t_merge, 1)
-    timing["total_s"] = round(time.perf_counter() - t0, 1)
-    (result.output / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
-    err.print(f"done in {timing['total_s']:.0f}s (RUN/timing.json)")
-
-
-def _merge_only(cfg: Any) -> None:
-    """Merge RUN/best-adapter as training would have, with the validation figures of
-    RUN/checkpoint/state.json in the provenance where the run left them."""
-    from edge_annotator.hf.score import selection_alpha
-
-    from .merge import merge
-
-    run = Path(cfg.output)
-    if not (run / "best-adapter" / "adapter_model.safetensors").is_file():
-        raise click.ClickException(f"{run / 'best-adapter'}: no adapter to merge (adapter_model.safetensors); "
-                                   f"copy back the run folder's best-adapter/ from the machine that trained it")
-    extra: dict[str, Any] = {"merged_apart_from_training": True}
-    state = run / "checkpoint" / "state.json"
-    if state.is_file():
-        st = json.loads(state.read_text())
-        base = st.get("baseline")
-        extra |= {"val_alpha": st.get("best_alpha"), "val_select_by": cfg.select_by, "best_step": st.get("best_step"),
-                  "val_alpha_untrained": selection_alpha(base, cfg.select_by) if base else None,
-                  "val_report": st.get("best_report")}
-    else:
-        err.print(f"[yellow]{state} is missing: the merged model's provenance will lack validation figures")
-    t0 = time.perf_counter()
-    merged = merge(cfg, run, extra_provenance=extra)
-    err.print(f"merged model: {merged} ({time.perf_counter() - t0:.0f}s)")
+        yield on_log

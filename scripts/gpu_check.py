@@ -1,6 +1,9 @@
 """QLoRA on a CUDA GPU, offline: NF4 base with bf16 compute, a few steps, merge, check, tokens/s.
 
-    python -m edge_annotator.train.gpu_check TOKENIZER_DIR [--steps 20] [--device cpu]   # scripts/gpu_check.sh
+    python scripts/gpu_check.py TOKENIZER_DIR [--steps 20] [--device cpu]   # scripts/gpu_check.sh
+
+A development check, kept out of the package: it needs only the installed package (the train
+extra), not a checkout, so it runs where the wheel was installed (tests/test_packaging.py).
 
 Uses a small model built from scratch with the tokenizer of TOKENIZER_DIR (any HF folder of a
 supported architecture), so it needs no weights and no network. It checks that:
@@ -12,11 +15,12 @@ and reports training tokens/s. Exit code 0 only if every check holds.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 from pathlib import Path
+
+import click
 
 
 # The tiny recipe (configs/tiny-lora-cpu.yaml) as QLoRA, built here so that an installed package
@@ -37,7 +41,24 @@ def check_config(tokenizer_dir: Path, out: str, steps: int, device: str) -> dict
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+@click.command()
+@click.argument("tokenizer_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--steps", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+              help="cpu: the same QLoRA check with fp32 compute (bitsandbytes' CPU backend), to try an install "
+                   "on a machine without a GPU.")
+def main(tokenizer_dir: Path, steps: int, device: str) -> None:
+    """QLoRA on a CUDA GPU, offline: train a tiny model a few steps, merge, check; exit 0 only if all hold.
+
+    \b
+    Examples:
+      python scripts/gpu_check.py models/gemma-3-270m-hf --steps 20
+      python scripts/gpu_check.py models/gemma-3-270m-hf --steps 2 --device cpu
+    """
+    sys.exit(check(tokenizer_dir, steps, device))
+
+
+def check(tokenizer_dir: Path, steps: int, device: str) -> int:
     import torch
     from safetensors.torch import load_file
 
@@ -45,18 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     from edge_annotator.train.merge import merge
     from edge_annotator.train.trainer import train
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("tokenizer_dir", type=Path)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                    help="cpu: the same QLoRA check with fp32 compute (bitsandbytes' CPU backend), to try an "
-                         "install on a machine without a GPU")
-    a = ap.parse_args(argv)
-    if a.device == "cuda" and not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: this check needs a GPU (--device cpu runs it on the CPU)", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = parse_config(check_config(a.tokenizer_dir, f"{tmp}/run", a.steps, a.device), "gpu-check")
+        cfg = parse_config(check_config(tokenizer_dir, f"{tmp}/run", steps, device), "gpu-check")
         res = train(cfg)
         losses = [h["loss"] for h in res.history]
         out = merge(cfg, res.output)
@@ -69,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             delta = (cfg.lora.alpha / cfg.lora.r) * (lora[k.replace("lora_A", "lora_B")].float() @ lora[k].float())
             expect = base[name].float() + delta
             worst = max(worst, float((merged[name].float() - expect).abs().max()))
-        report = {"device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu", "steps": res.steps,
+        report = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "steps": res.steps,
                   "first_loss": losses[0], "last_loss": losses[-1], "tokens_per_s": res.tokens_per_s,
                   "merge_max_abs_err": worst, "loss_fell": losses[-1] < losses[0],
                   "merge_ok": worst < 2e-2}  # bf16 weights: ~3 digits
@@ -78,4 +92,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

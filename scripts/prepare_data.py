@@ -1,6 +1,10 @@
 """Converters from the three public human-annotated datasets to the annotator's JSONL format.
 
-    annotate-cli data emobank --source ../shared/data/emobank --split test --limit 50 -o emobank-test.jsonl
+    python scripts/prepare_data.py emobank --source ../shared/data/emobank --split test --limit 50 \
+        -o emobank-test.jsonl
+
+Development code, kept out of the package: it made the shipped subsets in data/ and the full
+splits `make eval` scores (scripts/eval.py imports `convert`).
 
 - EmoBank (Buechel & Hahn, EACL 2017; CC BY-SA 4.0): one item per sentence, every reader's
   rating of Valence, Arousal and Dominance (1-5) as its own rating. Readers have no ids.
@@ -16,9 +20,14 @@ from __future__ import annotations
 
 import csv
 import random
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import click
+
+from edge_annotator.runtime.records import write_jsonl_line
 
 DATASETS = ("emobank", "goemotions", "convabuse")
 SPLITS = {"emobank": ("train", "dev", "test"), "goemotions": ("train", "dev", "test"),
@@ -85,3 +94,38 @@ def convert(name: str, source: str | Path, split: str, limit: int | None = None,
         random.Random(seed).shuffle(items)
         items = items[:limit]
     return items
+
+
+@click.command()
+@click.argument("dataset", type=click.Choice(DATASETS))
+@click.option("--source", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The dataset's release folder [default: ../shared/data/DATASET].")
+@click.option("--split", default="test", show_default=True, help="train, dev/valid or test.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Keep a seeded random subset of this size.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write here instead of stdout.")
+def main(dataset: str, source: Path | None, split: str, limit: int | None, seed: int, output: str | None) -> None:
+    """Convert a public human-annotated dataset to annotate-cli's JSONL format.
+
+    \b
+    Examples:
+      python scripts/prepare_data.py emobank --split test --limit 50 -o emobank-test.jsonl
+      python scripts/prepare_data.py convabuse --source /data/convabuse --split valid | head
+    """
+    src = source or Path("..") / "shared" / "data" / dataset
+    try:
+        items = convert(dataset, src, split, limit, seed)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--split") from None
+    fh = open(output, "w", encoding="utf-8") if output else sys.stdout
+    try:
+        for it in items:
+            write_jsonl_line(fh, it)
+    finally:
+        if output:
+            fh.close()
+    click.echo(f"{len(items)} {dataset} {split} items" + (f" -> {output}" if output else ""), err=True)
+
+
+if __name__ == "__main__":
+    main()

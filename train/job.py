@@ -1,0 +1,82 @@
+"""One training job as the library runs it: fine-tune, merge the best adapter, time both.
+
+    done = train_and_merge(load_config("configs/tiny-lora-cpu.yaml"), progress=print)
+    done.merged, done.timing          # RUN/merged, and RUN/timing.json's figures
+    merge_run(cfg)                    # merge an adapter trained elsewhere (a GPU) into the base
+
+`annotate-cli train` is these two functions with a progress bar; scripts/demo.py and
+scripts/eval.py call them directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_annotator.hf.score import selection_alpha
+
+from .config import TrainConfig
+from .merge import merge
+from .trainer import TrainResult, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Trained:
+    result: TrainResult
+    baseline_alpha: float | None  # the untrained model's validation alpha (select_by)
+    merged: Path | None
+    timing: dict[str, Any]
+
+
+def train_and_merge(cfg: TrainConfig, *, resume: bool = False, merge_after: bool = True,
+                    progress: Callable[[dict[str, Any]], None] | None = None) -> Trained:
+    """Train per cfg (trainer.train: raises CannotLearn), then merge the best adapter into RUN/merged
+    with the validation figures in its provenance; RUN/timing.json gets the seconds of each."""
+    t0 = time.perf_counter()
+    result = train(cfg, resume=resume, progress=progress)
+    st = result.state
+    base_alpha = selection_alpha(st.baseline, cfg.select_by) if st.baseline else None
+    timing: dict[str, Any] = {"train_s": round(time.perf_counter() - t0, 1), "steps": result.steps,
+                              "examples_per_s": round(result.examples_per_s, 2),
+                              "tokens_per_s": round(result.tokens_per_s, 1)}
+    merged = None
+    if merge_after:
+        t_merge = time.perf_counter()
+        merged = merge(cfg, result.output, extra_provenance={
+            "val_alpha": st.best_alpha, "val_alpha_untrained": base_alpha, "val_select_by": cfg.select_by,
+            "best_step": st.best_step, "val_report": st.best_report})
+        timing["merge_s"] = round(time.perf_counter() - t_merge, 1)
+    timing["total_s"] = round(time.perf_counter() - t0, 1)
+    (result.output / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
+    return Trained(result, base_alpha, merged, timing)
+
+
+class NoAdapter(FileNotFoundError):
+    pass
+
+
+def merge_run(cfg: TrainConfig) -> Path:
+    """Merge RUN/best-adapter as training would have, with the validation figures of
+    RUN/checkpoint/state.json in the provenance where the run left them (a warning where not)."""
+    run = Path(cfg.output)
+    if not (run / "best-adapter" / "adapter_model.safetensors").is_file():
+        raise NoAdapter(f"{run / 'best-adapter'}: no adapter to merge (adapter_model.safetensors); "
+                        f"copy back the run folder's best-adapter/ from the machine that trained it")
+    extra: dict[str, Any] = {"merged_apart_from_training": True}
+    state = run / "checkpoint" / "state.json"
+    if state.is_file():
+        st = json.loads(state.read_text())
+        base = st.get("baseline")
+        extra |= {"val_alpha": st.get("best_alpha"), "val_select_by": cfg.select_by, "best_step": st.get("best_step"),
+                  "val_alpha_untrained": selection_alpha(base, cfg.select_by) if base else None,
+                  "val_report": st.get("best_report")}
+    else:
+        log.warning("%s is missing: the merged model's provenance will lack validation figures", state)
+    return merge(cfg, run, extra_provenance=extra)
