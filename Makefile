@@ -82,7 +82,7 @@ test-fast: install  ## tests that need no real model
 
 lint: install  ## ruff and mypy over the package and tests
 	$(VENV)/bin/ruff check runtime train export hf bench tests scripts
-	$(VENV)/bin/mypy runtime export hf bench train
+	$(VENV)/bin/mypy runtime export hf bench train scripts
 
 # The main job on an embedded default: Gemma 3 270M from its registry package, zero-shot on 200
 # held-out EmoBank sentences; fine-tuned with LoRA on CPU on the shipped EmoBank subset; exported
@@ -102,7 +102,7 @@ demo-zero-shot: install $(GEMMA)  ## annotate the shipped EmoBank sample zero-sh
 	$(CLI) agree $(DEMO)/emobank-t2.jsonl data/emobank-test-50.jsonl --spec tasks/emobank.yaml
 
 $(GEMMA_HF): | $(GEMMA)
-	$(PY) -m edge_annotator.train.from_gguf $(GEMMA) $@
+	$(CLI) from-gguf $(GEMMA) $@
 
 CONFIG ?= configs/tiny-lora-cpu.yaml
 RUN = $(shell $(PY) -c "import yaml,sys; print(yaml.safe_load(open('$(CONFIG)'))['output'])" 2>/dev/null)

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import click
 
 from edge_annotator.runtime.data import check_item, iter_rows
 from edge_annotator.runtime.prompt import render_prompt
@@ -130,14 +131,18 @@ def arm_pp512(args: dict[str, Any]) -> dict[str, Any]:
 ARMS = {"annotate": arm_annotate, "naive": arm_naive, "hf": arm_hf, "pp512": arm_pp512}
 
 
-def main() -> int:
-    arm, args = sys.argv[1], json.loads(sys.argv[2])
+@click.command()
+@click.argument("arm", type=click.Choice(list(ARMS)))
+@click.argument("args_json")
+def main(arm: str, args_json: str) -> None:
+    """Run one ARM of `annotate-cli bench` in this fresh process and print one JSON line (bench/cli.py
+    starts one process per arm, so each measures its own peak memory)."""
+    args = json.loads(args_json)
     res = ARMS[arm](args)
     res["peak_rss_mb"] = _peak_rss_mb()
     res["model_mb"] = Path(args["model"]).stat().st_size / 2**20
     print(json.dumps(res))
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

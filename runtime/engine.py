@@ -74,6 +74,12 @@ def _lib():
     return _llama
 
 
+def llama_backend() -> Any:
+    """The llama_cpp module with its backend initialised and its logging routed to Python's, for
+    calls the engine does not wrap (export's quantizer)."""
+    return _lib()
+
+
 def _ggml_lib() -> ctypes.CDLL:
     """ggml's tensor accessors, through libllama (dlsym searches the libraries it links)."""
     global _ggml

@@ -24,6 +24,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import click
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -40,7 +42,7 @@ def _api(base: str, token: str, method: str, path: str, body: Any = None) -> Any
     return json.loads(text) if text else None
 
 
-def main(exe: str, tasks_path: str, config_path: str) -> int:
+def check(exe: str, tasks_path: str, config_path: str) -> int:
     tasks = json.loads(Path(tasks_path).read_text())
     config = Path(config_path).read_text()
     port, token = _free_port(), secrets.token_hex(20)
@@ -82,12 +84,14 @@ def main(exe: str, tasks_path: str, config_path: str) -> int:
             log.close()
     sent = {t["data"]["id"]: t["predictions"] for t in tasks}
     back = {t["data"]["id"]: t for t in got}
-    by_task = {}
+    by_task: dict[Any, list[dict[str, Any]]] = {}
     for p in preds:
         by_task.setdefault(p["task"], []).append(p)
-    same = sum(1 for i, ps in sent.items() if i in back and
-               [[(r["from_name"], r["value"]) for r in p["result"]] for p in ps] ==
-               [[(r["from_name"], r["value"]) for r in p["result"]] for p in by_task.get(back[i]["id"], [])])
+
+    def results(ps: list[dict[str, Any]]) -> list[list[tuple[Any, Any]]]:
+        return [[(r["from_name"], r["value"]) for r in p["result"]] for p in ps]
+
+    same = sum(1 for i, ps in sent.items() if i in back and results(ps) == results(by_task.get(back[i]["id"], [])))
     out = {"server_start_s": round(started, 1), "seconds": round(time.perf_counter() - t0, 1),
            "tasks_sent": len(tasks), "tasks_read_back": len(got),
            "predictions_sent": sum(len(v) for v in sent.values()),
@@ -98,5 +102,20 @@ def main(exe: str, tasks_path: str, config_path: str) -> int:
     return 0 if ok else 1
 
 
+@click.command()
+@click.argument("exe", type=click.Path(exists=True, dir_okay=False))
+@click.argument("tasks", type=click.Path(exists=True, dir_okay=False))
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+def main(exe: str, tasks: str, config: str) -> None:
+    """Start the Label Studio server EXE, import TASKS (annotate-cli convert's JSON) into a project
+    with label CONFIG (XML), read everything back and compare; exit 1 on a difference.
+
+    \b
+    Examples:
+      python scripts/label_studio_check.py .venv-labelstudio/bin/label-studio tasks.json config.xml
+    """
+    sys.exit(check(exe, tasks, config))
+
+
 if __name__ == "__main__":
-    raise SystemExit(main(*sys.argv[1:4]))
+    main()

@@ -148,23 +148,19 @@ def test_the_export_extra_alone_runs_export_and_parity(merged: Path, tmp_path: P
     converter, which make install puts in its own folder, found through EDGE_ANNOTATOR_CONVERTER)."""
     import os
     import subprocess
-    import sys
 
-    from test_packaging import copy_tree
+    from test_packaging import install_alone
 
     from edge_annotator.export.convert import converter_dir
 
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    src = copy_tree(tmp_path / "src")
-    r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-c", str(ROOT / "constraints.txt"),
-                        f"{src}[export]"], capture_output=True, text=True, timeout=1500)
-    assert r.returncode == 0, r.stderr[-3000:]
-    py = str(venv / "bin" / "python")
-    r = subprocess.run([py, "-c", "import peft"], capture_output=True, text=True)
+    bin_ = install_alone(tmp_path, "export")
+    r = subprocess.run([str(bin_ / "python"), "-c", "import peft"], capture_output=True, text=True)
     assert r.returncode != 0, "the train extra's peft is in the export-only environment"
     env = {**os.environ, "EDGE_ANNOTATOR_CONVERTER": str(converter_dir())}
-    cli = str(venv / "bin" / "annotate-cli")
+    for cmd in ("export", "parity", "embed-spec", "from-gguf"):
+        r = subprocess.run([str(bin_ / "annotate-cli"), cmd, "--help"], capture_output=True, text=True, env=env)
+        assert r.returncode == 0 and "Examples:" in r.stdout, (cmd, r.stderr[-2000:])
+    cli = str(bin_ / "annotate-cli")
     out = tmp_path / "tiny-Q8_0.gguf"
     r = subprocess.run([cli, "export", str(merged), "-o", str(out), "--quant", "Q8_0"], env=env,
                        capture_output=True, text=True, timeout=900, cwd=tmp_path)

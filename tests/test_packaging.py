@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -135,7 +136,7 @@ for pkg in ('edge_annotator.export', 'edge_annotator.hf'):
     for m in pkgutil.iter_modules(mod.__path__):
         importlib.import_module(f'{pkg}.{m.name}')
 from edge_annotator.runtime.cli import cli
-for cmd in ('export', 'parity'):
+for cmd in ('export', 'parity', 'embed-spec'):
     try:
         cli([cmd, '--help'], standalone_mode=False)
     except SystemExit as e:
@@ -166,33 +167,66 @@ print('OK')
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+COMMANDS = ("annotate", "agree", "inspect", "convert", "train", "export", "parity", "bench", "from-gguf", "embed-spec")
+# what runs as `python -m MODULE` or `python scripts/X.py`: each a click command with --help
+MODULES = ("edge_annotator.runtime.cli", "edge_annotator.train.from_gguf", "edge_annotator.export.metadata",
+           "edge_annotator.bench.train", "edge_annotator.bench.determinism", "edge_annotator.bench.arms")
+SCRIPTS = ("demo.py", "eval.py", "prepare_data.py", "gpu_check.py", "label_studio_check.py")
+
+
 def test_cli_help_lists_commands_with_examples() -> None:
     exe = Path(sys.executable).with_name("annotate-cli")
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True).stdout
-    for cmd in ("annotate", "agree", "inspect", "data"):
-        assert f"  {cmd} " in out
+    for cmd in COMMANDS:
+        assert f"  {cmd} " in out, cmd
     assert "Examples:" in out
     runner = CliRunner()
-    for cmd in ("annotate", "agree", "inspect", "data"):
+    for cmd in COMMANDS:
         r = runner.invoke(cli, [cmd, "--help"])
         assert r.exit_code == 0 and "Examples:" in r.output, cmd
+
+
+def test_every_entry_point_is_a_click_command() -> None:
+    """One style of entry point: no argparse and no hand-read sys.argv in the package or scripts/;
+    every module and script that runs as a program answers --help (click's) and exits 0."""
+    files = [p for d in ("runtime", "train", "export", "hf", "bench", "scripts") for p in (ROOT / d).glob("*.py")]
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                assert "argparse" not in [a.name for a in node.names], f"{path} imports argparse"
+            if isinstance(node, ast.Attribute) and node.attr == "argv" and getattr(node.value, "id", "") == "sys":
+                raise AssertionError(f"{path}:{node.lineno} reads sys.argv")
+    runs = [[sys.executable, "-m", m] for m in MODULES] + [[sys.executable, str(ROOT / "scripts" / s)] for s in SCRIPTS]
+    for argv in runs:
+        r = subprocess.run([*argv, "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert r.returncode == 0 and "Usage:" in r.stdout and "Options:" in r.stdout, (argv, r.stderr[-2000:])
 
 
 def copy_tree(dst: Path) -> Path:
     """The checkout without its virtualenvs, models and caches: what a user's clone holds (setuptools
     leaves a build/ folder in the tree it builds, so builds run on a copy)."""
-    import shutil
-
     shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(".venv*", "models", "build", ".git", "*.egg-info",
                                                               "__pycache__", ".*_cache", ".gpu"))
     return dst
 
 
+def install_alone(tmp_path: Path, extras: str = "") -> Path:
+    """A fresh virtualenv holding this project (a copy of the checkout) with EXTRAS and nothing else
+    of ours; its bin/ folder. Packages come from this machine's wheels, pinned by constraints.txt."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    src = copy_tree(tmp_path / "src")
+    r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-c", str(ROOT / "constraints.txt"),
+                        f"{src}[{extras}]" if extras else str(src)], capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return venv / "bin"
+
+
 @pytest.mark.slow
 def test_gpu_check_runs_from_an_installed_wheel(tmp_path: Path, gemma_hf: Path) -> None:
-    """Built as a wheel and installed apart from the checkout, train.gpu_check finds its config,
-    spec and data in the package and runs its QLoRA check as far as this machine allows: on the CPU
-    (NF4 with fp32 compute) to the end; the CUDA run needs a GPU."""
+    """With the package built as a wheel and installed apart from the checkout, scripts/gpu_check.py
+    (copied elsewhere too) finds its config, spec and data in the package and runs its QLoRA check as
+    far as this machine allows: on the CPU (NF4 with fp32 compute) to the end; the CUDA run needs a GPU."""
     wheels, site, src = tmp_path / "wheels", tmp_path / "site", tmp_path / "src"
     copy_tree(src)
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
@@ -203,11 +237,13 @@ def test_gpu_check_runs_from_an_installed_wheel(tmp_path: Path, gemma_hf: Path) 
     assert (site / "edge_annotator" / "tasks" / "emobank.yaml").is_file()
     assert (site / "edge_annotator" / "data" / "emobank-train-64.jsonl").is_file()
     env = {**os.environ, "PYTHONPATH": str(site)}
-    code = ("import edge_annotator.train.gpu_check as g, sys; assert g.__file__.startswith(sys.argv[1]), g.__file__; "
-            "sys.exit(g.main(sys.argv[2:]))")
     run = tmp_path / "elsewhere"
     run.mkdir()
-    r = subprocess.run([sys.executable, "-c", code, str(site), str(gemma_hf), "--steps", "2", "--device", "cpu"],
+    script = shutil.copy(ROOT / "scripts" / "gpu_check.py", run / "gpu_check.py")
+    where = subprocess.run([sys.executable, "-c", "import edge_annotator.train as t; print(t.__file__)"], cwd=run,
+                           env=env, capture_output=True, text=True, check=True).stdout
+    assert where.startswith(str(site)), where
+    r = subprocess.run([sys.executable, script, str(gemma_hf), "--steps", "2", "--device", "cpu"],
                        cwd=run, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     rep = json.loads(r.stdout[r.stdout.index("{"):])
@@ -215,7 +251,7 @@ def test_gpu_check_runs_from_an_installed_wheel(tmp_path: Path, gemma_hf: Path) 
     import torch
 
     if not torch.cuda.is_available():
-        r = subprocess.run([sys.executable, "-c", code, str(site), str(gemma_hf)], cwd=run, env=env,
+        r = subprocess.run([sys.executable, script, str(gemma_hf)], cwd=run, env=env,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and "no CUDA device" in r.stderr
 
@@ -232,3 +268,23 @@ def test_gpu_train_check_script_parses_and_stops_clearly_without_cuda(tmp_path: 
     r = subprocess.run(["bash", str(script), str(tmp_path), str(tmp_path / "back")], capture_output=True, text=True,
                        env=env, timeout=300)
     assert r.returncode == 1 and "gpu_train_check: needs CUDA" in r.stderr, r.stdout + r.stderr
+
+
+# -- weights: safetensors and GGUF only ----------------------------------------------------------
+def test_model_weights_are_never_unpickled() -> None:
+    for stage in ("runtime", "hf", "train", "export", "bench", "scripts"):
+        for path in (ROOT / stage).glob("*.py"):
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import | ast.ImportFrom):
+                    names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                    assert not any(n.split(".")[0] in ("pickle", "dill", "joblib") for n in names), path
+                if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                    continue
+                kw = {k.arg for k in node.keywords}
+                if node.func.attr == "load" and getattr(node.func.value, "id", "") == "torch":
+                    assert "weights_only" in kw, f"{path}:{node.lineno}: torch.load without weights_only"
+                if (node.func.attr == "from_pretrained" and getattr(node.func.value, "id", "") ==
+                        "AutoModelForCausalLM"):
+                    ok = kw & {"use_safetensors", "gguf_file"} or any(k.arg is None for k in node.keywords)
+                    assert ok, f"{path}:{node.lineno}: from_pretrained may read a pickled checkpoint"

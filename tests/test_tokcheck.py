@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from click.testing import CliRunner
 from conftest import DATA, ROOT, TASKS
 
 pytestmark = pytest.mark.slow
@@ -45,8 +46,7 @@ def test_the_converted_tokenizer_matches_llama_cpp_and_its_fingerprint_is_writte
 
 
 def test_from_gguf_refuses_a_tokenizer_that_splits_differently(gemma_hf: Path, gemma_path: Path, tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The conversion's tokenizer is replaced by the merge-less one (this transformers converts
     Gemma correctly; 5.17 does not, and is not installable here): one line, exit 1, nothing written."""
     import transformers
@@ -56,28 +56,27 @@ def test_from_gguf_refuses_a_tokenizer_that_splits_differently(gemma_hf: Path, g
     broken = transformers.AutoTokenizer.from_pretrained(_broken_copy(gemma_hf, tmp_path / "broken"))
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: broken)
     out = tmp_path / "hf"
-    assert from_gguf.main([str(gemma_path), str(out)]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    r = CliRunner().invoke(from_gguf.from_gguf, [str(gemma_path), str(out)])
+    err = r.output.strip().splitlines()
+    assert r.exit_code == 1, r.output
     assert len(err) == 1 and "splits" in err[0] and "differently from llama.cpp" in err[0], err
     assert not out.exists() and not (tmp_path / "hf.partial").exists()
 
 
 def test_from_gguf_refuses_a_tokenizer_folder_that_is_not_the_model_s(gemma_hf: Path, gemma_path: Path,
-                                                                     tmp_path: Path,
-                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+                                                                     tmp_path: Path) -> None:
     from edge_annotator.train import from_gguf
 
     out = tmp_path / "hf"
     broken = _broken_copy(gemma_hf, tmp_path / "broken")
-    assert from_gguf.main([str(gemma_path), str(out), "--tokenizer", str(broken)]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    r = CliRunner().invoke(from_gguf.from_gguf, [str(gemma_path), str(out), "--tokenizer", str(broken)])
+    err = r.output.strip().splitlines()
+    assert r.exit_code == 1, r.output
     assert len(err) == 1 and f"from {broken} splits" in err[0] and "not this model's tokenizer" in err[0], err
     assert not out.exists()
 
 
 def test_training_stops_before_step_1_on_a_tokenizer_changed_since_conversion(gemma_hf: Path, tmp_path: Path) -> None:
-    from click.testing import CliRunner
-
     from edge_annotator.train.cli import train as train_cmd
 
     base = _broken_copy(gemma_hf, tmp_path / "base")

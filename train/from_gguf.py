@@ -1,7 +1,8 @@
 """A base model from a GGUF file to a plain HF folder (safetensors, fp32), for training and for
 the HF side of benchmarks and parity checks.
 
-    python -m edge_annotator.train.from_gguf models/gemma-3-270m-q4_k_m.gguf models/gemma-3-270m-hf
+    annotate-cli from-gguf models/gemma-3-270m-q4_k_m.gguf models/gemma-3-270m-hf
+    python -m edge_annotator.train.from_gguf ...                    # the same command
 
 transformers dequantizes the GGUF on load (about a minute for Gemma 3 270M on 2 cores). Only
 safetensors are written. The folder is written beside the target and renamed into place, so an
@@ -17,28 +18,14 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
+import click
+
 from edge_annotator.hf.tokcheck import FINGERPRINT, TokenizerMismatch, check_against_gguf
+from edge_annotator.runtime.files import atomic_dir
 
 log = logging.getLogger(__name__)
-
-
-def atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
-    """Fill a folder beside `final` with write(), then swap it into place: never half-written."""
-    tmp = final.with_name(final.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
@@ -70,25 +57,26 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, tokenizer_dir: str | 
     return atomic_dir(out, write)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+@click.command("from-gguf")
+@click.argument("gguf", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--tokenizer", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Take the tokenizer from this HF folder (the model's own tokenizer.json) instead of converting "
+                   "the GGUF's; it is checked the same way.")
+def from_gguf(gguf: Path, out: Path, tokenizer: Path | None) -> None:
+    """A GGUF base model to an fp32 HF folder (OUT, written beside and renamed into place), its
+    tokenizer checked against the GGUF's own (llama.cpp). Needs the train or export extra.
 
-    ap = argparse.ArgumentParser(prog="python -m edge_annotator.train.from_gguf",
-                                 description="A GGUF base model to an fp32 HF folder, its tokenizer checked against "
-                                             "the GGUF's (llama.cpp).")
-    ap.add_argument("gguf", help="MODEL.gguf")
-    ap.add_argument("out", help="OUT_DIR (written beside, then renamed into place)")
-    ap.add_argument("--tokenizer", default=None, metavar="DIR",
-                    help="take the tokenizer from this HF folder (the model's own tokenizer.json) instead of "
-                         "converting the GGUF's; it is checked the same way")
-    a = ap.parse_args(argv)
+    \b
+    Examples:
+      annotate-cli from-gguf models/gemma-3-270m-q4_k_m.gguf models/gemma-3-270m-hf
+      annotate-cli from-gguf gemma.gguf gemma-hf --tokenizer ~/hf/gemma-3-270m   # transformers < 5.24
+    """
     try:
-        print(gguf_to_hf(a.gguf, a.out, a.tokenizer))
-    except (FileNotFoundError, TokenizerMismatch) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        click.echo(gguf_to_hf(gguf, out, tokenizer))
+    except TokenizerMismatch as e:
+        raise click.ClickException(str(e)) from None
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from_gguf()

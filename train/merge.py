@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
+from edge_annotator.runtime.files import atomic_dir
 from edge_annotator.runtime.spec import load_spec
 
 from .config import TrainConfig
 from .examples import data_sha256
-from .from_gguf import atomic_dir
 from .model import load_tokenizer
 
 

@@ -45,6 +45,7 @@ from edge_annotator.hf.tree import (
     soft_cross_entropy,
     tree_attention,
 )
+from edge_annotator.runtime.files import atomic_dir
 from edge_annotator.runtime.prompt import CANONICAL, RenderOptions, render_instruction
 from edge_annotator.runtime.spec import TaskSpec, load_spec
 
@@ -60,7 +61,6 @@ from .examples import (
     steps_per_epoch,
     unit_of,
 )
-from .from_gguf import atomic_dir
 from .model import add_lora, build_tiny, load_base, load_tokenizer, pick_device
 
 log = logging.getLogger(__name__)

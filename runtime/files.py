@@ -1,0 +1,22 @@
+"""Folders written beside their final place and swapped in, so nothing is ever half-written:
+the trainer's checkpoints and adapters, merged models, HF folders made from a GGUF."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
+    """Fill a folder beside `final` with write(), then swap it into place: never half-written."""
+    tmp = final.with_name(final.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
