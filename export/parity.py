@@ -25,7 +25,7 @@ the runtime's Annotator, exactly as annotate-cli runs it.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,8 @@ import numpy as np
 from edge_annotator.runtime.data import Item, check_item, iter_rows, ratings_of
 from edge_annotator.runtime.metrics import criterion_agreement
 from edge_annotator.runtime.prompt import render_prompt
-from edge_annotator.runtime.spec import spec_from_json
+from edge_annotator.runtime.records import Score
+from edge_annotator.runtime.spec import Criterion, TaskSpec, spec_from_json
 
 from .quants import QUANTS
 
@@ -79,79 +80,123 @@ def _kl(p: list[float], q: list[float]) -> float:
 
 def parity(merged: str | Path, gguf: str | Path, data: str | Path, max_items: int | None = None,
            threads: int | None = None, thresholds: dict[str, Any] = THRESHOLDS, gpu_layers: int = 0) -> dict[str, Any]:
+    """Score DATA's items with the merged HF model (fp32) and the GGUF, and compare: prompt tokens,
+    each criterion's distributions, scores and labels, and alpha with the humans on both sides."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edge_annotator.hf.score import report_of, score_items, selection_alpha
-    from edge_annotator.runtime.annotator import Annotator, Score
-    from edge_annotator.runtime.engine import LlamaEngine, LlamaModel
+    from edge_annotator.hf.score import score_items
+    from edge_annotator.runtime.engine import LlamaModel
     from edge_annotator.runtime.gguf_meta import model_info
 
     merged, gguf = Path(merged), Path(gguf)
     spec = spec_from_json((merged / "spec.json").read_text(), str(merged / "spec.json"))
-    llm = LlamaModel(gguf, n_gpu_layers=gpu_layers)
+    llm = LlamaModel(gguf, n_gpu_layers=gpu_layers)  # first: a model that cannot load stops it at once
     try:
         info = model_info(llm)
         if info.spec is None or info.spec.sha256 != spec.sha256:
             raise ValueError(f"{gguf} does not embed the spec of {merged} (spec sha256 differs)")
-        items: list[Item] = []
-        for rec in iter_rows(data):
-            it = check_item(rec, spec)
-            items.append(replace(it, ratings=ratings_of(rec, spec)))
-            if max_items and len(items) >= max_items:
-                break
+        items = _read_items(data, spec, max_items)
         hf_tok = AutoTokenizer.from_pretrained(merged)
-        with LlamaEngine(llm, n_threads=threads) as eng:  # the context freed before the model
-            # a. tokens
-            same = total = 0
-            first_diff = None
-            for it in items:
-                for c in spec.criteria:
-                    p = render_prompt(spec, it.fields, c)
-                    ok = eng.tokenize(p) == list(hf_tok(p)["input_ids"])
-                    same += ok
-                    total += 1
-                    if not ok and first_diff is None:
-                        first_diff = f"item {it.id}, criterion {c.name}"
-            # b-e. distributions, scores, labels and agreement on both sides
-            g_scores = Annotator(eng, spec).score_many([it.fields for it in items])
+        g = _gguf_side(llm, info.quantization or "?", spec, items, hf_tok, threads)
     finally:
         llm.close()
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, use_safetensors=True).eval()
     h_scores = score_items(model, hf_tok, spec, items)
-    quant = info.quantization or "?"
-    th = thresholds_for(quant, thresholds)
-    g_ok: list[dict[str, Score]] = []
-    for it, g in zip(items, g_scores):
+    th = thresholds_for(g.quant, thresholds)
+    per = [_criterion_row(c, items, g.scores, h_scores, th) for c in spec.criteria]
+    humans = _humans(spec, items, h_scores, g.scores, per)
+    checks = {
+        "tokens": g.same / g.total >= th["tokens_identical"] if g.total else True,
+        "labels": all(p["labels_pass"] for p in per),
+        "scores": all(p.get("scores_pass", True) for p in per),
+        "humans": humans["drop"] <= th["human_alpha_drop"],
+    }
+    return {
+        "merged": str(merged), "gguf": str(gguf), "quantization": g.quant, "items": len(items),
+        "tokens": {"identical": g.same, "total": g.total, "share": g.same / g.total if g.total else 1.0,
+                   "first_diff": g.first_diff},
+        "criteria": per, "humans": humans, "thresholds": th, "checks": checks, "pass": all(checks.values()),
+    }
+
+
+def _read_items(data: str | Path, spec: TaskSpec, max_items: int | None) -> list[Item]:
+    items: list[Item] = []
+    for rec in iter_rows(data):
+        items.append(replace(check_item(rec, spec), ratings=ratings_of(rec, spec)))
+        if max_items and len(items) >= max_items:
+            break
+    return items
+
+
+@dataclass
+class _GGUFSide:
+    quant: str
+    same: int  # prompts the two tokenizers split identically, of `total`
+    total: int
+    first_diff: str | None
+    scores: list[dict[str, Score]]
+
+
+def _gguf_side(llm: Any, quant: str, spec: TaskSpec, items: list[Item], hf_tok: Any, threads: int | None
+               ) -> _GGUFSide:
+    """The GGUF's tokens for every prompt (against the HF tokenizer's) and its scores."""
+    from edge_annotator.runtime.annotator import Annotator
+    from edge_annotator.runtime.engine import LlamaEngine
+
+    with LlamaEngine(llm, n_threads=threads) as eng:  # the context freed before the model (the caller's)
+        same = total = 0
+        first_diff = None
+        for it in items:
+            for c in spec.criteria:
+                p = render_prompt(spec, it.fields, c)
+                ok = eng.tokenize(p) == list(hf_tok(p)["input_ids"])
+                same, total = same + ok, total + 1
+                if not ok and first_diff is None:
+                    first_diff = f"item {it.id}, criterion {c.name}"
+        scored = Annotator(eng, spec).score_many([it.fields for it in items])
+    scores: list[dict[str, Score]] = []
+    for it, g in zip(items, scored):
         if isinstance(g, Exception):
-            raise ValueError(f"{data}: item {it.id} could not be scored by the GGUF: {g}")
-        g_ok.append(g)
-    per: list[dict[str, Any]] = []
-    for c in spec.criteria:
-        kls, flips, decisive, deltas, g_lab, h_lab = [], 0, 0, [], {}, {}
-        for it, g, h in zip(items, g_ok, h_scores):
-            gs, hs = g[c.name], h[c.name]
-            g_lab[it.id], h_lab[it.id] = gs.label, hs.label
-            kls.append(_kl([hs.probs[v] for v in c.values], [gs.probs[v] for v in c.values]))
-            flips += gs.label != hs.label
-            decisive += gs.label != hs.label and hs.probs[hs.label] - hs.probs[gs.label] > FLIP_MARGIN
-            if gs.score is not None and hs.score is not None:
-                deltas.append(abs(gs.score - hs.score))
-        la = criterion_agreement(c, g_lab, {i: [v] for i, v in h_lab.items()})
-        counts = {str(v): n for v in c.values if (n := sum(1 for x in h_lab.values() if x == v))}
-        row: dict[str, Any] = {"criterion": c.name, "kl_mean": float(np.mean(kls)), "kl_max": float(np.max(kls)),
-                               "label_flips": flips, "label_flips_decisive": decisive,
-                               "label_flip_share": decisive / len(items),
-                               "labels_hf": counts, "top_label_share_hf": max(counts.values()) / len(items),
-                               "label_alpha": la.get("alpha"), "label_exact": la.get("exact", 0.0)}
-        row["labels_pass"] = row["label_flip_share"] <= th["label_flip_share"]
-        if deltas:
-            row |= {"score_delta_mean": float(np.mean(deltas)), "score_delta_max": float(np.max(deltas))}
-            row["scores_pass"] = (row["score_delta_mean"] <= th["score_delta_mean"]
-                                  and row["score_delta_max"] <= th["score_delta_max"])
-        per.append(row)
+            raise ValueError(f"item {it.id} ({it.path}:{it.line}) could not be scored by the GGUF: {g}")
+        scores.append(g)
+    return _GGUFSide(quant, same, total, first_diff, scores)
+
+
+def _criterion_row(c: Criterion, items: list[Item], g_scores: list[dict[str, Score]],
+                   h_scores: list[dict[str, Score]], th: dict[str, float]) -> dict[str, Any]:
+    """One criterion, HF against GGUF: KL of the distributions, label flips, score changes."""
+    kls, flips, decisive, deltas, g_lab, h_lab = [], 0, 0, [], {}, {}
+    for it, g, h in zip(items, g_scores, h_scores):
+        gs, hs = g[c.name], h[c.name]
+        g_lab[it.id], h_lab[it.id] = gs.label, hs.label
+        kls.append(_kl([hs.probs[v] for v in c.values], [gs.probs[v] for v in c.values]))
+        flips += gs.label != hs.label
+        decisive += gs.label != hs.label and hs.probs[hs.label] - hs.probs[gs.label] > FLIP_MARGIN
+        if gs.score is not None and hs.score is not None:
+            deltas.append(abs(gs.score - hs.score))
+    la = criterion_agreement(c, g_lab, {i: [v] for i, v in h_lab.items()})
+    counts = {str(v): n for v in c.values if (n := sum(1 for x in h_lab.values() if x == v))}
+    row: dict[str, Any] = {"criterion": c.name, "kl_mean": float(np.mean(kls)), "kl_max": float(np.max(kls)),
+                           "label_flips": flips, "label_flips_decisive": decisive,
+                           "label_flip_share": decisive / len(items),
+                           "labels_hf": counts, "top_label_share_hf": max(counts.values()) / len(items),
+                           "label_alpha": la.get("alpha"), "label_exact": la.get("exact", 0.0)}
+    row["labels_pass"] = row["label_flip_share"] <= th["label_flip_share"]
+    if deltas:
+        row |= {"score_delta_mean": float(np.mean(deltas)), "score_delta_max": float(np.max(deltas))}
+        row["scores_pass"] = (row["score_delta_mean"] <= th["score_delta_mean"]
+                              and row["score_delta_max"] <= th["score_delta_max"])
+    return row
+
+
+def _humans(spec: TaskSpec, items: list[Item], h_scores: list[dict[str, Score]], g_scores: list[dict[str, Score]],
+            per: list[dict[str, Any]]) -> dict[str, Any]:
+    """Alpha with the human ratings on each side (added to each criterion's row) and pooled, and its drop."""
+    from edge_annotator.hf.score import report_of, selection_alpha
+
     h_rep = report_of(spec, items, h_scores)
-    g_rep = report_of(spec, items, g_ok)
+    g_rep = report_of(spec, items, g_scores)
     for p, hc, gc in zip(per, h_rep["criteria"], g_rep["criteria"]):
         p["human_alpha_hf"], p["human_alpha_gguf"] = hc.get("alpha"), gc.get("alpha")
         if "score_alpha" in hc:
@@ -160,21 +205,8 @@ def parity(merged: str | Path, gguf: str | Path, data: str | Path, max_items: in
     a_h = selection_alpha(h_rep) if has_humans else None
     a_g = selection_alpha(g_rep) if has_humans else None
     drop = (a_h - a_g) if a_h is not None and a_g is not None else 0.0
-    checks = {
-        "tokens": same / total >= th["tokens_identical"] if total else True,
-        "labels": all(p["labels_pass"] for p in per),
-        "scores": all(p.get("scores_pass", True) for p in per),
-        "humans": drop <= th["human_alpha_drop"],
-    }
-    return {
-        "merged": str(merged), "gguf": str(gguf), "quantization": quant, "items": len(items),
-        "tokens": {"identical": same, "total": total, "share": same / total if total else 1.0,
-                   "first_diff": first_diff},
-        "criteria": per,
-        "humans": {"alpha_hf": a_h, "alpha_gguf": a_g, "drop": drop, "items": sum(1 for it in items if it.ratings),
-                   "measure": "score alpha for rating scales, label alpha for label sets (pooled)",
-                   "label_alpha_hf": h_rep["pooled"].get("alpha"), "label_alpha_gguf": g_rep["pooled"].get("alpha"),
-                   "score_alpha_hf": h_rep["pooled"].get("score_alpha"),
-                   "score_alpha_gguf": g_rep["pooled"].get("score_alpha")},
-        "thresholds": th, "checks": checks, "pass": all(checks.values()),
-    }
+    return {"alpha_hf": a_h, "alpha_gguf": a_g, "drop": drop, "items": sum(1 for it in items if it.ratings),
+            "measure": "score alpha for rating scales, label alpha for label sets (pooled)",
+            "label_alpha_hf": h_rep["pooled"].get("alpha"), "label_alpha_gguf": g_rep["pooled"].get("alpha"),
+            "score_alpha_hf": h_rep["pooled"].get("score_alpha"),
+            "score_alpha_gguf": g_rep["pooled"].get("score_alpha")}

@@ -153,6 +153,36 @@ class _Plan:
     error: Exception | None = None
 
 
+_Key = tuple[int, int, tuple[int, ...]]  # (item, criterion, trie prefix)
+
+
+class _Rows:
+    """One decode being assembled: tokens with positions and sequences, and the rows whose logits
+    are read (restricted to a trie node's children, softmaxed)."""
+
+    def __init__(self) -> None:
+        self.toks: list[int] = []
+        self.pos: list[int] = []
+        self.seqs: list[tuple[int, ...]] = []
+        self.outputs: dict[int, np.ndarray] = {}
+        self.where: dict[_Key, int] = {}
+
+    def add(self, tok: int, pos: int, seqs: tuple[int, ...]) -> None:
+        self.toks.append(tok)
+        self.pos.append(pos)
+        self.seqs.append(seqs)
+
+    def ask(self, key: _Key, kids: Sequence[int]) -> None:
+        """The distribution over `kids` after the last token added."""
+        self.outputs[len(self.toks) - 1] = np.asarray(kids, dtype=np.int64)
+        self.where[key] = len(self.toks) - 1
+
+    def run(self, eng: LlamaEngine) -> dict[_Key, dict[int, float]]:
+        got = eng.decode_rows(self.toks, self.pos, self.seqs, self.outputs) if self.toks else {}
+        return {key: dict(zip(self.outputs[row].tolist(), _softmax(got[row]).tolist()))
+                for key, row in self.where.items()}
+
+
 class Annotator:
     """A spec bound to a loaded model. `score(fields)` -> {criterion: Score}.
 
@@ -213,81 +243,70 @@ class Annotator:
         return out
 
     def _score_group(self, items: Sequence[Mapping[str, Any]]) -> list[dict[str, Score] | Exception]:
-        eng = self.engine
         planned = [self.plan(f) for f in items]
         if not planned:
             return []
-        eng.set_prefix(planned[0][0])
-        C = len(self.spec.criteria)
-        per_item = C + sum(self._deep)
-        toks: list[int] = []
-        pos: list[int] = []
-        seqs: list[tuple[int, ...]] = []
-        outputs: dict[int, np.ndarray] = {}
-        where: dict[tuple[int, int, tuple[int, ...]], int] = {}  # (item, criterion, trie prefix) -> row
+        self.engine.set_prefix(planned[0][0])
+        plans = [p for _, p in planned]
+        live = [j for j, p in enumerate(plans) if p.error is None]
         used: list[int] = []
-        live = [j for j, (_, p) in enumerate(planned) if p.error is None]
+        cond = self._decode_cues(plans, live, used)
+        if any(self._deep):  # answers that diverge below their stem
+            cond.update(self._decode_deeper(plans, live, used))
+        self.engine.drop(used)
+        return [p.error if p.error is not None else self._scores(j, cond) for j, p in enumerate(plans)]
+
+    def _seqs_of(self, j: int) -> int:
+        """Item j's first sequence id: then one per criterion, then one per deeper trie node."""
+        return 1 + j * (len(self.spec.criteria) + sum(self._deep))
+
+    def _decode_cues(self, plans: list[_Plan], live: list[int], used: list[int]) -> dict[_Key, dict[int, float]]:
+        """Step 2: each live item's tokens once, seen by one sequence per criterion, then each cue."""
+        eng, batch = self.engine, _Rows()
         for j in live:
-            p = planned[j][1]
-            base = 1 + j * per_item
-            crit_seqs = tuple(base + c for c in range(C))
+            p, base = plans[j], self._seqs_of(j)
+            crit_seqs = tuple(base + c for c in range(len(self.spec.criteria)))
             for sq in crit_seqs:
                 eng.copy_prefix(sq, p.shared)
             used.extend(crit_seqs)
             for k, t in enumerate(p.item):
-                toks.append(t)
-                pos.append(p.shared + k)
-                seqs.append(crit_seqs)
+                batch.add(t, p.shared + k, crit_seqs)
             at = p.shared + len(p.item)
             for c, crit in enumerate(self.spec.criteria):
                 for k, t in enumerate(p.cues[c]):
-                    toks.append(t)
-                    pos.append(at + k)
-                    seqs.append((crit_seqs[c],))
-                first = self.tries[crit.name].branches[0]
-                outputs[len(toks) - 1] = np.asarray(first[1], dtype=np.int64)
-                where[(j, c, first[0])] = len(toks) - 1
-        got = eng.decode_rows(toks, pos, seqs, outputs) if toks else {}
-        cond = {key: dict(zip(outputs[row].tolist(), _softmax(got[row]).tolist())) for key, row in where.items()}
-        # answers that diverge below their stem: every deeper trie node in a sequence of its own
-        if any(self._deep):
-            toks, pos, seqs, outputs, where = [], [], [], {}, {}
-            for j in live:
-                p = planned[j][1]
-                base = 1 + j * per_item
-                extra = base + C
-                at = p.shared + len(p.item)
-                for c, crit in enumerate(self.spec.criteria):
-                    stem = len(self._stem(crit))
-                    end = at + len(p.cues[c])
-                    for prefix, kids in self.tries[crit.name].branches[1:]:
-                        eng.copy_prefix(extra, end, src=base + c)
-                        used.append(extra)
-                        for k, t in enumerate(prefix[stem:]):
-                            toks.append(t)
-                            pos.append(end + k)
-                            seqs.append((extra,))
-                        outputs[len(toks) - 1] = np.asarray(kids, dtype=np.int64)
-                        where[(j, c, prefix)] = len(toks) - 1
-                        extra += 1
-            got = eng.decode_rows(toks, pos, seqs, outputs)
-            cond.update({key: dict(zip(outputs[row].tolist(), _softmax(got[row]).tolist()))
-                         for key, row in where.items()})
-        eng.drop(used)
-        results: list[dict[str, Score] | Exception] = []
-        for j, (_, p) in enumerate(planned):
-            if p.error is not None:
-                results.append(p.error)
-                continue
-            res = {}
+                    batch.add(t, at + k, (crit_seqs[c],))
+                stem, kids = self.tries[crit.name].branches[0]
+                batch.ask((j, c, stem), kids)
+        return batch.run(eng)
+
+    def _decode_deeper(self, plans: list[_Plan], live: list[int], used: list[int]) -> dict[_Key, dict[int, float]]:
+        """Step 3: every trie node below a criterion's stem, in a sequence of its own."""
+        eng, batch = self.engine, _Rows()
+        for j in live:
+            p, base = plans[j], self._seqs_of(j)
+            extra = base + len(self.spec.criteria)
+            at = p.shared + len(p.item)
             for c, crit in enumerate(self.spec.criteria):
-                probs = level_probs(self.tries[crit.name], lambda prefix: cond.get((j, c, prefix)))  # noqa: B023
-                best = int(np.argmax(probs))  # ties go to the first level in spec order
-                res[crit.name] = Score(crit.scale[best].value,
-                                       {lv.value: round(q, PROB_DIGITS) for lv, q in zip(crit.scale, probs)},
-                                       expected_value(crit, probs))
-            results.append(res)
-        return results
+                stem = len(self._stem(crit))
+                end = at + len(p.cues[c])
+                for prefix, kids in self.tries[crit.name].branches[1:]:
+                    eng.copy_prefix(extra, end, src=base + c)
+                    used.append(extra)
+                    for k, t in enumerate(prefix[stem:]):
+                        batch.add(t, end + k, (extra,))
+                    batch.ask((j, c, prefix), kids)
+                    extra += 1
+        return batch.run(eng)
+
+    def _scores(self, j: int, cond: dict[_Key, dict[int, float]]) -> dict[str, Score]:
+        res = {}
+        for c, crit in enumerate(self.spec.criteria):
+            probs = level_probs(self.tries[crit.name], lambda prefix: cond.get((j, c, prefix)))  # noqa: B023
+            best = int(np.argmax(probs))  # ties go to the first level in spec order
+            res[crit.name] = Score(crit.scale[best].value,
+                                   {lv.value: round(q, PROB_DIGITS) for lv, q in zip(crit.scale, probs)},
+                                   expected_value(crit, probs))
+        return res
 
     def score(self, fields: Mapping[str, Any]) -> dict[str, Score]:
         (res,) = self.score_many([fields])

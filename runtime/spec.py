@@ -116,21 +116,33 @@ def _placeholders(template: str) -> set[str]:
 
 def parse_spec(raw: Any, source: str = "<spec>") -> TaskSpec:
     """Validate a spec given as plain data (from YAML or JSON); raise SpecError listing every problem."""
-    problems: list[str] = []
     if not isinstance(raw, dict):
         raise SpecError(source, ["the spec must be a mapping with keys name, inputs, criteria or labels, templates"])
-
+    problems: list[str] = []
     known = {"name", "description", "inputs", "criteria", "labels", "templates", "answer_cue", "kind", "extra"}
     for key in sorted(set(raw) - known):
         problems.append(f"unknown key '{key}' (allowed: {', '.join(sorted(known))})")
-
     name = raw.get("name")
     if not isinstance(name, str) or not name.strip():
         problems.append("'name' must be a non-empty string")
         name = ""
+    inputs = _parse_inputs(raw.get("inputs"), problems)
+    kind, criteria = _parse_criteria(raw, problems)
+    templates = _parse_templates(raw.get("templates"), problems)
+    cue = _parse_cue(raw.get("answer_cue", "{criterion}:"), problems)
+    extra = raw.get("extra", {})
+    if not isinstance(extra, dict):
+        problems.append("'extra' must be a mapping")
+        extra = {}
+    if problems:
+        raise SpecError(source, problems)
+    return TaskSpec(name=name, description=str(raw.get("description", "")), inputs=tuple(inputs),
+                    criteria=tuple(criteria), templates=tuple(templates), answer_cue=cue,
+                    kind=kind, extra=extra)  # type: ignore[arg-type]
 
+
+def _parse_inputs(raw_inputs: Any, problems: list[str]) -> list[InputField]:
     inputs: list[InputField] = []
-    raw_inputs = raw.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         problems.append("'inputs' must be a non-empty list of fields, e.g. [{name: text, title: Sentence}]")
         raw_inputs = []
@@ -150,7 +162,11 @@ def parse_spec(raw: Any, source: str = "<spec>") -> TaskSpec:
     names = [f.name for f in inputs]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"inputs: field '{dup}' appears more than once")
+    return inputs
 
+
+def _parse_criteria(raw: dict[str, Any], problems: list[str]) -> tuple[str, list[Criterion]]:
+    """'criteria' (rating scales) or 'labels' (one nominal criterion): the kind and the criteria."""
     criteria: list[Criterion] = []
     has_c, has_l = "criteria" in raw, "labels" in raw
     kind = "criteria"
@@ -179,11 +195,13 @@ def parse_spec(raw: Any, source: str = "<spec>") -> TaskSpec:
     cnames = [c.name for c in criteria]
     for dup in sorted({n for n in cnames if cnames.count(n) > 1}):
         problems.append(f"criteria: '{dup}' appears more than once")
+    return kind, criteria
 
-    templates = raw.get("templates")
+
+def _parse_templates(templates: Any, problems: list[str]) -> list[str]:
     if not isinstance(templates, list) or not templates or not all(isinstance(t, str) and t.strip() for t in templates):
         problems.append("'templates' must be a non-empty list of instruction strings; the first is canonical")
-        templates = []
+        return []
     for i, t in enumerate(templates):
         try:
             bad = _placeholders(t) - TEMPLATE_FIELDS
@@ -192,32 +210,22 @@ def parse_spec(raw: Any, source: str = "<spec>") -> TaskSpec:
             continue
         if bad:
             problems.append(f"templates[{i}]: unknown placeholder(s) {sorted(bad)}; allowed: {sorted(TEMPLATE_FIELDS)}")
-    dup_t = len(set(templates)) != len(templates)
-    if dup_t:
+    if len(set(templates)) != len(templates):
         problems.append("templates: paraphrases must differ from each other")
+    return templates
 
-    cue = raw.get("answer_cue", "{criterion}:")
+
+def _parse_cue(cue: Any, problems: list[str]) -> str:
     if not isinstance(cue, str) or not cue.strip():
         problems.append("'answer_cue' must be a non-empty string such as '{criterion} ({min}-{max}):'")
-        cue = "{criterion}:"
-    else:
-        try:
-            bad = _placeholders(cue) - CUE_FIELDS
-            if bad:
-                problems.append(f"answer_cue: unknown placeholder(s) {sorted(bad)}; allowed: {sorted(CUE_FIELDS)}")
-        except ValueError as e:
-            problems.append(f"answer_cue: {e}")
-
-    extra = raw.get("extra", {})
-    if not isinstance(extra, dict):
-        problems.append("'extra' must be a mapping")
-        extra = {}
-
-    if problems:
-        raise SpecError(source, problems)
-    return TaskSpec(name=name, description=str(raw.get("description", "")), inputs=tuple(inputs),
-                    criteria=tuple(criteria), templates=tuple(templates), answer_cue=cue,
-                    kind=kind, extra=extra)  # type: ignore[arg-type]
+        return "{criterion}:"
+    try:
+        bad = _placeholders(cue) - CUE_FIELDS
+        if bad:
+            problems.append(f"answer_cue: unknown placeholder(s) {sorted(bad)}; allowed: {sorted(CUE_FIELDS)}")
+    except ValueError as e:
+        problems.append(f"answer_cue: {e}")
+    return cue
 
 
 def _parse_criterion(c: Any, where: str, problems: list[str], numeric: bool) -> Criterion | None:
