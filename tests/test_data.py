@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 from conftest import TASKS
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edge_annotator.runtime.data import InputError, check_item, iter_rows, read_human
 from edge_annotator.runtime.spec import load_spec
@@ -110,3 +112,58 @@ def test_nominal_and_ordinal_labels_must_be_levels(tmp_path: Path) -> None:
     p.write_text(json.dumps({"id": "a", "answer": "t", "labels": {"Clarity": 0.5}}))
     with pytest.raises(InputError, match="not a level of the ordinal scale"):
         read_human(p, QA)
+
+
+# -- the parser, fuzzed --------------------------------------------------------------------------
+_json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(),
+                            lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+                            max_leaves=8)
+
+
+# a fixed number of examples, the same ones every run (derandomize): CI is reproducible
+FUZZ = dict(derandomize=True, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _parse_all(path: Path) -> tuple[int, int]:
+    """Every row of a file through the reader and the item check: (items, errors); nothing else escapes."""
+    items = errors = 0
+    try:
+        for row in iter_rows(path):
+            try:
+                check_item(row, EMO, max_chars=10_000)
+                items += 1
+            except InputError as e:
+                assert e.path == str(path) and (e.line is None or e.line >= 1)
+                errors += 1
+    except InputError as e:  # a whole-file problem (an unreadable CSV header): named, not a crash
+        assert e.path == str(path)
+        errors += 1
+    return items, errors
+
+
+@settings(max_examples=300, **FUZZ)
+@given(st.binary(max_size=400))
+def test_fuzz_jsonl_bytes(tmp_path: Path, raw: bytes) -> None:
+    p = tmp_path / "f.jsonl"
+    p.write_bytes(raw)
+    items, errors = _parse_all(p)
+    # one row per line that is not blank (blank: Unicode whitespace only, as the reader decides)
+    lines = raw.removeprefix(b"\xef\xbb\xbf").split(b"\n")
+    assert items + errors == sum(1 for x in lines if x.decode("utf-8", "surrogateescape").strip())
+
+
+@settings(max_examples=300, **FUZZ)
+@given(st.dictionaries(st.sampled_from(["id", "text", "labels", "x"]) | st.text(max_size=4), _json_values, max_size=5))
+def test_fuzz_jsonl_records(tmp_path: Path, rec: dict) -> None:
+    p = tmp_path / "r.jsonl"
+    p.write_text(json.dumps(rec) + "\n")
+    items, errors = _parse_all(p)
+    assert items + errors == 1
+
+
+@settings(max_examples=200, **FUZZ)
+@given(st.binary(max_size=300))
+def test_fuzz_csv_bytes(tmp_path: Path, raw: bytes) -> None:
+    p = tmp_path / "f.csv"
+    p.write_bytes(b"id,text\n" + raw)
+    _parse_all(p)

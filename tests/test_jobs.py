@@ -13,7 +13,7 @@ from conftest import DATA, TASKS
 from golden import GOLDEN
 
 from edge_annotator.runtime.data import InputError, Item
-from edge_annotator.runtime.jobs import Fatal, JobOptions, JobStats, Skipped, annotate_file, plan
+from edge_annotator.runtime.jobs import Fatal, IdTable, JobOptions, JobStats, Skipped, annotate_file, plan
 from edge_annotator.runtime.spec import load_spec
 
 SPEC = TASKS / "emobank.yaml"
@@ -67,3 +67,13 @@ def test_annotate_file_writes_what_annotate_cli_writes(tmp_path: Path, gemma_pat
         annotate_file(gemma_path, items, str(out), opts)
     stats = annotate_file(gemma_path, items, str(out), opts, resume=True)
     assert out.read_text() == want and (stats.resumed, stats.written) == (20, 30)
+
+
+def test_id_table_finds_every_id_across_growth() -> None:
+    t = IdTable(capacity=4)
+    for i in range(5000):
+        assert t.setdefault(f"id-{i}", i * 7 + 1, i + 1) is None  # new: stored
+    assert t.n == 5000 and len(t.keys) == 8192
+    assert all(t.setdefault(f"id-{i}", 0, 0) == (i * 7 + 1, i + 1) for i in range(5000))  # seen: the first values
+    assert t.setdefault("id-5000", 1, 1) is None and t.setdefault("\udcff", 1, 1) is None
+    assert t.n == 5002

@@ -1,5 +1,7 @@
-"""Reliability: bad input, a job killed with -9, bad model files, no network, no templates or paths
-taken from a model file, and memory that does not grow with the input.
+"""Reliability, end to end: bad input, a job killed with -9, bad model files, no network, no
+templates or paths taken from a model file, a pickled checkpoint, and memory that does not grow
+with the input. (The parser's fuzzing is in test_data.py, the id table's in test_jobs.py, the
+static scans in test_packaging.py.)
 
 README.md's "Guarantees" section points at each of these tests.
 """
@@ -19,15 +21,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import DATA, ROOT, TASKS
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from edge_annotator.runtime.cli import cli
-from edge_annotator.runtime.data import InputError, check_item, iter_rows
 from edge_annotator.runtime.spec import load_spec
 
 SPEC = str(TASKS / "emobank.yaml")
 EMOBANK = DATA / "emobank-test-50.jsonl"
+SPEC_OBJ = load_spec(TASKS / "emobank.yaml")
 CLI = [sys.executable, "-m", "edge_annotator.runtime.cli"]
 
 
@@ -128,62 +128,6 @@ def test_human_labels_outside_the_spec_exit_naming_file_line_and_field(tmp_path:
     r = CliRunner().invoke(cli, ["agree", str(pred), str(human), "--spec", SPEC])
     assert r.exit_code == 1
     assert f"{human}:2:" in r.stderr and "labels.Valence" in r.stderr and "outside the scale" in r.stderr
-
-
-# -- the parser, fuzzed --------------------------------------------------------------------------
-SPEC_OBJ = load_spec(TASKS / "emobank.yaml")
-_json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(),
-                            lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
-                            max_leaves=8)
-
-
-# a fixed number of examples, the same ones every run (derandomize): CI is reproducible
-FUZZ = dict(derandomize=True, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-def _parse_all(path: Path) -> tuple[int, int]:
-    """Every row of a file through the reader and the item check: (items, errors); nothing else escapes."""
-    items = errors = 0
-    try:
-        for row in iter_rows(path):
-            try:
-                check_item(row, SPEC_OBJ, max_chars=10_000)
-                items += 1
-            except InputError as e:
-                assert e.path == str(path) and (e.line is None or e.line >= 1)
-                errors += 1
-    except InputError as e:  # a whole-file problem (an unreadable CSV header): named, not a crash
-        assert e.path == str(path)
-        errors += 1
-    return items, errors
-
-
-@settings(max_examples=300, **FUZZ)
-@given(st.binary(max_size=400))
-def test_fuzz_jsonl_bytes(tmp_path: Path, raw: bytes) -> None:
-    p = tmp_path / "f.jsonl"
-    p.write_bytes(raw)
-    items, errors = _parse_all(p)
-    # one row per line that is not blank (blank: Unicode whitespace only, as the reader decides)
-    lines = raw.removeprefix(b"\xef\xbb\xbf").split(b"\n")
-    assert items + errors == sum(1 for x in lines if x.decode("utf-8", "surrogateescape").strip())
-
-
-@settings(max_examples=300, **FUZZ)
-@given(st.dictionaries(st.sampled_from(["id", "text", "labels", "x"]) | st.text(max_size=4), _json_values, max_size=5))
-def test_fuzz_jsonl_records(tmp_path: Path, rec: dict) -> None:
-    p = tmp_path / "r.jsonl"
-    p.write_text(json.dumps(rec) + "\n")
-    items, errors = _parse_all(p)
-    assert items + errors == 1
-
-
-@settings(max_examples=200, **FUZZ)
-@given(st.binary(max_size=300))
-def test_fuzz_csv_bytes(tmp_path: Path, raw: bytes) -> None:
-    p = tmp_path / "f.csv"
-    p.write_bytes(b"id,text\n" + raw)
-    _parse_all(p)
 
 
 # -- a real run killed with -9 at a random point -------------------------------------------------
@@ -397,40 +341,7 @@ def test_100k_items_stream_in_bounded_memory(offline_run: dict, tmp_path: Path) 
     assert max(late) - min(early) < 12 * 1024, report
 
 
-def test_id_table_finds_every_id_across_growth() -> None:
-    from edge_annotator.runtime.jobs import IdTable
-
-    t = IdTable(capacity=4)
-    for i in range(5000):
-        assert t.setdefault(f"id-{i}", i * 7 + 1, i + 1) is None  # new: stored
-    assert t.n == 5000 and len(t.keys) == 8192
-    assert all(t.setdefault(f"id-{i}", 0, 0) == (i * 7 + 1, i + 1) for i in range(5000))  # seen: the first values
-    assert t.setdefault("id-5000", 1, 1) is None and t.setdefault("\udcff", 1, 1) is None
-    assert t.n == 5002
-
-
-# -- weights: safetensors and GGUF only ----------------------------------------------------------
-def test_model_weights_are_never_unpickled() -> None:
-    import ast
-
-    for stage in ("runtime", "train", "export", "bench"):
-        for path in (ROOT / stage).glob("*.py"):
-            tree = ast.parse(path.read_text())
-            for node in ast.walk(tree):
-                if isinstance(node, ast.Import | ast.ImportFrom):
-                    names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
-                    assert not any(n.split(".")[0] in ("pickle", "dill", "joblib") for n in names), path
-                if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
-                    continue
-                kw = {k.arg for k in node.keywords}
-                if node.func.attr == "load" and getattr(node.func.value, "id", "") == "torch":
-                    assert "weights_only" in kw, f"{path}:{node.lineno}: torch.load without weights_only"
-                if (node.func.attr == "from_pretrained" and getattr(node.func.value, "id", "") ==
-                        "AutoModelForCausalLM"):
-                    ok = kw & {"use_safetensors", "gguf_file"} or any(k.arg is None for k in node.keywords)
-                    assert ok, f"{path}:{node.lineno}: from_pretrained may read a pickled checkpoint"
-
-
+# -- weights: safetensors and GGUF only (the static scan: test_packaging.py) -----------------------
 @pytest.mark.slow
 def test_a_pickled_checkpoint_is_refused(tmp_path: Path, gemma_hf: Path) -> None:
     """A base folder whose weights are only a pytorch_model.bin (a pickle) does not load."""
