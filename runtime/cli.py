@@ -220,14 +220,17 @@ def _annotate_ray(model: Path, inputs: list[str], output: str | None, options: J
               f"({man['records'] / man['seconds']:.2f} records/s) -> {output}/ ({man['shards']} shard(s))")
 
 
-def _write_report(preds: list[Prediction], human: Path, humans: dict[str, Any], spec: TaskSpec, out: Path,
-                  seed: int) -> None:
+def _write_report(pred_path: Path, preds: list[Prediction], human: Path, humans: dict[str, Any], spec: TaskSpec,
+                  out: Path, seed: int) -> None:
     """agree --report: `preds` and `humans` as agree read them; the texts come from HUMAN's rows."""
     from .data import iter_rows
     from .report import build_report, missing_extra, write_report
 
     if missing := missing_extra():
         raise click.ClickException(missing)
+    if bare := next((p for p in preds if p.error is None and not p.probs), None):
+        raise click.ClickException(f"{pred_path}:{bare.line}: --report needs each label's probability ('probs', as "
+                                   f"annotate-cli writes it); this record has labels only")
 
     texts = {}
     for row in iter_rows(human):
@@ -350,14 +353,14 @@ def agree(pred: Path, human: Path, spec_path: Path | None, model: Path | None, a
     from .records import read_predictions
 
     spec = _spec_for(spec_path, model)
-    records = read_predictions(pred, spec)
+    records = read_predictions(pred, spec, need_probs=False)  # labels from any tool compare
     ok = [p for p in records if p.error is None]
     scores = {p.id: p.scores for p in ok if p.scores}
     humans = read_human(human, spec)
     report = agreement(spec, {p.id: p.labels for p in ok}, humans, scores or None)
     report["error_records"] = len(records) - len(ok)
     if report_dir is not None:
-        _write_report(records, human, humans, spec, report_dir, seed)
+        _write_report(pred, records, human, humans, spec, report_dir, seed)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

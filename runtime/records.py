@@ -75,9 +75,10 @@ class Prediction:
         return float(self.probs.get(criterion, {}).get(str(self.labels.get(criterion)), math.nan))
 
 
-def read_predictions(path: str | Path, spec: TaskSpec) -> list[Prediction]:
+def read_predictions(path: str | Path, spec: TaskSpec, need_probs: bool = True) -> list[Prediction]:
     """annotate-cli's JSONL (or Parquet) output, each record checked against the spec: InputError
-    names the file, line and field of the first that is not one."""
+    names the file, line and field of the first that is not one. With need_probs=False (agree, which
+    also compares labels from elsewhere) a record may carry labels alone; probs, if there, are checked."""
     out = []
     names = {c.name for c in spec.criteria}
     for row in iter_rows(path):
@@ -96,7 +97,9 @@ def read_predictions(path: str | Path, spec: TaskSpec) -> list[Prediction]:
         if not isinstance(labels, dict) or set(labels) != names:
             raise InputError(row.path, row.line, f"must map every criterion of spec '{spec.name}' "
                              f"({', '.join(sorted(names))}) to a label", "labels", str(d["id"]))
-        if not isinstance(probs, dict) or set(probs) != names:
+        if probs is None and not need_probs:
+            probs = {}
+        elif not isinstance(probs, dict) or set(probs) != names:
             raise InputError(row.path, row.line, "must map every criterion to its levels' probabilities",
                              "probs", str(d["id"]))
         if not isinstance(scores, dict) or not all(isinstance(v, (int, float)) for v in scores.values()):

@@ -51,3 +51,20 @@ def test_agree_and_convert_refuse_a_bad_record_the_same_way(tmp_path: Path) -> N
                  ["convert", str(path), "--to", "csv", "--spec", spec, "-o", str(tmp_path / "x.csv")]):
         r = CliRunner().invoke(cli, args)
         assert r.exit_code == 1 and f"{path}:2: field 'labels'" in r.output, (args[0], r.output)
+
+
+def test_agree_takes_labels_alone_and_convert_needs_the_probabilities(tmp_path: Path) -> None:
+    """agree compares labels from any tool; convert exports each label's probability, so it needs them."""
+    path = tmp_path / "labels-only.jsonl"
+    path.write_text("".join(jsonl_line({"id": json.loads(line)["id"], "labels": {"Valence": 3, "Arousal": 3,
+                                                                               "Dominance": 3}})
+                            for line in (DATA / "emobank-test-50.jsonl").read_text().splitlines()[:5]))
+    assert [p.probs for p in read_predictions(path, SPEC, need_probs=False)] == [{}] * 5
+    spec = str(TASKS / "emobank.yaml")
+    r = CliRunner().invoke(cli, ["agree", str(path), str(DATA / "emobank-test-50.jsonl"), "--spec", spec, "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["items_predicted"] == 5, r.output
+    r = CliRunner().invoke(cli, ["agree", str(path), str(DATA / "emobank-test-50.jsonl"), "--spec", spec,
+                                 "--report", str(tmp_path / "rep")])
+    assert r.exit_code == 1 and f"{path}:1: --report needs each label's probability" in r.output, r.output
+    r = CliRunner().invoke(cli, ["convert", str(path), "--to", "csv", "--spec", spec, "-o", str(tmp_path / "x.csv")])
+    assert r.exit_code == 1 and f"{path}:1: field 'probs'" in r.output, r.output
