@@ -26,6 +26,8 @@ from typing import Any
 
 import click
 
+from edge_annotator.runtime.options import GpuLayers
+
 
 def annotate_lines(model: Path, items: Path, spec_path: Path | None, gpu_layers: int, threads: int | None,
                    ) -> tuple[list[str], float]:
@@ -106,10 +108,8 @@ def markdown(res: dict[str, Any], device: str) -> str:
 
 
 def _settings(ctx: click.Context, param: click.Parameter, text: str) -> list[int]:
-    try:
-        return [-1 if s.strip().lower() == "all" else int(s) for s in text.split(",")]
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: comma-separated layer counts or 'all', e.g. 0,12,all") from None
+    """Comma-separated --gpu-layers values, each read as --gpu-layers reads one."""
+    return [GpuLayers().convert(s, param, ctx) for s in text.split(",")]
 
 
 @click.command()

@@ -24,7 +24,6 @@ from .spec import Criterion, SpecError, TaskSpec
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class AnswerTrie:
     criterion: Criterion

@@ -7,6 +7,7 @@ and exit code 1, never a traceback.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -33,10 +34,10 @@ from .data import InputError
 from .engine import ModelError
 from .options import gpu_layers_option
 from .records import Prediction
+from .spec import SpecError, TaskSpec, load_spec
 
 if TYPE_CHECKING:
     from .jobs import JobOptions, JobStats
-from .spec import SpecError, TaskSpec, load_spec
 
 err = Console(stderr=True)
 log = logging.getLogger("edge_annotator")
@@ -350,15 +351,15 @@ def agree(pred: Path, human: Path, spec_path: Path | None, model: Path | None, a
     """
     from .data import read_human
     from .metrics import agreement
-    from .records import read_predictions
+    from .records import by_id, read_predictions
 
     spec = _spec_for(spec_path, model)
     records = read_predictions(pred, spec, need_probs=False)  # labels from any tool compare
-    ok = [p for p in records if p.error is None]
-    scores = {p.id: p.scores for p in ok if p.scores}
+    labels, all_scores = by_id(records)
+    scores = {i: s for i, s in all_scores.items() if s}
     humans = read_human(human, spec)
-    report = agreement(spec, {p.id: p.labels for p in ok}, humans, scores or None)
-    report["error_records"] = len(records) - len(ok)
+    report = agreement(spec, labels, humans, scores or None)
+    report["error_records"] = sum(p.error is not None for p in records)
     if report_dir is not None:
         _write_report(pred, records, human, humans, spec, report_dir, seed)
     if as_json:
@@ -370,7 +371,6 @@ def agree(pred: Path, human: Path, spec_path: Path | None, model: Path | None, a
     missing = report["items_predicted"] - report["items_with_humans"]
     if missing:
         err.print(f"{missing} predicted item(s) have no human label in {human}")
-
 
 
 def _agreement_table(name: str, report: dict[str, Any], with_scores: bool) -> Table:
@@ -394,6 +394,7 @@ def _agreement_table(name: str, report: dict[str, Any], with_scores: bool) -> Ta
         if any(c.get(k) is not None for c in cols):  # only what this spec has
             t.add_row(head, *[_fmt(c.get(k)) for c in cols])
     return t
+
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
@@ -458,8 +459,10 @@ def _load_plugins() -> None:
                 cli.add_command(_not_installed(ep.name, ep.extras[0] if ep.extras else "", str(e)), ep.name)
 
 
+@functools.cache
 def _missing(extra: str) -> list[str]:
-    """The distributions extra EXTRA of this project requires that are not installed."""
+    """The distributions extra EXTRA of this project requires that are not installed (looked up once
+    per extra: four commands share the export extra)."""
     import re
     from importlib.metadata import PackageNotFoundError, distribution, requires
 

@@ -3,6 +3,7 @@
     write_jsonl_line(out, result_record("s1", scores, stamp))   # {"id","labels","scores"?,"probs",stamp}
     write_jsonl_line(out, error_record(err, stamp))            # {"id","error":{file,line,field,message},stamp}
     preds = read_predictions("labels.jsonl", spec)             # [Prediction], checked against the spec
+    labels, scores = by_id(preds)                              # by item id, error records left out
 
 Every writer (annotate's job, its worker pool, Ray's actors) and every reader (agree, its report,
 convert) goes through here, so the format has one definition.
@@ -73,6 +74,12 @@ class Prediction:
     def confidence(self, criterion: str) -> float:
         """The chosen label's probability."""
         return float(self.probs.get(criterion, {}).get(str(self.labels.get(criterion)), math.nan))
+
+
+def by_id(preds: list[Prediction]) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, float]]]:
+    """The result records' labels and scores by item id (error records left out): what agreement takes."""
+    ok = [p for p in preds if p.error is None]
+    return {p.id: p.labels for p in ok}, {p.id: p.scores for p in ok}
 
 
 def read_predictions(path: str | Path, spec: TaskSpec, need_probs: bool = True) -> list[Prediction]:

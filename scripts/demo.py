@@ -21,7 +21,7 @@ import click
 from edge_annotator.runtime.data import read_human
 from edge_annotator.runtime.jobs import JobOptions, annotate_file
 from edge_annotator.runtime.metrics import agreement
-from edge_annotator.runtime.records import read_predictions
+from edge_annotator.runtime.records import by_id, read_predictions
 from edge_annotator.runtime.spec import TaskSpec, load_spec
 
 
@@ -34,20 +34,15 @@ def _annotate(model: Path, data: Path, out: Path, spec: Path | None, threads: in
 
 def _report(spec: TaskSpec, path: Path, humans: dict[str, Any]) -> dict[str, Any]:
     """agree's report of an annotate output: labels and scores against the human ratings."""
-    recs = [p for p in read_predictions(path, spec) if p.error is None]
-    return agreement(spec, {p.id: p.labels for p in recs}, humans, {p.id: p.scores for p in recs})
-
-
-def _validation(rec: dict[str, Any]) -> None:
-    if rec["event"] != "train":
-        print(f"step {rec['step']}: validation {rec['select_by']} alpha {rec['alpha']:.3f}", file=sys.stderr)
+    labels, scores = by_id(read_predictions(path, spec))
+    return agreement(spec, labels, humans, scores)
 
 
 def run(config: Path, base_gguf: Path, test: Path, out: Path, threads: int, quant: str) -> dict[str, Any]:
     from edge_annotator.export.convert import export
     from edge_annotator.export.parity import parity
     from edge_annotator.train.config import load_config
-    from edge_annotator.train.job import train_and_merge
+    from edge_annotator.train.job import print_validations, train_and_merge
 
     cfg = load_config(config)
     spec = load_spec(cfg.spec)
@@ -62,7 +57,7 @@ def run(config: Path, base_gguf: Path, test: Path, out: Path, threads: int, quan
     res["zero_shot"] = _report(spec, zs, humans)
     # 2. fine-tune and merge
     t0 = time.perf_counter()
-    merged = train_and_merge(cfg, progress=_validation).merged
+    merged = train_and_merge(cfg, progress=print_validations).merged
     assert merged is not None
     stages["train + merge"] = time.perf_counter() - t0
     # 3. export

@@ -23,16 +23,16 @@ from typing import Any
 import click
 import numpy as np
 import yaml
-from prepare_data import convert
+from prepare_data import convert, write_items
 
 from edge_annotator.export.convert import export
 from edge_annotator.runtime.data import read_human
 from edge_annotator.runtime.jobs import JobOptions, annotate_file
 from edge_annotator.runtime.metrics import _alpha, _code, _macro_f1, bootstrap, consensus, nearest_level
-from edge_annotator.runtime.records import jsonl_line, read_predictions
+from edge_annotator.runtime.records import by_id, read_predictions
 from edge_annotator.runtime.spec import Criterion, TaskSpec, load_spec
 from edge_annotator.train.config import load_config
-from edge_annotator.train.job import train_and_merge
+from edge_annotator.train.job import print_validations, train_and_merge
 
 # recipe -> (dataset, test split)
 RECIPES = {
@@ -45,14 +45,11 @@ SPLITS = {"emobank": ("train", "dev", "test"), "convabuse": ("train", "valid", "
 
 
 def convert_splits(shared: Path, data_dir: Path, name: str) -> None:
-    data_dir.mkdir(parents=True, exist_ok=True)
     for split in SPLITS[name]:
         out = data_dir / f"{name}-{split}.jsonl"
         if not out.exists():
             items = convert(name, shared / name, split)
-            tmp = out.with_name(out.name + ".partial")
-            tmp.write_text("".join(jsonl_line(it) for it in items), encoding="utf-8")
-            tmp.replace(out)
+            write_items(items, out)
             print(f"{len(items)} {name} {split} items -> {out}", file=sys.stderr)
 
 
@@ -118,8 +115,7 @@ def pooled_table(spec: TaskSpec, ids: list[str], labels: dict[str, dict[str, Any
 
 
 def evaluate(spec: TaskSpec, out_file: Path, test: Path) -> dict[str, Any]:
-    preds = [p for p in read_predictions(out_file, spec) if p.error is None]
-    labels, scores = {p.id: p.labels for p in preds}, {p.id: p.scores for p in preds}
+    labels, scores = by_id(read_predictions(out_file, spec))
     humans = read_human(test, spec)
     ids = [i for i in labels if humans.get(i)]
     res = {"items": len(ids), "criteria": {c.name: criterion_table(c, ids, labels, scores, humans)
@@ -139,7 +135,7 @@ def run_recipe(recipe: Path, shared: Path, out: Path, base_gguf: Path, threads: 
     test = Path("models/data") / f"{name}-{split}.jsonl"
     timing = run_dir / "timing.json"  # written by annotate-cli train
     if fresh or not (merged / "config.json").exists():
-        train_and_merge(load_config(recipe), progress=_validation)
+        train_and_merge(load_config(recipe), progress=print_validations)
     if fresh or not gguf.exists():
         gguf.unlink(missing_ok=True)
         export(merged, gguf, "Q4_K_M")
@@ -155,11 +151,6 @@ def run_recipe(recipe: Path, shared: Path, out: Path, base_gguf: Path, threads: 
     prov = json.loads((merged / "provenance.json").read_text())
     res["val_alpha"], res["best_step"] = prov.get("val_alpha"), prov.get("best_step")
     return res
-
-
-def _validation(rec: dict[str, Any]) -> None:
-    if rec["event"] != "train":
-        print(f"step {rec['step']}: validation {rec['select_by']} alpha {rec['alpha']:.3f}", file=sys.stderr)
 
 
 def _f(x: dict[str, Any] | None) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 
 import click
 
-from edge_annotator.runtime.records import write_jsonl_line
+from edge_annotator.runtime.records import jsonl_line, write_jsonl_line
 
 DATASETS = ("emobank", "goemotions", "convabuse")
 SPLITS = {"emobank": ("train", "dev", "test"), "goemotions": ("train", "dev", "test"),
@@ -96,6 +96,14 @@ def convert(name: str, source: str | Path, split: str, limit: int | None = None,
     return items
 
 
+def write_items(items: list[dict[str, Any]], out: Path) -> None:
+    """ITEMS as JSONL in OUT, written beside it and renamed into place (never half-written)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    tmp.write_text("".join(jsonl_line(it) for it in items), encoding="utf-8")
+    tmp.replace(out)
+
+
 @click.command()
 @click.argument("dataset", type=click.Choice(DATASETS))
 @click.option("--source", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -117,13 +125,11 @@ def main(dataset: str, source: Path | None, split: str, limit: int | None, seed:
         items = convert(dataset, src, split, limit, seed)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--split") from None
-    fh = open(output, "w", encoding="utf-8") if output else sys.stdout
-    try:
+    if output:
+        write_items(items, Path(output))
+    else:
         for it in items:
-            write_jsonl_line(fh, it)
-    finally:
-        if output:
-            fh.close()
+            write_jsonl_line(sys.stdout, it)
     click.echo(f"{len(items)} {dataset} {split} items" + (f" -> {output}" if output else ""), err=True)
 
 

@@ -5,7 +5,6 @@ Registered through the edge_annotator.commands entry-point group; needs the trai
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -71,21 +70,18 @@ def train(config: Path, output: str | None, max_steps: int | None, resume: bool,
 @contextmanager
 def _progress_bar() -> Iterator[Callable[[dict[str, Any]], None]]:
     """A progress bar over training steps, with each validation printed above it."""
+    from .job import validation_line
+
     with Progress(TextColumn("[bold]training[/] {task.fields[info]}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err) as bar:
         task = bar.add_task("train", total=None, info="")
-
-        def r3(d: dict[str, Any]) -> str:
-            return json.dumps({k: None if v is None else round(v, 3) for k, v in d.items()})
 
         def on_log(rec: dict[str, Any]) -> None:
             if rec["event"] == "train":
                 bar.update(task, completed=rec["step"], total=rec["total"],
                            info=f"loss {rec['loss']:.3f} lr {rec['lr']:.2e} {rec['tokens_per_s']:.0f} tok/s "
                                 f"{rec['examples_per_s']:.1f} ex/s")
-            else:
-                bar.console.print(f"step {rec['step']}: validation {rec['select_by']} alpha {rec['alpha']:.3f} "
-                                  + r3(rec["per_criterion"])
-                                  + (f"; score's Pearson r {r3(rec['score_r'])}" if "score_r" in rec else ""))
+            elif line := validation_line(rec):
+                bar.console.print(line)
 
         yield on_log

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +57,24 @@ def train_and_merge(cfg: TrainConfig, *, resume: bool = False, merge_after: bool
     timing["total_s"] = round(time.perf_counter() - t0, 1)
     (result.output / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
     return Trained(result, base_alpha, merged, timing)
+
+
+def validation_line(rec: dict[str, Any]) -> str | None:
+    """The line to print for a trainer progress record: a validation's alphas; None for a step."""
+    if rec["event"] == "train":
+        return None
+
+    def r3(d: dict[str, Any]) -> str:
+        return json.dumps({k: None if v is None else round(v, 3) for k, v in d.items()})
+
+    return (f"step {rec['step']}: validation {rec['select_by']} alpha {rec['alpha']:.3f} " + r3(rec["per_criterion"])
+            + (f"; score's Pearson r {r3(rec['score_r'])}" if "score_r" in rec else ""))
+
+
+def print_validations(rec: dict[str, Any]) -> None:
+    """A `progress` for train_and_merge outside a progress bar: each validation's line on stderr."""
+    if line := validation_line(rec):
+        print(line, file=sys.stderr, flush=True)
 
 
 class NoAdapter(FileNotFoundError):
