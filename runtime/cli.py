@@ -437,7 +437,36 @@ def inspect(model: Path, as_json: bool, no_hash: bool) -> None:
     b = d["backend"]
     where = "GPU offload (--gpu-layers)" if b["gpu_offload"] else "CPU only (a GPU build: make install-cuda)"
     t.add_row("backend", f"llama-cpp-python {b['llama_cpp_python']}, {where}")
+    c = b["cpu"]
+    amx = ("AMX on (crash-prone in VMs: README, Install)" if c["amx"] else
+           "AMX off" + (" (the CPU has it; the build leaves it out)" if c["cpu_advertises_amx"] else ""))
+    t.add_row("cpu kernels", f"{', '.join(c['features']) or 'none'}; {amx}")
+    t.add_row("cpu", c["cpu"])
     Console().print(t)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--expect-no-amx", is_flag=True,
+              help="Fail if the build uses AMX (what make install builds it without).")
+def doctor(model: Path, expect_no_amx: bool) -> None:
+    """Check this installation's llama.cpp: one real decode of MODEL in a child process.
+
+    A build with AMX kernels crashes at its first decode on many Intel Xeon VMs (SIGSEGV at
+    ldtilecfg, llama.cpp PR #26954); this says so in one line, with the remedy, instead of a job
+    dying with exit 139. make install runs it after the build.
+
+    \b
+    Examples:
+      annotate-cli doctor models/gemma-3-270m-q4_k_m.gguf
+      annotate-cli doctor annotator.gguf --expect-no-amx
+    """
+    from .cpu import check
+
+    ok, line = check(model, expect_no_amx=expect_no_amx)
+    if not ok:
+        raise click.ClickException(line)
+    click.echo(line)
 
 
 def _load_plugins() -> None:

@@ -139,10 +139,13 @@ def gpu_offload_supported() -> bool:
 
 
 def backend_info() -> dict[str, Any]:
-    """What this llama-cpp-python build runs on: GPU offload or not, and llama.cpp's own feature line."""
+    """What this llama-cpp-python build runs on: GPU offload or not, llama.cpp's own feature line, and
+    the CPU features its kernels use (AMX among them: runtime/cpu.py)."""
+    from .cpu import describe_build, system_info
+
     L = _lib()
-    system = L.llama_print_system_info().decode(errors="replace").strip().rstrip("|").strip()
-    return {"gpu_offload": bool(L.llama_supports_gpu_offload()), "llama_cpp_python": _version(), "system": system}
+    return {"gpu_offload": bool(L.llama_supports_gpu_offload()), "llama_cpp_python": _version(),
+            "system": system_info(), "cpu": describe_build()}
 
 
 def _version() -> str:
@@ -161,7 +164,10 @@ def default_threads() -> int:
 class LlamaModel:
     """A loaded GGUF model: weights, vocabulary and metadata, without a context."""
 
-    def __init__(self, path: str | Path, *, n_gpu_layers: int = 0, vocab_only: bool = False):
+    def __init__(self, path: str | Path, *, n_gpu_layers: int = 0, vocab_only: bool = False,
+                 extra_buffers: bool | None = None):
+        """extra_buffers: llama.cpp's extra buffer types (repacked and AMX weights); None: on unless
+        this build uses AMX and a probe decode crashed on this CPU (runtime/cpu.py)."""
         L = _lib()
         self.path = Path(path)
         if not self.path.is_file():
@@ -178,6 +184,11 @@ class LlamaModel:
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers  # set always: llama.cpp's own default has changed between versions
         mp.vocab_only = vocab_only  # the tokenizer alone: no weights read (checks of HF tokenizers)
+        if not vocab_only:
+            from .cpu import extra_buffers_safe
+
+            mp.use_extra_bufts = extra_buffers if extra_buffers is not None else extra_buffers_safe(self.path)
+        self.extra_buffers = bool(mp.use_extra_bufts)
         self.ptr = L.llama_model_load_from_file(str(self.path).encode(), mp)
         if not self.ptr:
             raise ModelError(f"{self.path}: llama.cpp could not load this model: the file is corrupt or truncated, "
@@ -236,9 +247,11 @@ class LlamaEngine:
     """
 
     def __init__(self, model: LlamaModel | str | Path, *, n_ctx: int = 2048, n_threads: int | None = None,
-                 n_batch: int = 512, n_gpu_layers: int = 0, answer_head: bool = True):
+                 n_batch: int = 512, n_gpu_layers: int = 0, answer_head: bool = True,
+                 extra_buffers: bool | None = None):
         self._owns_model = not isinstance(model, LlamaModel)  # a model handed in is its owner's to free
-        self.model = model if isinstance(model, LlamaModel) else LlamaModel(model, n_gpu_layers=n_gpu_layers)
+        self.model = model if isinstance(model, LlamaModel) else \
+            LlamaModel(model, n_gpu_layers=n_gpu_layers, extra_buffers=extra_buffers)
         self.path = self.model.path
         self._vocab = self.model.vocab
         self.n_vocab = self.model.n_vocab

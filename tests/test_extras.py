@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import DATA, ROOT, TASKS
-from test_packaging import install_alone
+from test_packaging import install_alone, wheel_links
 
 pytestmark = pytest.mark.slow
 ITEMS = DATA / "emobank-test-50.jsonl"
@@ -57,7 +57,8 @@ def test_the_runtime_alone_annotates_and_the_report_extra_adds_the_report(tmp_pa
     assert r.returncode == 1 and "pip install 'edge-annotator[report]'" in r.stderr, r.stderr[-3000:]
 
     src = tmp_path / "src"  # install_alone's copy of the checkout
-    r = subprocess.run([str(bin_ / "pip"), "install", "-q", "-c", str(ROOT / "constraints.txt"), f"{src}[report]"],
+    r = subprocess.run([str(bin_ / "pip"), "install", "-q", "-c", str(ROOT / "constraints.txt"), *wheel_links(),
+                        f"{src}[report]"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     r = _run(bin_, *report, cwd=tmp_path)

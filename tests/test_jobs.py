@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import DATA, TASKS
-from golden import GOLDEN
+from golden import check_golden
 
 from edge_annotator.runtime.data import InputError, Item
 from edge_annotator.runtime.jobs import Fatal, IdTable, JobOptions, JobStats, Skipped, annotate_file, plan
@@ -59,8 +59,9 @@ def test_annotate_file_writes_what_annotate_cli_writes(tmp_path: Path, gemma_pat
     items, opts = DATA / "emobank-test-50.jsonl", JobOptions(spec=SPEC, threads=2)
     buf = io.StringIO()
     stats = annotate_file(gemma_path, items, buf, opts)
-    want = (GOLDEN / "annotate-emobank-test-50.jsonl").read_text()
-    assert buf.getvalue() == want and stats.written == 50
+    want = buf.getvalue()
+    check_golden("annotate-emobank-test-50.jsonl", want)
+    assert stats.written == 50
     out = tmp_path / "out.jsonl"
     out.write_text("".join(want.splitlines(keepends=True)[:20]))
     with pytest.raises(FileExistsError):

@@ -167,10 +167,12 @@ print('OK')
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-COMMANDS = ("annotate", "agree", "inspect", "convert", "train", "export", "parity", "bench", "from-gguf", "embed-spec")
+COMMANDS = ("annotate", "agree", "inspect", "doctor", "convert", "train", "export", "parity", "bench", "from-gguf",
+            "embed-spec")
 # what runs as `python -m MODULE` or `python scripts/X.py`: each a click command with --help
 MODULES = ("edge_annotator.runtime.cli", "edge_annotator.train.from_gguf", "edge_annotator.export.metadata",
-           "edge_annotator.bench.train", "edge_annotator.bench.determinism", "edge_annotator.bench.arms")
+           "edge_annotator.bench.train", "edge_annotator.bench.determinism", "edge_annotator.bench.arms",
+           "edge_annotator.runtime.cpu")
 SCRIPTS = ("demo.py", "eval.py", "prepare_data.py", "gpu_check.py", "label_studio_check.py")
 
 
@@ -210,13 +212,20 @@ def copy_tree(dst: Path) -> Path:
     return dst
 
 
+def wheel_links() -> list[str]:
+    """pip arguments that take llama-cpp-python from the wheel make install built (without AMX: README,
+    Install), so a fresh virtualenv neither rebuilds it (10 minutes) nor gets a build with AMX."""
+    links = os.environ.get("EDGE_ANNOTATOR_WHEELS")
+    return ["--find-links", links] if links and Path(links).is_dir() else []
+
+
 def install_alone(tmp_path: Path, extras: str = "") -> Path:
     """A fresh virtualenv holding this project (a copy of the checkout) with EXTRAS and nothing else
     of ours; its bin/ folder. Packages come from this machine's wheels, pinned by constraints.txt."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     src = copy_tree(tmp_path / "src")
-    r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-c", str(ROOT / "constraints.txt"),
+    r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-c", str(ROOT / "constraints.txt"), *wheel_links(),
                         f"{src}[{extras}]" if extras else str(src)], capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
     return venv / "bin"
