@@ -13,6 +13,9 @@ alternately, step by step, in one process, so machine drift hits both alike:
   each item once for all its criteria, each criterion's cue a branch, the head restricted to the
   answer tokens, soft targets.
 
+A long-input arm then times tree steps over long two-field items with four criteria, at several
+micro-batch sizes, with the trainer's per-item blocked attention and the dense form before it.
+
 The figure is examples per second (forward and backward, no optimizer update, so both arms see
 the same weights every step); their ratio is the speed-up.
 """
@@ -107,6 +110,94 @@ def prep_rates(tok: Any, spec: Any, items: list[Any], examples: list[Any], tries
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
+# Long, two-field items with four criteria (the shape of a dialogue-summary task): a "dialogue" of
+# consecutive EmoBank sentences (about 250 tokens) and one more sentence as its "summary".
+LONG_CRITERIA = ("Coherence", "Consistency", "Fluency", "Relevance")
+LONG_SPEC = {
+    "name": "long-two-fields",
+    "inputs": [{"name": "dialogue", "title": "Dialogue"}, {"name": "summary", "title": "Summary"}],
+    "criteria": [{"name": n, "level": "ordinal", "description": f"The summary's {n.lower()}.",
+                  "scale": [{"value": v, "anchor": a} for v, a in
+                            zip(range(1, 6), ["very poor", "poor", "fair", "good", "very good"])]}
+                 for n in LONG_CRITERIA],
+    "templates": ["Rate how well the summary renders the dialogue, on each criterion below.\n\n{rubric}"],
+    "answer_cue": "{criterion} ({min}-{max}):",
+}
+
+
+def long_items(path: str, n: int, tokens: int, tok: Any) -> list[Any]:
+    """n items whose dialogue is about `tokens` tokens of consecutive sentences of `path`, each rated
+    by two made-up raters (the ratings do not matter to throughput)."""
+    from edge_annotator.runtime.data import Item, iter_rows
+
+    sents = [r.data["text"] for r in iter_rows(path) if r.data]
+    out, k = [], 0
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        parts: list[str] = []
+        while len(tok(" ".join(parts))["input_ids"]) < tokens:
+            parts.append(sents[k % len(sents)])
+            k += 1
+        ratings: list[dict[str, int | float | str]] = [{n: int(rng.integers(1, 6)) for n in LONG_CRITERIA}
+                                                       for _ in range(2)]
+        out.append(Item(f"long-{i}", {"dialogue": " ".join(parts), "summary": sents[(k + 7) % len(sents)]},
+                        path, i + 1, ratings=ratings))
+    return out
+
+
+DENSE_GB = 12.0
+"""The dense form keeps (N - Lp)^2 fp32 scores and probabilities per head and layer for the backward
+pass; above this many GB (estimated) it is not run: a 24-item micro-batch of long items would need about 34."""
+
+
+def dense_gb(model: Any, tree: Any) -> float:
+    cfg = model.get_base_model().config
+    m = tree.tokens - tree.prefix_len
+    return 2 * 4 * m * m * cfg.num_attention_heads * cfg.num_hidden_layers / 1e9
+
+
+def measure_long(model: Any, tok: Any, data: str, micros: tuple[int, ...], steps: int,
+                 item_tokens: int = 250) -> list[dict[str, Any]]:
+    """Per micro-batch size: examples/s and tokens/s of one tree step over long items, with the
+    per-item blocked attention and the dense (N - Lp)^2 form, alternating step by step."""
+    from edge_annotator.hf.score import answer_tries
+    from edge_annotator.hf.tree import build_tree, level_logprobs, soft_cross_entropy, tree_attention
+    from edge_annotator.runtime.spec import parse_spec
+    from edge_annotator.train.examples import build_examples, unit_of
+
+    spec = parse_spec(LONG_SPEC, "long-two-fields")
+    items = long_items(data, max(micros) * (steps + 1), item_tokens, tok)
+    examples = build_examples(items, spec, "distribution")
+    tries = answer_tries(tok, spec)
+    T = lambda s: list(tok(s)["input_ids"])  # noqa: E731
+    rows = []
+    for micro in micros:
+        rates: dict[str, list[float]] = {"blocked": [], "dense": []}
+        n_tok = n_ex = 0
+        for step in range(steps + 1):
+            batch = examples[step * micro:(step + 1) * micro]
+            units = [unit_of(ex, items, spec, None, np.random.default_rng(0)) for ex in batch]
+            tree = build_tree(T, spec, tries, units, CANONICAL, tok.pad_token_id)
+            n_tok, n_ex = tree.tokens, sum(e.queries for e in batch)
+            arms = ("blocked", "dense") if step % 2 == 0 else ("dense", "blocked")
+            for arm in arms if dense_gb(model, tree) <= DENSE_GB else ("blocked",):
+                t0 = time.perf_counter()
+                with tree_attention(model, dense=arm == "dense"):
+                    soft_cross_entropy(level_logprobs(model, tree), tree).backward()
+                model.zero_grad(set_to_none=True)
+                if step > 0:
+                    rates[arm].append(time.perf_counter() - t0)
+        row: dict[str, Any] = {"items": micro, "examples": n_ex, "tokens": n_tok,
+                               "dense_scores_gb": round(dense_gb(model, tree), 1)}
+        for arm, secs in rates.items():
+            sec = statistics.median(secs) if secs else float("nan")
+            row[arm] = {"examples_per_s": n_ex / sec, "tokens_per_s": n_tok / sec, "seconds": sec} if secs else None
+        row["ratio"] = row["blocked"]["examples_per_s"] / row["dense"]["examples_per_s"] if row["dense"] else None
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 @click.command()
 @click.option("--base", default="models/gemma-3-270m-hf", show_default=True, help="The HF base folder.")
 @click.option("--config", default="configs/gemma3-270m-lora-cpu-emobank.yaml", show_default=True)
@@ -117,18 +208,23 @@ def prep_rates(tok: Any, spec: Any, items: list[Any], examples: list[Any], tries
               help="Items per step (each with all its criteria).")
 @click.option("--prep-data", default="data/emobank-train-5000.jsonl", show_default=True,
               help="Items for the tree-building arms (the GPU recipe's micro-batch of 64 sentences).")
+@click.option("--long-micro", default="3,12,24", show_default=True,
+              help="Micro-batch sizes (items) of the long-input arm; empty to skip it.")
+@click.option("--long-steps", type=click.IntRange(1), default=2, show_default=True,
+              help="Timed steps per attention form and size in the long-input arm (after a warm-up).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--markdown", "md_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the training section of this file.")
-def main(base: str, config: str, data: str, steps: int, items: int, prep_data: str, json_path: Path | None,
-         md_path: Path | None) -> None:
+def main(base: str, config: str, data: str, steps: int, items: int, prep_data: str, long_micro: str,
+         long_steps: int, json_path: Path | None, md_path: Path | None) -> None:
     """Training examples/s of the token-tree step against the per-prompt step, side by side.
 
     \b
     Examples:
       python -m edge_annotator.bench.train --base models/gemma-3-270m-hf --markdown BENCHMARKS.md
     """
-    a = Args(config, data, steps, items, prep_data)
+    micros = tuple(int(x) for x in long_micro.split(",") if x.strip())
+    a = Args(config, data, steps, items, prep_data, micros, long_steps)
     res = measure(base, a)
     print(json.dumps(res, indent=2))
     if json_path:
@@ -148,6 +244,8 @@ class Args:
     steps: int
     items: int
     prep_data: str
+    long_micro: tuple[int, ...] = ()
+    long_steps: int = 2
 
 
 def measure(base: str, a: Args) -> dict[str, Any]:
@@ -184,6 +282,7 @@ def measure(base: str, a: Args) -> dict[str, Any]:
                 per_s[arm].append(n_examples / (time.perf_counter() - t0))
     res: dict[str, Any] = {f"{k}_examples_per_s": statistics.median(v) for k, v in per_s.items()}
     res["ratio"] = res["tree_examples_per_s"] / res["per_prompt_examples_per_s"]
+    res["tree_tokens_per_s"] = res["tree_examples_per_s"] * tokens["tree"] / n_examples
     res["target"] = 3.0
     res["examples_per_step"] = n_examples
     res["tokens_per_step"] = tokens
@@ -193,6 +292,8 @@ def measure(base: str, a: Args) -> dict[str, Any]:
     prep_items = load_items(a.prep_data, spec)
     res["prep_items_per_s"] = prep_rates(tok, spec, prep_items, build_examples(prep_items, spec, "distribution"),
                                          tries, micro_items=64, trees=16)
+    if a.long_micro:
+        res["long"] = measure_long(model, tok, a.data, a.long_micro, a.long_steps)
     return res
 
 
@@ -229,7 +330,38 @@ def markdown(res: dict[str, Any], m: dict[str, Any], a: Args) -> str:
         f"| Tokens: one batched call per tree, texts new | {prep['batched']:.0f} |",
         f"| Tokens: the same texts again (an epoch after the first, no augmentation) | {prep['kept']:.0f} |",
         "",
+        *long_markdown(res, a),
     ])
+
+
+def long_markdown(res: dict[str, Any], a: Args) -> list[str]:
+    rows = res.get("long")
+    if not rows:
+        return []
+
+    def cell(r: dict[str, Any] | None, k: str) -> str:
+        return f"{r[k]:.2f}" if r and k == "examples_per_s" else f"{r[k]:.0f}" if r else "not run"
+
+    out = [
+        "### Long inputs",
+        "",
+        "Items of two fields (a dialogue of about 250 tokens of consecutive EmoBank sentences and a one-sentence "
+        "summary) with four 1-5 criteria (`bench/train.py: LONG_SPEC`), the same model and LoRA, one token tree "
+        f"per micro-batch, forward and backward; per-item blocked attention (`hf/tree.py`, the trainer's) against "
+        f"the dense form (every token after the prefix against every other, then masked), alternating, medians of "
+        f"{a.long_steps} steps after a warm-up. Short sentences, the tree arm above: "
+        f"{res['tree_tokens_per_s']:.0f} tokens/s.",
+        "",
+        "| items per micro-batch | examples | tokens | blocked examples/s | blocked tokens/s | dense examples/s "
+        "| dense tokens/s | blocked / dense |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else f"dense not run ({r['dense_scores_gb']:.0f} GB of scores)"
+        out.append(f"| {r['items']} | {r['examples']} | {r['tokens']} | {cell(r['blocked'], 'examples_per_s')} | "
+                   f"{cell(r['blocked'], 'tokens_per_s')} | {cell(r['dense'], 'examples_per_s')} | "
+                   f"{cell(r['dense'], 'tokens_per_s')} | {ratio} |")
+    return out + [""]
 
 
 if __name__ == "__main__":

@@ -124,6 +124,7 @@ class TreeBatch:
     """Levels of each query's criterion."""
     prefix_len: int
     _masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _blocks: dict[int, Blocks] = field(default_factory=dict, repr=False)
 
     @property
     def tokens(self) -> int:
@@ -157,6 +158,56 @@ class TreeBatch:
                 m_b &= (pos[Lp:, None] - pos[None, Lp:]) < window
             got = self._masks[key] = (m_a, m_b)
         return got
+
+    def blocks(self, window: int | None) -> Blocks:
+        """The block layout (Blocks) and its masks, the same visibility as `masks` gives."""
+        key = window or 0
+        got = self._blocks.get(key)
+        if got is None:
+            Lp, pos = self.prefix_len, self.position_ids[0]
+            i, r = self.item_of, self.row_of
+            B = int(i.max()) + 1 if i.numel() else 0
+            counts = torch.bincount(i, minlength=B)
+            n = int(counts.max()) if B else 0
+            # tokens of one item are increasing in packed order; stable sort keeps that order
+            order = torch.sort(i, stable=True).indices
+            start = torch.cumsum(counts, 0) - counts
+            slot = torch.arange(i.numel()) - start[i[order]]  # position inside its block
+            idx = torch.zeros(B, n, dtype=torch.long)
+            valid = torch.zeros(B, n, dtype=torch.bool)
+            idx[i[order], slot] = order
+            valid[i[order], slot] = True
+            inv = torch.empty_like(order)
+            inv[order] = i[order] * n + slot
+            rb = torch.where(valid, r[idx], -2)  # row of each slot; -1 item token, -2 padding
+            j = torch.arange(n)
+            own = (valid[:, :, None] & valid[:, None, :] & (j[None, None, :] <= j[None, :, None])
+                   & ((rb[:, None, :] == -1) | (rb[:, None, :] == rb[:, :, None])))
+            pre = None
+            if window:
+                pb = pos[Lp:][idx]  # (B, n) positions of the slots
+                own &= (pb[:, :, None] - pb[:, None, :]) < window
+                pre = (pb[:, :, None] - pos[None, None, :Lp]) < window
+                pre[..., 0] |= ~valid  # padding keeps one key, so its softmax (never read) stays finite
+            got = self._blocks[key] = Blocks(idx, inv, own, pre)
+        return got
+
+
+@dataclass
+class Blocks:
+    """The tokens after the prefix as one padded block per item: the item's own tokens, then its
+    rows, in packed order. A token sees only the prefix and its own block, so attention over
+    (B, n) blocks costs B * n * (Lp + n), linear in the number of items, where one dense square
+    over the packed tokens costs (B * n)^2."""
+
+    idx: torch.Tensor
+    """(B, n) index of each block slot into the tokens after the prefix (0 in padding)."""
+    inv: torch.Tensor
+    """(N - Lp,) each token's flat slot (b * n + j) in the blocks."""
+    own: torch.Tensor
+    """(B, n, n) which slots of its block each slot sees (padding sees nothing)."""
+    pre: torch.Tensor | None
+    """(B, n, Lp) which prefix tokens each slot sees; None: all (no sliding window reaches back)."""
 
 
 def item_texts(spec: TaskSpec, fields: Mapping[str, Any], opts: RenderOptions) -> tuple[str, str, list[str]]:
@@ -264,6 +315,7 @@ def build_tree(tokenize: Tokenize, spec: TaskSpec, tries: Mapping[str, AnswerTri
 # --- attention over the tree ------------------------------------------------------------------
 
 _CURRENT: contextvars.ContextVar[TreeBatch | None] = contextvars.ContextVar("edge_annotator_tree", default=None)
+_DENSE: contextvars.ContextVar[bool] = contextvars.ContextVar("edge_annotator_tree_dense", default=False)
 IMPL = "edge_annotator_tree"
 
 
@@ -273,12 +325,61 @@ def _tree_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
                     **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention interface: query (1, H, N, d), key/value (1, KVH, N, d) -> (1, N, H, d).
 
-    Two dense parts, no gathers: every query against the shared prefix's keys, and the tokens
-    after the prefix against each other, each masked to the tree; one softmax over both. Grouped
-    query heads broadcast against their key head without copies."""
+    The prefix attends to itself causally. Every token after it sees the prefix and its own item's
+    block (Blocks): the scores of both go through one softmax, so each token gets exactly the
+    attention of its own full prompt. Grouped query heads broadcast against their key head without
+    copies."""
     batch = _CURRENT.get()
     if batch is None:
         raise RuntimeError("tree attention called outside `with tree_attention(model)` and a tree forward")
+    if _DENSE.get():
+        return _dense_tree_attention(module, query, key, value, batch, scaling, dropout, sliding_window, softcap)
+    _, H, N, d = query.shape
+    G = key.shape[1]
+    Lp = batch.prefix_len
+    scale = scaling if scaling is not None else d ** -0.5
+    q = query[0].reshape(G, H // G, N, d)
+    k, v = key[0][:, None], value[0][:, None]  # (G, 1, N, d)
+    blk = batch.blocks(sliding_window)
+    dev = q.device
+    idx, own = blk.idx.to(dev), blk.own.to(dev)
+    B, n = idx.shape
+    kp, vp = k[..., :Lp, :], v[..., :Lp, :]  # (G, 1, Lp, d)
+    # the prefix: causal over itself
+    s_pp = (q[..., :Lp, :] @ kp.transpose(-1, -2)) * scale  # (G, R, Lp, Lp)
+    if softcap:
+        s_pp = torch.tanh(s_pp / softcap) * softcap
+    causal = torch.ones(Lp, Lp, dtype=torch.bool, device=dev).tril()
+    if sliding_window:
+        pp = batch.position_ids[0, :Lp].to(dev)
+        causal &= (pp[:, None] - pp[None, :]) < sliding_window
+    s_pp = s_pp.masked_fill(~causal, float("-inf"))
+    # softmax in fp32 whatever the compute dtype (as transformers' eager attention does for bf16)
+    p_pp = F.dropout(torch.softmax(s_pp, dim=-1, dtype=torch.float32).to(q.dtype), dropout, module.training)
+    # the rest, one block per item: (G, R, B, n, d) queries against the prefix and their own block
+    qb = q[..., Lp:, :][..., idx, :]
+    kb, vb = k[..., Lp:, :][..., idx, :], v[..., Lp:, :][..., idx, :]  # (G, 1, B, n, d)
+    s_pre = (qb @ kp.transpose(-1, -2)[:, :, None]) * scale  # (G, R, B, n, Lp)
+    s_own = (qb @ kb.transpose(-1, -2)) * scale  # (G, R, B, n, n)
+    if softcap:
+        s_pre, s_own = torch.tanh(s_pre / softcap) * softcap, torch.tanh(s_own / softcap) * softcap
+    if blk.pre is not None:
+        s_pre = s_pre.masked_fill(~blk.pre.to(dev), float("-inf"))
+    s_own = s_own.masked_fill(~own, float("-inf"))
+    p = F.dropout(torch.softmax(torch.cat([s_pre, s_own], dim=-1), dim=-1, dtype=torch.float32).to(q.dtype),
+                  dropout, module.training)
+    out_b = p[..., :Lp] @ vp[:, :, None] + p[..., Lp:] @ vb  # (G, R, B, n, d)
+    out_rest = out_b.reshape(G, H // G, B * n, d)[..., blk.inv.to(dev), :]  # back to packed order
+    out = torch.cat([p_pp @ vp, out_rest], dim=-2)
+    return out.reshape(H, N, d).transpose(0, 1)[None], None
+
+
+def _dense_tree_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          batch: TreeBatch, scaling: float | None, dropout: float, sliding_window: int | None,
+                          softcap: float | None) -> tuple[torch.Tensor, None]:
+    """The same attention as two dense parts: every query against the prefix, and the tokens after
+    it against each other, masked to the tree. (N - Lp)^2 scores per head: kept to measure the
+    blocked form against (`make bench-train`) and to test both."""
     _, H, N, d = query.shape
     G = key.shape[1]
     Lp = batch.prefix_len
@@ -292,7 +393,6 @@ def _tree_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
         s_a, s_b = torch.tanh(s_a / softcap) * softcap, torch.tanh(s_b / softcap) * softcap
     s_a = s_a.masked_fill(~m_a, float("-inf"))
     s_b = s_b.masked_fill(~m_b, float("-inf"))
-    # softmax in fp32 whatever the compute dtype (as transformers' eager attention does for bf16)
     p_pre = torch.softmax(s_a[..., :Lp, :], dim=-1, dtype=torch.float32).to(q.dtype)
     p = torch.softmax(torch.cat([s_a[..., Lp:, :], s_b], dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
     p_pre, p = F.dropout(p_pre, dropout, module.training), F.dropout(p, dropout, module.training)
@@ -307,16 +407,19 @@ def _register() -> None:
 
 
 @contextlib.contextmanager
-def tree_attention(model: Any) -> Iterator[None]:
-    """Route the model's attention through the tree while inside; restore its own afterwards."""
+def tree_attention(model: Any, dense: bool = False) -> Iterator[None]:
+    """Route the model's attention through the tree while inside; restore its own afterwards.
+    dense: the (N - Lp)^2 form instead of the per-item blocks (the same numbers, slower)."""
     _register()
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = causal.config
     old = cfg._attn_implementation
     cfg._attn_implementation = IMPL
+    token = _DENSE.set(dense)
     try:
         yield
     finally:
+        _DENSE.reset(token)
         cfg._attn_implementation = old
 
 

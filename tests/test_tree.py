@@ -49,6 +49,18 @@ TWO_LEVEL = {
 }
 
 
+# two fields, four 1-5 criteria: the shape of a dialogue-summary task
+LONG = {
+    "name": "summaries", "inputs": [{"name": "dialogue", "title": "Dialogue"}, {"name": "summary", "title": "Summary"}],
+    "criteria": [{"name": n, "level": "ordinal", "scale": [
+        {"value": v, "anchor": a} for v, a in zip(range(1, 6), ["poor", "weak", "fair", "good", "excellent"])]}
+        for n in ("Coherence", "Consistency", "Fluency", "Relevance")],
+    "templates": ["Rate the summary of the dialogue.\n\n{rubric}",
+                  "Judge how well the summary renders the dialogue.\n\n{rubric}"],
+    "answer_cue": "{criterion} ({min}-{max}):",
+}
+
+
 def _tok(gemma_hf: Path):
     from edge_annotator.train.model import load_tokenizer
 
@@ -78,12 +90,13 @@ def _units(spec: TaskSpec, fields: list[dict[str, str]], rng: np.random.Generato
     return out
 
 
-def _compare(model: torch.nn.Module, tok, spec: TaskSpec, units: list[Unit], opts: RenderOptions) -> None:
+def _compare(model: torch.nn.Module, tok, spec: TaskSpec, units: list[Unit], opts: RenderOptions,
+             dense: bool = False) -> None:
     T = lambda s: list(tok(s)["input_ids"])  # noqa: E731
     tries = {c.name: build_trie(T, spec, c) for c in spec.criteria}
     tree = build_tree(T, spec, tries, units, opts, tok.pad_token_id)
     params = [p for p in model.parameters() if p.requires_grad]
-    with tree_attention(model):
+    with tree_attention(model, dense=dense):
         lp_tree = level_logprobs(model, tree)
     soft_cross_entropy(lp_tree, tree).backward()
     g_tree = [p.grad.clone() for p in params]
@@ -125,6 +138,26 @@ def test_tree_loss_and_gradients_equal_one_sequence_per_prompt(gemma_hf: Path, g
     _compare(gemma_lora, tok, spec, _units(spec, fields, rng, permute), opts)
 
 
+def test_long_items_of_several_fields_in_blocks_equal_the_dense_form_and_the_reference(gemma_hf: Path,
+                                                                                       gemma_lora) -> None:
+    """Items of very different lengths (padding in the blocks) with two fields and four criteria:
+    the blocked attention gives the reference's loss and gradients, and the dense form's numbers."""
+    spec = parse_spec(LONG, "long")
+    tok, _ = _tok(gemma_hf)
+    base = [it.fields for it in load_items(DATA / "convabuse-train-300.jsonl", load_spec(TASKS / "convabuse.yaml"))]
+    fields = [{"dialogue": " ".join(f["prev_user"] + " " + f["prev_agent"] for f in base[k:k + 1 + 3 * (k % 3)]),
+               "summary": base[k]["user"]} for k in range(4)]
+    units = _units(spec, fields, np.random.default_rng(5), True)
+    for dense in (False, True):
+        _compare(gemma_lora, tok, spec, units, RenderOptions(1), dense)
+    T = lambda s: list(tok(s)["input_ids"])  # noqa: E731
+    tree = build_tree(T, spec, {c.name: build_trie(T, spec, c) for c in spec.criteria}, units, RenderOptions(1),
+                      tok.pad_token_id)
+    blocks = tree.blocks(None)
+    sizes = torch.bincount(tree.item_of)
+    assert blocks.idx.shape == (4, int(sizes.max())) and int(sizes.min()) < int(sizes.max())
+
+
 def test_answers_sharing_a_first_token_score_through_every_trie_node(gemma_hf: Path, gemma_lora) -> None:
     spec = parse_spec(TWO_LEVEL, "two-level")
     tok, T = _tok(gemma_hf)
@@ -134,8 +167,11 @@ def test_answers_sharing_a_first_token_score_through_every_trie_node(gemma_hf: P
     _compare(gemma_lora, tok, spec, _units(spec, fields, np.random.default_rng(3), False), RenderOptions(1))
 
 
-def test_sliding_window_layers_see_what_they_would_in_the_full_prompt(tmp_path: Path, gemma_hf: Path) -> None:
-    """A 3-layer Gemma 3 with a 24-token window (prompts are ~240 tokens): the tree masks windows by position."""
+@pytest.mark.parametrize("dense", [False, True], ids=["blocked", "dense"])
+def test_sliding_window_layers_see_what_they_would_in_the_full_prompt(tmp_path: Path, gemma_hf: Path,
+                                                                      dense: bool) -> None:
+    """A 3-layer Gemma 3 with a 24-token window (prompts are ~240 tokens): the tree masks windows by
+    position, in the per-item blocks and in the dense form alike."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     conf = AutoConfig.from_pretrained(gemma_hf)
@@ -149,7 +185,7 @@ def test_sliding_window_layers_see_what_they_would_in_the_full_prompt(tmp_path: 
     spec = load_spec(TASKS / "emobank.yaml")
     tok, _ = _tok(gemma_hf)
     fields = [it.fields for it in load_items(DATA / "emobank-train-64.jsonl", spec)[:4]]
-    _compare(_lora(model), tok, spec, _units(spec, fields, np.random.default_rng(1), False), CANONICAL)
+    _compare(_lora(model), tok, spec, _units(spec, fields, np.random.default_rng(1), False), CANONICAL, dense)
 
 
 def test_tree_rows_are_the_runtime_prompts_token_for_token(gemma_hf: Path, engine) -> None:
