@@ -85,18 +85,15 @@ def validate(model: Any, tokenizer: Any, spec: TaskSpec, items: Sequence[Item]) 
 
 
 def selection_alpha(report: dict[str, Any], select_by: str = "score") -> float:
-    """The number checkpoints are chosen by (undefined counts as -1).
+    """The number checkpoints are chosen by: the mean over criteria of each one's alpha at its own
+    level (a criterion whose alpha is undefined counts as -1).
 
     select_by "score": the score's interval alpha for rating scales and the label's alpha for
-    label sets (they have no score); "label": the label's alpha everywhere. Pooled over criteria
-    as the report pools them (all (item, criterion) units, or the mean where levels differ)."""
-    pooled = report["pooled"]
-    if pooled.get("method") == "mean over criteria (levels differ)":
-        vals = [selected_alpha(c, select_by) for c in report["criteria"]]
-        a = None if any(v is None for v in vals) else float(np.mean(vals))  # type: ignore[arg-type]
-    else:
-        a = selected_alpha(pooled, select_by)
-    return -1.0 if a is None else float(a)
+    label sets (they have no score); "label": the label's alpha everywhere. Not alpha pooled over
+    (item, criterion) units: with criteria of different means, pooled rises as soon as a model
+    learns each criterion's mean, without telling items apart."""
+    vals = [selected_alpha(c, select_by) for c in report["criteria"]]
+    return float(np.mean([-1.0 if v is None else v for v in vals])) if vals else -1.0
 
 
 def selected_alpha(r: dict[str, Any], select_by: str) -> float | None:

@@ -13,8 +13,14 @@ Where the predictions carry scores (annotate's probability-weighted mean of the 
 scales only), the same report gains ``score_alpha`` (interval alpha of the score against the
 raters' mean), ``score_mae`` and ``score_alpha_humans_plus_model`` beside the label's figures.
 
-``pooled`` treats every (item, criterion) pair as one unit when all criteria share a level of
-measurement, and is the mean of the per-criterion values otherwise.
+``mean`` is the mean of the per-criterion figures: what checkpoints are chosen by, since each
+criterion is agreement on its own scale. ``pooled`` treats every (item, criterion) pair as one
+unit when all criteria share a level of measurement (it rises as soon as a model learns each
+criterion's mean, without telling items apart), and is the mean otherwise.
+
+``leave_one_out`` (agree, the report) is the like-for-like yardstick: one held-out human rating
+per item against the consensus of the others, beside the model against that same consensus,
+averaged over draws of the held-out rating, with bootstrap intervals and a verdict.
 """
 
 from __future__ import annotations
@@ -160,18 +166,30 @@ def _score_agreement(scores: Sequence[float | None], ratings: Sequence[Sequence[
     return out
 
 
+MEAN_KEYS = ("alpha", "alpha_humans", "alpha_humans_plus_model", "exact", "macro_f1", "mae",
+             "score_alpha", "score_mae", "score_r", "score_alpha_humans_plus_model")
+
+
 def agreement(spec: TaskSpec, preds: Mapping[str, Mapping[str, Value]],
               humans: Mapping[str, Sequence[Mapping[str, Value]]],
-              scores: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, Any]:
-    """The full report: per criterion and pooled; `scores` (id -> criterion -> score) adds the
-    score's figures for rating scales."""
+              scores: Mapping[str, Mapping[str, float]] | None = None, loo: bool = False,
+              seed: int = 0) -> dict[str, Any]:
+    """The full report: per criterion, their mean and pooled; `scores` (id -> criterion -> score)
+    adds the score's figures for rating scales; `loo` the leave-one-rater-out yardstick (seeded)."""
     per = []
     for c in spec.criteria:
         p = {i: labels[c.name] for i, labels in preds.items() if c.name in labels}
         h = {i: [r[c.name] for r in rs if c.name in r] for i, rs in humans.items()}
         sc = None if scores is None else {i: s[c.name] for i, s in scores.items() if c.name in s}
         per.append(criterion_agreement(c, p, h, sc))
-    report: dict[str, Any] = {"spec": spec.name, "criteria": per,
+        if loo and (got := leave_one_out(c, p, h, sc, seed=seed)) is not None:
+            per[-1]["leave_one_out"] = got
+    mean: dict[str, Any] = {"method": "mean over criteria"}
+    for k in MEAN_KEYS:
+        vals = [r[k] for r in per if r.get(k) is not None]
+        if vals and len(vals) == sum(k in r for r in per):
+            mean[k] = float(np.mean(vals))
+    report: dict[str, Any] = {"spec": spec.name, "criteria": per, "mean": mean,
                               "pooled": _pooled(spec, preds, humans, per, scores)}
     report["items_predicted"] = len(preds)
     report["items_with_humans"] = sum(1 for i in preds if humans.get(i))
@@ -182,8 +200,7 @@ def _pooled(spec: TaskSpec, preds: Mapping[str, Mapping[str, Value]],
             humans: Mapping[str, Sequence[Mapping[str, Value]]], per: list[dict[str, Any]],
             scores: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, Any]:
     levels = {c.level for c in spec.criteria}
-    keys = ("alpha", "alpha_humans", "alpha_humans_plus_model", "exact", "macro_f1", "mae",
-            "score_alpha", "score_mae", "score_r", "score_alpha_humans_plus_model")
+    keys = MEAN_KEYS
     if len(spec.criteria) == 1:
         return {k: per[0][k] for k in keys if k in per[0]} | {"method": "single criterion"}
     if len(levels) > 1:
@@ -242,3 +259,73 @@ def bootstrap(stat: Any, n_units: int, resamples: int = 1000, seed: int = 0,
         return None, None
     lo, hi = np.quantile(vals, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(lo), float(hi)
+
+
+def leave_one_out(c: Criterion, preds: Mapping[str, Value], humans: Mapping[str, Sequence[Value]],
+                  scores: Mapping[str, float] | None = None, draws: int = 20, resamples: int = 1000,
+                  seed: int = 0) -> dict[str, Any] | None:
+    """One held-out human against the consensus of the other raters, and the model against that
+    same consensus: the like-for-like comparison (a consensus is less noisy than one rater, so the
+    model's alpha with all raters' consensus is not comparable to the raters' alpha among
+    themselves).
+
+    Over the items with two or more ratings, each draw holds out one rating per item at random
+    (seeded); the figures are means over `draws`. Intervals: items resampled `resamples` times, a
+    fresh held-out draw in each. The model's figure is its score's (interval, against the others'
+    mean) where scores exist, else its label's; `verdict` says whether the model is above, within
+    or below one human, from the interval of the paired difference. None where no item has two
+    ratings."""
+    ids = [i for i in preds if len(humans.get(i, ())) >= 2]
+    if not ids:
+        return None
+    ratings = [[_code(c, v) for v in humans[i]] for i in ids]
+    model = np.array([_code(c, preds[i]) for i in ids])
+    score = None if scores is None or c.level == "nominal" or any(i not in scores for i in ids) \
+        else np.array([float(scores[i]) for i in ids])
+    cons_of = {"interval": lambda xs: float(np.mean(xs)),
+               "ordinal": lambda xs: sorted(xs)[(len(xs) - 1) // 2],  # lower median, as `consensus`
+               "nominal": lambda xs: _mode(xs)}[c.level]
+    rng = np.random.default_rng(seed)
+
+    def one_draw(rows: np.ndarray) -> tuple[float | None, float | None]:
+        held, cons, means = [], [], []
+        for u in rows:
+            rs = ratings[u]
+            k = int(rng.integers(len(rs)))
+            others = rs[:k] + rs[k + 1:]
+            held.append(rs[k])
+            cons.append(cons_of(others))
+            means.append(float(np.mean(others)))
+        human = _alpha([held, cons], c.level)
+        mine = _alpha([score[rows].tolist(), means], "interval") if score is not None else \
+            _alpha([model[rows].tolist(), cons], c.level)
+        return human, mine
+
+    everyone = np.arange(len(ids))
+    got = [one_draw(everyone) for _ in range(draws)]
+    humans_a = [h for h, _ in got if h is not None]
+    model_a = [m for _, m in got if m is not None]
+    if not humans_a or not model_a:
+        return None
+    out: dict[str, Any] = {"items": len(ids), "draws": draws, "model_figure": "score" if score is not None else "label",
+                           "human_alpha": float(np.mean(humans_a)), "model_alpha": float(np.mean(model_a))}
+    boot: list[tuple[float, float]] = []
+    for _ in range(resamples):
+        h, m = one_draw(rng.integers(0, len(ids), len(ids)))
+        if h is not None and m is not None:
+            boot.append((h, m))
+    if len(boot) >= 0.9 * resamples:
+        b = np.array(boot)
+        q = [0.025, 0.975]
+        out["human_alpha_ci"] = [float(x) for x in np.quantile(b[:, 0], q)]
+        out["model_alpha_ci"] = [float(x) for x in np.quantile(b[:, 1], q)]
+        lo, hi = (float(x) for x in np.quantile(b[:, 1] - b[:, 0], q))
+        out["difference_ci"] = [lo, hi]
+        out["verdict"] = "above" if lo > 0 else "below" if hi < 0 else "within"
+    return out
+
+
+def _mode(xs: Sequence[float]) -> float:
+    counts = Counter(xs)
+    top = max(counts.values())
+    return min(x for x, n in counts.items() if n == top)  # ties: the smallest code, the spec's first class

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import _alpha, _code, bootstrap, consensus, nearest_level
+from .metrics import _alpha, _code, bootstrap, consensus, leave_one_out, nearest_level
 from .records import Prediction
 from .spec import Criterion, TaskSpec
 
@@ -105,12 +105,31 @@ def criterion_report(c: Criterion, preds: Sequence[Prediction], humans: Mapping[
     out["confusion"] = {"levels": levels, "counts": [[sum(1 for g, q in zip(gold, pred) if g == a and q == b)
                                                       for b in levels] for a in levels]}
     out["reliability"] = _reliability(c, [p for p, _ in rows], gold)
+    scores = {p.id: p.scores[c.name] for p, _ in rows if c.name in p.scores}
+    loo = leave_one_out(c, {p.id: p.labels[c.name] for p, _ in rows}, {p.id: rs for p, rs in rows},
+                        scores if len(scores) == len(rows) else None, resamples=RESAMPLES, seed=seed)
+    if loo is not None:
+        out["leave_one_out"] = loo | {"sentence": yardstick_sentence(loo)}
     worst = np.argsort(-gap, kind="stable")[:10]
     out["disagreements"] = [{"id": rows[i][0].id, "text": texts.get(rows[i][0].id, ""), "model": pred[i],
                              "score": rows[i][0].scores.get(c.name), "consensus": _r(float(cons[i]))
                              if c.level != "nominal" else gold[i], "ratings": [str(v) for v in rows[i][1]],
                              "gap": _r(float(gap[i]))} for i in worst]
     return out
+
+
+def yardstick_sentence(loo: dict[str, Any]) -> str:
+    """The like-for-like comparison in words."""
+    def fig(key: str) -> str:
+        ci = loo.get(f"{key}_ci")
+        return f"{loo[key]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+    verdict = {"above": "above an individual human's agreement", "below": "below an individual human's agreement",
+               "within": "within an individual human's agreement"}.get(loo.get("verdict", ""),
+                                                                         "not decided (too few items for intervals)")
+    return (f"One held-out rater agrees with the consensus of the others at alpha {fig('human_alpha')}; the model's "
+            f"{loo['model_figure']}, against the same consensus, at {fig('model_alpha')} ({loo['items']} items, "
+            f"{loo['draws']} draws of the held-out rater): the model is {verdict}.")
 
 
 def _reliability(c: Criterion, preds: Sequence[Prediction], gold: Sequence[str]) -> dict[str, Any]:
@@ -231,6 +250,8 @@ td, th { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertic
 <tr><td>{{ name }}</td><td>{{ fmt(c[key]) }}</td><td>{{ ci(c[key ~ "_ci"]) }}</td></tr>
 {% endif %}{% endfor %}
 </table>
+{% if c.leave_one_out is defined %}
+<p class="yardstick"><b>Like for like:</b> {{ c.leave_one_out.sentence }}</p>{% endif %}
 <div class="figs">{% for name, src in figs[loop.index0].items() %}
 <img alt="{{ c.criterion }} {{ name }}" src="{{ src }}">{% endfor %}</div>
 {% if c.disagreements %}

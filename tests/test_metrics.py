@@ -114,3 +114,77 @@ def test_bootstrap_interval_brackets_the_estimate() -> None:
     assert lo is not None and hi is not None and lo < x.mean() < hi
     assert hi - lo == pytest.approx(2 * 1.96 / np.sqrt(400), rel=0.2)  # the normal interval, roughly
     assert bootstrap(lambda ix: None, 10) == (None, None)
+
+
+# -- the like-for-like yardstick: one held-out rater against the others -------------------------
+
+def test_leave_one_out_with_two_raters_is_the_raters_own_alpha_whichever_is_held_out() -> None:
+    """With two raters per item the held-out rating is compared with the other one, so every draw
+    gives the raters' own alpha exactly."""
+    from edge_annotator.runtime.metrics import leave_one_out
+
+    c = CA.criteria[0]  # ordinal
+    rng = np.random.default_rng(2)
+    humans = {f"i{i}": [int(x) for x in rng.choice([1, 0, -1, -2, -3], size=2)] for i in range(60)}
+    loo = leave_one_out(c, {i: r[0] for i, r in humans.items()}, humans, resamples=200)
+    ids = list(humans)
+    own = krippendorff.alpha(reliability_data=[[humans[i][0] for i in ids], [humans[i][1] for i in ids]],
+                             level_of_measurement="ordinal")
+    assert loo is not None and loo["human_alpha"] == pytest.approx(own) and loo["items"] == 60
+    assert loo["model_figure"] == "label" and loo["human_alpha_ci"][0] <= own <= loo["human_alpha_ci"][1]
+
+
+@pytest.mark.parametrize("model, verdict", [
+    ("truth", "above"),    # the noise-free value: closer to the others' mean than any noisy rater
+    ("rater", "within"),   # one more rater drawn like the others
+    ("random", "below"),   # labels unrelated to the items
+])
+def test_leave_one_out_verdict_where_the_answer_is_known(model: str, verdict: str) -> None:
+    """Raters are truth + noise (sd 0.8, three per item, rounded to 1..5); a model that gives the
+    truth beats one held-out rater, a fourth rater ties with them, random labels lose."""
+    from edge_annotator.runtime.metrics import leave_one_out
+
+    c = EMO.criteria[0]  # interval
+    rng = np.random.default_rng(0)
+    truth = rng.integers(1, 6, size=300).astype(float)
+    noisy = lambda: np.clip(np.rint(truth + rng.normal(0, 0.8, truth.shape)), 1, 5)  # noqa: E731
+    raters = [noisy() for _ in range(3)]
+    humans = {f"i{i}": [int(r[i]) for r in raters] for i in range(len(truth))}
+    pred = {"truth": truth, "rater": noisy(), "random": rng.integers(1, 6, size=truth.shape).astype(float)}[model]
+    labels = {f"i{i}": int(pred[i]) for i in range(len(truth))}
+    loo = leave_one_out(c, labels, humans, resamples=300, seed=1)
+    assert loo is not None and loo["verdict"] == verdict, loo
+    again = leave_one_out(c, labels, humans, resamples=300, seed=1)
+    assert again == loo  # seeded: the same figures every run
+
+
+def test_agree_json_carries_the_leave_one_out_figures_and_the_mean_over_criteria(tmp_path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from edge_annotator.runtime.cli import cli
+
+    rng = np.random.default_rng(3)
+    humans, preds = [], []
+    for i in range(40):
+        vals = {c.name: [int(x) for x in rng.integers(1, 6, size=3)] for c in EMO.criteria}
+        for k in range(3):
+            humans.append({"id": f"s{i}", "text": "t", "rater": f"r{k}", "labels": {n: v[k] for n, v in vals.items()}})
+        lab = {n: int(rng.integers(1, 6)) for n in vals}  # a fourth rater, independent like the others
+        preds.append({"id": f"s{i}", "labels": lab, "scores": {n: float(x) for n, x in lab.items()},
+                      "probs": {n: {str(lv): float(lv == x) for lv in range(1, 6)} for n, x in lab.items()}})
+    (tmp_path / "h.jsonl").write_text("".join(json.dumps(r) + "\n" for r in humans))
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preds))
+    r = CliRunner().invoke(cli, ["agree", str(tmp_path / "p.jsonl"), str(tmp_path / "h.jsonl"),
+                                 "--spec", str(TASKS / "emobank.yaml"), "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    for c in rep["criteria"]:
+        loo = c["leave_one_out"]
+        assert {"human_alpha", "model_alpha", "human_alpha_ci", "model_alpha_ci", "verdict"} <= set(loo)
+        assert loo["model_figure"] == "score" and loo["verdict"] == "within"
+    assert rep["mean"]["alpha"] == pytest.approx(np.mean([c["alpha"] for c in rep["criteria"]]))
+    r = CliRunner().invoke(cli, ["agree", str(tmp_path / "p.jsonl"), str(tmp_path / "h.jsonl"),
+                                 "--spec", str(TASKS / "emobank.yaml")])
+    assert "one human" in r.output and "model is" in r.output

@@ -352,8 +352,11 @@ class Run:
         cfg = self.cfg
         report = validate(self.model, self.tokenizer, self.data.spec, self.data.val_items)
         a = selection_alpha(report, cfg.select_by)
+        # alpha: the mean over criteria, what selection reads; pooled over (item, criterion) units
+        # beside it, reported only
         rec = {"step": step, "event": "val", "alpha": a, "select_by": cfg.select_by,
-               "per_criterion": {c["criterion"]: selected_alpha(c, cfg.select_by) for c in report["criteria"]}}
+               "per_criterion": {c["criterion"]: selected_alpha(c, cfg.select_by) for c in report["criteria"]},
+               "pooled": selected_alpha(report["pooled"], cfg.select_by)}
         if any("score_r" in c for c in report["criteria"]):  # is the score following the raters yet?
             rec["score_r"] = {c["criterion"]: c.get("score_r") for c in report["criteria"] if "score_r" in c}
         if untrained:
