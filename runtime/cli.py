@@ -129,10 +129,12 @@ def _ticker(bar: Progress, task: TaskID, t0: float) -> Callable[[int], None]:
               help="--engine ray: the output shards' format.")
 @click.option("--shard-records", type=click.IntRange(1), default=100_000, show_default=True,
               help="--engine ray: records per output shard.")
+@click.option("--dry-run", is_flag=True, help="Print the items, tokens and estimated time (from a timed "
+                                              "sample of the first items) and stop; nothing is written.")
 def annotate(model: Path, inputs: tuple[str, ...], output: str | None, spec_path: Path | None, threads: int | None,
              n_ctx: int, gpu_layers: int, on_error: str, resume: bool, batch: int, workers: int,
              max_chars: int | None, engine_kind: str, ray_address: str | None, actors: int, out_format: str,
-             shard_records: int) -> None:
+             shard_records: int, dry_run: bool) -> None:
     """Label every item of INPUT (JSONL, CSV or Parquet) with MODEL (.gguf).
 
     For every item and criterion it writes the chosen label (`labels`, the most probable level),
@@ -151,8 +153,12 @@ def annotate(model: Path, inputs: tuple[str, ...], output: str | None, spec_path
       annotate-cli annotate annotator.gguf big.jsonl --workers 8 --threads 32 > out.jsonl  # many cores
       annotate-cli annotate annotator.gguf big.jsonl --batch 4 > out.jsonl  # faster, not bit-exact
       annotate-cli annotate annotator.gguf shards/*.jsonl --engine ray --actors 8 --threads 4 -o out/
+      annotate-cli annotate annotator.gguf replies.csv --dry-run   # how long? (jq-able JSON on stdout)
+
+    A job of more than 200 records first prints what it will process and how long it should take,
+    timed on its first 16 items and extrapolated by characters of input.
     """
-    from .jobs import JobOptions, annotate_file, count_records
+    from .jobs import Estimate, JobOptions, annotate_file, count_records
 
     for p in inputs:  # on Ray, a URI (s3://...) is read by the cluster
         if not Path(p).exists() and not (engine_kind == "ray" and "://" in p):
@@ -166,15 +172,28 @@ def annotate(model: Path, inputs: tuple[str, ...], output: str | None, spec_path
         raise click.UsageError("the local engine annotates one INPUT file; several shards: --engine ray")
     if resume and output in (None, "-"):
         raise click.UsageError("--resume needs -o FILE: a job written to stdout cannot be resumed")
+    total = count_records(inputs[0])
+    if dry_run:
+        def show(e: Estimate) -> None:
+            err.print(e.line())
+            click.echo(json.dumps(e.to_dict()))
+
+        annotate_file(model, inputs[0], None, options, estimated=show, dry_run=True)
+        return
     t0 = time.perf_counter()
     bar = _progress()  # shown once the model and the output are ready: a refused model prints one line only
-    tick = _ticker(bar, bar.add_task("annotating", total=count_records(inputs[0]), rate=""), t0)
+    tick = _ticker(bar, bar.add_task("annotating", total=total, rate=""), t0)
     try:
-        stats = annotate_file(model, inputs[0], output, options, resume=resume, progress=tick, started=bar.start)
+        stats = annotate_file(model, inputs[0], output, options, resume=resume, progress=tick, started=bar.start,
+                              estimated=(lambda e: err.print(e.line())) if total > ESTIMATE_FROM else None)
     finally:
         if bar.live.is_started:
             bar.stop()
     _print_summary(stats, time.perf_counter() - t0)
+
+
+ESTIMATE_FROM = 200
+"""Jobs of more records first print an Estimate (a timed sample: about 2 s of scoring)."""
 
 
 def _print_summary(stats: JobStats, dt: float) -> None:
@@ -332,16 +351,21 @@ def convert(pred: Path, fmt: str, spec_path: Path | None, model: Path | None, it
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write DIR/report.html (figures inline) and DIR/report.json: intervals, confusion, "
                    "calibration, the worst disagreements (pip install 'edge-annotator[report]').")
-@click.option("--seed", type=int, default=0, show_default=True, help="--report: the bootstrap's seed.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="The bootstrap's seed (intervals of the report and of the leave-one-rater-out figures).")
 def agree(pred: Path, human: Path, spec_path: Path | None, model: Path | None, as_json: bool,
           report_dir: Path | None, seed: int) -> None:
     """Agreement of PRED (annotate output) with HUMAN labels: Krippendorff's alpha and more.
 
-    Per criterion and pooled: alpha with the human consensus, alpha among the humans alone and
-    with the model as one more rater (where items have several raters), exact agreement, and
-    macro-F1 (labels) or MAE (scales). For rating scales whose records carry `scores` (the
+    Per criterion, their mean and pooled: alpha with the human consensus, alpha among the humans
+    alone and with the model as one more rater (where items have several raters), exact agreement,
+    and macro-F1 (labels) or MAE (scales). For rating scales whose records carry `scores` (the
     probability-weighted mean of the levels), the same for the score beside the label: alpha
     (interval) and MAE against the raters' mean, and alpha with the score as one more rater.
+
+    Where items have two or more raters, the like-for-like yardstick: one held-out human against
+    the consensus of the others, beside the model against that same consensus, with 95% bootstrap
+    intervals (--seed) and whether the model is above, within or below one human.
 
     \b
     Examples:
@@ -358,7 +382,7 @@ def agree(pred: Path, human: Path, spec_path: Path | None, model: Path | None, a
     labels, all_scores = by_id(records)
     scores = {i: s for i, s in all_scores.items() if s}
     humans = read_human(human, spec)
-    report = agreement(spec, labels, humans, scores or None)
+    report = agreement(spec, labels, humans, scores or None, loo=True, seed=seed)
     report["error_records"] = sum(p.error is not None for p in records)
     if report_dir is not None:
         _write_report(pred, records, human, humans, spec, report_dir, seed)
@@ -379,13 +403,18 @@ def _agreement_table(name: str, report: dict[str, Any], with_scores: bool) -> Ta
     t = Table(title=f"Agreement with humans: {name}, {report['items_with_humans']} items",
               caption="alpha: Krippendorff's, model vs human consensus; humans: among the raters alone; "
                       "+model: the model as one more rater; label: the most probable level; "
-                      "score: the probability-weighted mean of the levels (interval alpha, vs the raters' mean)")
+                      "score: the probability-weighted mean of the levels (interval alpha, vs the raters' mean); "
+                      "mean: over criteria; pooled units: every (item, criterion) one unit; "
+                      "one human: one held-out rater against the others' consensus, beside the model (its score "
+                      "where it has one) against that same consensus (like for like; verdict from a 95% interval)")
     heads = {"alpha_humans": "humans", "alpha": "label alpha" if with_scores else "alpha",
              "alpha_humans_plus_model": "label +model" if with_scores else "+model",
              "mae": "label MAE" if with_scores else "MAE", "score_alpha": "score alpha",
              "score_alpha_humans_plus_model": "score +model", "score_mae": "score MAE", "score_r": "score r",
              "exact": "exact", "macro_f1": "macro-F1"}
-    cols = report["criteria"] + [{**report["pooled"], "criterion": "pooled", "level": ""}]
+    cols = report["criteria"] + ([{**report["mean"], "criterion": "mean", "level": ""},
+                                   {**report["pooled"], "criterion": "pooled units", "level": ""}]
+                                  if len(report["criteria"]) > 1 else [])
     t.add_column("")
     for c in cols:
         t.add_column(c["criterion"], justify="right")
@@ -393,6 +422,12 @@ def _agreement_table(name: str, report: dict[str, Any], with_scores: bool) -> Ta
     for k, head in heads.items():
         if any(c.get(k) is not None for c in cols):  # only what this spec has
             t.add_row(head, *[_fmt(c.get(k)) for c in cols])
+    loo = [c.get("leave_one_out") for c in cols]
+    if any(loo):
+        t.add_section()
+        t.add_row("one human", *[_fmt(x["human_alpha"]) if x else "" for x in loo])
+        t.add_row("the model", *[_fmt(x["model_alpha"]) if x else "" for x in loo])
+        t.add_row("model is", *[x.get("verdict", "n/a") if x else "" for x in loo])
     return t
 
 
@@ -443,6 +478,123 @@ def inspect(model: Path, as_json: bool, no_hash: bool) -> None:
     t.add_row("cpu kernels", f"{', '.join(c['features']) or 'none'}; {amx}")
     t.add_row("cpu", c["cpu"])
     Console().print(t)
+
+
+@cli.group()
+def data() -> None:
+    """Human-label files: what one holds, a split by item, one column per rater made rows.
+
+    \b
+    Examples:
+      annotate-cli data check labels.csv --spec tasks/support.yaml
+      annotate-cli data split labels.csv --spec tasks/support.yaml --test 0.2 --val 0.1 -o split/
+      annotate-cli data reshape wide.csv --spec tasks/support.yaml -o labels.jsonl
+    """
+
+
+@data.command("check")
+@click.argument("labels", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--spec", "spec_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The task spec the labels are for.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+def data_check(labels: Path, spec_path: Path, as_json: bool) -> None:
+    """What LABELS holds: items, ratings, raters per item, each criterion's levels, and the
+    humans' own agreement (among themselves, and one held-out rater against the others: the bar
+    an annotator is measured against). Warns where a level is never used or one level holds more
+    than 90% of the ratings. A file read as nothing stops with one line naming its columns.
+
+    \b
+    Examples:
+      annotate-cli data check labels.csv --spec tasks/support.yaml
+      annotate-cli data check labels.jsonl --spec tasks/support.yaml --json | jq .criteria
+    """
+    from .labels import check_labels
+
+    got = check_labels(labels, load_spec(spec_path))
+    if as_json:
+        click.echo(json.dumps(got, indent=2))
+        return
+    rpi = got["raters_per_item"]
+    err.print(f"{labels}: {got['items']} items, {got['ratings']} ratings, raters per item {rpi.get('mean')} "
+              f"(min {rpi.get('min')}, max {rpi.get('max')})" + (f", {got['named_raters']} named raters"
+                                                                 if got["named_raters"] else ""))
+    t = Table(title=f"{got['spec']}: levels and the humans' own agreement")
+    t.add_column("criterion")
+    t.add_column("ratings", justify="right")
+    t.add_column("levels (count)")
+    t.add_column("humans' alpha", justify="right")
+    t.add_column("one human vs the rest", justify="right")
+    for c in got["criteria"]:
+        t.add_row(c["criterion"], str(c["ratings"]), " ".join(f"{k}:{n}" for k, n in c["levels"].items()),
+                  _fmt(c.get("alpha_humans")), _fmt(c.get("one_human_vs_rest")))
+    err.print(t)
+    for w in got["warnings"]:
+        err.print(f"[yellow]warning:[/yellow] {w}")
+
+
+@data.command("split")
+@click.argument("labels", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--spec", "spec_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for train.jsonl, val.jsonl, test.jsonl and split.json.")
+@click.option("--test", type=float, default=0.2, show_default=True, help="Share of items held out for the test.")
+@click.option("--val", type=float, default=0.1, show_default=True,
+              help="Share for validation (checkpoint choice and early stopping; never the test).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--group", default=None, help="Keep items that share this field's value in one split (e.g. a "
+                                            "dialogue id, so that no context is in both train and test).")
+def data_split(labels: Path, spec_path: Path, out_dir: Path, test: float, val: float, seed: int,
+               group: str | None) -> None:
+    """Split LABELS by item into train, validation and test files, deterministically.
+
+    Every record of an item (one per rater) goes to the same split. With a few hundred items,
+    hold out 20% for the test (60 of 300: wide intervals, but a real test) and 10% for
+    validation; train on the rest.
+
+    \b
+    Examples:
+      annotate-cli data split labels.csv --spec tasks/support.yaml -o split/
+      annotate-cli data split labels.jsonl --spec S --test 0.25 --val 0.1 --group dialogue_id -o split/
+    """
+    from .labels import split_labels
+
+    try:
+        info = split_labels(labels, load_spec(spec_path), out_dir, test, val, seed, group)
+    except ValueError as e:
+        if isinstance(e, InputError):
+            raise
+        raise click.BadParameter(str(e)) from None
+    sz = info["sizes"]
+    err.print(f"{labels} -> {out_dir}/: train {sz['train']['items']}, val {sz['val']['items']}, "
+              f"test {sz['test']['items']} items (seed {seed}{', by ' + group if group else ''})")
+
+
+@data.command("reshape")
+@click.argument("wide", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--spec", "spec_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--pattern", default="{criterion}_{rater}", show_default=True,
+              help="How a column name joins criterion and rater, e.g. '{rater}.{criterion}'.")
+def data_reshape(wide: Path, spec_path: Path, out: Path, pattern: str) -> None:
+    """One column per rater and criterion (Helpfulness_r1, Helpfulness_r2, ...) to one record per
+    rater: {"id", inputs, "rater", "labels"}, the layout train, agree and data check read.
+
+    \b
+    Examples:
+      annotate-cli data reshape ratings.csv --spec tasks/support.yaml -o labels.jsonl
+      annotate-cli data reshape ratings.csv --spec S --pattern '{rater}:{criterion}' -o labels.jsonl
+    """
+    from .labels import reshape_wide
+
+    try:
+        got = reshape_wide(wide, load_spec(spec_path), out, pattern)
+    except ValueError as e:
+        if isinstance(e, InputError):
+            raise
+        raise click.BadParameter(str(e)) from None
+    err.print(f"{wide} -> {out}: {got['items']} items, {got['records']} ratings from {len(got['raters'])} raters "
+              f"({', '.join(got['raters'][:8])}); columns {', '.join(got['columns'][:6])}"
+              + (" ..." if len(got["columns"]) > 6 else ""))
 
 
 @cli.command()

@@ -40,64 +40,81 @@ def _fields(p: Prediction, spec: TaskSpec, inputs: dict[str, dict[str, str]] | N
     return dict(inputs[p.id])
 
 
-def _numeric(c: Criterion) -> bool:
-    return c.level != "nominal" and all(isinstance(v, (int, float)) for v in c.values)
-
-
-def _value(p: Prediction, c: Criterion) -> Any:
-    """A rating scale's number (the score where the record has one, else the label); a label set's label."""
-    if _numeric(c):
-        return p.scores.get(c.name, p.labels[c.name])
-    return str(p.labels[c.name])
-
-
 # -- Label Studio ------------------------------------------------------------------------------
+
+MODEL_KEY = "edge_annotator_model"
+"""Task data: the model's labels, scores and confidences in words, shown above the controls."""
+
+
+def _ls_rating(c: Criterion) -> int | None:
+    """maxRating where a scale is 1..N whole numbers with N <= 10 (Label Studio's <Rating>), else None."""
+    vals = c.values
+    if c.level != "nominal" and vals == list(range(1, len(vals) + 1)) and len(vals) <= 10:
+        return len(vals)
+    return None
+
 
 def label_studio_config(spec: TaskSpec) -> str:
     """The labelling interface (<View> XML) the tasks' predictions belong to: each input as a
-    <Text>, each label set as <Choices>, each rating scale as a <Number> over its levels' range."""
-    first = spec.inputs[0].name
+    <Text>, the model's suggestion in words (a <Header> over task data), and per criterion a
+    <Rating> (whole-number 1..N scales, N <= 10) or <Choices> of its levels (label sets and other
+    scales), pointed at the field the criterion judges (the spec's `judges`, else the last input)."""
     lines = ["<View>"]
     for f in spec.inputs:
         lines.append(f"  <Header value={quoteattr(f.title)}/>")
         lines.append(f"  <Text name={quoteattr(f.name)} value={quoteattr('$' + f.name)}/>")
+    lines.append('  <Header value="The annotator suggests" size="5"/>')
+    lines.append(f"  <Header value={quoteattr('$' + MODEL_KEY)} size=\"6\"/>")
     for c in spec.criteria:
-        lines.append(f"  <Header value={quoteattr(c.name)}/>")
-        if _numeric(c):
-            vals = [float(v) for v in c.values]
-            lo, hi = quoteattr(f"{min(vals):g}"), quoteattr(f"{max(vals):g}")
-            lines.append(f"  <Number name={quoteattr(c.name)} toName={quoteattr(first)} min={lo} max={hi} "
-                         f"step=\"0.01\"/>")
+        to = quoteattr(spec.judged_field(c))
+        lines.append(f"  <Header value={quoteattr(c.name + (': ' + c.description if c.description else ''))}/>")
+        if (n := _ls_rating(c)) is not None:
+            lines.append(f"  <Rating name={quoteattr(c.name)} toName={to} maxRating=\"{n}\" icon=\"star\"/>")
         else:
-            lines.append(f"  <Choices name={quoteattr(c.name)} toName={quoteattr(first)} choice=\"single\" "
-                         f"showInline=\"true\">")
-            lines.extend(f"    <Choice value={quoteattr(str(v))}/>" for v in c.values)
+            lines.append(f"  <Choices name={quoteattr(c.name)} toName={to} choice=\"single\" showInline=\"true\">")
+            lines.extend(f"    <Choice value={quoteattr(str(lv.value))}"
+                         + (f" hint={quoteattr(lv.anchor)}" if lv.anchor else "") + "/>" for lv in c.scale)
             lines.append("  </Choices>")
     lines.append("</View>")
     return "\n".join(lines) + "\n"
 
 
+def _suggestion_text(p: Prediction, spec: TaskSpec) -> str:
+    """E.g. "Valence 4 (score 3.91, p 0.60); Arousal 3 (score 3.02, p 0.71)"."""
+    parts = []
+    for c in spec.criteria:
+        score = p.scores.get(c.name)
+        extra = f"score {score:.2f}, " if score is not None else ""
+        parts.append(f"{c.name} {p.labels[c.name]} ({extra}p {p.confidence(c.name):.2f})")
+    return "; ".join(parts)
+
+
 def label_studio_tasks(preds: list[Prediction], spec: TaskSpec,
                        inputs: dict[str, dict[str, str]] | None = None) -> list[dict[str, Any]]:
-    """Tasks to import (Label Studio's "import pre-annotated data"): `data` holds the inputs, the id
-    and, under "edge_annotator", every level's probability and the scores; one prediction per task
-    whose `result` has one region per criterion, `model_version` the model file's sha256 prefix and
-    `score` the mean confidence. An error record is a task with no prediction and the error in data."""
-    first = spec.inputs[0].name
+    """Tasks to import (Label Studio's "import pre-annotated data"): `data` holds the inputs, the id,
+    the suggestion in words and, under "edge_annotator", every level's probability and the scores;
+    one prediction per task whose `result` pre-selects each criterion's label (a rating or a choice),
+    `model_version` the model file's sha256 prefix and `score` the mean confidence. An error record
+    is a task with no prediction and the error in data."""
     tasks: list[dict[str, Any]] = []
     for p in preds:
         data: dict[str, Any] = {**_fields(p, spec, inputs), "id": p.id}
         if p.error is not None:
             data[ERROR_KEY] = p.error.get("message", "error")
+            data[MODEL_KEY] = f"no suggestion: {data[ERROR_KEY]}"
             tasks.append({"data": data, "predictions": []})
             continue
         data[PROBS_KEY] = {"probs": p.probs, "scores": p.scores}
+        data[MODEL_KEY] = _suggestion_text(p, spec)
         result: list[dict[str, Any]] = []
         for c in spec.criteria:
-            kind, key = ("number", "number") if _numeric(c) else ("choices", "choices")
-            v = _value(p, c)
-            result.append({"id": f"{p.id}-{c.name}", "from_name": c.name, "to_name": first, "type": kind,
-                           "value": {key: v if kind == "number" else [v]}, "score": p.confidence(c.name)})
+            value: dict[str, Any]
+            if _ls_rating(c) is not None:
+                kind, value = "rating", {"rating": int(p.labels[c.name])}
+            else:
+                kind, value = "choices", {"choices": [str(p.labels[c.name])]}
+            result.append({"id": f"{p.id}-{c.name}", "from_name": c.name, "to_name": spec.judged_field(c),
+                           "type": kind, "value": value, "score": p.confidence(c.name)})
         score = sum(p.confidence(c.name) for c in spec.criteria) / len(spec.criteria)
         prediction: dict[str, Any] = {"model_version": p.model_sha256[:12], "score": score, "result": result}
         tasks.append({"data": data, "predictions": [prediction]})

@@ -292,13 +292,73 @@ def ratings_of(row: Row, spec: TaskSpec) -> list[dict[str, Value]]:
 
 
 def read_human(path: str | Path, spec: TaskSpec) -> dict[str, list[dict[str, int | float | str]]]:
-    """id -> every human rating of that item, in file order. Raises on the first bad record."""
+    """id -> every human rating of that item, in file order. Raises on the first bad record, and
+    on a file in which no record holds a rating of the spec's criteria (Coverage)."""
     out: dict[str, list[dict[str, int | float | str]]] = {}
+    seen = Coverage(str(path), spec)
     for row in iter_rows(path):
         if row.error:
             raise row.error
         assert row.data is not None
         if "id" not in row.data:
             raise InputError(row.path, row.line, "missing: every record needs an 'id'", "id")
-        out.setdefault(str(row.data["id"]), []).extend(ratings_of(row, spec))
+        rs = ratings_of(row, spec)
+        seen.add(row.data, rs)
+        out.setdefault(str(row.data["id"]), []).extend(rs)
+    seen.check()
     return out
+
+
+LAYOUTS = ("a column (CSV) or key (JSONL) per criterion, one rating a row, with an optional 'rater'; "
+           "\"labels\": {criterion: value}; or \"ratings\": [{\"rater\": ..., \"labels\": {...}}]")
+
+
+class Coverage:
+    """What a human-label file held, so that a file read as nothing stops instead of giving 0 items.
+
+    A file whose records map to no criterion value (one column per rater, a misspelt criterion
+    column, labels under another key) raises one InputError naming the file, the columns found,
+    the spec's criteria and the layouts accepted. check(strict=True), as training uses, also
+    refuses a file in which one criterion has no rating at all."""
+
+    def __init__(self, path: str, spec: TaskSpec):
+        self.path, self.spec = path, spec
+        self.records = self.rated = 0
+        self.per_criterion = dict.fromkeys(spec.criterion_names, 0)
+        self.columns: dict[str, None] = {}
+
+    def add(self, data: dict[str, Any], ratings: list[dict[str, Value]]) -> None:
+        self.records += 1
+        self.rated += bool(ratings)
+        if len(self.columns) < 200:
+            self.columns.update(dict.fromkeys(data))
+        for r in ratings:
+            for k in r:
+                self.per_criterion[k] += 1
+
+    def check(self, strict: bool = False) -> None:
+        names = self.spec.criterion_names
+        missing = [c for c, n in self.per_criterion.items() if n == 0]
+        if self.records and (not self.rated or (strict and missing)):
+            what = (f"none of its {self.records:,} records holds a rating of the spec's criteria" if not self.rated
+                    else f"no record rates {', '.join(repr(c) for c in missing)}")
+            raise InputError(self.path, None, f"{what} (spec '{self.spec.name}': {', '.join(names)}). Columns found: "
+                             f"{', '.join(self.columns) or 'none'}.{self._hint(missing or names)} Accepted layouts: "
+                             f"{LAYOUTS}")
+
+    def _hint(self, wanted: list[str]) -> str:
+        import difflib
+
+        cols = [c for c in self.columns if c not in RESERVED]
+        wide = [c for c in cols for n in wanted if c.lower() != n.lower() and
+                (c.lower().startswith(n.lower()) or c.lower().endswith(n.lower()))]
+        if wide:
+            return (f" {', '.join(wide[:4])} look like one column per rater: annotate-cli data reshape "
+                    f"{Path(self.path).name} --spec SPEC -o labels.jsonl turns them into one rating a row.")
+        close = [f"'{m[0]}' for '{n}'" for n in wanted if (m := difflib.get_close_matches(n, cols, 1, 0.6))]
+        if close:
+            return f" Misspelt? {', '.join(close)}."
+        if "labels" not in self.columns and "ratings" not in self.columns and any(
+                isinstance(k, str) and k.lower() in ("scores", "label", "annotations", "rating") for k in cols):
+            return " Labels must sit under 'labels' (or 'ratings'), keyed by criterion name."
+        return ""

@@ -20,3 +20,14 @@ def atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def atomic_write(final: Path, text: str) -> Path:
+    """Write text beside `final`, then rename it into place: a reader sees the old file or the new."""
+    import os
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.partial")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, final)
+    return final

@@ -329,6 +329,85 @@ class WorkerPool:
         self._ex.shutdown(cancel_futures=True)
 
 
+# -- an estimate before long work -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a job will process and how long it should take, from a timed sample of its first items.
+
+    Time is extrapolated by characters of input, not by items: a job of long replies after short
+    ones would otherwise be promised too soon. Tokens likewise (the shared instruction once)."""
+
+    records: int
+    items: int
+    """Valid records (bad ones are left out of the time)."""
+    chars: int
+    sample_items: int
+    sample_seconds: float
+    sample_tokens: int
+    tokens: int
+    seconds: float
+    workers: int = 1
+
+    def line(self) -> str:
+        rate = self.sample_items / self.sample_seconds if self.sample_seconds else 0.0
+        per = self.tokens / self.items if self.items else 0
+        who = f" on {self.workers} workers" if self.workers > 1 else ""
+        return (f"{self.items:,} items ({self.records - self.items:,} bad records left out), about "
+                f"{self.tokens:,} tokens ({per:,.0f} an item): about {_duration(self.seconds)}{who}, timed on the "
+                f"first {self.sample_items} items ({rate:.2f} items/s)")
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self) | {"items_per_s": self.sample_items / self.sample_seconds if self.sample_seconds else None}
+
+
+def _duration(s: float) -> str:
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def estimate(annotator: Annotator, input_path: str | Path, max_chars: int | None = None, sample: int = 16,
+             workers: int = 1) -> Estimate:
+    """Read every record (no scoring), then score the first `sample` valid items, after one more
+    that decodes the shared instruction, and extrapolate by characters. Scoring is deterministic
+    whatever ran before (tests/test_runtime.py), so a job that runs after this writes the same bytes."""
+    import time
+
+    records = items = chars = 0
+    first: list[Item] = []
+    seen = IdTable()
+    for row in iter_rows(input_path):
+        records += 1
+        try:
+            it = check_item(row, annotator.spec, max_chars=max_chars)
+        except InputError:
+            continue
+        if seen.setdefault(it.id, _fields_key(it.fields), it.line) is not None:
+            continue  # another rater's row of an item (or a duplicate id, an error record in the job)
+        items += 1
+        chars += sum(len(v) for v in it.fields.values())
+        if len(first) <= sample:
+            first.append(it)
+    if len(first) > 1:
+        annotator.score_many([first[0].fields])  # the instruction, decoded once per job
+        timed = first[1:]
+    else:
+        timed = first
+    eng = annotator.engine
+    before, t0 = eng.n_evaluated, time.perf_counter()
+    annotator.score_many([it.fields for it in timed])
+    dt, toks = time.perf_counter() - t0, eng.n_evaluated - before
+    sample_chars = sum(len(v) for it in timed for v in it.fields.values()) or 1
+    scale = chars / sample_chars
+    return Estimate(records, items, chars, len(timed), dt, toks, int(toks * scale), dt * scale / max(workers, 1),
+                    workers)
+
+
 # -- one annotation job: what annotate-cli, bench and the determinism check all run ----------------
 
 @dataclass(frozen=True)
@@ -363,14 +442,15 @@ def open_model(model: str | Path, spec_path: str | Path | None = None, gpu_layer
 
 def annotate_file(model: str | Path, input_path: str | Path, output: str | None | IO[str],
                   options: JobOptions = JobOptions(), *, resume: bool = False,
-                  progress: Callable[[int], None] | None = None, started: Callable[[], None] | None = None
-                  ) -> JobStats:
+                  progress: Callable[[int], None] | None = None, started: Callable[[], None] | None = None,
+                  estimated: Callable[[Estimate], None] | None = None, dry_run: bool = False) -> JobStats:
     """Annotate every record of INPUT_PATH with MODEL into OUTPUT: a path (opened fresh, or for
     append with `resume`), None or "-" for stdout, or an open text stream the caller owns.
 
     Every check on the model and the spec runs before the output is opened; `started` is called
-    then, before the first record. Returns the job's counts; raises InputError on the first bad
-    record with on_error="fail"."""
+    then, before the first record. With `estimated`, the job's Estimate (a timed sample of its
+    first items) is handed to it first; with `dry_run`, only that: nothing is opened or written.
+    Returns the job's counts; raises InputError on the first bad record with on_error="fail"."""
     from .gguf_meta import sha256_file
 
     llm, spec = open_model(model, options.spec, options.gpu_layers)
@@ -378,6 +458,12 @@ def annotate_file(model: str | Path, input_path: str | Path, output: str | None 
         model_sha = sha256_file(model)
         with LlamaEngine(llm, n_ctx=options.n_ctx, n_threads=options.threads) as engine:
             annotator = Annotator(engine, spec, batch=options.batch)
+            if estimated is not None or dry_run:
+                got = estimate(annotator, input_path, options.max_chars, workers=options.workers)
+                if estimated is not None:
+                    estimated(got)
+                if dry_run:
+                    return JobStats()
             if output is None or isinstance(output, str):
                 (out, state), owned = open_output(output, resume), True
             else:

@@ -63,6 +63,13 @@ class Criterion:
     description: str
     level: Level
     scale: tuple[ScaleLevel, ...]
+    judges: str = ""
+    """The input field this criterion judges (a labelling tool points its control there); "" for
+    the last input, what is usually judged (the reply, the summary, the answer)."""
+    calibration: tuple[tuple[float, float], ...] = ()
+    """A monotone map from the raw score to the human scale, as (raw, calibrated) knots joined by
+    straight lines and flat beyond the ends; () is the identity. Fitted after training on the
+    validation items (train/calibrate.py); annotate applies it to `scores`."""
 
     @property
     def values(self) -> list[int | str]:
@@ -91,6 +98,14 @@ class TaskSpec:
     def input_names(self) -> list[str]:
         return [f.name for f in self.inputs]
 
+    @property
+    def criterion_names(self) -> list[str]:
+        return [c.name for c in self.criteria]
+
+    def judged_field(self, c: Criterion) -> str:
+        """The input field criterion c judges: its `judges`, else the last input."""
+        return c.judges or self.inputs[-1].name
+
     def criterion(self, name: str) -> Criterion:
         for c in self.criteria:
             if c.name == name:
@@ -98,8 +113,16 @@ class TaskSpec:
         raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
-        """The canonical, JSON-able form; `from_dict(to_dict())` round-trips."""
-        return asdict(self)
+        """The canonical, JSON-able form; `from_dict(to_dict())` round-trips. A criterion's judges
+        and calibration appear only when set, so specs without them hash as before."""
+        d = asdict(self)
+        for c in d["criteria"]:
+            for k in ("judges", "calibration"):
+                if not c[k]:
+                    del c[k]
+            if "calibration" in c:
+                c["calibration"] = [list(kn) for kn in c["calibration"]]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
@@ -134,6 +157,11 @@ def parse_spec(raw: Any, source: str = "<spec>") -> TaskSpec:
     if not isinstance(extra, dict):
         problems.append("'extra' must be a mapping")
         extra = {}
+    names = {f.name for f in inputs}
+    for c in criteria:
+        if c.judges and names and c.judges not in names:
+            problems.append(f"criterion '{c.name}': judges '{c.judges}', which is not an input "
+                            f"(inputs: {', '.join(sorted(names))})")
     if problems:
         raise SpecError(source, problems)
     return TaskSpec(name=name, description=str(raw.get("description", "")), inputs=tuple(inputs),
@@ -189,6 +217,10 @@ def _parse_criteria(raw: dict[str, Any], problems: list[str]) -> tuple[str, list
         else:
             c = {"name": lab.get("name", "label"), "description": lab.get("description", ""),
                  "level": "nominal", "scale": lab.get("classes")}
+            if "judges" in lab:
+                c["judges"] = lab["judges"]
+            for k in sorted(set(lab) - {"name", "description", "classes", "judges"}):
+                problems.append(f"labels: unknown key '{k}'")
             crit = _parse_criterion(c, "labels", problems, numeric=False)
             if crit:
                 criteria.append(crit)
@@ -233,7 +265,7 @@ def _parse_criterion(c: Any, where: str, problems: list[str], numeric: bool) -> 
         problems.append(f"{where}: must be a mapping with name, description, level and scale")
         return None
     name = c.get("name")
-    for k in sorted(set(c) - {"name", "description", "level", "scale"}):
+    for k in sorted(set(c) - {"name", "description", "level", "scale", "judges", "calibration"}):
         problems.append(f"{where}: unknown key '{k}'")
     if not isinstance(name, str) or not name.strip():
         problems.append(f"{where}: needs a non-empty 'name'")
@@ -284,8 +316,35 @@ def _parse_criterion(c: Any, where: str, problems: list[str], numeric: bool) -> 
         problems.append(f"{where}: answers must be distinct")
     if numeric and values and values != sorted(values):
         problems.append(f"{where}: scale values must be listed in increasing order")
+    judges = c.get("judges", "")
+    if not isinstance(judges, str):
+        problems.append(f"{where}: 'judges' must name an input field")
+        judges = ""
+    calibration = _parse_calibration(c.get("calibration", []), where, problems, numeric and level != "nominal")
     return Criterion(name=name, description=str(c.get("description", "")).strip(),
-                     level=level if level in LEVELS else "nominal", scale=tuple(scale))  # type: ignore[arg-type]
+                     level=level if level in LEVELS else "nominal", scale=tuple(scale),  # type: ignore[arg-type]
+                     judges=judges, calibration=calibration)
+
+
+def _parse_calibration(raw: Any, where: str, problems: list[str], scale: bool) -> tuple[tuple[float, float], ...]:
+    """(raw, calibrated) knots, both increasing: a monotone piecewise-linear map."""
+    if raw in (None, []):
+        return ()
+    ok = isinstance(raw, list) and len(raw) >= 2 and all(
+        isinstance(k, list | tuple) and len(k) == 2 and all(isinstance(x, int | float) and not isinstance(x, bool)
+                                                            for x in k) for k in raw)
+    if not ok:
+        problems.append(f"{where}: 'calibration' must list two or more [raw, calibrated] pairs of numbers")
+        return ()
+    if not scale:
+        problems.append(f"{where}: 'calibration' applies to rating scales only")
+        return ()
+    knots = tuple((float(a), float(b)) for a, b in raw)
+    xs, ys = [k[0] for k in knots], [k[1] for k in knots]
+    if any(b <= a for a, b in zip(xs, xs[1:])) or any(b < a for a, b in zip(ys, ys[1:])):
+        problems.append(f"{where}: 'calibration' raw values must increase and calibrated ones never decrease")
+        return ()
+    return knots
 
 
 def load_spec(path: str | Path) -> TaskSpec:
@@ -317,6 +376,6 @@ def spec_from_json(text: str, source: str = "<embedded spec>") -> TaskSpec:
         crits = raw.get("criteria") or [{}]
         c = crits[0] if isinstance(crits[0], dict) else {}
         raw = {**raw, "labels": {"name": c.get("name"), "description": c.get("description", ""),
-                                 "classes": c.get("scale")}}
+                                 "classes": c.get("scale"), **({"judges": c["judges"]} if c.get("judges") else {})}}
         raw.pop("criteria", None)
     return parse_spec(raw, source)

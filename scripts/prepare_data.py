@@ -27,6 +27,7 @@ from typing import Any
 
 import click
 
+from edge_annotator.runtime.files import atomic_write
 from edge_annotator.runtime.records import jsonl_line, write_jsonl_line
 
 DATASETS = ("emobank", "goemotions", "convabuse")
@@ -98,10 +99,7 @@ def convert(name: str, source: str | Path, split: str, limit: int | None = None,
 
 def write_items(items: list[dict[str, Any]], out: Path) -> None:
     """ITEMS as JSONL in OUT, written beside it and renamed into place (never half-written)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_text("".join(jsonl_line(it) for it in items), encoding="utf-8")
-    tmp.replace(out)
+    atomic_write(out, "".join(jsonl_line(it) for it in items))
 
 
 @click.command()

@@ -182,3 +182,26 @@ def test_workers_and_batch_give_the_same_bytes_as_one_process(tmp_path: Path, ge
     part.write_text("".join(b1.splitlines(keepends=True)[:5]))
     assert _invoke(*base, "--batch", "3", "-o", str(part), "--resume").exit_code == 0
     assert part.read_text() == b1
+
+
+def test_dry_run_estimates_without_writing_and_a_long_job_prints_its_estimate_first(
+        tmp_path: Path, gemma_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--dry-run: items, tokens and a time from a timed sample, JSON on stdout, nothing written.
+    A job over the threshold prints the same estimate first and still writes the recorded bytes
+    (scoring does not depend on what ran before)."""
+    from golden import check_golden
+
+    import edge_annotator.runtime.cli as cli_mod
+
+    items = DATA / "emobank-test-50.jsonl"
+    out = tmp_path / "never.jsonl"
+    r = _invoke("annotate", str(gemma_path), str(items), "--spec", SPEC, "--threads", "2", "--dry-run", "-o", str(out))
+    assert r.exit_code == 0, r.output
+    est = json.loads(r.stdout)
+    assert (est["records"], est["items"], est["sample_items"]) == (50, 50, 16) and not out.exists()
+    assert est["tokens"] > 50 * 20 and est["seconds"] > 0 and est["items_per_s"] > 0
+    assert "50 items" in r.stderr and "timed on the first 16 items" in r.stderr
+    monkeypatch.setattr(cli_mod, "ESTIMATE_FROM", 10)
+    r = _invoke("annotate", str(gemma_path), str(items), "--spec", SPEC, "--threads", "2", "-o", str(out))
+    assert r.exit_code == 0 and "timed on the first 16 items" in r.stderr, r.output
+    check_golden("annotate-emobank-test-50.jsonl", out.read_text())

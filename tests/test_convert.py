@@ -109,10 +109,24 @@ def test_label_studio_config_parses_and_every_prediction_validates(tmp_path: Pat
     assert t[2]["predictions"] == [] and t[2]["data"]["edge_annotator_error"] == "is empty"
     assert t[0]["predictions"][0]["model_version"] == json.loads(pred.read_text().splitlines()[0])["model_sha256"][:12]
     assert set(t[0]["data"]) >= set(spec.input_names) | {"id", "edge_annotator"}
+    # a labeller's controls: stars for 1..5, the levels as choices otherwise, the label pre-selected,
+    # pointed at the judged field (the last input: the sentence, the user's message, the comment)
+    xml = config.read_text()
+    first = json.loads(pred.read_text().splitlines()[0])
+    res = t[0]["predictions"][0]["result"][0]
+    if task == "emobank":
+        assert xml.count("<Rating ") == 3 and 'maxRating="5"' in xml and "<Number" not in xml
+        assert res["type"] == "rating" and res["value"] == {"rating": first["labels"]["Valence"]}
+    else:
+        assert xml.count("<Choices ") == 1 and "<Rating" not in xml and "<Number" not in xml
+        assert res["type"] == "choices" and res["value"] == {"choices": [str(first["labels"][spec.criteria[0].name])]}
+    assert res["to_name"] == spec.inputs[-1].name and f'toName="{spec.inputs[-1].name}"' in xml
+    assert t[0]["data"]["edge_annotator_model"].startswith(f"{spec.criteria[0].name} ")
+    assert "$edge_annotator_model" in xml
     # the check can fail: a label outside the config is invalid
     c = spec.criteria[0]
-    t[0]["predictions"][0]["result"][0]["value"] = ({"choices": ["no such label"]} if c.level == "nominal"
-                                                    else {"number": "not a number"})
+    t[0]["predictions"][0]["result"][0]["value"] = ({"rating": "five"} if task == "emobank"
+                                                    else {"choices": ["no such label"]})
     tasks.write_text(json.dumps(t))
     assert _sdk_check("label-studio", config, tasks)["invalid"] == 1
 
@@ -146,3 +160,24 @@ def test_bad_prediction_records_name_file_line_and_field(tmp_path: Path) -> None
     r = _convert(str(pred), "--to", "csv", "--spec", str(TASKS / "emobank.yaml"), "--items", str(few),
                  "-o", str(tmp_path / "y.csv"))
     assert r.exit_code == 1 and "is not in the items file" in r.output, r.output
+
+
+def test_label_studio_controls_point_at_the_field_each_criterion_judges(tmp_path: Path) -> None:
+    """qa-rubric's criteria judge the answer (its last input) unless the spec names another field."""
+    import yaml
+
+    from edge_annotator.runtime.convert import label_studio_config
+    from edge_annotator.runtime.spec import parse_spec
+
+    raw = yaml.safe_load((TASKS / "qa-rubric.yaml").read_text())
+    xml = label_studio_config(parse_spec(raw))
+    assert xml.count('toName="answer"') == 6 and xml.count("<Choices ") == 6  # -2..2 is no star scale
+    assert '<Choice value="-2" hint="(-2) fails badly on this criterion"/>' in xml
+    raw["criteria"][4]["judges"] = "context"
+    xml = label_studio_config(parse_spec(raw))
+    assert xml.count('toName="answer"') == 5 and xml.count('toName="context"') == 1
+    raw["criteria"][4]["judges"] = "nowhere"
+    from edge_annotator.runtime.spec import SpecError
+
+    with pytest.raises(SpecError, match="judges 'nowhere', which is not an input"):
+        parse_spec(raw)

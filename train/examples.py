@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edge_annotator.hf.tree import Unit
-from edge_annotator.runtime.data import Item, check_item, iter_rows, ratings_of
+from edge_annotator.runtime.data import Item
+from edge_annotator.runtime.labels import read_labelled
 from edge_annotator.runtime.metrics import nearest_level
 from edge_annotator.runtime.prompt import RenderOptions
 from edge_annotator.runtime.spec import TaskSpec
@@ -45,16 +46,9 @@ class Example:
 
 
 def load_items(path: str | Path, spec: TaskSpec) -> list[Item]:
-    """Items with their human ratings; rows sharing an id are merged (one row per rater)."""
-    by_id: dict[str, Item] = {}
-    for row in iter_rows(path):
-        it = check_item(row, spec)
-        rs = ratings_of(row, spec)
-        if it.id in by_id:
-            by_id[it.id].ratings.extend(rs)
-        else:
-            by_id[it.id] = replace(it, ratings=rs)
-    return [it for it in by_id.values() if it.ratings]
+    """Items with their human ratings; rows sharing an id are merged (one row per rater). A file
+    in which a criterion has no rating at all stops here, naming its columns (data.Coverage)."""
+    return [it for it in read_labelled(path, spec, strict=True).items if it.ratings]
 
 
 def split_items(items: list[Item], val_fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
