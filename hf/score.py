@@ -3,7 +3,8 @@
 The answers' token trie is built by the runtime's `build_trie`, here with the HF tokenizer; the
 probabilities are the restricted softmaxes at each branching node, multiplied along each
 answer's path (the runtime's level_probs), the label is the most probable level and the score
-the probability-weighted mean of the levels (runtime/annotator.py: expected_value). Items are
+the probability-weighted mean of the levels, calibrated where the spec says so
+(runtime/annotator.py: criterion_score). Items are
 scored in token trees (hf/tree.py: the instruction once per batch, each item once for all its
 criteria), which give the same numbers as one prompt per item and criterion (tests/test_tree.py).
 Agreement is runtime/metrics.py's Krippendorff alpha.
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_annotator.runtime.annotator import AnswerTrie, Score, build_trie, expected_value
+from edge_annotator.runtime.annotator import AnswerTrie, Score, build_trie, criterion_score
 from edge_annotator.runtime.data import Item
 from edge_annotator.runtime.metrics import agreement
 from edge_annotator.runtime.prompt import CANONICAL
@@ -62,9 +63,7 @@ def score_items(model: Any, tokenizer: Any, spec: TaskSpec, items: Sequence[Item
                 for k in range(len(chunk)):
                     res = {}
                     for ci, c in enumerate(spec.criteria):
-                        p = probs[k * len(spec.criteria) + ci, : len(c.scale)].tolist()
-                        res[c.name] = Score(c.scale[int(np.argmax(p))].value, dict(zip(c.values, p)),
-                                            expected_value(c, p))
+                        res[c.name] = criterion_score(c, probs[k * len(spec.criteria) + ci, : len(c.scale)].tolist())
                     out.append(res)
     finally:
         if was_training:

@@ -142,6 +142,27 @@ def expected_value(c: Criterion, probs: Sequence[float]) -> float | None:
     return float(sum(float(lv.value) * p for lv, p in zip(c.scale, probs)) / max(sum(probs), 1e-300))
 
 
+def calibrate(c: Criterion, raw: float) -> float:
+    """The spec's monotone map of a raw score onto the human scale: straight lines between its
+    (raw, calibrated) knots, flat beyond the ends; the identity where it has none."""
+    if not c.calibration:
+        return raw
+    xs, ys = zip(*c.calibration)
+    return float(np.interp(raw, xs, ys))
+
+
+def criterion_score(c: Criterion, probs: Sequence[float], digits: int | None = None) -> Score:
+    """One criterion's Score from its levels' probabilities (spec order): the most probable level
+    (ties to the first), the probabilities, and for rating scales the score, calibrated where the
+    spec says so (raw_score then keeps the value before it)."""
+    best = int(np.argmax(probs))
+    raw = expected_value(c, probs)
+    score = calibrate(c, raw) if raw is not None else None
+    p: dict[int | float | str, float] = {lv.value: (round(q, digits) if digits is not None else q)
+                                         for lv, q in zip(c.scale, probs)}
+    return Score(c.scale[best].value, p, score, raw if c.calibration and raw is not None else None)
+
+
 @dataclass
 class _Plan:
     """How one item is decoded: shared instruction | item tokens | one cue per criterion."""
@@ -301,10 +322,7 @@ class Annotator:
         res = {}
         for c, crit in enumerate(self.spec.criteria):
             probs = level_probs(self.tries[crit.name], lambda prefix: cond.get((j, c, prefix)))  # noqa: B023
-            best = int(np.argmax(probs))  # ties go to the first level in spec order
-            res[crit.name] = Score(crit.scale[best].value,
-                                   {lv.value: round(q, PROB_DIGITS) for lv, q in zip(crit.scale, probs)},
-                                   expected_value(crit, probs))
+            res[crit.name] = criterion_score(crit, probs, PROB_DIGITS)
         return res
 
     def score(self, fields: Mapping[str, Any]) -> dict[str, Score]:

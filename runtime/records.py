@@ -32,6 +32,8 @@ class Score:
     label: int | float | str
     probs: dict[int | float | str, float]
     score: float | None = None
+    raw_score: float | None = None
+    """The probability-weighted mean before the spec's calibration; None where the criterion has none."""
 
 
 def jsonl_line(record: dict[str, Any]) -> str:
@@ -51,6 +53,9 @@ def result_record(item_id: str, scores: Mapping[str, Score], stamp: Mapping[str,
     numeric = {k: round(s.score, PROB_DIGITS) for k, s in scores.items() if s.score is not None}
     if numeric:  # rating scales only: labels have no mean
         rec["scores"] = numeric
+    raw = {k: round(s.raw_score, PROB_DIGITS) for k, s in scores.items() if s.raw_score is not None}
+    if raw:  # criteria with a calibration: the score before it
+        rec["raw_scores"] = raw
     rec["probs"] = {k: {str(v): p for v, p in s.probs.items()} for k, s in scores.items()}
     return {**rec, **(stamp or {})}
 

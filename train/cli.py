@@ -62,6 +62,12 @@ def train(config: Path, output: str | None, max_steps: int | None, resume: bool,
     base = None if done.baseline_alpha is None else round(done.baseline_alpha, 3)
     err.print(f"best validation {cfg.select_by} alpha {st.best_alpha:.3f} at step {st.best_step} (untrained: {base}); "
               f"{r.steps} steps, {r.tokens_per_s:.0f} tokens/s, {r.examples_per_s:.1f} examples/s")
+    if done.calibration:
+        from .job import calibration_lines
+
+        err.print("calibration (RUN/merged/spec.json):")
+        for line in calibration_lines(done.calibration):
+            err.print(line)
     if done.merged:
         err.print(f"merged model: {done.merged}")
     err.print(f"done in {done.timing['total_s']:.0f}s (RUN/timing.json)")

@@ -145,6 +145,11 @@ class TrainConfig:
     writes as `scores`), the label for nominal ones; label: the most probable level everywhere."""
     val_max_items: int | None = None
     """Validate on at most this many items (the first, in file order)."""
+    calibrate: bool = True
+    """After merging, fit a monotone map per rating scale from the raw score to the raters' mean on
+    the validation items (identity, affine or isotonic, chosen by cross-validation; train/calibrate.py)
+    and store it in the merged model's spec, so annotate's `scores` are calibrated (`raw_scores` keep
+    the values before it)."""
     augment: Augment = field(default_factory=Augment)
     name: str = ""
     """Shown in logs; defaults to the file name."""
