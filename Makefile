@@ -13,7 +13,7 @@ GEMMA_HF := $(MODELS)/gemma-3-270m-hf
 THREADS ?= 2
 DEMO := $(MODELS)/demo
 
-.PHONY: help install install-cuda formats-venv label-studio-check test test-fast lint demo demo-zero-shot bench bench-train train export export-all eval clean
+.PHONY: help install install-cuda formats-venv label-studio-check test test-fast lint demo demo-zero-shot bench bench-train train export export-all eval learning-curve clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -157,21 +157,28 @@ export-all: install  ## export F16, Q8_0, Q5_K_M, Q4_K_M and Q4_0, each gated by
 	for q in F16 Q8_0 Q5_K_M Q4_K_M Q4_0; do $(MAKE) --no-print-directory export QUANT=$$q || exit 1; done
 
 # annotate-cli vs the naive llama-cpp-python loop, HF transformers fp32 and llama.cpp's pp512,
-# side by side in one run; writes BENCHMARKS.md and models/bench.json.
+# side by side in one run; writes docs/benchmarks.md and models/bench.json.
 bench: install $(GEMMA) $(GEMMA_HF)  ## throughput ratios, side by side (about 5 minutes)
-	$(CLI) bench --model $(GEMMA) --hf-dir $(GEMMA_HF) --threads $(THREADS) --json $(MODELS)/bench.json --markdown BENCHMARKS.md
+	$(CLI) bench --model $(GEMMA) --hf-dir $(GEMMA_HF) --threads $(THREADS) --json $(MODELS)/bench.json --markdown docs/benchmarks.md
 
 # Training examples/s of the token-tree step against the step before it (one sequence per example),
 # Gemma 3 270M fp32 on the CPU, the two arms alternating on the same examples in one process; then
 # long two-field items at micro-batches of 3, 12 and 24 items, blocked against dense attention.
 bench-train: install $(GEMMA_HF)  ## training step: token tree vs per-prompt, blocked vs dense attention on long items (~12 minutes)
-	$(PY) -m edge_annotator.bench.train --base $(GEMMA_HF) --json $(MODELS)/bench-train.json --markdown BENCHMARKS.md
+	$(PY) -m edge_annotator.bench.train --base $(GEMMA_HF) --json $(MODELS)/bench-train.json --markdown docs/benchmarks.md
 
 # The evaluation table: the shipped CPU recipes trained on the full train splits of the datasets in
 # ../shared/data, exported to Q4_K_M and scored on the full test splits with bootstrap intervals.
 DATA_SRC ?= ../shared/data
 eval: install $(GEMMA) $(GEMMA_HF)  ## train the CPU recipes, evaluate on full test splits -> models/eval/eval.md (~2 h)
 	$(PY) scripts/eval.py --shared $(DATA_SRC) --out $(MODELS)/eval --threads $(THREADS)
+
+# The small-data recipe's learning curves: 100, 300 and 1,000 training items of EmoBank, ConvAbuse
+# and GoEmotions, and the paper's augmentations at 300, each cell trained in at most 20 minutes and
+# scored on the full test split; the table and plot go to docs/recipes.md. Hours; resumable.
+learning-curve: install $(GEMMA_HF)  ## the small-data recipe at 100 / 300 / 1,000 items, augmentations at 300 (~6 h)
+	$(PY) scripts/learning_curve.py --shared $(DATA_SRC) --out $(MODELS)/curve --threads $(THREADS) \
+		--markdown docs/recipes.md
 
 clean:  ## remove built models and caches (keeps .venv)
 	rm -rf $(MODELS) .pytest_cache .mypy_cache .ruff_cache

@@ -2,7 +2,7 @@
 and llama.cpp's own prompt-processing rate, side by side in one run.
 
     annotate-cli bench --model models/gemma-3-270m-q4_k_m.gguf --hf-dir models/gemma-3-270m-hf \\
-        --json models/bench.json --markdown BENCHMARKS.md
+        --json models/bench.json --markdown docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from edge_annotator.runtime.files import write_section
 from edge_annotator.runtime.options import gpu_layers_option
 
 err = Console(stderr=True)
@@ -105,19 +106,6 @@ def run_bench(model: Path, hf_dir: Path | None, spec: Path, data: Path, n_items:
     return res
 
 
-def write_section(path: Path, name: str, text: str) -> None:
-    """Put `text` between this section's markers in a shared Markdown file (BENCHMARKS.md), keeping
-    the other benchmark's section: `make bench` and `make bench-train` each rewrite only their own."""
-    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{begin}\n{text.rstrip()}\n{end}"
-    if begin in old and end in old:
-        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    path.write_text(new)
-
-
 def markdown(res: dict[str, Any], command: str) -> str:
     m = res["machine"]
     lines = [
@@ -193,7 +181,7 @@ def bench(model: Path, hf_dir: Path | None, spec: Path, data: Path, n_items: int
     \b
     Examples:
       annotate-cli bench                                   # llama.cpp arms only
-      annotate-cli bench --hf-dir models/gemma-3-270m-hf --markdown BENCHMARKS.md
+      annotate-cli bench --hf-dir models/gemma-3-270m-hf --markdown docs/benchmarks.md
     """
     res = run_bench(model, hf_dir, spec, data, n_items, threads, batch, gpu_layers)
     md = markdown(res, "make bench")

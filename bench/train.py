@@ -221,7 +221,7 @@ def main(base: str, config: str, data: str, steps: int, items: int, prep_data: s
 
     \b
     Examples:
-      python -m edge_annotator.bench.train --base models/gemma-3-270m-hf --markdown BENCHMARKS.md
+      python -m edge_annotator.bench.train --base models/gemma-3-270m-hf --markdown docs/benchmarks.md
     """
     micros = tuple(int(x) for x in long_micro.split(",") if x.strip())
     a = Args(config, data, steps, items, prep_data, micros, long_steps)
@@ -230,7 +230,9 @@ def main(base: str, config: str, data: str, steps: int, items: int, prep_data: s
     if json_path:
         json_path.write_text(json.dumps(res, indent=2))
     if md_path:
-        from .cli import cpu_name, write_section
+        from edge_annotator.runtime.files import write_section
+
+        from .cli import cpu_name
 
         write_section(md_path, "train", markdown(res, {"cpu": cpu_name(), "cores": os.cpu_count()}, a))
 

@@ -243,21 +243,12 @@ def _annotate_ray(model: Path, inputs: list[str], output: str | None, options: J
 def _write_report(pred_path: Path, preds: list[Prediction], human: Path, humans: dict[str, Any], spec: TaskSpec,
                   out: Path, seed: int) -> None:
     """agree --report: `preds` and `humans` as agree read them; the texts come from HUMAN's rows."""
-    from .data import iter_rows
-    from .report import build_report, missing_extra, write_report
+    from .report import ReportError, report_files
 
-    if missing := missing_extra():
-        raise click.ClickException(missing)
-    if bare := next((p for p in preds if p.error is None and not p.probs), None):
-        raise click.ClickException(f"{pred_path}:{bare.line}: --report needs each label's probability ('probs', as "
-                                   f"annotate-cli writes it); this record has labels only")
-
-    texts = {}
-    for row in iter_rows(human):
-        if row.data is not None and "id" in row.data:
-            texts[str(row.data["id"])] = " | ".join(str(row.data.get(f.name, "")) for f in spec.inputs)
-    rep = build_report(spec, preds, humans, texts, seed)
-    err.print(f"report -> {write_report(rep, out)}")
+    try:
+        err.print(f"report -> {report_files(pred_path, preds, human, humans, spec, out, seed)}")
+    except ReportError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def _spec_for(spec_path: Path | None, model: Path | None) -> TaskSpec:

@@ -276,6 +276,29 @@ ROWS = [("label_alpha", "label"), ("score_alpha", "score (probability-weighted m
         ("humans_alpha", "humans among themselves"), ("humans_plus_model_alpha", "humans + the model as a rater")]
 
 
+class ReportError(ValueError):
+    """A report that cannot be made (the extra is missing, or the records lack probabilities)."""
+
+
+def report_files(pred_path: str | Path, preds: Sequence[Prediction], human_path: str | Path,
+                 humans: Mapping[str, Sequence[Mapping[str, Any]]], spec: TaskSpec, out_dir: str | Path,
+                 seed: int = 0) -> Path:
+    """agree --report's whole job: the report of `preds` (read from PRED_PATH) against `humans`
+    (read from HUMAN_PATH, whose rows also give the texts), written to OUT_DIR; its HTML page."""
+    from .data import iter_rows
+
+    if missing := missing_extra():
+        raise ReportError(missing)
+    if bare := next((p for p in preds if p.error is None and not p.probs), None):
+        raise ReportError(f"{pred_path}:{bare.line}: --report needs each label's probability ('probs', as "
+                          f"annotate-cli writes it); this record has labels only")
+    texts = {}
+    for row in iter_rows(human_path):
+        if row.data is not None and "id" in row.data:
+            texts[str(row.data["id"])] = " | ".join(str(row.data.get(f.name, "")) for f in spec.inputs)
+    return write_report(build_report(spec, preds, humans, texts, seed), out_dir)
+
+
 def write_report(report: dict[str, Any], out_dir: str | Path) -> Path:
     """DIR/report.json and DIR/report.html (self-contained: the figures are inline PNGs). jinja2
     renders this module's own PAGE, autoescaped, and nothing else: never a template from a model."""

@@ -1,4 +1,5 @@
-"""The evaluation table: the shipped CPU recipes trained, exported and scored on full test splits.
+"""The evaluation table: the shipped CPU recipes trained, exported and scored on full test splits,
+and USR PersonaChat through `annotate-cli fit` as a user's own task.
 
     make eval            # python scripts/eval.py --shared ../shared/data --out models/eval
 
@@ -6,9 +7,13 @@ For every recipe: the full splits are converted from the authors' releases (prep
 the recipe is trained and merged (train_and_merge, as annotate-cli train) and exported to Q4_K_M
 (export, as annotate-cli export), and the
 full test split is annotated twice: by the zero-shot base (its spec given on the command line)
-and by the fine-tuned file. Then, per criterion and pooled: alpha with the human consensus for
-the label and (rating scales) for the score, the humans' own alpha, macro-F1 for label sets, and
-a 95% bootstrap interval for each (items resampled, 1000 times, seed 0). The table goes to
+and by the fine-tuned file. Then, per criterion: one held-out rater against the consensus of the
+others beside the annotator against that same consensus (averaged over draws of the held-out
+rater), alpha with the consensus of all raters for the label and (rating scales) for the score,
+the raters' own alpha, macro-F1 for label sets, and a 95% bootstrap interval for each (items
+resampled, 1000 times, seed 0). USR PersonaChat (no license: evaluated, never shipped) goes
+through `fit` whole: split by conversation, trained, calibrated, exported, parity-checked and
+scored on its own test items. The table goes to
 OUT/eval.md and OUT/eval.json. Each step is skipped when its output exists (--fresh redoes all),
 so an interrupted evaluation continues where it stopped.
 """
@@ -28,7 +33,7 @@ from prepare_data import convert, write_items
 from edge_annotator.export.convert import export
 from edge_annotator.runtime.data import read_human
 from edge_annotator.runtime.jobs import JobOptions, annotate_file
-from edge_annotator.runtime.metrics import _alpha, _code, _macro_f1, bootstrap, consensus, nearest_level
+from edge_annotator.runtime.metrics import _alpha, _code, _macro_f1, bootstrap, consensus, leave_one_out, nearest_level
 from edge_annotator.runtime.records import by_id, read_predictions
 from edge_annotator.runtime.spec import Criterion, TaskSpec, load_spec
 from edge_annotator.train.config import load_config
@@ -84,7 +89,18 @@ def criterion_table(c: Criterion, ids: list[str], labels: dict[str, dict[str, An
             out["score_alpha"] = _ci(lambda ix: _alpha([sc[ix], mean[ix]], "interval"), len(rated))
             out["score_sd"], out["consensus_sd"] = float(sc.std()), float(mean.std())
         out["label_counts"] = {str(v): int(sum(nearest_level(c, float(x)) == v for x in lab)) for v in c.values}
+    if max_r >= 2:  # like for like: one held-out rater and the model, each against the others' consensus
+        by = {i: h for i, h in zip(rated, hum)}
+        sc_of = {i: scores[i][c.name] for i in rated if c.name in scores.get(i, {})}
+        out["leave_one_out"] = leave_one_out(c, {i: labels[i][c.name] for i in rated}, by,
+                                             sc_of if judged_by_score(c) and len(sc_of) == len(rated) else None)
     return out
+
+
+def judged_by_score(c: Criterion) -> bool:
+    """The figure a criterion is judged by: the score for interval scales (EmoBank's means), the
+    label for ordinal and nominal ones (ConvAbuse's severity, USR's qualities, GoEmotions)."""
+    return c.level == "interval"
 
 
 def pooled_table(spec: TaskSpec, ids: list[str], labels: dict[str, dict[str, Any]],
@@ -150,6 +166,7 @@ def run_recipe(recipe: Path, shared: Path, out: Path, base_gguf: Path, threads: 
     res["train_and_merge_s"] = json.loads(timing.read_text())["total_s"] if timing.exists() else None
     prov = json.loads((merged / "provenance.json").read_text())
     res["val_alpha"], res["best_step"] = prov.get("val_alpha"), prov.get("best_step")
+    res["by_score"] = {c.name: judged_by_score(c) for c in spec.criteria}
     return res
 
 
@@ -161,21 +178,30 @@ def _f(x: dict[str, Any] | None) -> str:
     return f"{x['value']:.3f}{ci}"
 
 
+def _loo(x: dict[str, Any] | None, key: str) -> str:
+    if not x:
+        return "n/a"
+    ci = x.get(f"{key}_ci")
+    return f"{x[key]:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
 def markdown(results: list[dict[str, Any]]) -> str:
-    lines = ["| data (test items) | criterion | humans' own alpha | zero-shot label alpha | zero-shot score alpha "
-             "| fine-tuned label alpha | fine-tuned score alpha | macro-F1 zero-shot / fine-tuned |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Per criterion: the figure it is judged by, one held-out human and the annotator against the
+    same consensus of the other raters (like for like), the verdict, then alpha with all raters'
+    consensus, the raters' own alpha and the zero-shot base; then the recipes' time."""
+    lines = ["| data (test items) | criterion | figure | one held-out human vs the rest | fine-tuned vs the same "
+             "rest | verdict | fine-tuned vs all raters | raters' own alpha | zero-shot base |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         zs, ft = r["zero_shot"], r["fine_tuned"]
-        rows = [(k, zs["criteria"][k], ft["criteria"][k]) for k in ft["criteria"]]
-        if "pooled" in ft:
-            rows.append(("pooled", zs["pooled"], ft["pooled"]))
-        for k, z, f in rows:
-            lines.append(f"| {r['dataset']} ({ft['items']}) | {k} | {_f(f.get('humans_alpha'))} | "
-                         f"{_f(z['label_alpha'])} | {_f(z.get('score_alpha'))} | {_f(f['label_alpha'])} | "
-                         f"{_f(f.get('score_alpha'))} | "
-                         + ("n/a" if "macro_f1" not in f else f"{_f(z.get('macro_f1'))} / {_f(f['macro_f1'])}")
-                         + " |")
+        for k, f in ft["criteria"].items():
+            z = zs["criteria"][k]
+            key = "macro_f1" if "macro_f1" in f else "score_alpha" if r.get("by_score", {}).get(k) else "label_alpha"
+            name = {"macro_f1": "macro-F1", "score_alpha": "score alpha", "label_alpha": "label alpha"}[key]
+            loo = f.get("leave_one_out")
+            lines.append(f"| {r['dataset']} ({ft['items']}) | {k} | {name} | {_loo(loo, 'human_alpha')} | "
+                         f"{_loo(loo, 'model_alpha')} | {loo.get('verdict', 'n/a') if loo else 'n/a'} | "
+                         f"{_f(f.get(key))} | {_f(f.get('humans_alpha'))} | {_f(z.get(key))} |")
     lines.append("")
     lines.append("| recipe | train + merge on 2 cores | best validation step | validation alpha |")
     lines.append("|---|---|---|---|")
@@ -184,6 +210,36 @@ def markdown(results: list[dict[str, Any]]) -> str:
         lines.append(f"| `{r['recipe']}` | {'n/a' if t is None else f'{t / 60:.1f} min'} | {r['best_step']} | "
                      f"{r['val_alpha'] if r['val_alpha'] is None else round(r['val_alpha'], 3)} |")
     return "\n".join(lines) + "\n"
+
+
+def run_fit_task(name: str, spec_path: str, shared: Path, out: Path, base_gguf: Path, threads: int,
+                 group: str) -> dict[str, Any]:
+    """A task the way a user brings it: all its labelled items through `annotate-cli fit` (split by
+    GROUP, so no conversation is in both train and test), then the zero-shot base on fit's test items."""
+    from prepare_data import convert
+
+    from edge_annotator.train.fit import FitOptions, fit, run_dir
+
+    data = Path("models/data") / f"{name}-all.jsonl"
+    if not data.exists():
+        write_items(convert(name, shared / name, "all"), data)
+    gguf = out / f"{name}.gguf"
+    state = fit(spec_path, data, gguf, FitOptions(group=group, threads=threads, select_by="label"),
+                resume=run_dir(gguf).exists(), progress=print_validations)
+    spec = load_spec(spec_path)
+    test = run_dir(gguf) / "split" / "test.jsonl"
+    res: dict[str, Any] = {"recipe": f"annotate-cli fit {spec_path} (--group {group})", "test": str(test),
+                           "dataset": name, "fine_tuned": evaluate(spec, run_dir(gguf) / "test-predictions.jsonl",
+                                                                   test)}
+    dest = out / f"{name}-zero_shot.jsonl"
+    annotate_file(base_gguf, test, str(dest), JobOptions(spec=Path(spec_path), threads=threads), resume=True)
+    res["zero_shot"] = evaluate(spec, dest, test)
+    tr = state.get("train", {})
+    res["train_and_merge_s"], res["val_alpha"], res["best_step"] = tr.get("seconds"), tr.get("val_alpha"), \
+        tr.get("best_step")
+    res["by_score"] = {c.name: judged_by_score(c) for c in spec.criteria}
+    res["fit"] = {k: state.get(k) for k in ("split", "recipe", "estimate", "parity")}
+    return res
 
 
 @click.command()
@@ -201,6 +257,9 @@ def main(shared: Path, out: Path, base_gguf: Path, threads: int, recipes: tuple[
     """Train the CPU recipes, export them, and score them on the full test splits with intervals."""
     out.mkdir(parents=True, exist_ok=True)
     results = [run_recipe(Path(r), shared, out, base_gguf, threads, fresh) for r in recipes or RECIPES]
+    if not recipes and (shared / "usr_personachat").is_dir():
+        results.append(run_fit_task("usr_personachat", "tasks/usr-personachat.yaml", shared, out, base_gguf, threads,
+                                    "context_id"))
     md = markdown(results)
     (out / "eval.md").write_text(md)
     (out / "eval.json").write_text(json.dumps(results, indent=2))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # annotate-cli on a CUDA GPU: build llama-cpp-python with CUDA, then measure the determinism contract
-# and throughput on a GPU machine with no network. One table, for README and BENCHMARKS.md.
+# and throughput on a GPU machine with no network. One table, for README and docs/benchmarks.md.
 #
 #   scripts/gpu_runtime_check.sh CARRY_DIR [BRING_BACK_DIR]        # build, then check
 #   PHASE=build scripts/gpu_runtime_check.sh CARRY_DIR             # the build alone (then PHASE=check)

@@ -12,6 +12,10 @@ splits `make eval` scores (scripts/eval.py imports `convert`).
   may carry several; the spec is single-label, so only items with exactly one label are kept.
 - ConvAbuse (Cercas Curry et al., EMNLP 2021; CC BY 4.0): one item per user turn with its
   conversation context, every annotator's abuse severity (1 not abusive .. -3 very strong).
+- USR PersonaChat (Mehri & Eskenazi, ACL 2020; no license stated: evaluate with it, never ship
+  it): one item per candidate response, with the conversation so far and the persona facts, each
+  of its three experts' six ratings; `context_id` names the conversation (split by it). One split,
+  "all".
 
 Subsets are drawn with a seeded shuffle, so the same arguments give the same file.
 """
@@ -30,14 +34,16 @@ import click
 from edge_annotator.runtime.files import atomic_write
 from edge_annotator.runtime.records import jsonl_line, write_jsonl_line
 
-DATASETS = ("emobank", "goemotions", "convabuse")
+DATASETS = ("emobank", "goemotions", "convabuse", "usr_personachat")
 SPLITS = {"emobank": ("train", "dev", "test"), "goemotions": ("train", "dev", "test"),
-          "convabuse": ("train", "valid", "test")}
+          "convabuse": ("train", "valid", "test"), "usr_personachat": ("all",)}
 LICENSES = {
     "emobank": "EmoBank, Buechel & Hahn (EACL 2017), CC BY-SA 4.0",
     "goemotions": "GoEmotions, Demszky et al. (ACL 2020), CC BY 4.0",
     "convabuse": "ConvAbuse, Cercas Curry et al. (EMNLP 2021), CC BY 4.0",
+    "usr_personachat": "USR PersonaChat, Mehri & Eskenazi (ACL 2020), no license stated: evaluation only",
 }
+USR_QUALITIES = ("Understandable", "Natural", "Maintains Context", "Engaging", "Uses Knowledge", "Overall")
 
 
 def _emobank(src: Path, split: str) -> Iterator[dict[str, Any]]:
@@ -80,6 +86,18 @@ def _convabuse(src: Path, split: str) -> Iterator[dict[str, Any]]:
                        "agent": r["agent"], "user": r["user"], "ratings": ratings}
 
 
+def _usr_personachat(src: Path, split: str) -> Iterator[dict[str, Any]]:
+    import json
+
+    for k, ctx in enumerate(json.loads((src / "pc_usr_data.json").read_text(encoding="utf-8"))):
+        fact = ctx["fact"].replace("your persona: ", "").strip()
+        for j, r in enumerate(ctx["responses"]):
+            ratings = [{"rater": who, "labels": {q: int(r[q][a]) for q in USR_QUALITIES}}
+                       for a, who in enumerate(ctx["annotators"])]
+            yield {"id": f"pc-{k:02d}-{j}", "context_id": f"pc-{k:02d}", "context": ctx["context"].strip(),
+                   "fact": fact, "response": r["response"].strip(), "system": r["model"], "ratings": ratings}
+
+
 def convert(name: str, source: str | Path, split: str, limit: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
     """Items of one split, shuffled with `seed` and cut to `limit` if given."""
     if name not in DATASETS:
@@ -90,7 +108,8 @@ def convert(name: str, source: str | Path, split: str, limit: int | None = None,
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: dataset folder not found "
                                 f"(expected the {name} release, e.g. ../shared/data/{name})")
-    items = list({"emobank": _emobank, "goemotions": _goemotions, "convabuse": _convabuse}[name](src, split))
+    items = list({"emobank": _emobank, "goemotions": _goemotions, "convabuse": _convabuse,
+                  "usr_personachat": _usr_personachat}[name](src, split))
     if limit is not None:
         random.Random(seed).shuffle(items)
         items = items[:limit]
@@ -102,6 +121,23 @@ def write_items(items: list[dict[str, Any]], out: Path) -> None:
     atomic_write(out, "".join(jsonl_line(it) for it in items))
 
 
+def write_rating_rows(items: list[dict[str, Any]], out: Path) -> None:
+    """ITEMS as a CSV of one row per rating (the spreadsheet a team keeps): id, the inputs, rater,
+    one column per criterion."""
+    import io
+
+    inputs = [k for k in items[0] if k not in ("id", "ratings", "labels")]
+    crits = list(dict.fromkeys(c for it in items for r in it.get("ratings", [it]) for c in r["labels"]))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["id", *inputs, "rater", *crits])
+    for it in items:
+        for k, r in enumerate(it.get("ratings", [it])):
+            w.writerow([it["id"], *(it[f] for f in inputs), r.get("rater", f"r{k + 1}"),
+                        *(r["labels"].get(c, "") for c in crits)])
+    atomic_write(out, buf.getvalue())
+
+
 @click.command()
 @click.argument("dataset", type=click.Choice(DATASETS))
 @click.option("--source", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -110,20 +146,25 @@ def write_items(items: list[dict[str, Any]], out: Path) -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Keep a seeded random subset of this size.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write here instead of stdout.")
-def main(dataset: str, source: Path | None, split: str, limit: int | None, seed: int, output: str | None) -> None:
+@click.option("--csv", "as_csv", is_flag=True, help="With -o: a CSV of one row per rating instead of JSONL.")
+def main(dataset: str, source: Path | None, split: str, limit: int | None, seed: int, output: str | None,
+         as_csv: bool) -> None:
     """Convert a public human-annotated dataset to annotate-cli's JSONL format.
 
     \b
     Examples:
       python scripts/prepare_data.py emobank --split test --limit 50 -o emobank-test.jsonl
       python scripts/prepare_data.py convabuse --source /data/convabuse --split valid | head
+      python scripts/prepare_data.py convabuse --split train --limit 300 --csv -o data/convabuse-ratings-300.csv
     """
     src = source or Path("..") / "shared" / "data" / dataset
     try:
         items = convert(dataset, src, split, limit, seed)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--split") from None
-    if output:
+    if output and as_csv:
+        write_rating_rows(items, Path(output))
+    elif output:
         write_items(items, Path(output))
     else:
         for it in items:

@@ -124,7 +124,6 @@ def test_label_studio_config_parses_and_every_prediction_validates(tmp_path: Pat
     assert t[0]["data"]["edge_annotator_model"].startswith(f"{spec.criteria[0].name} ")
     assert "$edge_annotator_model" in xml
     # the check can fail: a label outside the config is invalid
-    c = spec.criteria[0]
     t[0]["predictions"][0]["result"][0]["value"] = ({"rating": "five"} if task == "emobank"
                                                     else {"choices": ["no such label"]})
     tasks.write_text(json.dumps(t))

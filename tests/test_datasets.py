@@ -47,3 +47,21 @@ def test_shipped_subsets_are_reproducible() -> None:
         name, split, n = path.stem.split("-")
         items = convert(name, SHARED_DATA / name, split, limit=int(n), seed=0)
         assert [json.loads(line) for line in path.read_text().splitlines()] == items, path.name
+
+
+def test_the_quickstart_csv_holds_the_jsonl_subset_s_ratings() -> None:
+    """data/convabuse-ratings-300.csv (one row per rating) reads as the very ratings of
+    convabuse-train-300.jsonl: the same items, raters and severities."""
+    spec = load_spec(TASKS / "convabuse.yaml")
+    csv_h = read_human(DATA / "convabuse-ratings-300.csv", spec)
+    js_h = read_human(DATA / "convabuse-train-300.jsonl", spec)
+    assert csv_h == js_h and len(csv_h) == 300
+    assert (DATA / "README.md").read_text().count("convabuse-ratings-300.csv") == 1
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
+def test_the_quickstart_csv_is_reproducible(tmp_path: Path) -> None:
+    from prepare_data import write_rating_rows
+
+    write_rating_rows(convert("convabuse", SHARED_DATA / "convabuse", "train", limit=300, seed=0), tmp_path / "r.csv")
+    assert (tmp_path / "r.csv").read_bytes() == (DATA / "convabuse-ratings-300.csv").read_bytes()

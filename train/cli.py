@@ -27,8 +27,11 @@ err = Console(stderr=True)
 @click.option("--merge-only", is_flag=True,
               help="Do not train: merge the run folder's best adapter (e.g. one trained on a GPU machine and "
                    "copied back with RUN/checkpoint/state.json) into the config's base.")
+@click.option("--check", "check_only", is_flag=True,
+              help="Do not train: check the config (types, paths, data, tokenizer, lengths), time two steps "
+                   "and a validation, and print the estimated time of the run.")
 def train(config: Path, output: str | None, max_steps: int | None, resume: bool, no_merge: bool,
-          merge_only: bool) -> None:
+          merge_only: bool, check_only: bool) -> None:
     """Fine-tune a base model on human-labelled items (LoRA; QLoRA with quantization: nf4).
 
     Validates with the runtime's own scoring and Krippendorff's alpha, keeps the best adapter,
@@ -43,6 +46,7 @@ def train(config: Path, output: str | None, max_steps: int | None, resume: bool,
       annotate-cli train configs/gemma3-270m-lora-cpu-emobank.yaml --output runs/emobank
       annotate-cli train configs/gemma3-270m-lora-cpu-emobank.yaml --output runs/emobank --resume
       annotate-cli train configs/gemma3-270m-qlora-gpu-emobank.yaml --merge-only   # adapter from a GPU
+      annotate-cli train my-config.yaml --check          # valid? how long? (nothing is trained)
     """
     from .config import ConfigError, load_config
     from .job import NoAdapter, merge_run, train_and_merge
@@ -50,6 +54,12 @@ def train(config: Path, output: str | None, max_steps: int | None, resume: bool,
 
     try:
         cfg = load_config(config, output=output, max_steps=max_steps)
+        if check_only:
+            from .check import check_lines, check_run
+
+            for line in check_lines(cfg, check_run(cfg)):
+                err.print(line)
+            return
         if merge_only:
             t0 = time.perf_counter()
             err.print(f"merged model: {merge_run(cfg)} ({time.perf_counter() - t0:.0f}s)")
@@ -91,3 +101,94 @@ def _progress_bar() -> Iterator[Callable[[dict[str, Any]], None]]:
                 bar.console.print(line)
 
         yield on_log
+
+
+def _r3(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _duration(text: str) -> float:
+    """'20m', '90s', '1.5h' or plain seconds."""
+    t = text.strip().lower()
+    unit = {"s": 1, "m": 60, "h": 3600}.get(t[-1:], None)
+    try:
+        return float(t[:-1]) * unit if unit else float(t)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: a duration such as 20m, 90s or 1.5h") from None
+
+
+@click.command()
+@click.argument("spec", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("labels", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The annotator to write (.gguf); its run folder is OUTPUT without .gguf, plus .run/.")
+@click.option("--budget", default="20m", show_default=True, help="Training time to size the recipe for.")
+@click.option("--base", "base", default="models/gemma-3-270m-hf", show_default=True,
+              type=click.Path(file_okay=False), help="HF base folder (annotate-cli base gemma3-270m DIR).")
+@click.option("--test-fraction", "test", type=float, default=0.2, show_default=True,
+              help="Items held out for the test and the report.")
+@click.option("--val-fraction", "val", type=float, default=0.1, show_default=True,
+              help="Items for validation: checkpoint choice, early stopping, calibration, parity.")
+@click.option("--group", default=None, help="Keep items sharing this field's value in one split.")
+@click.option("--quant", default="Q4_K_M", show_default=True)
+@click.option("--augment", is_flag=True, help="The paper's augmentations (off by default: docs/recipes.md).")
+@click.option("--select-by", type=click.Choice(["score", "label"]), default="score", show_default=True,
+              help="What checkpoints are chosen by: the score's alpha (rating scales) or the label's.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None)
+@click.option("--resume", is_flag=True, help="Continue the run folder's stages where they stopped.")
+@click.option("--tiny", is_flag=True, help="A 2-layer model built from scratch with the base's tokenizer: smoke "
+                                           "runs and tests only (it learns little).")
+def fit(spec: Path, labels: Path, output: Path, budget: str, base: str, test: float, val: float, group: str | None,
+        quant: str, augment: bool, select_by: str, seed: int, threads: int | None, resume: bool, tiny: bool) -> None:
+    """From human ratings to a parity-checked annotator and its agreement report, in one command.
+
+    Splits LABELS by item (train / validation / test, seeded), sizes the recipe from the item count,
+    their lengths and a timed step (cut to --budget), trains, merges, calibrates, exports, checks
+    parity on the validation items, annotates the test items and writes the agreement report
+    (beside the leave-one-rater-out human figure). OUTPUT appears only when parity passes.
+
+    \b
+    Examples:
+      annotate-cli fit tasks/support.yaml ratings.csv -o support.gguf
+      annotate-cli fit tasks/support.yaml ratings.jsonl -o support.gguf --budget 40m --group ticket_id
+      annotate-cli fit tasks/support.yaml ratings.csv -o support.gguf --resume    # after an interrupt
+    """
+    from edge_annotator.runtime.data import InputError
+    from edge_annotator.runtime.spec import SpecError
+
+    from .config import ConfigError
+    from .fit import FitError, FitOptions, run_dir
+    from .fit import fit as run_fit
+    from .job import calibration_lines
+    from .trainer import CannotLearn
+
+    opts = FitOptions(base=base, budget_s=_duration(budget), test=test, val=val, seed=seed, group=group, quant=quant,
+                      threads=threads, augment=augment, tiny=tiny, select_by=select_by)
+    if not Path(base, "config.json").is_file():
+        raise click.ClickException(f"{base}: no HF base folder; make one with annotate-cli base gemma3-270m {base}")
+    t0 = time.perf_counter()
+
+    def say(name: str, what: str) -> None:
+        err.print(f"[bold]{name}[/]: {what} ({time.perf_counter() - t0:.0f}s)")
+
+    try:
+        with _progress_bar() as on_log:
+            state = run_fit(spec, labels, output, opts, resume=resume, stage=say, progress=on_log)
+    except (ConfigError, CannotLearn, FitError, InputError, SpecError, FileExistsError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    run = run_dir(output)
+    tr = state.get("train", {})
+    if tr.get("calibration"):
+        err.print("calibration:")
+        for line in calibration_lines(tr["calibration"]):
+            err.print(line)
+    for name, c in state.get("test", {}).get("criteria", {}).items():
+        loo = c.get("leave_one_out") or {}
+        kind = "score" if c.get("score_alpha") is not None else "label"
+        fig = c.get("score_alpha") if kind == "score" else c.get("alpha")
+        err.print(f"test {name}: {kind} alpha {_r3(fig)}, label alpha {_r3(c.get('alpha'))}"
+                  + (f"; one human vs the rest {loo['human_alpha']:.3f}, the model's {loo['model_figure']} "
+                     f"{loo['model_alpha']:.3f}: {loo.get('verdict', 'n/a')}" if loo else ""))
+    err.print(f"{output}: parity passed; run folder {run}/ (fit.json, report/report.html) in "
+              f"{time.perf_counter() - t0:.0f}s")

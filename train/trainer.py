@@ -101,6 +101,8 @@ class Data:
     examples: list[Example]
     units_per_step: int
     units_per_micro: int
+    longest: int = 0
+    """Tokens of the longest training prompt plus its answer (set by check_lengths)."""
 
 
 def set_seed(seed: int) -> None:
@@ -130,35 +132,40 @@ def setup_data(cfg: TrainConfig) -> Data:
     return Data(spec, train_items, val_items, examples, math.ceil(cfg.batch_size / C), math.ceil(cfg.micro_batch / C))
 
 
-def check_lengths(cfg: TrainConfig, data: Data, tok: Tokens) -> list[Example]:
-    """Drop examples whose longest prompt plus the answer exceeds max_length, in one summary line;
-    stop if more than 1% would go: that run would learn from a sliver of its data.
+def longest_tokens(spec: TaskSpec, items: list[Item], tok: Tokens, augment_templates: bool = False) -> list[int]:
+    """Per item: its longest prompt plus the answer, in tokens (what max_length must hold).
 
     A prompt's length is measured with the canonical instruction, plus the longest paraphrase's
     extra tokens where templates are augmented (the instruction does not depend on the item).
     The texts are the ones a canonical token tree tokenizes (each item's head and prompts), in one
     batched call, so `tok` then holds them for training."""
-    spec = data.spec
     extra = 0
-    if cfg.augment.templates and len(spec.templates) > 1:
+    if augment_templates and len(spec.templates) > 1:
         lens = [len(ids) for ids in tok.many([render_instruction(spec, RenderOptions(template=t))
                                               for t in range(len(spec.templates))])]
         extra = max(lens) - lens[0]
-    ids = sorted({e.item for e in data.examples})
     texts = []
-    for i in ids:
-        _, head, fulls = item_texts(spec, data.train_items[i].fields, CANONICAL)
+    for it in items:
+        _, head, fulls = item_texts(spec, it.fields, CANONICAL)
         texts.append(head)
         texts.extend(fulls)
     lens = [len(t) for t in tok.many(texts)]
     C = len(spec.criteria)
-    longest = {i: max(lens[k * (C + 1) + 1: (k + 1) * (C + 1)]) + 1 + extra for k, i in enumerate(ids)}
+    return [max(lens[k * (C + 1) + 1: (k + 1) * (C + 1)]) + 1 + extra for k in range(len(items))]
+
+
+def check_lengths(cfg: TrainConfig, data: Data, tok: Tokens) -> list[Example]:
+    """Drop examples whose longest prompt plus the answer exceeds max_length, in one summary line;
+    stop if more than 1% would go: that run would learn from a sliver of its data."""
+    ids = sorted({e.item for e in data.examples})
+    lens = longest_tokens(data.spec, [data.train_items[i] for i in ids], tok, cfg.augment.templates)
+    longest = dict(zip(ids, lens))
+    data.longest = max(lens, default=0)
     too_long = [e for e in data.examples if longest[e.item] > cfg.max_length]
     if not too_long:
         return data.examples
-    worst = max(longest.values())
     msg = (f"{len(too_long)} of {len(data.examples)} training examples are longer than max_length "
-           f"{cfg.max_length} tokens (the longest: {worst}); raise max_length, shorten the spec's "
+           f"{cfg.max_length} tokens (the longest: {data.longest}); raise max_length, shorten the spec's "
            f"instruction, or check that the base folder's tokenizer is the model's own")
     if len(too_long) > 0.01 * len(data.examples):
         raise CannotLearn(msg)

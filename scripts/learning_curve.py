@@ -1,0 +1,213 @@
+"""Learning curves of the small-data recipe: what 100, 300 and 1,000 labelled items buy, and which of
+the paper's augmentations pay at 300, on the full test splits with bootstrap intervals.
+
+    make learning-curve     # python scripts/learning_curve.py --shared ../shared/data --out models/curve
+
+A cell is (dataset, training items, augmentation). Its training items are the first N of a
+seeded shuffle of the release's train split (so 100 is inside 300 inside 1,000); its validation
+items, max(30, N / 10) of the dev split, as a user holding out a tenth of a few hundred labels
+would have. The recipe is `annotate-cli fit`'s (train/recipe.py) with a 20-minute budget (the
+steps cut to it from two timed steps); the run is trained, merged, calibrated, exported to
+Q4_K_M and scored on the full test split, the same table as `make eval`. Each stage is skipped
+where its output exists, so an interrupted curve continues. Writes OUT/curve.md, OUT/curve.json
+and OUT/curve.png.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+from eval import convert_splits, evaluate
+from prepare_data import write_items
+
+from edge_annotator.export.convert import export
+from edge_annotator.hf.score import hf_tokenize
+from edge_annotator.runtime.jobs import JobOptions, annotate_file
+from edge_annotator.runtime.spec import load_spec
+from edge_annotator.train.check import check_run
+from edge_annotator.train.config import load_config, parse_config
+from edge_annotator.train.examples import load_items
+from edge_annotator.train.job import print_validations, train_and_merge
+from edge_annotator.train.model import load_tokenizer
+from edge_annotator.train.recipe import fit_to_budget, small_data_config
+from edge_annotator.train.trainer import longest_tokens
+
+DATASETS = {  # name -> (spec, validation split, what the task is judged by)
+    "emobank": ("tasks/emobank.yaml", "dev", "score"),
+    "convabuse": ("tasks/convabuse.yaml", "valid", "label"),
+    "goemotions": ("tasks/goemotions.yaml", "dev", "label"),
+}
+AUGMENT = {  # name -> the config's augment block
+    "none": {"templates": False, "permute_inputs": False, "shuffle_labels": False,
+             "token_dropout": {"prob": 0.0, "fraction": 0.0}},
+    "all": {"templates": True, "permute_inputs": True, "shuffle_labels": True,
+            "token_dropout": {"prob": 0.1, "fraction": 0.5}},
+    "templates": {"templates": True, "permute_inputs": False, "shuffle_labels": True,
+                  "token_dropout": {"prob": 0.0, "fraction": 0.0}},
+    "permute": {"templates": False, "permute_inputs": True, "shuffle_labels": False,
+                "token_dropout": {"prob": 0.0, "fraction": 0.0}},
+    "dropout": {"templates": False, "permute_inputs": False, "shuffle_labels": False,
+                "token_dropout": {"prob": 0.1, "fraction": 0.5}},
+}
+BUDGET_S = 1200.0
+BASE = "models/gemma-3-270m-hf"
+
+
+def cell_data(name: str, n: int, data_dir: Path, out: Path) -> tuple[Path, Path]:
+    """The first n training items of a seeded shuffle, and max(30, n/10) validation items."""
+    train, val = out / "train.jsonl", out / "val.jsonl"
+    if not train.exists():
+        rows = [json.loads(x) for x in (data_dir / f"{name}-train.jsonl").read_text().splitlines()]
+        random.Random(0).shuffle(rows)
+        dev = [json.loads(x) for x in (data_dir / f"{name}-{DATASETS[name][1]}.jsonl").read_text().splitlines()]
+        random.Random(1).shuffle(dev)
+        write_items(rows[:n], train)
+        write_items(dev[:max(30, n // 10)], val)
+    return train, val
+
+
+def run_cell(name: str, n: int, augment: str, data_dir: Path, out: Path, threads: int) -> dict[str, Any]:
+    cell = out / f"{name}-{n}-{augment}"
+    cell.mkdir(parents=True, exist_ok=True)
+    spec_path, _, judged = DATASETS[name]
+    train, val = cell_data(name, n, data_dir, cell)
+    cfg_f = cell / "config.yaml"
+    if not cfg_f.exists():
+        spec = load_spec(spec_path)
+        items = load_items(train, spec)
+        tok = hf_tokenize(load_tokenizer(BASE))
+        longest = max(longest_tokens(spec, items, tok, AUGMENT[augment]["templates"]))
+        raw = small_data_config(spec_path, str(train), str(val), BASE, str(cell / "run"), items=len(items),
+                                criteria=len(spec.criteria), longest=longest)
+        raw |= {"augment": AUGMENT[augment], "select_by": judged}
+        got = check_run(parse_config(raw, str(cfg_f)))
+        raw = fit_to_budget(raw, got["step_s"], got["validation_s"], BUDGET_S)
+        cfg_f.write_text(yaml.safe_dump(raw, sort_keys=False))
+    cfg = load_config(cfg_f)
+    merged = Path(cfg.output) / "merged"
+    if not (merged / "spec.json").exists():
+        t0 = time.perf_counter()
+        done = train_and_merge(cfg, resume=True, progress=print_validations)
+        (cell / "train.json").write_text(json.dumps({"seconds": time.perf_counter() - t0, "timing": done.timing,
+                                                     "best_step": done.result.state.best_step,
+                                                     "steps": done.result.steps,
+                                                     "calibration": done.calibration}, indent=2, default=str))
+    gguf = cell / "annotator-Q4_K_M.gguf"
+    if not gguf.exists():
+        export(merged, gguf, "Q4_K_M")
+    test = data_dir / f"{name}-test.jsonl"
+    pred = cell / "test.jsonl"
+    annotate_file(gguf, test, str(pred), JobOptions(threads=threads), resume=pred.exists())
+    res = evaluate(load_spec(spec_path), pred, test)
+    res["test_items"] = res.pop("items")
+    tr = json.loads((cell / "train.json").read_text()) if (cell / "train.json").exists() else {}
+    res.update(dataset=name, items=n, augment=augment, train_s=tr.get("seconds"), steps=tr.get("steps"),
+               best_step=tr.get("best_step"), config=yaml.safe_load(cfg_f.read_text()))
+    gguf.unlink()  # 300 MB a cell; the merged model stays for a re-export
+    return res
+
+
+def headline(r: dict[str, Any]) -> dict[str, Any]:
+    """The figure each dataset is judged by: EmoBank score alpha per criterion, ConvAbuse label
+    alpha, GoEmotions macro-F1."""
+    c = r["criteria"]
+    if r["dataset"] == "emobank":
+        return {k: c[k]["score_alpha"] for k in ("Valence", "Arousal", "Dominance")}
+    if r["dataset"] == "convabuse":
+        return {"severity (label)": c["severity"]["label_alpha"]}
+    return {"macro-F1": c["emotion"]["macro_f1"]}
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    def f(x: dict[str, Any]) -> str:
+        lo, hi = x["ci95"]
+        return "n/a" if x["value"] is None else f"{x['value']:.3f}" + ("" if lo is None else f" [{lo:.2f}, {hi:.2f}]")
+
+    lines = ["| data | items | augmentation | figure on the full test split | test items | steps (best) "
+             "| train + merge on 2 cores |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        figs = "; ".join(f"{k} {f(v)}" for k, v in headline(r).items())
+        t = r.get("train_s")
+        lines.append(f"| {r['dataset']} | {r['items']} | {r['augment']} | {figs} | {r['test_items']} | "
+                     f"{r.get('steps')} ({r.get('best_step')}) | {'n/a' if t is None else f'{t / 60:.1f} min'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    for ax, name in zip(axes, DATASETS):
+        rows = sorted((r for r in results if r["dataset"] == name and r["augment"] == "none"), key=lambda r: r["items"])
+        for k in (headline(rows[0]) if rows else {}):
+            xs = [r["items"] for r in rows]
+            ys = [headline(r)[k]["value"] for r in rows]
+            lo = [headline(r)[k]["ci95"][0] for r in rows]
+            hi = [headline(r)[k]["ci95"][1] for r in rows]
+            ax.plot(xs, ys, marker="o", label=k)
+            ax.fill_between(xs, lo, hi, alpha=0.15)
+        ax.set_xscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("training items")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90, metadata={"Software": None})
+
+
+@click.command()
+@click.option("--shared", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=Path("../shared/data"), show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("models/curve"),
+              show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--markdown", "md_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the table into this page's curve section (docs/recipes.md) and the plot beside it.")
+@click.option("--cell", "cells", multiple=True, help="Only these cells, NAME-ITEMS-AUGMENT (repeat) "
+                                                     "[default: the sizes, then the augmentations at 300].")
+def main(shared: Path, out: Path, threads: int, md_path: Path | None, cells: tuple[str, ...]) -> None:
+    """Train the small-data recipe per cell and score it on the full test split.
+
+    \b
+    Examples:
+      python scripts/learning_curve.py --cell emobank-300-none --cell emobank-300-all
+    """
+    data_dir = Path("models/data")
+    sizes = [[d, str(n), "none"] for d in DATASETS for n in (100, 300, 1000)]
+    augments = [[d, "300", a] for d in DATASETS for a in ("all", "templates", "dropout")]
+    augments.append(["convabuse", "300", "permute"])  # the one set with several input fields
+    todo = [c.rsplit("-", 2) for c in cells] or sizes + augments
+    out.mkdir(parents=True, exist_ok=True)
+    done_f = out / "curve.json"
+    results = json.loads(done_f.read_text()) if done_f.exists() else []
+    have = {(r["dataset"], r["items"], r["augment"]) for r in results}
+    for name, n, aug in todo:
+        if (name, int(n), aug) in have:
+            continue
+        convert_splits(shared, data_dir, name)
+        print(f"cell {name}-{n}-{aug}", file=sys.stderr, flush=True)
+        results.append(run_cell(name, int(n), aug, data_dir, out, threads))
+        done_f.write_text(json.dumps(results, indent=2, default=str))
+        (out / "curve.md").write_text(markdown(results))
+    plot(results, out / "curve.png")
+    md = markdown(results)
+    if md_path:
+        from edge_annotator.runtime.files import write_section
+
+        plot(results, md_path.parent / "learning-curve.png")
+        write_section(md_path, "curve", md + "\n![learning curves](learning-curve.png)\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

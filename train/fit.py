@@ -1,0 +1,237 @@
+"""From a file of human ratings to a parity-checked annotator and its trust report, in one command.
+
+    annotate-cli fit tasks/support.yaml ratings.csv -o support.gguf --budget 20m
+
+The stages, each leaving its output in the run folder (OUT without .gguf, plus .run/), so that
+--resume picks up where a run stopped:
+
+    split      RUN/split/{train,val,test}.jsonl, split.json   by item, seeded (runtime/labels.py)
+    recipe     RUN/config.yaml                                 sized from the items and their lengths
+    estimate   RUN/fit.json                                    two timed steps: the run's time, cut to --budget
+    train      RUN/train/ (checkpoints, log, merged/)          train, merge, calibrate (train/job.py)
+    export     RUN/annotator.gguf                              --quant, the spec and every choice embedded
+    parity     RUN/parity.json                                 the GGUF against the merged model, validation items
+    test       RUN/test-predictions.jsonl, RUN/report/         annotate the held-out test items, agree --report
+
+OUT appears only once parity passes. Every choice (steps, lr, epochs, augmentation, max_length,
+the split's sizes, the budget and the estimate) goes into RUN/fit.json and into the GGUF's
+provenance.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+STAGES = ("split", "recipe", "estimate", "train", "export", "parity", "test")
+
+
+class FitError(RuntimeError):
+    """A fit that cannot go on; the message says which stage and what to do."""
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    base: str = "models/gemma-3-270m-hf"
+    """The HF base folder (annotate-cli base gemma3-270m DIR makes Gemma 3 270M's)."""
+    budget_s: float = 1200.0
+    """Training time to size the recipe for (train, validate, merge; export and the test come after)."""
+    test: float = 0.2
+    val: float = 0.1
+    seed: int = 0
+    group: str | None = None
+    """Keep items sharing this field's value in one split."""
+    quant: str = "Q4_K_M"
+    threads: int | None = None
+    augment: bool = False
+    """The paper's augmentations (paraphrased templates, permuted inputs, token dropout)."""
+    select_by: str = "score"
+    """Checkpoints chosen by the score's alpha (rating scales) or the label's."""
+    tiny: bool = False
+    """A 2-layer model built from scratch with the base folder's tokenizer instead of its weights:
+    smoke runs and tests (it learns little)."""
+
+
+def run_dir(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".gguf") + ".run")
+
+
+def fit(spec_path: str | Path, labels: str | Path, out: str | Path, opts: FitOptions = FitOptions(), *,
+        resume: bool = False, stage: Callable[[str, str], None] | None = None,
+        progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run every stage; `stage(name, what)` is told as each starts and ends, `progress` gets the
+    trainer's records. Returns RUN/fit.json's content."""
+    from edge_annotator.runtime.labels import split_labels
+    from edge_annotator.runtime.spec import load_spec
+
+    out = Path(out)
+    run = run_dir(out)
+    if run.exists() and any(run.iterdir()) and not resume:
+        raise FileExistsError(f"{run} holds an earlier fit; pass --resume to continue it, or remove it")
+    run.mkdir(parents=True, exist_ok=True)
+    say = stage or (lambda name, what: None)
+    spec = load_spec(spec_path)
+    state_f = run / "fit.json"
+    state: dict[str, Any] = json.loads(state_f.read_text()) if resume and state_f.exists() else {}
+    state.setdefault("options", asdict(opts))
+    state.update(spec=str(spec_path), labels=str(labels), output=str(out))
+
+    def save() -> None:
+        state_f.write_text(json.dumps(state, indent=2, default=str) + "\n")
+
+    split = run / "split"
+    if not (split / "split.json").exists():
+        say("split", f"by item: test {opts.test:.0%}, validation {opts.val:.0%}, seed {opts.seed}")
+        state["split"] = split_labels(labels, spec, split, opts.test, opts.val, opts.seed, opts.group)["sizes"]
+        save()
+    state.setdefault("split", json.loads((split / "split.json").read_text())["sizes"])
+    sizes = state["split"]
+    if sizes["train"]["items"] < 10 or sizes["val"]["items"] < 5:
+        raise FitError(f"{labels}: {sizes['train']['items']} training and {sizes['val']['items']} validation items "
+                       f"after the split; a fit needs at least 10 and 5 (label more items, or lower --test)")
+
+    cfg_f = run / "config.yaml"
+    if not cfg_f.exists():
+        say("recipe", "sized from the items and their lengths")
+        raw = _recipe(spec_path, split, run, opts)
+        state["recipe"] = {k: raw[k] for k in ("max_steps", "epochs", "lr", "batch_size", "micro_batch",
+                                               "max_length", "eval_every", "augment")}
+        say("estimate", "timing two training steps")
+        raw = _estimated(raw, opts, state)
+        cfg_f.write_text(yaml.safe_dump(raw, sort_keys=False))
+        save()
+    cfg = _load(cfg_f)
+
+    merged = Path(cfg.output) / "merged"
+    if not (merged / "spec.json").exists():
+        say("train", f"{cfg.max_steps} steps, about {state['estimate']['estimate_s'] / 60:.0f} min")
+        t0 = time.perf_counter()
+        from .job import train_and_merge
+
+        done = train_and_merge(cfg, resume=resume, progress=progress)
+        state["train"] = {"seconds": round(time.perf_counter() - t0, 1), "best_step": done.result.state.best_step,
+                          "steps": done.result.steps, "val_alpha": done.result.state.best_alpha,
+                          "val_alpha_untrained": done.baseline_alpha, "calibration": done.calibration,
+                          "timing": done.timing}
+        _provenance_add(merged, {"fit": {k: state.get(k) for k in ("options", "split", "recipe", "estimate")}})
+        save()
+
+    gguf = run / "annotator.gguf"
+    if not gguf.exists():
+        say("export", f"{opts.quant}, the spec and provenance embedded")
+        from edge_annotator.export.convert import export
+
+        job = export(merged, gguf, opts.quant, opts.threads)
+        state["export"] = {k: job.info.get(k) for k in ("size_bytes", "bits_per_weight", "seconds", "sha256")}
+        save()
+
+    par_f = run / "parity.json"
+    if not par_f.exists() or not json.loads(par_f.read_text()).get("pass"):
+        say("parity", "the GGUF against the merged model on the validation items")
+        from edge_annotator.export.parity import parity
+
+        rep = parity(merged, gguf, split / "val.jsonl", threads=opts.threads)
+        par_f.write_text(json.dumps(rep, indent=2) + "\n")
+        state["parity"] = {"pass": rep["pass"], "checks": rep["checks"], "humans": rep["humans"]}
+        save()
+        if not rep["pass"]:
+            failed = ", ".join(k for k, v in rep["checks"].items() if not v)
+            raise FitError(f"parity failed ({failed}; {par_f}): {out} was not written. Export at a wider type "
+                           f"(--quant Q8_0) and continue with --resume")
+    shutil.copyfile(gguf, out)
+    shutil.copyfile(gguf.with_name(gguf.name + ".manifest.json"), out.with_name(out.name + ".manifest.json"))
+
+    pred = run / "test-predictions.jsonl"
+    if sizes["test"]["items"] and not (run / "report" / "report.json").exists():
+        say("test", f"annotating {sizes['test']['items']} held-out test items, then the agreement report")
+        state["test"] = _test(out, split / "test.jsonl", pred, run / "report", spec, opts)
+        save()
+    return state
+
+
+def _load(cfg_f: Path) -> Any:
+    from .config import load_config
+
+    return load_config(cfg_f)
+
+
+def _recipe(spec_path: str | Path, split: Path, run: Path, opts: FitOptions) -> dict[str, Any]:
+    """The small-data recipe for these items (train/recipe.py), max_length from their own lengths."""
+    from edge_annotator.hf.score import hf_tokenize
+    from edge_annotator.runtime.spec import load_spec
+
+    from .examples import load_items
+    from .model import load_tokenizer
+    from .recipe import small_data_config
+    from .trainer import longest_tokens
+
+    spec = load_spec(spec_path)
+    items = load_items(split / "train.jsonl", spec)
+    tok = hf_tokenize(load_tokenizer(opts.base))
+    longest = max(longest_tokens(spec, items, tok, opts.augment), default=64)
+    raw = small_data_config(str(spec_path), str(split / "train.jsonl"), str(split / "val.jsonl"), opts.base,
+                            str(run / "train"), items=len(items), criteria=len(spec.criteria), longest=longest,
+                            seed=opts.seed, augment=opts.augment)
+    raw["select_by"] = opts.select_by
+    if opts.tiny:  # as configs/tiny-lora-cpu.yaml builds it
+        raw |= {"tiny": {"layers": 2, "hidden": 64, "intermediate": 128, "heads": 2, "head_dim": 32},
+                "lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "lr": 3.0e-3}
+    return raw
+
+
+def _estimated(raw: dict[str, Any], opts: FitOptions, state: dict[str, Any]) -> dict[str, Any]:
+    """Time two steps and a validation (train/check.py), then cut the steps to the budget."""
+    from edge_annotator.runtime.spec import load_spec
+
+    from .check import check_run
+    from .config import parse_config
+    from .recipe import fit_to_budget
+
+    got = check_run(parse_config(raw, "fit recipe"))
+    sized = fit_to_budget(raw, got["step_s"], got["validation_s"], opts.budget_s)
+    items_per_step = raw["batch_size"] // len(load_spec(raw["spec"]).criteria)
+    got = {**got, "steps": sized["max_steps"],
+           "estimate_s": got["estimate_s"] / max(got["steps"], 1) * sized["max_steps"],
+           "epochs": round(sized["max_steps"] * items_per_step / max(got["train_items"], 1), 2)}
+    state["estimate"] = got
+    state["recipe"] = {**state.get("recipe", {}), "max_steps": sized["max_steps"], "eval_every": sized["eval_every"]}
+    log.info("fit: %d steps, estimated %.1f min", sized["max_steps"], got["estimate_s"] / 60)
+    return sized
+
+
+def _provenance_add(merged: Path, extra: dict[str, Any]) -> None:
+    p = merged / "provenance.json"
+    prov = json.loads(p.read_text())
+    prov.update(extra)
+    p.write_text(json.dumps(prov, indent=2, default=str))
+
+
+def _test(model: Path, test: Path, pred: Path, report_dir: Path, spec: Any, opts: FitOptions) -> dict[str, Any]:
+    """Annotate the test items with the published file, then agree and its report."""
+    from edge_annotator.runtime.data import read_human
+    from edge_annotator.runtime.jobs import JobOptions, annotate_file
+    from edge_annotator.runtime.metrics import agreement
+    from edge_annotator.runtime.records import by_id, read_predictions
+    from edge_annotator.runtime.report import report_files
+
+    pred.unlink(missing_ok=True)
+    annotate_file(model, test, str(pred), JobOptions(threads=opts.threads))
+    records = read_predictions(pred, spec)
+    labels, scores = by_id(records)
+    humans = read_human(test, spec)
+    rep = agreement(spec, labels, humans, {i: s for i, s in scores.items() if s} or None, loo=True, seed=opts.seed)
+    (report_dir.parent / "agree.json").write_text(json.dumps(rep, indent=2) + "\n")
+    page = report_files(pred, records, test, humans, spec, report_dir, opts.seed)
+    return {"report": str(page), "criteria": {c["criterion"]: {k: c.get(k) for k in (
+        "alpha", "score_alpha", "alpha_humans")} | {"leave_one_out": c.get("leave_one_out")} for c in rep["criteria"]},
+        "mean": rep["mean"]}

@@ -1,0 +1,74 @@
+"""The small-data recipe: a training config sized from the data and a time budget, not copied by hand.
+
+    raw = small_data_config(spec_path, train, val, base, out, items=300, criteria=2, longest=410)
+    raw = fit_to_budget(raw, step_s=2.4, val_s=20.0, budget_s=1200)   # after a timed check
+
+What the rules encode (docs/recipes.md has the measurements behind them):
+
+- LoRA r=16 on every attention and MLP projection, fp32, lr 1e-3, linear decay, the raters'
+  distribution as the target, checkpoints chosen by the mean of the per-criterion alphas (the
+  demo recipe's setup, which learnt where q/v-only LoRA did not).
+- No augmentation by default: on these budgets the paper's augmentations kept the model from
+  learning the items (README, what the recipes learn); `augment=True` turns them on.
+- One token tree per step: as many items as fit in about TREE_TOKENS tokens, at most 16.
+- Epochs: as many passes as the budget allows, at most MAX_EPOCHS over a few hundred items and
+  fewer as the data grows (5,000 items: one pass); validation and early stopping choose the step.
+- max_length: the longest training prompt plus its answer, with a margin, rounded up to 64.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+TREE_TOKENS = 3000
+"""Tokens per micro-batch tree to aim for: items of ~30 tokens pack 16 to a tree (~700 tokens with
+the instruction), items of ~300 tokens about 9."""
+MAX_ITEMS_PER_TREE = 16
+MAX_EPOCHS = 12
+ITEM_PASSES = 5000
+"""Item passes the epoch cap aims at: 300 items -> 12 epochs (capped), 1,000 -> 5, 5,000 -> 1."""
+
+
+def items_per_tree(longest: int, criteria: int, prefix: int = 200) -> int:
+    """Items per tree so that the tree stays near TREE_TOKENS (an item's tokens plus a cue per criterion)."""
+    per_item = max(longest - prefix, 16) + 8 * criteria
+    return max(1, min(MAX_ITEMS_PER_TREE, (TREE_TOKENS - prefix) // per_item))
+
+
+def epochs_for(items: int) -> float:
+    return float(max(1, min(MAX_EPOCHS, round(ITEM_PASSES / max(items, 1)))))
+
+
+def small_data_config(spec: str, train_data: str, val_data: str, base_model: str, output: str, *, items: int,
+                      criteria: int, longest: int, seed: int = 0, augment: bool = False) -> dict[str, Any]:
+    """A TrainConfig's fields (YAML-able) for `items` training items with `criteria` criteria whose
+    longest prompt plus answer is `longest` tokens."""
+    per_tree = items_per_tree(longest, criteria)
+    steps_per_epoch = math.ceil(items / per_tree)
+    epochs = epochs_for(items)
+    total = max(1, math.ceil(epochs * steps_per_epoch))
+    off = {"templates": False, "permute_inputs": False, "shuffle_labels": False,
+           "token_dropout": {"prob": 0.0, "fraction": 0.0}}
+    on = {"templates": True, "permute_inputs": True, "shuffle_labels": True,
+          "token_dropout": {"prob": 0.1, "fraction": 0.5}}
+    return {
+        "base_model": base_model, "spec": spec, "train_data": train_data, "val_data": val_data, "output": output,
+        "raters": "distribution", "select_by": "score",
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0}, "quantization": "none", "compute_dtype": "float32",
+        "device": "cpu", "lr": 1.0e-3, "schedule": "linear", "warmup_ratio": 0.03,
+        "epochs": epochs, "max_steps": total,
+        "batch_size": per_tree * criteria, "micro_batch": per_tree * criteria,
+        "eval_every": max(5, math.ceil(total / 8)), "patience": 4,
+        "max_length": int(math.ceil((longest + 16) / 64) * 64), "seed": seed,
+        "augment": on if augment else off,
+    }
+
+
+def fit_to_budget(raw: dict[str, Any], step_s: float, val_s: float, budget_s: float) -> dict[str, Any]:
+    """The same config with max_steps cut to what the budget pays for (steps and about 9 validations;
+    never more than the epoch cap gave), and validations spaced to about 8 in the run."""
+    overhead = 9 * val_s + 30.0
+    afford = max(1, int((budget_s - overhead) / max(step_s, 1e-3)))
+    steps = min(int(raw["max_steps"]), afford)
+    return {**raw, "max_steps": steps, "eval_every": max(5, math.ceil(steps / 8))}
