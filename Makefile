@@ -168,10 +168,11 @@ bench-train: install $(GEMMA_HF)  ## training step: token tree vs per-prompt, bl
 	$(PY) -m edge_annotator.bench.train --base $(GEMMA_HF) --json $(MODELS)/bench-train.json --markdown docs/benchmarks.md
 
 # The evaluation table: the shipped CPU recipes trained on the full train splits of the datasets in
-# ../shared/data, exported to Q4_K_M and scored on the full test splits with bootstrap intervals.
+# ../shared/data, exported to Q4_K_M and scored on the full test splits with bootstrap intervals,
+# one held-out rater beside each; USR PersonaChat through annotate-cli fit. Into docs/evaluation.md.
 DATA_SRC ?= ../shared/data
 eval: install $(GEMMA) $(GEMMA_HF)  ## train the CPU recipes, evaluate on full test splits -> models/eval/eval.md (~2 h)
-	$(PY) scripts/eval.py --shared $(DATA_SRC) --out $(MODELS)/eval --threads $(THREADS)
+	$(PY) scripts/eval.py --shared $(DATA_SRC) --out $(MODELS)/eval --threads $(THREADS) --markdown docs/evaluation.md
 
 # The small-data recipe's learning curves: 100, 300 and 1,000 training items of EmoBank, ConvAbuse
 # and GoEmotions, and the paper's augmentations at 300, each cell trained in at most 20 minutes and

@@ -5,7 +5,7 @@ Two inputs to llama.cpp's quantizer (llama_model_quantize_params) that the expor
 - tensor type overrides: the tensors LoRA changed, by their GGUF names, kept at a wider type
   (`--adapted-type`, default Q8_0). A LoRA update is mostly smaller than half a 4-bit step
   (Q4_K: 16 levels per block of 32), so quantizing the merged weight to 4 bits rounds much of the
-  fine-tuning away. Measured on Gemma 3 270M (README, "Export"): with every tensor at Q4_K_M the
+  fine-tuning away. Measured on Gemma 3 270M (docs/export.md): with every tensor at Q4_K_M the
   file's labels agreed with the merged model's at alpha -0.16..-0.22; keeping the adapted tensors
   at Q8_0 restores parity, for a few MB.
 - an importance matrix (`--imatrix CALIB.jsonl`): for every linear layer, the mean square of each

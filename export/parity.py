@@ -39,7 +39,7 @@ from edge_annotator.runtime.spec import Criterion, TaskSpec, spec_from_json
 
 from .quants import QUANTS
 
-# Measured (README, Export and parity) on the demo's Gemma 3 270M fine-tune, 200 held-out EmoBank
+# Measured (docs/export.md) on the demo's Gemma 3 270M fine-tune, 200 held-out EmoBank
 # sentences, per criterion V / A / D:
 #   Q8_0, and Q4_K_M with the adapted tensors at Q8_0 (the default; the same tensors): mean |delta
 #   score| 0.0039 / 0.0029 / 0.0026, max 0.042 / 0.014 / 0.016, no label flipped, score alpha with

@@ -291,7 +291,7 @@ def convert(pred: Path, fmt: str, spec_path: Path | None, model: Path | None, it
     """Turn annotate's output (PRED) into pre-annotations for Label Studio or Argilla, or a CSV.
 
     Every record of PRED becomes one task, record or row; error records are kept, flagged with
-    their message. README, File formats shows each format and the import steps.
+    their message. docs/formats.md shows each format and the import steps.
 
     \b
     Examples:
@@ -464,7 +464,7 @@ def inspect(model: Path, as_json: bool, no_hash: bool) -> None:
     where = "GPU offload (--gpu-layers)" if b["gpu_offload"] else "CPU only (a GPU build: make install-cuda)"
     t.add_row("backend", f"llama-cpp-python {b['llama_cpp_python']}, {where}")
     c = b["cpu"]
-    amx = ("AMX on (crash-prone in VMs: README, Install)" if c["amx"] else
+    amx = ("AMX on (crash-prone in VMs: docs/install.md)" if c["amx"] else
            "AMX off" + (" (the CPU has it; the build leaves it out)" if c["cpu_advertises_amx"] else ""))
     t.add_row("cpu kernels", f"{', '.join(c['features']) or 'none'}; {amx}")
     t.add_row("cpu", c["cpu"])

@@ -180,7 +180,7 @@ class LlamaModel:
         if n_gpu_layers != 0 and not vocab_only and not L.llama_supports_gpu_offload():
             raise ModelError(f"--gpu-layers {'all' if n_gpu_layers < 0 else n_gpu_layers}: this llama-cpp-python "
                              f"build runs on the CPU only (llama.cpp would ignore the flag); install a GPU build "
-                             f"(make install-cuda; README, Install) or leave --gpu-layers at 0")
+                             f"(make install-cuda; docs/install.md) or leave --gpu-layers at 0")
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers  # set always: llama.cpp's own default has changed between versions
         mp.vocab_only = vocab_only  # the tokenizer alone: no weights read (checks of HF tokenizers)

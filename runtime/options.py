@@ -36,5 +36,5 @@ def gpu_layers_option(f: Callable[..., Any]) -> Callable[..., Any]:
                         envvar="ANNOTATE_GPU_LAYERS",
                         show_envvar=True,
                         help="Layers to run on the GPU, N or all; needs a GPU build of llama-cpp-python "
-                             "(make install-cuda). 0: the CPU only. What holds across settings: README, "
-                             "Guarantees.")(f)
+                             "(make install-cuda). 0: the CPU only. What holds across settings: "
+                             "docs/install.md, GPUs.")(f)

@@ -161,7 +161,7 @@ def main(config: Path, base_gguf: Path, test: Path, out: Path, threads: int, qua
     if not res["parity"]["pass"]:
         failed = ", ".join(k for k, v in res["parity"]["checks"].items() if not v)
         print(f"\nPARITY FAILED for {quant} ({failed}): this file would not be published "
-              f"(make export deletes such a file). See README, 'Export and parity'.", file=sys.stderr)
+              f"(make export deletes such a file). See docs/export.md.", file=sys.stderr)
     if not res["identical_across_threads"]:
         print("\nthe exported file's output differed between thread counts", file=sys.stderr)
     sys.exit(0 if res["parity"]["pass"] and res["identical_across_threads"] else 1)

@@ -253,7 +253,10 @@ def run_fit_task(name: str, spec_path: str, shared: Path, out: Path, base_gguf: 
 @click.option("--recipe", "recipes", type=click.Choice(list(RECIPES)), multiple=True,
               help="Only these recipes (repeat the option) [default: all three].")
 @click.option("--fresh", is_flag=True, help="Train, export and annotate again even if done.")
-def main(shared: Path, out: Path, base_gguf: Path, threads: int, recipes: tuple[str, ...], fresh: bool) -> None:
+@click.option("--markdown", "md_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the table into this page's eval section (docs/evaluation.md).")
+def main(shared: Path, out: Path, base_gguf: Path, threads: int, recipes: tuple[str, ...], fresh: bool,
+         md_path: Path | None) -> None:
     """Train the CPU recipes, export them, and score them on the full test splits with intervals."""
     out.mkdir(parents=True, exist_ok=True)
     results = [run_recipe(Path(r), shared, out, base_gguf, threads, fresh) for r in recipes or RECIPES]
@@ -262,6 +265,10 @@ def main(shared: Path, out: Path, base_gguf: Path, threads: int, recipes: tuple[
                                     "context_id"))
     md = markdown(results)
     (out / "eval.md").write_text(md)
+    if md_path:
+        from edge_annotator.runtime.files import write_section
+
+        write_section(md_path, "eval", md)
     (out / "eval.json").write_text(json.dumps(results, indent=2))
     print(md)
 

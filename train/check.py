@@ -23,6 +23,12 @@ MERGE_S = 15.0
 validation items twice more."""
 
 
+def estimate_seconds(steps: int, eval_every: int, step_s: float, val_s: float, calibrate: bool) -> float:
+    """A run's time: its steps, a validation before the first and every eval_every after, the
+    merge, and (calibrate) two more scorings of the validation items."""
+    return steps * step_s + (1 + math.ceil(steps / eval_every)) * val_s + MERGE_S + (2 * val_s if calibrate else 0.0)
+
+
 def check_run(cfg: TrainConfig, timed_steps: int = 2) -> dict[str, Any]:
     """Set the run up (data, tokenizer check, lengths, model), time `timed_steps` steps after one
     warm-up and a validation of up to 8 items; raise CannotLearn/ValueError as training would."""
@@ -54,7 +60,7 @@ def check_run(cfg: TrainConfig, timed_steps: int = 2) -> dict[str, Any]:
             score_items(run.model, run.tokenizer, run.data.spec, few)
         val_s = (time.perf_counter() - t0) / max(len(few), 1) * len(val)
         n_vals = 1 + math.ceil(run.total / cfg.eval_every)
-        estimate = run.total * step_s + n_vals * val_s + MERGE_S + (2 * val_s if cfg.calibrate else 0.0)
+        estimate = estimate_seconds(run.total, cfg.eval_every, step_s, val_s, cfg.calibrate)
         return {"steps": run.total, "examples": len(run.examples), "train_items": len(run.data.train_items),
                 "val_items": len(val), "step_s": step_s, "tokens_per_step": got["tokens"],
                 "examples_per_step": got["examples"], "validation_s": val_s, "validations": n_vals,

@@ -40,7 +40,9 @@ class TinyModel:
     intermediate: int = 128
     """MLP width."""
     heads: int = 2
-    """Attention heads (one key/value head)."""
+    """Attention heads."""
+    kv_heads: int = 1
+    """Key/value heads (fewer than heads: grouped-query attention)."""
     head_dim: int = 32
     """Size of each attention head."""
     embed_std: float = 0.25

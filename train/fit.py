@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -193,15 +194,16 @@ def _estimated(raw: dict[str, Any], opts: FitOptions, state: dict[str, Any]) -> 
     """Time two steps and a validation (train/check.py), then cut the steps to the budget."""
     from edge_annotator.runtime.spec import load_spec
 
-    from .check import check_run
+    from .check import check_run, estimate_seconds
     from .config import parse_config
     from .recipe import fit_to_budget
 
     got = check_run(parse_config(raw, "fit recipe"))
     sized = fit_to_budget(raw, got["step_s"], got["validation_s"], opts.budget_s)
     items_per_step = raw["batch_size"] // len(load_spec(raw["spec"]).criteria)
-    got = {**got, "steps": sized["max_steps"],
-           "estimate_s": got["estimate_s"] / max(got["steps"], 1) * sized["max_steps"],
+    got = {**got, "steps": sized["max_steps"], "validations": 1 + math.ceil(sized["max_steps"] / sized["eval_every"]),
+           "estimate_s": estimate_seconds(sized["max_steps"], sized["eval_every"], got["step_s"], got["validation_s"],
+                                          True),
            "epochs": round(sized["max_steps"] * items_per_step / max(got["train_items"], 1), 2)}
     state["estimate"] = got
     state["recipe"] = {**state.get("recipe", {}), "max_steps": sized["max_steps"], "eval_every": sized["eval_every"]}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -43,7 +44,8 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, tokenizer_dir: str | 
         tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     # refuses before the weights are loaded or anything is written
     fingerprint = check_against_gguf(tok, src, source=None if tokenizer_dir is None else str(tokenizer_dir))
-    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32,
+                                                 config=_config(src))
     # the weights are dequantized: save them as the plain fp32 they now are, with no GGUF quantizer
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
@@ -55,6 +57,23 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, tokenizer_dir: str | 
         (d / FINGERPRINT).write_text(json.dumps(fingerprint, ensure_ascii=False) + "\n")
 
     return atomic_dir(out, write)
+
+
+def _config(src: Path) -> Any:
+    """transformers' config of the GGUF, with what its GGUF mapping leaves out read from the file:
+    the attention head size (`ARCH.attention.key_length`; transformers 5.24 takes hidden / heads for
+    Qwen3, 128 where a model's heads are smaller)."""
+    import gguf
+    from transformers import AutoConfig
+
+    conf = AutoConfig.from_pretrained(src.parent, gguf_file=src.name)
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    key = reader.fields.get(f"{arch}.attention.key_length")
+    if key is not None and hasattr(conf, "head_dim") and conf.head_dim != int(key.contents()):
+        log.info("%s: head_dim %s from the GGUF (transformers' mapping gave %s)", src, key.contents(), conf.head_dim)
+        conf.head_dim = int(key.contents())
+    return conf
 
 
 @click.command("from-gguf")

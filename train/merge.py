@@ -25,7 +25,7 @@ from edge_annotator.runtime.spec import load_spec
 
 from .config import TrainConfig
 from .examples import data_sha256
-from .model import load_tokenizer
+from .model import load_tokenizer, save_tokenizer
 
 
 def git_commit() -> str | None:
@@ -65,7 +65,7 @@ def merge(cfg: TrainConfig, run_dir: str | Path, out_dir: str | Path | None = No
 
     def write(d: Path) -> None:
         merged.save_pretrained(d, safe_serialization=True)
-        tok.save_pretrained(d)
+        save_tokenizer(tok, base_dir, d)
         (d / "spec.json").write_text(spec.to_json())
         shutil.copy(cfg.spec, d / "spec.yaml")
         (d / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))

@@ -36,6 +36,22 @@ def load_tokenizer(folder: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(folder)
 
 
+TOKENIZER_FILES = ("tokenizer.model",)
+"""Files of a tokenizer that save_pretrained may not write back (a tokenizers-backed tokenizer
+built from a SentencePiece model keeps only tokenizer.json), yet llama.cpp's converter reads
+first: they travel from the base folder to every folder made from it."""
+
+
+def save_tokenizer(tok: Any, src: str | Path, dst: str | Path) -> None:
+    """tok.save_pretrained(dst), and the base folder's TOKENIZER_FILES copied beside it."""
+    import shutil
+
+    tok.save_pretrained(dst)
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file() and not (Path(dst) / name).is_file():
+            shutil.copy(Path(src) / name, Path(dst) / name)
+
+
 def build_tiny(cfg: TrainConfig) -> Any:
     """A small model of the base's architecture and vocabulary, randomly initialised with cfg.seed."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -47,13 +63,15 @@ def build_tiny(cfg: TrainConfig) -> Any:
     conf.hidden_size = t.hidden
     conf.intermediate_size = t.intermediate
     conf.num_attention_heads = t.heads
-    conf.num_key_value_heads = 1
+    conf.num_key_value_heads = t.kv_heads
     conf.head_dim = t.head_dim
-    if getattr(conf, "layer_types", None) is not None:
+    if getattr(conf, "model_type", "").startswith("gemma3") and getattr(conf, "layer_types", None) is not None:
         # Gemma 3's pattern (five sliding-window layers, then one global), which llama.cpp assumes
         # whatever the layer count: GGUF has no per-layer key for it, and a 2-layer model of global
         # layers would run on the other RoPE base there.
         conf.layer_types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(t.layers)]
+    elif getattr(conf, "layer_types", None) is not None:  # Qwen3: one type per layer, all full attention here
+        conf.layer_types = [conf.layer_types[0]] * t.layers
     if hasattr(conf, "query_pre_attn_scalar"):
         conf.query_pre_attn_scalar = t.head_dim
     for k in ("quantization_config",):

@@ -9,7 +9,7 @@ What the rules encode (docs/recipes.md has the measurements behind them):
   distribution as the target, checkpoints chosen by the mean of the per-criterion alphas (the
   demo recipe's setup, which learnt where q/v-only LoRA did not).
 - No augmentation by default: on these budgets the paper's augmentations kept the model from
-  learning the items (README, what the recipes learn); `augment=True` turns them on.
+  learning the items (docs/recipes.md, what the recipes learn); `augment=True` turns them on.
 - One token tree per step: as many items as fit in about TREE_TOKENS tokens, at most 16.
 - Epochs: as many passes as the budget allows, at most MAX_EPOCHS over a few hundred items and
   fewer as the data grows (5,000 items: one pass); validation and early stopping choose the step.
@@ -66,9 +66,12 @@ def small_data_config(spec: str, train_data: str, val_data: str, base_model: str
 
 
 def fit_to_budget(raw: dict[str, Any], step_s: float, val_s: float, budget_s: float) -> dict[str, Any]:
-    """The same config with max_steps cut to what the budget pays for (steps and about 9 validations;
-    never more than the epoch cap gave), and validations spaced to about 8 in the run."""
-    overhead = 9 * val_s + 30.0
+    """The same config with max_steps cut to what the budget pays for (never more than the epoch cap
+    gave), and validations spaced to about 8 in the run: check.estimate_seconds of the result is
+    within the budget (about 9 validations, the merge, the calibration's two scorings)."""
+    from .check import MERGE_S
+
+    overhead = 11 * val_s + MERGE_S
     afford = max(1, int((budget_s - overhead) / max(step_s, 1e-3)))
     steps = min(int(raw["max_steps"]), afford)
     return {**raw, "max_steps": steps, "eval_every": max(5, math.ceil(steps / 8))}

@@ -61,7 +61,7 @@ from .examples import (
     steps_per_epoch,
     unit_of,
 )
-from .model import add_lora, build_tiny, load_base, load_tokenizer, pick_device
+from .model import add_lora, build_tiny, load_base, load_tokenizer, pick_device, save_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def setup_model(cfg: TrainConfig, out: Path, device: torch.device, tokenizer: An
 
             def write_base(d: Path) -> None:
                 model0.save_pretrained(d, safe_serialization=True)
-                tokenizer.save_pretrained(d)
+                save_tokenizer(tokenizer, cfg.base_model, d)
 
             atomic_dir(base_dir, write_base)
             del model0
