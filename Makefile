@@ -140,7 +140,8 @@ $(GEMMA_HF): | $(GEMMA)
 CONFIG ?= configs/tiny-lora-cpu.yaml
 RUN = $(shell $(PY) -c "import yaml,sys; print(yaml.safe_load(open('$(CONFIG)'))['output'])" 2>/dev/null)
 QUANT ?= Q4_K_M
-HELDOUT ?= data/emobank-test-200.jsonl
+# parity's items: HELDOUT=FILE, else the config's val_data (held out from training, never its test)
+HELDOUT ?= $(shell $(PY) -c "import yaml; print(yaml.safe_load(open('$(CONFIG)')).get('val_data') or '')" 2>/dev/null)
 train: install $(GEMMA_HF)  ## fine-tune and merge: make train CONFIG=configs/NAME.yaml
 	$(CLI) train $(CONFIG)
 
@@ -148,6 +149,7 @@ train: install $(GEMMA_HF)  ## fine-tune and merge: make train CONFIG=configs/NA
 ADAPTED ?= Q8_0
 IMATRIX ?=
 export: install  ## merged model -> $(RUN)/annotator-$(QUANT).gguf, kept only if parity passes (IMATRIX=calib.jsonl)
+	@test -n "$(HELDOUT)" || { echo "make export: $(CONFIG) has no val_data; give parity's items: make export CONFIG=$(CONFIG) HELDOUT=held-out.jsonl" >&2; exit 2; }
 	$(CLI) export $(RUN)/merged -o $(RUN)/annotator-$(QUANT).gguf --quant $(QUANT) --adapted-type $(ADAPTED) \
 		$(if $(IMATRIX),--imatrix $(IMATRIX))
 	$(CLI) parity $(RUN)/merged $(RUN)/annotator-$(QUANT).gguf $(HELDOUT) || \

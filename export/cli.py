@@ -31,8 +31,14 @@ err = Console(stderr=True)
 @click.option("--imatrix-items", type=click.IntRange(1), default=32, show_default=True,
               help="How many calibration items the importance matrix reads.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Quantizer threads [default: all cores].")
+@click.option("--adapter-on", "adapter_on", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Write a LoRA adapter GGUF for this untouched base GGUF instead of a merged file (the base the "
+                   "run trained on was dequantized from it: base + adapter is the trained model). --quant and "
+                   "--adapted-type then do not apply.")
+@click.option("--adapter-type", type=click.Choice(["F16", "F32"]), default="F16", show_default=True,
+              help="--adapter-on: the type of the adapter's matrices.")
 def export(merged: Path, output: Path, quant: str, adapted_type: str, imatrix: Path | None, imatrix_items: int,
-           threads: int | None) -> None:
+           threads: int | None, adapter_on: Path | None, adapter_type: str) -> None:
     """Turn a merged model folder (annotate-cli train) into one quantized GGUF annotator.
 
     llama.cpp's converter and quantizer do the work; the task spec and provenance are embedded,
@@ -44,11 +50,22 @@ def export(merged: Path, output: Path, quant: str, adapted_type: str, imatrix: P
       annotate-cli export models/runs/emobank/merged -o emobank-q8.gguf --quant Q8_0
       annotate-cli export merged/ -o emobank.gguf --imatrix data/emobank-train-64.jsonl
       annotate-cli export merged/ -o all-4bit.gguf --adapted-type same
+      annotate-cli export merged/ -o emobank-lora.gguf --adapter-on models/gemma-3-270m-q4_k_m.gguf
     """
     from .convert import ExportError
     from .convert import export as run_export
 
     try:
+        if adapter_on is not None:
+            from .adapter import export_adapter
+
+            job = export_adapter(merged, output, adapter_on, adapter_type)
+            i = job.info
+            err.print(f"{i['file']}: LoRA adapter ({i['adapter_matrices']} matrices, {i['size_bytes'] / 1e6:.1f} MB) "
+                      f"on {adapter_on} ({i['base_size_bytes'] / 1e6:.1f} MB, blocks at "
+                      f"{i['block_bits_per_weight']:.2f} bits/weight, {i['block_bits_per_weight_with_adapter']:.2f} "
+                      f"with the adapter); annotate finds the base beside the adapter or at ANNOTATE_BASE_MODEL")
+            return
         job = run_export(merged, output, quant, threads, adapted_type, imatrix, imatrix_items)
     except ExportError as e:
         raise click.ClickException(str(e)) from None

@@ -165,9 +165,10 @@ class LlamaModel:
     """A loaded GGUF model: weights, vocabulary and metadata, without a context."""
 
     def __init__(self, path: str | Path, *, n_gpu_layers: int = 0, vocab_only: bool = False,
-                 extra_buffers: bool | None = None):
+                 extra_buffers: bool | None = None, base: str | Path | None = None):
         """extra_buffers: llama.cpp's extra buffer types (repacked and AMX weights); None: on unless
-        this build uses AMX and a probe decode crashed on this CPU (runtime/cpu.py)."""
+        this build uses AMX and a probe decode crashed on this CPU (runtime/cpu.py). base: the base
+        GGUF of an adapter file, where it is not beside it (ANNOTATE_BASE_MODEL)."""
         L = _lib()
         self.path = Path(path)
         if not self.path.is_file():
@@ -181,19 +182,33 @@ class LlamaModel:
             raise ModelError(f"--gpu-layers {'all' if n_gpu_layers < 0 else n_gpu_layers}: this llama-cpp-python "
                              f"build runs on the CPU only (llama.cpp would ignore the flag); install a GPU build "
                              f"(make install-cuda; docs/install.md) or leave --gpu-layers at 0")
+        from .adapter import resolve_base
+
+        # an annotator may be a LoRA adapter file over an untouched base GGUF (runtime/adapter.py):
+        # the weights (and the output rows the answer head reads) are the base's
+        self.weights_path = resolve_base(self.path, base) if not vocab_only else self.path
+        self.adapter: Any = None
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers  # set always: llama.cpp's own default has changed between versions
         mp.vocab_only = vocab_only  # the tokenizer alone: no weights read (checks of HF tokenizers)
         if not vocab_only:
             from .cpu import extra_buffers_safe
 
-            mp.use_extra_bufts = extra_buffers if extra_buffers is not None else extra_buffers_safe(self.path)
+            mp.use_extra_bufts = extra_buffers if extra_buffers is not None else \
+                extra_buffers_safe(self.weights_path)
         self.extra_buffers = bool(mp.use_extra_bufts)
-        self.ptr = L.llama_model_load_from_file(str(self.path).encode(), mp)
+        self.ptr = L.llama_model_load_from_file(str(self.weights_path).encode(), mp)
         if not self.ptr:
-            raise ModelError(f"{self.path}: llama.cpp could not load this model: the file is corrupt or truncated, "
-                             f"or its architecture is not supported (run with -vv for llama.cpp's reason); "
+            raise ModelError(f"{self.weights_path}: llama.cpp could not load this model: the file is corrupt or "
+                             f"truncated, or its architecture is not supported (run with -vv for llama.cpp's reason); "
                              f"copy or export it again")
+        if self.weights_path != self.path:
+            self.adapter = L.llama_adapter_lora_init(self.ptr, str(self.path).encode())
+            if not self.adapter:
+                L.llama_model_free(self.ptr)
+                self.ptr = None
+                raise ModelError(f"{self.path}: llama.cpp could not apply this LoRA adapter to {self.weights_path} "
+                                 f"(run with -vv for its reason): export it again against that base")
         self.vocab = L.llama_model_get_vocab(self.ptr)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.add_bos = bool(L.llama_vocab_get_add_bos(self.vocab))
@@ -215,12 +230,19 @@ class LlamaModel:
         return list(buf[:n])
 
     def meta(self, key: str) -> str | None:
-        """A metadata value as text (llama.cpp renders numbers and booleans; arrays are summarised)."""
+        """A metadata value as text (llama.cpp renders numbers and booleans; arrays are summarised);
+        for an adapter file, its own keys (the spec, provenance) first, then the base's."""
         L = _lib()
+        if self.adapter is not None and key.startswith("edge_annotator."):
+            return self._meta(lambda b, n: L.llama_adapter_meta_val_str(self.adapter, key.encode(), b, n))
+        return self._meta(lambda b, n: L.llama_model_meta_val_str(self.ptr, key.encode(), b, n))
+
+    @staticmethod
+    def _meta(read: Any) -> str | None:
         size = 256
         while True:
             buf = ctypes.create_string_buffer(size)
-            n = L.llama_model_meta_val_str(self.ptr, key.encode(), buf, size)
+            n = read(buf, size)
             if n < 0:
                 return None
             if n < size:
@@ -228,6 +250,9 @@ class LlamaModel:
             size = n + 1  # the value was cut: llama.cpp returned its full length
 
     def close(self) -> None:
+        if getattr(self, "adapter", None):
+            _lib().llama_adapter_lora_free(self.adapter)
+            self.adapter = None
         if getattr(self, "ptr", None):
             _lib().llama_model_free(self.ptr)
             self.ptr = None
@@ -315,6 +340,10 @@ class LlamaEngine:
         if not self._ctx:
             raise ModelError(f"{self.path}: llama.cpp could not create a context of {cp.n_ctx} tokens")
         self.n_seq, self.n_cells = cp.n_seq_max, L.llama_n_ctx(self._ctx)
+        if self.model.adapter is not None:  # the annotator's LoRA, at the scale its alpha / r gives
+            adapters = (L.llama_adapter_lora_p_ctypes * 1)(self.model.adapter)
+            if L.llama_set_adapters_lora(self._ctx, adapters, 1, (ctypes.c_float * 1)(1.0)) != 0:
+                raise ModelError(f"{self.path}: llama.cpp could not set the LoRA adapter on a context")
         self._mem = L.llama_get_memory(self._ctx)
         self._batch = L.llama_batch_init(self.n_batch, 0, self.n_seq)
         self._cached: list[int] = []  # tokens of sequence 0 in the cache, positions 0..len-1
@@ -441,7 +470,7 @@ class LlamaEngine:
         try:
             arch = self.model.meta("general.architecture") or ""
             cap = self.model.meta(f"{arch}.final_logit_softcapping")
-            head = OutputHead.from_gguf(self.path, softcap=float(cap) if cap else None)
+            head = OutputHead.from_gguf(self.model.weights_path, softcap=float(cap) if cap else None)
         except (GGUFFormatError, OSError, KeyError, NotImplementedError, ValueError) as e:
             self.head_check = {"used": False, "reason": f"output layer not readable: {e}"}
             log.info("%s: scoring uses llama.cpp's output layer (%s)", self.path, self.head_check["reason"])

@@ -62,7 +62,17 @@ def read_tensor_infos(path: str | Path) -> dict[str, TensorInfo]:
         return _parse(mm, str(path))  # slices of an mmap are bytes: nothing outlives the map
 
 
-def _parse(buf: mmap.mmap, where: str) -> dict[str, TensorInfo]:
+def read_strings(path: str | Path, keys: set[str]) -> dict[str, str]:
+    """The string values of KEYS in a GGUF's metadata (absent keys left out), read without
+    parsing the arrays (a vocabulary of 262,144 tokens is stepped over, not decoded)."""
+    found: dict[str, str] = {}
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        _parse(mm, str(path), keys, found)
+    return found
+
+
+def _parse(buf: mmap.mmap, where: str, want: set[str] | None = None,
+           found: dict[str, str] | None = None) -> dict[str, TensorInfo]:
     p = 0
 
     def take(fmt: str) -> int | float | bool:
@@ -107,7 +117,11 @@ def _parse(buf: mmap.mmap, where: str) -> dict[str, TensorInfo]:
         alignment = GGUF_DEFAULT_ALIGNMENT
         for _ in range(n_kv):
             key = string()
-            value = skip(int(take("I")))
+            vtype = int(take("I"))
+            if want and found is not None and key in want and vtype == GGUFValueType.STRING:
+                found[key] = string()
+                continue
+            value = skip(vtype)
             if key == Keys.General.ALIGNMENT and value is not None:
                 alignment = int(value)
         raw = []

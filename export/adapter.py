@@ -1,0 +1,167 @@
+"""The annotator as a LoRA adapter GGUF over the untouched base GGUF (runtime/adapter.py reads it).
+
+    job = export_adapter("RUN/merged", "annotator.gguf", "models/gemma-3-270m-q4_k_m.gguf")
+
+The base this project trains on is dequantized from that GGUF, so base file + adapter is the
+trained model itself: the base keeps llama.cpp's own Q4_K_M blocks (5.43 bits a weight for Gemma 3
+270M) and the update is not rounded to them. The adapter's A and B matrices (PEFT's best adapter,
+RUN/best-adapter) go out as llama.cpp's LoRA format: per adapted matrix `NAME.lora_a` (r x in)
+and `NAME.lora_b` (out x r) under the base's GGUF tensor names, `adapter.lora.alpha` (llama.cpp
+scales by alpha / r, as PEFT does), at F16 by default. Llama's q and k projections are stored by
+llama.cpp's converter with their rows permuted for its RoPE layout, so their B matrices get the
+same permutation. The spec, provenance and the base's file name and sha256 go in beside.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_annotator.runtime.adapter import BASE_FILE, BASE_SHA256
+from edge_annotator.runtime.gguf_meta import FORMAT_VERSION, Keys, sha256_file
+
+from . import mix
+from .convert import Export, ExportError, check_merged, verify
+
+TYPES = {"F32": np.float32, "F16": np.float16}
+
+
+def _lora_weights(run: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """PEFT's adapter tensors (name -> array) and its config, from RUN/best-adapter."""
+    from safetensors.numpy import load_file
+
+    ad = run / "best-adapter"
+    if not (ad / "adapter_model.safetensors").is_file():
+        raise ExportError(f"{ad}: no adapter_model.safetensors; the adapter route needs the run folder the merged "
+                          f"model came from (RUN/merged beside RUN/best-adapter)")
+    conf = json.loads((ad / "adapter_config.json").read_text())
+    if conf.get("modules_to_save"):
+        raise ExportError(f"{ad}: modules trained in full ({conf['modules_to_save']}) cannot go in a LoRA adapter; "
+                          f"export the merged model instead")
+    return load_file(str(ad / "adapter_model.safetensors")), conf
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter's row order for Llama's q/k projections (LlamaModel.permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def adapter_tensors(merged: Path, weights: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """GGUF name -> (A, B) of every adapted matrix, B in the base GGUF's row order."""
+    tmap = mix.name_map(merged)
+    conf = json.loads((merged / "config.json").read_text())
+    text = conf.get("text_config", conf)
+    llama = any(a in ("LlamaForCausalLM", "MistralForCausalLM") for a in conf.get("architectures", []))
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for key, a in weights.items():
+        if ".lora_A." not in key:
+            continue
+        hf = key.replace("base_model.model.", "", 1).replace(".lora_A.weight", ".weight")
+        b = weights[key.replace(".lora_A.", ".lora_B.")]
+        name = mix.gguf_name(tmap, hf)
+        if name is None:
+            raise ExportError(f"{key}: no GGUF tensor name for {hf}")
+        if llama and hf.endswith("q_proj.weight"):
+            b = _permute(b, int(text["num_attention_heads"]))
+        elif llama and hf.endswith("k_proj.weight"):
+            b = _permute(b, int(text.get("num_key_value_heads", text["num_attention_heads"])))
+        out[name] = (a, b)
+    if not out:
+        raise ExportError(f"{merged.parent / 'best-adapter'}: no LoRA matrices found")
+    return out
+
+
+def export_adapter(merged: str | Path, output: str | Path, base_gguf: str | Path, dtype: str = "F16") -> Export:
+    """Write OUTPUT, a LoRA adapter GGUF for BASE_GGUF carrying the merged run's spec, and verify that
+    llama.cpp applies it and tokenizes as the HF tokenizer does."""
+    import gguf
+
+    if dtype not in TYPES:
+        raise ExportError(f"--adapter-type {dtype}: choose one of {', '.join(TYPES)}")
+    job = Export(Path(merged), Path(output), f"adapter {dtype} on {Path(base_gguf).name}")
+    spec = check_merged(job.merged)
+    base = Path(base_gguf)
+    if not base.is_file():
+        raise ExportError(f"--adapter-on {base}: file not found")
+    t0 = time.perf_counter()
+    weights, conf = _lora_weights(job.merged.parent)
+    pairs = adapter_tensors(job.merged, weights)
+    arch = gguf.GGUFReader(base).fields[gguf.Keys.General.ARCHITECTURE].contents()
+    prov_file = job.merged / "provenance.json"
+    prov = json.loads(prov_file.read_text()) if prov_file.exists() else {}
+    base_sha = sha256_file(base)
+    prov = {**{k: v for k, v in prov.items() if k != "val_report"},
+            "export": {"route": "adapter", "adapter_type": dtype, "base_file": base.name, "base_sha256": base_sha,
+                       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+    job.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = job.output.with_name(f".{job.output.name}.partial")
+    w = gguf.GGUFWriter(tmp, arch=arch)
+    try:
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(conf["lora_alpha"]))
+        w.add_string(gguf.Keys.General.NAME, f"{spec.name} annotator (LoRA on {base.name})")
+        w.add_uint32(Keys.FORMAT, FORMAT_VERSION)
+        w.add_string(Keys.SPEC, spec.to_json())
+        w.add_string(Keys.SPEC_SHA256, spec.sha256)
+        w.add_string(Keys.PROVENANCE, json.dumps(prov, sort_keys=True, default=str))
+        w.add_string(BASE_FILE, base.name)
+        w.add_string(BASE_SHA256, base_sha)
+        for name, (a, b) in sorted(pairs.items()):
+            w.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a.astype(TYPES[dtype])))
+            w.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b.astype(TYPES[dtype])))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        # llama.cpp finds the base beside the adapter, or where ANNOTATE_BASE_MODEL says
+        env = os.environ.get("ANNOTATE_BASE_MODEL")
+        os.environ["ANNOTATE_BASE_MODEL"] = str(base)
+        try:
+            job.info["verify"] = verify(tmp, job.merged, spec)
+        finally:
+            if env is None:
+                os.environ.pop("ANNOTATE_BASE_MODEL", None)
+            else:
+                os.environ["ANNOTATE_BASE_MODEL"] = env
+        os.replace(tmp, job.output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    n_adapter = sum(a.size + b.size for a, b in pairs.values())
+    size = job.output.stat().st_size
+    job.info.update({"file": str(job.output), "sha256": sha256_file(job.output), "size_bytes": size,
+                     "quant": job.quant, "route": "adapter", "base_file": str(base), "base_sha256": base_sha,
+                     "base_size_bytes": base.stat().st_size, "adapter_matrices": len(pairs),
+                     "adapter_weights": n_adapter, "spec_sha256": spec.sha256,
+                     "seconds": round(time.perf_counter() - t0, 1)})
+    job.info.update(block_bits(base, job.output))
+    manifest = job.output.with_name(job.output.name + ".manifest.json")
+    manifest.write_text(json.dumps(job.info, indent=2))
+    return job
+
+
+def block_bits(base: Path, adapter: Path | None = None) -> dict[str, float]:
+    """Bits a weight of the blocks' matrices (`blk.*` tensors of two dimensions; gguf-py: bytes x 8
+    over elements) in BASE, and with ADAPTER's matrices counted in."""
+    import gguf
+
+    def tally(path: Path) -> tuple[int, int]:
+        r = gguf.GGUFReader(path)
+        el = by = 0
+        for t in r.tensors:
+            if t.name.startswith("blk.") and len([d for d in t.shape if d > 1]) == 2:
+                el += int(t.n_elements)
+                by += int(t.n_bytes)
+        return el, by
+
+    el, by = tally(base)
+    out = {"block_bits_per_weight": round(8 * by / el, 3) if el else 0.0}
+    if adapter is not None:
+        _, ab = tally(adapter)
+        out["block_bits_per_weight_with_adapter"] = round(8 * (by + ab) / el, 3) if el else 0.0
+    return out

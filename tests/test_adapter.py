@@ -1,0 +1,103 @@
+"""The adapter route: an annotator as a LoRA adapter GGUF applied by llama.cpp to an untouched base
+GGUF (export/adapter.py, runtime/adapter.py), on the tiny recipe."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from conftest import DATA, ROOT, TASKS
+
+from edge_annotator.runtime.cli import cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def route(tmp_path_factory: pytest.TempPathFactory, gemma_hf: Path) -> dict[str, Path]:
+    """The tiny recipe trained and merged; its base (built from scratch) as an F16 GGUF; the adapter."""
+    from edge_annotator.export.adapter import export_adapter
+    from edge_annotator.export.convert import run_converter
+    from edge_annotator.train.config import parse_config
+    from edge_annotator.train.merge import merge
+    from edge_annotator.train.trainer import train
+
+    tmp = tmp_path_factory.mktemp("adapter")
+    raw = yaml.safe_load((ROOT / "configs" / "tiny-lora-cpu.yaml").read_text())
+    raw.update(base_model=str(gemma_hf), spec=str(TASKS / "emobank.yaml"), train_data=str(DATA / "emobank-train-64.jsonl"),
+               output=str(tmp / "run"), max_steps=6, eval_every=3, val_max_items=8)
+    cfg = parse_config(raw)
+    res = train(cfg)
+    merged = merge(cfg, res.output)
+    base = tmp / "models" / "tiny-base-f16.gguf"
+    base.parent.mkdir()
+    run_converter(tmp / "run" / "base", base, "f16")
+    adapter = export_adapter(merged, tmp / "models" / "tiny-lora.gguf", base).output
+    return {"merged": merged, "base": base, "adapter": adapter, "tmp": tmp}
+
+
+def test_the_adapter_file_carries_the_spec_and_names_its_base(route: dict[str, Path]) -> None:
+    import gguf
+
+    from edge_annotator.runtime.adapter import BASE_FILE, BASE_SHA256
+    from edge_annotator.runtime.gguf_meta import sha256_file
+
+    r = gguf.GGUFReader(route["adapter"])
+    assert r.fields["general.type"].contents() == "adapter" and r.fields["adapter.type"].contents() == "lora"
+    assert r.fields[BASE_FILE].contents() == route["base"].name
+    assert r.fields[BASE_SHA256].contents() == sha256_file(route["base"])
+    names = {t.name for t in r.tensors}
+    assert "blk.0.attn_q.weight.lora_a" in names and "blk.1.ffn_down.weight.lora_b" in names
+    info = json.loads(CliRunner().invoke(cli, ["inspect", str(route["adapter"]), "--json", "--no-hash"]).stdout)
+    assert info["spec"]["name"] == "emobank" and info["provenance"]["export"]["route"] == "adapter"
+    man = json.loads(route["adapter"].with_name(route["adapter"].name + ".manifest.json").read_text())
+    assert man["adapter_matrices"] == 2 * 7 and man["block_bits_per_weight"] == 16.0
+
+
+def test_base_plus_adapter_scores_as_the_merged_model(route: dict[str, Path]) -> None:
+    """Parity between the merged HF model and base + adapter in llama.cpp: the base F16, the update
+    unrounded, so the scores agree to the fifth decimal."""
+    from edge_annotator.export.parity import parity
+
+    rep = parity(route["merged"], route["adapter"], DATA / "emobank-test-50.jsonl", threads=2)
+    assert rep["pass"], rep["checks"]
+    assert max(c["score_delta_max"] for c in rep["criteria"]) < 1e-3
+
+
+def test_annotate_finds_the_base_beside_the_adapter_and_is_deterministic(route: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    items = DATA / "emobank-test-50.jsonl"
+    outs = []
+    for threads in ("1", "2"):
+        out = tmp_path / f"t{threads}.jsonl"
+        r = CliRunner().invoke(cli, ["annotate", str(route["adapter"]), str(items), "--threads", threads, "-o", str(out)])
+        assert r.exit_code == 0, r.output
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1] and len(outs[0].splitlines()) == 50
+    part = tmp_path / "part.jsonl"
+    part.write_bytes(b"".join(outs[0].splitlines(keepends=True)[:20]))
+    r = CliRunner().invoke(cli, ["annotate", str(route["adapter"]), str(items), "-o", str(part), "--resume"])
+    assert r.exit_code == 0 and part.read_bytes() == outs[0]
+    w = tmp_path / "w.jsonl"
+    r = CliRunner().invoke(cli, ["annotate", str(route["adapter"]), str(items), "--workers", "2", "-o", str(w)])
+    assert r.exit_code == 0 and w.read_bytes() == outs[0], r.output
+
+
+def test_a_missing_or_different_base_is_refused_in_one_line(route: dict[str, Path], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    alone = tmp_path / "alone.gguf"
+    shutil.copy(route["adapter"], alone)
+    items = DATA / "emobank-test-50.jsonl"
+    r = CliRunner().invoke(cli, ["annotate", str(alone), str(items)])
+    assert r.exit_code == 1 and "is not at" in r.output and "ANNOTATE_BASE_MODEL" in r.output, r.output
+    other = tmp_path / route["base"].name
+    other.write_bytes(route["base"].read_bytes()[:-16] + b"\0" * 16)  # same name, other bytes
+    r = CliRunner().invoke(cli, ["annotate", str(alone), str(items)])
+    assert r.exit_code == 1 and "has sha256" in r.output and "the adapter was trained on" in r.output, r.output
+    monkeypatch.setenv("ANNOTATE_BASE_MODEL", str(route["base"]))
+    r = CliRunner().invoke(cli, ["annotate", str(alone), str(items), "-o", str(tmp_path / "ok.jsonl")])
+    assert r.exit_code == 0, r.output
