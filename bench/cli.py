@@ -19,6 +19,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from edge_annotator.runtime.cpu import cpu_name
 from edge_annotator.runtime.files import write_section
 from edge_annotator.runtime.options import gpu_layers_option
 
@@ -35,16 +36,6 @@ def _run_arm(arm: str, args: dict[str, Any]) -> dict[str, Any]:
     if r.returncode != 0:
         raise click.ClickException(f"bench arm {arm} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _agreement(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> float:

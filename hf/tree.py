@@ -335,12 +335,9 @@ def _tree_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
         raise RuntimeError("tree attention called outside `with tree_attention(model)` and a tree forward")
     if _DENSE.get():
         return _dense_tree_attention(module, query, key, value, batch, scaling, dropout, sliding_window, softcap)
-    _, H, N, d = query.shape
-    G = key.shape[1]
-    Lp = batch.prefix_len
-    scale = scaling if scaling is not None else d ** -0.5
-    q = query[0].reshape(G, H // G, N, d)
-    k, v = key[0][:, None], value[0][:, None]  # (G, 1, N, d)
+    q, k, v, scale = _grouped(query, key, value, scaling)
+    G, R, N, d = q.shape
+    H, Lp = G * R, batch.prefix_len
     blk = batch.blocks(sliding_window)
     dev = q.device
     idx, own = blk.idx.to(dev), blk.own.to(dev)
@@ -369,7 +366,6 @@ def _tree_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
         p = F.dropout(torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), dropout, module.training)
         out_b = p[..., :Lp] @ vp[:, :, None] + p[..., Lp:] @ vb  # (G, R, B, n, d)
     else:  # one fused attention per (item, key head) over [prefix keys, its own block's keys]
-        R = H // G
         keys = torch.cat([kp[:, :, None].expand(G, 1, B, Lp, d), kb], dim=-2)  # (G, 1, B, Lp + n, d)
         vals = torch.cat([vp[:, :, None].expand(G, 1, B, Lp, d), vb], dim=-2)
         qs = qb.permute(2, 0, 1, 3, 4).reshape(B * G, R, n, d)
@@ -379,9 +375,19 @@ def _tree_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
         o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=mask, scale=scale,
                                            dropout_p=dropout if module.training else 0.0)
         out_b = o.reshape(B, G, R, n, d).permute(1, 2, 0, 3, 4)  # (G, R, B, n, d)
-    out_rest = out_b.reshape(G, H // G, B * n, d)[..., blk.inv.to(dev), :]  # back to packed order
+    out_rest = out_b.reshape(G, R, B * n, d)[..., blk.inv.to(dev), :]  # back to packed order
     out = torch.cat([p_pp @ vp, out_rest], dim=-2)
     return out.reshape(H, N, d).transpose(0, 1)[None], None
+
+
+def _grouped(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """(1, H, N, d) queries as (G, H / G, N, d), one group per key head, and (1, G, N, d) keys and
+    values as (G, 1, N, d): grouped query heads broadcast against their key head without copies."""
+    _, H, N, d = query.shape
+    G = key.shape[1]
+    return (query[0].reshape(G, H // G, N, d), key[0][:, None], value[0][:, None],
+            scaling if scaling is not None else d ** -0.5)
 
 
 def _dense_tree_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -390,12 +396,9 @@ def _dense_tree_attention(module: Any, query: torch.Tensor, key: torch.Tensor, v
     """The same attention as two dense parts: every query against the prefix, and the tokens after
     it against each other, masked to the tree. (N - Lp)^2 scores per head: kept to measure the
     blocked form against (`make bench-train`) and to test both."""
-    _, H, N, d = query.shape
-    G = key.shape[1]
-    Lp = batch.prefix_len
-    scale = scaling if scaling is not None else d ** -0.5
-    q = query[0].reshape(G, H // G, N, d)
-    k, v = key[0][:, None], value[0][:, None]  # (G, 1, N, d)
+    q, k, v, scale = _grouped(query, key, value, scaling)
+    G, R, N, d = q.shape
+    H, Lp = G * R, batch.prefix_len
     m_a, m_b = (m.to(q.device) for m in batch.masks(sliding_window))
     s_a = (q @ k[..., :Lp, :].transpose(-1, -2)) * scale  # (G, R, N, Lp)
     s_b = (q[..., Lp:, :] @ k[..., Lp:, :].transpose(-1, -2)) * scale  # (G, R, N - Lp, N - Lp)

@@ -28,7 +28,8 @@ def route(tmp_path_factory: pytest.TempPathFactory, gemma_hf: Path) -> dict[str,
 
     tmp = tmp_path_factory.mktemp("adapter")
     raw = yaml.safe_load((ROOT / "configs" / "tiny-lora-cpu.yaml").read_text())
-    raw.update(base_model=str(gemma_hf), spec=str(TASKS / "emobank.yaml"), train_data=str(DATA / "emobank-train-64.jsonl"),
+    raw.update(base_model=str(gemma_hf), spec=str(TASKS / "emobank.yaml"),
+               train_data=str(DATA / "emobank-train-64.jsonl"),
                output=str(tmp / "run"), max_steps=6, eval_every=3, val_max_items=8)
     cfg = parse_config(raw)
     res = train(cfg)
@@ -74,7 +75,8 @@ def test_annotate_finds_the_base_beside_the_adapter_and_is_deterministic(route: 
     outs = []
     for threads in ("1", "2"):
         out = tmp_path / f"t{threads}.jsonl"
-        r = CliRunner().invoke(cli, ["annotate", str(route["adapter"]), str(items), "--threads", threads, "-o", str(out)])
+        r = CliRunner().invoke(cli, ["annotate", str(route["adapter"]), str(items), "--threads", threads,
+                                     "-o", str(out)])
         assert r.exit_code == 0, r.output
         outs.append(out.read_bytes())
     assert outs[0] == outs[1] and len(outs[0].splitlines()) == 50

@@ -35,6 +35,30 @@ def test_the_published_recipe() -> None:
     assert set(cfg.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
+def test_the_small_data_recipe_is_a_valid_config_cut_to_the_budget() -> None:
+    from edge_annotator.train.check import estimate_seconds
+    from edge_annotator.train.recipe import BudgetTooSmall, fit_to_budget, small_data_config
+
+    raw = small_data_config(str(TASKS / "emobank.yaml"), "t.jsonl", "v.jsonl", "base", "out", items=300, criteria=3,
+                            longest=277)
+    cfg = parse_config(raw, "recipe", check_paths=False)
+    # 16 short items a tree (x 3 criteria), 12 passes over a few hundred items, max_length from the longest
+    assert (cfg.batch_size, cfg.epochs, cfg.max_steps, cfg.max_length) == (48, 12, 12 * 19, 320)
+
+    def cost(r: dict) -> float:
+        return estimate_seconds(r["max_steps"], r["eval_every"], 3.3, 4.8, True)
+
+    cut = fit_to_budget(raw, 3.3, 4.8, 600)
+    assert 10 < cut["max_steps"] < raw["max_steps"] and cost(cut) <= 600
+    more = fit_to_budget(raw, 3.3, 4.8, 600 + 3.3 + 4.8)
+    assert more["max_steps"] > cut["max_steps"]  # the budget is spent, not left over
+    assert fit_to_budget(raw, 3.3, 4.8, 10**6)["max_steps"] == raw["max_steps"]  # never beyond the epoch cap
+    with pytest.raises(BudgetTooSmall, match=r"give --budget (\d+)s") as e:
+        fit_to_budget(raw, 3.3, 4.8, 60)
+    enough = int(e.value.args[0].rsplit("--budget ", 1)[1].split("s")[0])
+    assert fit_to_budget(raw, 3.3, 4.8, enough)["max_steps"] >= 10
+
+
 def test_config_problems_are_listed_at_once() -> None:
     with pytest.raises(ConfigError) as e:
         parse_config({"base_model": "nowhere", "spec": "x.yaml", "lr": -1, "batch_size": 10, "micro_batch": 3,

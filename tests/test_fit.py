@@ -26,16 +26,21 @@ def _fit(*args: str):
 
 
 def test_fit_with_gemma_on_a_few_hundred_sentences(tmp_path: Path, gemma_hf: Path) -> None:
-    """Gemma 3 270M itself, 400 EmoBank sentences, a 60-second budget: the same stages end to end,
-    and the annotator it publishes scores the test items (its alpha is what a minute of training
-    buys: not asserted)."""
+    """Gemma 3 270M itself, 400 EmoBank sentences: a budget too small to train is refused with the
+    budget that would do; two minutes then run the same stages end to end (--resume keeps the
+    split), and the annotator it publishes scores the test items (its alpha is what two minutes of
+    training buy: not asserted)."""
     out = tmp_path / "emo.gguf"
-    r = _fit(str(TASKS / "emobank.yaml"), str(DATA / "emobank-train-400.jsonl"), "-o", str(out), "--base",
-             str(gemma_hf), "--budget", "60s", "--threads", "2")
+    args = [str(TASKS / "emobank.yaml"), str(DATA / "emobank-train-400.jsonl"), "-o", str(out), "--base",
+            str(gemma_hf), "--threads", "2"]
+    r = CliRunner().invoke(cli, ["fit", *args, "--budget", "30s"])
+    assert r.exit_code == 1 and "fewer than 10 training steps" in r.output and "give --budget" in r.output, r.output
+    assert not (tmp_path / "emo.run" / "config.yaml").exists()
+    r = _fit(*args, "--budget", "2m", "--resume")
     assert r.exit_code == 0, r.output
     state = json.loads((tmp_path / "emo.run" / "fit.json").read_text())
     assert state["parity"]["pass"] and state["split"]["test"]["items"] == 80
-    assert state["estimate"]["estimate_s"] < 90  # cut to the budget
+    assert state["estimate"]["steps"] >= 10 and state["estimate"]["estimate_s"] <= 120  # cut to the budget
     assert set(state["test"]["criteria"]) == {"Valence", "Arousal", "Dominance"}
     assert "test Valence: score alpha" in r.stderr
 

@@ -196,10 +196,13 @@ def _estimated(raw: dict[str, Any], opts: FitOptions, state: dict[str, Any]) -> 
 
     from .check import check_run, estimate_seconds
     from .config import parse_config
-    from .recipe import fit_to_budget
+    from .recipe import BudgetTooSmall, fit_to_budget
 
     got = check_run(parse_config(raw, "fit recipe"))
-    sized = fit_to_budget(raw, got["step_s"], got["validation_s"], opts.budget_s)
+    try:
+        sized = fit_to_budget(raw, got["step_s"], got["validation_s"], opts.budget_s)
+    except BudgetTooSmall as e:
+        raise FitError(f"{e} (add --resume to keep this run's split)") from None
     items_per_step = raw["batch_size"] // len(load_spec(raw["spec"]).criteria)
     got = {**got, "steps": sized["max_steps"], "validations": 1 + math.ceil(sized["max_steps"] / sized["eval_every"]),
            "estimate_s": estimate_seconds(sized["max_steps"], sized["eval_every"], got["step_s"], got["validation_s"],

@@ -59,19 +59,42 @@ def small_data_config(spec: str, train_data: str, val_data: str, base_model: str
         "device": "cpu", "lr": 1.0e-3, "schedule": "linear", "warmup_ratio": 0.03,
         "epochs": epochs, "max_steps": total,
         "batch_size": per_tree * criteria, "micro_batch": per_tree * criteria,
-        "eval_every": max(5, math.ceil(total / 8)), "patience": 4,
+        "eval_every": _eval_every(total), "patience": 4,
         "max_length": int(math.ceil((longest + 16) / 64) * 64), "seed": seed,
         "augment": on if augment else off,
     }
 
 
+MIN_STEPS = 10
+"""The fewest steps a budget may buy: fewer train next to nothing (the first is the warm-up's, at
+lr 0) and leave the base's own answers, which a 4-bit file does not keep within parity."""
+
+
+class BudgetTooSmall(ValueError):
+    """The time budget pays for fewer than MIN_STEPS steps."""
+
+
+def _eval_every(steps: int) -> int:
+    return max(5, math.ceil(steps / 8))
+
+
 def fit_to_budget(raw: dict[str, Any], step_s: float, val_s: float, budget_s: float) -> dict[str, Any]:
     """The same config with max_steps cut to what the budget pays for (never more than the epoch cap
-    gave), and validations spaced to about 8 in the run: check.estimate_seconds of the result is
-    within the budget (about 9 validations, the merge, the calibration's two scorings)."""
-    from .check import MERGE_S
+    gave), and validations spaced to about 8 in the run: check.estimate_seconds of the result
+    (steps, validations, merge, the calibration's two scorings) is within the budget. Raises
+    BudgetTooSmall, naming the budget that would do, when it pays for fewer than MIN_STEPS steps."""
+    from .check import estimate_seconds
 
-    overhead = 11 * val_s + MERGE_S
-    afford = max(1, int((budget_s - overhead) / max(step_s, 1e-3)))
-    steps = min(int(raw["max_steps"]), afford)
-    return {**raw, "max_steps": steps, "eval_every": max(5, math.ceil(steps / 8))}
+    def cost(steps: int) -> float:
+        return estimate_seconds(steps, _eval_every(steps), step_s, val_s, True)
+
+    cap = int(raw["max_steps"])
+    steps = min(cap, MIN_STEPS)
+    if cost(steps) > budget_s:
+        raise BudgetTooSmall(
+            f"a budget of {budget_s:.0f}s pays for fewer than {steps} training steps ({step_s:.1f}s a step, "
+            f"{val_s:.1f}s a validation, {cost(0):.0f}s of validation and merge): give --budget "
+            f"{math.ceil(cost(steps) / 10) * 10:.0f}s or more")
+    while steps < cap and cost(steps + 1) <= budget_s:
+        steps += 1
+    return {**raw, "max_steps": steps, "eval_every": _eval_every(steps)}

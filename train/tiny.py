@@ -35,7 +35,7 @@ SOURCES = ("emobank-train-5000.jsonl", "convabuse-train-300.jsonl", "goemotions-
 
 
 def _corpus(root: Path) -> str:
-    texts = []
+    texts: list[str] = []
     for name in SOURCES:
         for line in (root / "data" / name).read_text(encoding="utf-8").splitlines():
             rec = json.loads(line)
@@ -97,11 +97,13 @@ def tiny_config(arch: str, tied: bool, vocab: int) -> Any:
                                   max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=3,
                                   tie_word_embeddings=tied)
     if arch == "qwen3":
-        return Qwen3Config(**common, rope_theta=1_000_000.0, rms_norm_eps=1e-6)
+        return Qwen3Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+                           rms_norm_eps=1e-6)
     if arch == "llama3":
-        return LlamaConfig(**common, rope_theta=500_000.0, rms_norm_eps=1e-5,
-                           rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 1024})
+        return LlamaConfig(**common, rms_norm_eps=1e-5,
+                           rope_parameters={"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0,
+                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                            "original_max_position_embeddings": 1024})
     raise ValueError(f"{arch}: choose one of {', '.join(ARCHS)}")
 
 
