@@ -331,6 +331,107 @@ def convert(pred: Path, fmt: str, spec_path: Path | None, model: Path | None, it
     err.print(f"{len(preds)} records ({errors} error records, flagged) -> {output} ({fmt})")
 
 
+@cli.command("select")
+@click.argument("pred", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-n", "--count", type=click.IntRange(1), required=True, help="How many items to pick.")
+@click.option("--strategy", type=click.Choice(["entropy", "margin", "spread", "random"]), default="entropy",
+              show_default=True, help="What makes an item worth an expert's rating (see below).")
+@click.option("--suspect", "human", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Instead: the items of this human-label file whose labels the model contradicts most "
+                   "confidently, for review.")
+@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Task spec YAML the predictions were made with.")
+@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Or: the annotator .gguf whose embedded spec to use.")
+@click.option("--criterion", "criteria", multiple=True, help="Only these criteria (repeat) [default: all].")
+@click.option("--exclude", "excludes", type=click.Path(exists=True, dir_okay=False, path_type=Path), multiple=True,
+              help="Leave out the ids of this file (JSONL or CSV with an 'id'; repeat): items already labelled.")
+@click.option("--items", "items_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="The items file annotate read: needed by --diverse and --as items.")
+@click.option("--diverse", is_flag=True, help="Skip an item whose words overlap an earlier pick's by --overlap.")
+@click.option("--overlap", type=click.FloatRange(0, 1, min_open=True), default=0.6, show_default=True,
+              help="--diverse's Jaccard share of words that makes two items near-duplicates.")
+@click.option("--as", "fmt", type=click.Choice(["picks", "predictions", "items", "csv"]), default="picks",
+              show_default=True, help="picks: id, rank, value per line; predictions: PRED's records of the picks "
+                                      "(for convert --to label-studio); items: their input records; csv: picks.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write here [default: stdout].")
+@click.option("--seed", type=int, default=0, show_default=True, help="--strategy random's seed.")
+def select_cmd(pred: Path, count: int, strategy: str, human: Path | None, spec_path: Path | None, model: Path | None,
+               criteria: tuple[str, ...], excludes: tuple[Path, ...], items_path: Path | None, diverse: bool,
+               overlap: float, fmt: str, output: Path | None, seed: int) -> None:
+    """Which of PRED's items (annotate output) an expert should rate next, most useful first.
+
+    Strategies read the annotator's per-level probabilities: entropy (of the label distribution,
+    1 = uniform), margin (1 minus the gap between the two likeliest levels), spread (a rating
+    scale's predicted standard deviation over half its range; entropy for label sets), random (a
+    seeded hash of the id: the baseline). An item's value is the mean over the criteria; ties go
+    by id, so the same predictions give the same picks. With --suspect HUMAN it ranks labelled
+    items instead, by how confidently the model contradicts their human consensus.
+
+    \b
+    Examples:
+      annotate-cli select pool-labels.jsonl -n 100 --model annotator.gguf --exclude train.jsonl > next.jsonl
+      annotate-cli select pool-labels.jsonl -n 100 --model annotator.gguf --as predictions -o next-pred.jsonl
+      annotate-cli convert next-pred.jsonl --to label-studio --model annotator.gguf --items pool.jsonl -o tasks.json
+      annotate-cli select labels.jsonl -n 50 --model annotator.gguf --suspect humans.jsonl --as csv -o review.csv
+    """
+    import csv
+    import io
+
+    from . import convert as cv
+    from .data import iter_rows, read_human
+    from .records import jsonl_line, read_predictions
+    from .selection import rank, suspects
+
+    spec = _spec_for(spec_path, model)
+    preds = read_predictions(pred, spec)
+    inputs = cv.read_inputs(items_path, spec) if items_path else None
+    if fmt == "items" and inputs is None:
+        raise click.UsageError("--as items writes the items' input records: give --items ITEMS.jsonl")
+    skip: set[str] = set()
+    for path in excludes:
+        for row in iter_rows(path):
+            if row.error:
+                raise row.error
+            assert row.data is not None
+            if "id" not in row.data:
+                raise InputError(row.path, row.line, "missing: --exclude reads every record's 'id'", "id")
+            skip.add(str(row.data["id"]))
+    try:
+        if human is not None:
+            picks = suspects(preds, read_human(human, spec), spec, count, criteria=criteria or None)
+            strategy = "suspect"
+        else:
+            picks = rank(preds, spec, strategy, count, criteria=criteria or None, exclude=skip, seed=seed,
+                         inputs=inputs, diverse=overlap if diverse else None)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    if fmt in ("predictions", "items"):
+        src = pred if fmt == "predictions" else items_path
+        assert src is not None
+        recs = {str(r.data["id"]): r.data for r in iter_rows(src) if r.data is not None and "id" in r.data}
+        text = "".join(jsonl_line(recs[p.id]) for p in picks)
+    elif fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        names = [c.name for c in spec.criteria if not criteria or c.name in criteria]
+        w.writerow(["id", "rank", "strategy", "value", *names])
+        for p in picks:
+            w.writerow([p.id, p.rank, strategy, f"{p.value:.6f}", *(f"{p.criteria[k]:.6f}" if k in p.criteria else ""
+                                                                    for k in names)])
+        text = buf.getvalue()
+    else:
+        text = "".join(json.dumps(p.record(strategy), ensure_ascii=False) + "\n" for p in picks)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text, encoding="utf-8")
+    pool = sum(p.error is None for p in preds) - (0 if human else len(skip & {p.id for p in preds}))
+    err.print(f"{len(picks)} of {pool} items picked by {strategy}" + (f" -> {output}" if output else ""))
+
+
 @cli.command()
 @click.argument("pred", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("human", type=click.Path(exists=True, dir_okay=False, path_type=Path))

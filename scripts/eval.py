@@ -45,6 +45,8 @@ RECIPES = {
     "configs/gemma3-270m-lora-cpu-convabuse.yaml": ("convabuse", "test"),
     "configs/gemma3-270m-lora-cpu-goemotions.yaml": ("goemotions", "test"),
 }
+FIT_TASKS = {"usr_personachat": ("tasks/usr-personachat.yaml", "context_id")}
+"""Tasks evaluated as a user brings them (annotate-cli fit on all their items): spec, the field to split by."""
 SPLITS = {"emobank": ("train", "dev", "test"), "convabuse": ("train", "valid", "test"),
           "goemotions": ("train", "dev", "test")}
 
@@ -251,25 +253,39 @@ def run_fit_task(name: str, spec_path: str, shared: Path, out: Path, base_gguf: 
               default=Path("models/gemma-3-270m-q4_k_m.gguf"), show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--recipe", "recipes", type=click.Choice(list(RECIPES)), multiple=True,
-              help="Only these recipes (repeat the option) [default: all three].")
+              help="Only these recipes (repeat the option) [default: all three, and the fit tasks].")
+@click.option("--task", "tasks", type=click.Choice(list(FIT_TASKS)), multiple=True,
+              help="Only these fit tasks (repeat) [default: each whose data is under --shared].")
 @click.option("--fresh", is_flag=True, help="Train, export and annotate again even if done.")
 @click.option("--markdown", "md_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the table into this page's eval section (docs/evaluation.md).")
-def main(shared: Path, out: Path, base_gguf: Path, threads: int, recipes: tuple[str, ...], fresh: bool,
-         md_path: Path | None) -> None:
-    """Train the CPU recipes, export them, and score them on the full test splits with intervals."""
+def main(shared: Path, out: Path, base_gguf: Path, threads: int, recipes: tuple[str, ...], tasks: tuple[str, ...],
+         fresh: bool, md_path: Path | None) -> None:
+    """Train the CPU recipes, export them, and score them on the full test splits with intervals.
+    Rows measured before (OUT/eval.json) stay in the table until their recipe or task runs again.
+
+    \b
+    Examples:
+      python scripts/eval.py --markdown docs/evaluation.md            # everything (make eval)
+      python scripts/eval.py --task usr_personachat --markdown docs/evaluation.md
+    """
     out.mkdir(parents=True, exist_ok=True)
-    results = [run_recipe(Path(r), shared, out, base_gguf, threads, fresh) for r in recipes or RECIPES]
-    if not recipes and (shared / "usr_personachat").is_dir():
-        results.append(run_fit_task("usr_personachat", "tasks/usr-personachat.yaml", shared, out, base_gguf, threads,
-                                    "context_id"))
+    if not recipes and not tasks:
+        recipes, tasks = tuple(RECIPES), tuple(t for t in FIT_TASKS if (shared / t).is_dir())
+    new = [run_recipe(Path(r), shared, out, base_gguf, threads, fresh) for r in recipes]
+    new += [run_fit_task(t, FIT_TASKS[t][0], shared, out, base_gguf, threads, FIT_TASKS[t][1]) for t in tasks]
+    done_f = out / "eval.json"
+    order = [*(d for d, _ in RECIPES.values()), *FIT_TASKS]
+    kept = {r["dataset"]: r for r in (json.loads(done_f.read_text()) if done_f.exists() else [])}
+    kept.update({r["dataset"]: r for r in new})
+    results = sorted(kept.values(), key=lambda r: order.index(r["dataset"]) if r["dataset"] in order else len(order))
     md = markdown(results)
     (out / "eval.md").write_text(md)
     if md_path:
         from edge_annotator.runtime.files import write_section
 
         write_section(md_path, "eval", md)
-    (out / "eval.json").write_text(json.dumps(results, indent=2))
+    done_f.write_text(json.dumps(results, indent=2))
     print(md)
 
 
