@@ -100,11 +100,14 @@ $(LS_VENV)/.stamp:
 	$(LS_VENV)/bin/pip install -q label-studio==1.23.2
 	touch $@
 
-label-studio-check: install $(LS_VENV)/.stamp  ## Label Studio server: import 50 converted tasks, read them back (~1 min)
+label-studio-check: install $(LS_VENV)/.stamp  ## Label Studio server: import 50 converted tasks, read them back, annotate 5, export, import the labels (~1 min)
 	mkdir -p $(LS_CHECK)
 	$(CLI) convert tests/golden/annotate-emobank-test-50.jsonl --to label-studio --spec tasks/emobank.yaml \
 		--items data/emobank-test-50.jsonl -o $(LS_CHECK)/tasks.json --label-config $(LS_CHECK)/config.xml
-	$(PY) scripts/label_studio_check.py $(LS_VENV)/bin/label-studio $(LS_CHECK)/tasks.json $(LS_CHECK)/config.xml
+	$(PY) scripts/label_studio_check.py $(LS_VENV)/bin/label-studio $(LS_CHECK)/tasks.json $(LS_CHECK)/config.xml \
+		--spec tasks/emobank.yaml --export $(LS_CHECK)/export.json
+	$(CLI) data import $(LS_CHECK)/export.json --from label-studio --spec tasks/emobank.yaml \
+		--items data/emobank-test-50.jsonl -o $(LS_CHECK)/labels-back.jsonl
 
 test: install $(GEMMA) $(GEMMA_HF) $(FORMATS_VENV)/.stamp label-studio-check  ## run the whole test suite (what CI runs)
 	EDGE_ANNOTATOR_TEST_MODEL=$(GEMMA) EDGE_ANNOTATOR_TEST_HF=$(GEMMA_HF) \

@@ -689,6 +689,47 @@ def data_reshape(wide: Path, spec_path: Path, out: Path, pattern: str) -> None:
               + (" ..." if len(got["columns"]) > 6 else ""))
 
 
+@data.command("import")
+@click.argument("export", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--from", "tool", type=click.Choice(["label-studio", "argilla"]), required=True,
+              help="label-studio: the project's JSON export; argilla: records as the SDK writes them.")
+@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Task spec YAML the tasks were made with.")
+@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Or: the annotator .gguf whose embedded spec to use.")
+@click.option("--items", "items_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="The items file annotate read: a task whose text has changed since is refused.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+def data_import(export: Path, tool: str, spec_path: Path | None, model: Path | None, items_path: Path | None,
+                out: Path) -> None:
+    """The experts' labels back from a labelling tool as human-label JSONL: one record per
+    annotator and item ({"id", inputs, "rater", "labels"}), what train, fit and agree read.
+    Cancelled annotations and discarded responses are dropped and counted.
+
+    \b
+    Examples:
+      annotate-cli data import project-export.json --from label-studio --model annotator.gguf -o labels.jsonl
+      annotate-cli data import records.json --from argilla --spec tasks/emobank.yaml --items items.jsonl -o labels.jsonl
+    """
+    from .convert import read_inputs
+    from .feedback import from_argilla, from_label_studio
+    from .records import jsonl_line
+
+    spec = _spec_for(spec_path, model)
+    items = read_inputs(items_path, spec) if items_path else None
+    records, counts = (from_label_studio if tool == "label-studio" else from_argilla)(export, spec, items)
+    if not records:
+        raise click.ClickException(f"{export}: no labels of spec '{spec.name}' ({json.dumps(counts)}); "
+                                   f"were the tasks made with this spec?")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(jsonl_line(r) for r in records), encoding="utf-8")
+    raters = sorted({r["rater"] for r in records})
+    dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()
+                        if k in ("cancelled", "discarded", "without_labels") and v)
+    err.print(f"{export} -> {out}: {len(records)} ratings of {len({r['id'] for r in records})} items by "
+              f"{len(raters)} rater{'' if len(raters) == 1 else 's'}" + (f"; dropped: {dropped}" if dropped else ""))
+
+
 @cli.command()
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--expect-no-amx", is_flag=True,

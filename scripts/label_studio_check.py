@@ -1,12 +1,15 @@
 """A real Label Studio server takes annotate-cli convert's tasks: `make label-studio-check`.
 
-    python scripts/label_studio_check.py LABEL_STUDIO_EXE TASKS.json CONFIG.xml
+    python scripts/label_studio_check.py LABEL_STUDIO_EXE TASKS.json CONFIG.xml --spec S --export OUT.json
 
 Starts `label-studio` (its own virtualenv: its pins clash with the project's) on a free local port
 with a throw-away data folder and user, creates a project with CONFIG.xml through the API, imports
 TASKS.json, reads every task and its predictions back, and checks: as many tasks and predictions
-as were sent, and each prediction's result as sent. Prints one JSON line; exits 1 on a difference.
-Only this machine's loopback interface is used.
+as were sent, and each prediction's result as sent. Then the labels back: it annotates 5 tasks
+through the API as an expert correcting the model would (each criterion one level up where it
+can), cancels a 6th, exports the project as JSON (OUT.json) and reads that with `annotate-cli data
+import`'s reader (runtime/feedback.py): 5 ratings with the corrected levels, 1 cancelled. Prints
+one JSON line; exits 1 on a difference. Only this machine's loopback interface is used.
 """
 
 from __future__ import annotations
@@ -42,7 +45,33 @@ def _api(base: str, token: str, method: str, path: str, body: Any = None) -> Any
     return json.loads(text) if text else None
 
 
-def check(exe: str, tasks_path: str, config_path: str) -> int:
+CORRECTED = 5
+
+
+def _corrected(result: list[dict[str, Any]], spec: Any) -> list[dict[str, Any]]:
+    """The prediction's result with each criterion one level up (the top level stays): an expert's edit."""
+    by = {c.name: c for c in spec.criteria}
+    out = []
+    for r in result:
+        c, v = by[r["from_name"]], dict(r["value"])
+        if "rating" in v:
+            v["rating"] = min(int(v["rating"]) + 1, len(c.values))
+        else:
+            names = [str(x) for x in c.values]
+            v["choices"] = [names[min(names.index(v["choices"][0]) + 1, len(names) - 1)]]
+        out.append({k: r[k] for k in ("from_name", "to_name", "type")} | {"value": v, "origin": "manual"})
+    return out
+
+
+def _level_of(value: dict[str, Any]) -> str:
+    return str(value["rating"]) if "rating" in value else str(value["choices"][0])
+
+
+def check(exe: str, tasks_path: str, config_path: str, spec_path: str, export_path: str) -> int:
+    from edge_annotator.runtime.feedback import from_label_studio
+    from edge_annotator.runtime.spec import load_spec
+
+    spec = load_spec(spec_path)
     tasks = json.loads(Path(tasks_path).read_text())
     config = Path(config_path).read_text()
     port, token = _free_port(), secrets.token_hex(20)
@@ -75,6 +104,19 @@ def check(exe: str, tasks_path: str, config_path: str) -> int:
             got = _api(base, token, "GET", f"/api/tasks?project={pid}&page_size=10000&fields=all")
             got = got["tasks"] if isinstance(got, dict) else got
             preds = [p for t in got for p in _api(base, token, "GET", f"/api/predictions?task={t['id']}")]
+            first = {p["task"]: p for p in reversed(preds)}
+            labelled = [t for t in got if t["id"] in first][:CORRECTED + 1]
+            want = {}
+            for t in labelled[:CORRECTED]:
+                result = _corrected(first[t["id"]]["result"], spec)
+                _api(base, token, "POST", f"/api/tasks/{t['id']}/annotations/", {"result": result})
+                want[str(t["data"]["id"])] = {r["from_name"]: _level_of(r["value"]) for r in result}
+            _api(base, token, "POST", f"/api/tasks/{labelled[-1]['id']}/annotations/",
+                 {"result": [], "was_cancelled": True})
+            req = urllib.request.Request(f"{base}/api/projects/{pid}/export?exportType=JSON&download_all_tasks=true",
+                                         headers={"Authorization": f"Token {token}"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                Path(export_path).write_bytes(r.read())
         finally:
             server.terminate()
             try:
@@ -97,8 +139,17 @@ def check(exe: str, tasks_path: str, config_path: str) -> int:
            "predictions_sent": sum(len(v) for v in sent.values()),
            "predictions_read_back": len(preds), "tasks_with_the_same_results": same,
            "import_response": {k: imported.get(k) for k in ("task_count", "prediction_count") if k in imported}}
+    records, counts = from_label_studio(export_path, spec)
+    back_labels = {r["id"]: {k: str(v) for k, v in r["labels"].items()} for r in records}
+    predicted = {t["data"]["id"]: {r["from_name"]: _level_of(r["value"]) for r in t["predictions"][0]["result"]}
+                 for t in tasks if t["predictions"]}
+    lb = {"annotated": len(want), "records": len(records), "cancelled": counts["cancelled"],
+          "as_annotated": sum(back_labels.get(i) == w for i, w in want.items()),
+          "changed_from_the_prediction": sum(want[i] != predicted.get(i) for i in want)}
+    out["labels_back"] = lb
     print(json.dumps(out))
-    ok = (len(got) == len(tasks) and len(preds) == out["predictions_sent"] and same == len(tasks))
+    ok = (len(got) == len(tasks) and len(preds) == out["predictions_sent"] and same == len(tasks)
+          and lb["records"] == lb["as_annotated"] == CORRECTED and lb["cancelled"] == 1)
     return 0 if ok else 1
 
 
@@ -106,15 +157,21 @@ def check(exe: str, tasks_path: str, config_path: str) -> int:
 @click.argument("exe", type=click.Path(exists=True, dir_okay=False))
 @click.argument("tasks", type=click.Path(exists=True, dir_okay=False))
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
-def main(exe: str, tasks: str, config: str) -> None:
+@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="The spec TASKS were converted with.")
+@click.option("--export", "export_path", type=click.Path(dir_okay=False), required=True,
+              help="Write the project's JSON export (after the annotations) here.")
+def main(exe: str, tasks: str, config: str, spec_path: str, export_path: str) -> None:
     """Start the Label Studio server EXE, import TASKS (annotate-cli convert's JSON) into a project
-    with label CONFIG (XML), read everything back and compare; exit 1 on a difference.
+    with label CONFIG (XML), read everything back and compare; annotate some, export, import the
+    labels back; exit 1 on a difference.
 
     \b
     Examples:
-      python scripts/label_studio_check.py .venv-labelstudio/bin/label-studio tasks.json config.xml
+      python scripts/label_studio_check.py .venv-labelstudio/bin/label-studio tasks.json config.xml \\
+          --spec tasks/emobank.yaml --export export.json
     """
-    sys.exit(check(exe, tasks, config))
+    sys.exit(check(exe, tasks, config, spec_path, export_path))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@ from the project's), called by tests/test_convert.py:
 
     .venv-formats/bin/python tests/tools/formats_check.py label-studio CONFIG.xml TASKS.json
     .venv-formats/bin/python tests/tools/formats_check.py argilla SETTINGS.json RECORDS.json
+    .venv-formats/bin/python tests/tools/formats_check.py argilla-responses RECORDS.json PLAN.json
 
-Prints one JSON line: what the SDK parsed, and how many predictions or suggestions it found invalid.
+Prints one JSON line: what the SDK parsed, and how many predictions or suggestions it found invalid;
+argilla-responses: the records with the experts' responses of PLAN ({id: [{user, values: {question:
+value}}]}), built as rg.Record and rg.Response and serialised by the SDK (`Record.to_dict()`).
 """
 
 import json
@@ -55,6 +58,23 @@ def argilla(settings_path: str, records_path: str) -> dict:
             "invalid": invalid}
 
 
+def argilla_responses(records_path: str, plan_path: str) -> list:
+    import uuid
+
+    import argilla as rg
+
+    plan = json.load(open(plan_path))
+    out = []
+    for r in json.load(open(records_path)):
+        responses = [rg.Response(question_name=q, value=v, user_id=uuid.UUID(who["user"]))
+                     for who in plan.get(r["id"], []) for q, v in who["values"].items()]
+        out.append(rg.Record(id=r["id"], fields=r["fields"], responses=responses).to_dict())
+    return out
+
+
 if __name__ == "__main__":
     kind, a, b = sys.argv[1:4]
-    print(json.dumps(label_studio(a, b) if kind == "label-studio" else argilla(a, b)))
+    if kind == "argilla-responses":
+        print(json.dumps(argilla_responses(a, b)))
+    else:
+        print(json.dumps(label_studio(a, b) if kind == "label-studio" else argilla(a, b)))
