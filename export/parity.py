@@ -166,7 +166,7 @@ def _gguf_side(llm: Any, quant: str, spec: TaskSpec, items: list[Item], hf_tok: 
 def _criterion_row(c: Criterion, items: list[Item], g_scores: list[dict[str, Score]],
                    h_scores: list[dict[str, Score]], th: dict[str, float]) -> dict[str, Any]:
     """One criterion, HF against GGUF: KL of the distributions, label flips, score changes."""
-    kls, flips, decisive, deltas, g_lab, h_lab = [], 0, 0, [], {}, {}
+    kls, flips, decisive, deltas, cal_deltas, g_lab, h_lab = [], 0, 0, [], [], {}, {}
     for it, g, h in zip(items, g_scores, h_scores):
         gs, hs = g[c.name], h[c.name]
         g_lab[it.id], h_lab[it.id] = gs.label, hs.label
@@ -174,7 +174,12 @@ def _criterion_row(c: Criterion, items: list[Item], g_scores: list[dict[str, Sco
         flips += gs.label != hs.label
         decisive += gs.label != hs.label and hs.probs[hs.label] - hs.probs[gs.label] > FLIP_MARGIN
         if gs.score is not None and hs.score is not None:
-            deltas.append(abs(gs.score - hs.score))
+            # gated on the model's own score: the calibration is one fixed map on both sides, and
+            # its steep isotonic steps would stretch a 0.002 change into 0.3 (reported beside)
+            g_raw = gs.raw_score if gs.raw_score is not None else gs.score
+            h_raw = hs.raw_score if hs.raw_score is not None else hs.score
+            deltas.append(abs(g_raw - h_raw))
+            cal_deltas.append(abs(gs.score - hs.score))
     la = criterion_agreement(c, g_lab, {i: [v] for i, v in h_lab.items()})
     counts = {str(v): n for v in c.values if (n := sum(1 for x in h_lab.values() if x == v))}
     row: dict[str, Any] = {"criterion": c.name, "kl_mean": float(np.mean(kls)), "kl_max": float(np.max(kls)),
@@ -184,7 +189,9 @@ def _criterion_row(c: Criterion, items: list[Item], g_scores: list[dict[str, Sco
                            "label_alpha": la.get("alpha"), "label_exact": la.get("exact", 0.0)}
     row["labels_pass"] = row["label_flip_share"] <= th["label_flip_share"]
     if deltas:
-        row |= {"score_delta_mean": float(np.mean(deltas)), "score_delta_max": float(np.max(deltas))}
+        row |= {"score_delta_mean": float(np.mean(deltas)), "score_delta_max": float(np.max(deltas)),
+                "calibrated_score_delta_mean": float(np.mean(cal_deltas)),
+                "calibrated_score_delta_max": float(np.max(cal_deltas))}
         row["scores_pass"] = (row["score_delta_mean"] <= th["score_delta_mean"]
                               and row["score_delta_max"] <= th["score_delta_max"])
     return row

@@ -225,3 +225,26 @@ def test_imatrix_and_adapted_type_same(merged: Path, exported: dict[str, Path], 
     from edge_annotator.export.parity import parity
 
     assert parity(merged, out, DATA / "emobank-test-50.jsonl", max_items=8)["pass"]
+
+
+def test_parity_gates_the_score_before_calibration() -> None:
+    """A steep step of an isotonic calibration stretches a tiny change of the model's score; the
+    gate reads the model's own score and reports the calibrated change beside it."""
+    from dataclasses import replace
+
+    from edge_annotator.export.parity import _criterion_row, thresholds_for
+    from edge_annotator.runtime.annotator import criterion_score
+    from edge_annotator.runtime.data import Item
+    from edge_annotator.runtime.spec import load_spec
+
+    c = load_spec(TASKS / "emobank.yaml").criteria[1]
+    c = replace(c, calibration=((2.728, 1.8), (2.734, 2.53), (3.2, 3.87)))  # a slope of about 120, then 3
+    items, hf, gguf = [], [], []
+    for i, a in enumerate((0.3563, 0.30)):  # raw score 3.8 - 3a: 2.731 (on the steep step) and 2.9
+        items.append(Item(id=str(i), fields={"text": "x"}, path="t.jsonl", line=i + 1))
+        hf.append({c.name: criterion_score(c, [a, 0.1, 0.1, 0.7 - a, 0.1])})
+        gguf.append({c.name: criterion_score(c, [a - 0.001, 0.1, 0.1, 0.7 - a + 0.001, 0.1])})
+    row = _criterion_row(c, items, gguf, hf, thresholds_for("Q4_K_M"))
+    assert row["score_delta_max"] == pytest.approx(0.003, abs=1e-4)
+    assert row["calibrated_score_delta_max"] > 0.3 > thresholds_for("Q4_K_M")["score_delta_max"]
+    assert row["scores_pass"]
