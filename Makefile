@@ -25,7 +25,8 @@ help:  ## list the targets
 # Q4_K kernels); the output is the same bytes as a build on a CPU without AMX. The wheel is built
 # once per version, flags and CPU into LLAMA_WHEELS (about 10 minutes on 2 cores), with pip's own
 # cache off so that a wheel built without the flags is never reused; `annotate-cli doctor` then
-# checks the installed build (no AMX, one real decode in a child process).
+# checks the installed build (no AMX, one real decode in a child process). The folder's name holds
+# all the wheel depends on, so a fresh clone reuses it (no prerequisite: a clone's files are newer).
 LLAMA_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' constraints.txt)
 ifeq ($(shell uname -m),x86_64)
 LLAMA_CFLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
@@ -36,7 +37,7 @@ LLAMA_WHEELS ?= $(HOME)/.cache/edge-annotator/wheels/llama-cpp-python-$(LLAMA_VE
 LLAMA_WHEEL_STAMP := $(LLAMA_WHEELS)/.built
 export EDGE_ANNOTATOR_WHEELS := $(LLAMA_WHEELS)
 
-$(LLAMA_WHEEL_STAMP): constraints.txt
+$(LLAMA_WHEEL_STAMP):
 	mkdir -p $(LLAMA_WHEELS)
 	CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 		$(PYTHON) -m pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python \
