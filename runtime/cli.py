@@ -251,6 +251,17 @@ def _write_report(pred_path: Path, preds: list[Prediction], human: Path, humans:
         raise click.ClickException(str(e)) from None
 
 
+def spec_options(made: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--spec SPEC.yaml or --model MODEL.gguf (its embedded spec), which _spec_for resolves: the
+    commands that read annotate's output or files made from it."""
+    def deco(f: Callable[..., Any]) -> Callable[..., Any]:
+        f = click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                         help="Or: the annotator .gguf whose embedded spec to use.")(f)
+        return click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                            help=f"Task spec YAML the {made} were made with.")(f)
+    return deco
+
+
 def _spec_for(spec_path: Path | None, model: Path | None) -> TaskSpec:
     if spec_path:
         return load_spec(spec_path)
@@ -274,10 +285,7 @@ def _fmt(v: Any) -> str:
 @click.argument("pred", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--to", "fmt", type=click.Choice(["label-studio", "argilla", "csv"]), required=True,
               help="The tool to import into.")
-@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Task spec YAML the predictions were made with.")
-@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Or: the annotator .gguf whose embedded spec to use.")
+@spec_options("predictions")
 @click.option("--items", "items_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="The items file annotate read: its texts go into the tasks (without it, ids only).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
@@ -339,10 +347,7 @@ def convert(pred: Path, fmt: str, spec_path: Path | None, model: Path | None, it
 @click.option("--suspect", "human", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Instead: the items of this human-label file whose labels the model contradicts most "
                    "confidently, for review.")
-@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Task spec YAML the predictions were made with.")
-@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Or: the annotator .gguf whose embedded spec to use.")
+@spec_options("predictions")
 @click.option("--criterion", "criteria", multiple=True, help="Only these criteria (repeat) [default: all].")
 @click.option("--exclude", "excludes", type=click.Path(exists=True, dir_okay=False, path_type=Path), multiple=True,
               help="Leave out the ids of this file (JSONL or CSV with an 'id'; repeat): items already labelled.")
@@ -435,10 +440,7 @@ def select_cmd(pred: Path, count: int, strategy: str, human: Path | None, spec_p
 @cli.command()
 @click.argument("pred", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("human", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Task spec YAML the predictions were made with.")
-@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Or: the annotator .gguf whose embedded spec to use.")
+@spec_options("predictions")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write DIR/report.html (figures inline) and DIR/report.json: intervals, confusion, "
@@ -693,10 +695,7 @@ def data_reshape(wide: Path, spec_path: Path, out: Path, pattern: str) -> None:
 @click.argument("export", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--from", "tool", type=click.Choice(["label-studio", "argilla"]), required=True,
               help="label-studio: the project's JSON export; argilla: records as the SDK writes them.")
-@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Task spec YAML the tasks were made with.")
-@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Or: the annotator .gguf whose embedded spec to use.")
+@spec_options("tasks")
 @click.option("--items", "items_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="The items file annotate read: a task whose text has changed since is refused.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path))

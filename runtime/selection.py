@@ -147,8 +147,7 @@ def rank(preds: Sequence[Prediction], spec: TaskSpec, strategy: str, n: int, *,
     return _ordered(scored, n, inputs, diverse)
 
 
-def _contradiction(c: Criterion, p: Prediction, human: Any) -> float:
-    ps = _probs(p, c)
+def _contradiction(c: Criterion, ps: Sequence[float], human: Any) -> float:
     if not c.is_numeric:
         return 1.0 - ps[c.values.index(human)] if human in c.values else 1.0
     xs = [float(v) for v in c.values]
@@ -172,11 +171,11 @@ def suspects(preds: Sequence[Prediction], humans: Mapping[str, Sequence[Mapping[
             vals = [r[c.name] for r in ratings if c.name in r]
             if not vals:
                 continue
-            h = consensus(c, vals)
+            h, ps = consensus(c, vals), _probs(p, c)
             level = nearest_level(c, h)
-            per[c.name] = _contradiction(c, p, h)
+            per[c.name] = _contradiction(c, ps, h)
             said[c.name] = {"human": h, "human_level": level, "model": p.labels.get(c.name),
-                            "model_prob_of_human_level": round(_probs(p, c)[c.values.index(level)], 6)  # type: ignore[arg-type]
+                            "model_prob_of_human_level": round(ps[c.values.index(level)], 6)  # type: ignore[arg-type]
                             if level in c.values else 0.0, "raters": len(vals)}
         if per:
             worst = max(per, key=lambda k: (per[k], k))
