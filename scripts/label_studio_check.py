@@ -8,8 +8,15 @@ TASKS.json, reads every task and its predictions back, and checks: as many tasks
 as were sent, and each prediction's result as sent. Then the labels back: it annotates 5 tasks
 through the API as an expert correcting the model would (each criterion one level up where it
 can), cancels a 6th, exports the project as JSON (OUT.json) and reads that with `annotate-cli data
-import`'s reader (runtime/feedback.py): 5 ratings with the corrected levels, 1 cancelled. Prints
-one JSON line; exits 1 on a difference. Only this machine's loopback interface is used.
+import`'s reader (runtime/feedback.py): 5 ratings with the corrected levels, 1 cancelled.
+
+With --backend MODEL: `annotate-cli serve MODEL` as the ML backend of a second project. Label
+Studio is told of it through its API (/api/ml), 20 of the tasks are imported without predictions,
+Label Studio is asked for predictions ("Retrieve predictions", /api/dm/actions), and the 20 it
+stores must equal TASKS' (annotate + convert of the same items with the same file). Then 5 of them
+are annotated and the backend's webhook must have written them to its --labels-out file.
+
+Prints one JSON line; exits 1 on a difference. Only this machine's loopback interface is used.
 """
 
 from __future__ import annotations
@@ -67,7 +74,76 @@ def _level_of(value: dict[str, Any]) -> str:
     return str(value["rating"]) if "rating" in value else str(value["choices"][0])
 
 
-def check(exe: str, tasks_path: str, config_path: str, spec_path: str, export_path: str) -> int:
+BACKEND_TASKS = 20
+
+
+def _wait(url: str, proc: subprocess.Popen[bytes], what: str, log_path: Path) -> None:
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            if proc.poll() is not None:
+                raise SystemExit(f"{what} exited ({proc.returncode}):\n" + log_path.read_text()[-3000:])
+            time.sleep(0.5)
+    raise SystemExit(f"{what} did not answer {url} in 300 s")
+
+
+def _backend_check(base: str, token: str, config: str, tasks: list[dict[str, Any]], spec: Any, model: str,
+                   spec_path: str, work: Path) -> dict[str, Any]:
+    """Label Studio's own ML backend client against annotate-cli serve: predictions asked for
+    through its API, then annotations sent back through its webhook."""
+    port = _free_port()
+    labels_out = work / "webhook-labels.jsonl"
+    log_path = work / "serve.log"
+    cli = str(Path(sys.executable).with_name("annotate-cli"))
+    with open(log_path, "w") as log:
+        serve = subprocess.Popen([cli, "serve", model, "--spec", spec_path, "--port", str(port), "--workers", "2",
+                                  "--labels-out", str(labels_out)], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait(url + "/health", serve, "annotate-cli serve", log_path)
+            pid = _api(base, token, "POST", "/api/projects", {"title": "edge-annotator ML backend",
+                                                              "label_config": config})["id"]
+            names = [f.name for f in spec.inputs]
+            plain = [{"data": {k: t["data"][k] for k in ["id", *names]}} for t in tasks[:BACKEND_TASKS]]
+            _api(base, token, "POST", f"/api/projects/{pid}/import", plain)
+            ml = _api(base, token, "POST", "/api/ml", {"url": url, "project": pid, "title": "edge-annotator"})
+            t0 = time.perf_counter()
+            _api(base, token, "POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}",
+                 {"selectedItems": {"all": True, "excluded": []}})
+            seconds = time.perf_counter() - t0
+            got = _api(base, token, "GET", f"/api/tasks?project={pid}&page_size=1000&fields=all")
+            got = got["tasks"] if isinstance(got, dict) else got
+            preds = {str(t["data"]["id"]): _api(base, token, "GET", f"/api/predictions?task={t['id']}") for t in got}
+            want = {str(t["data"]["id"]): t["predictions"][0] for t in tasks[:BACKEND_TASKS]}
+            same = sum(1 for i, w in want.items() if len(preds.get(i, [])) == 1
+                       and preds[i][0]["result"] == w["result"] and preds[i][0]["model_version"] == w["model_version"]
+                       and abs(float(preds[i][0]["score"]) - w["score"]) < 1e-9)
+            for t in got[:CORRECTED]:
+                result = _corrected(preds[str(t["data"]["id"])][0]["result"], spec)
+                _api(base, token, "POST", f"/api/tasks/{t['id']}/annotations/", {"result": result})
+            back = []
+            for _ in range(40):  # the webhook may be sent after the API call returns
+                back = labels_out.read_text().splitlines() if labels_out.exists() else []
+                if len(back) >= CORRECTED:
+                    break
+                time.sleep(0.5)
+            stats = json.loads(urllib.request.urlopen(url + "/stats", timeout=10).read())
+        finally:
+            serve.terminate()
+            try:
+                serve.wait(30)
+            except subprocess.TimeoutExpired:
+                serve.kill()
+    return {"ml_backend": ml.get("state"), "tasks": len(got), "predictions": sum(len(v) for v in preds.values()),
+            "same_as_annotate": same, "retrieve_seconds": round(seconds, 1), "annotated": CORRECTED,
+            "webhook_labels": len(back), "webhook_actions": stats.get("webhook_actions"),
+            "backend_requests": stats.get("requests")}
+
+
+def check(exe: str, tasks_path: str, config_path: str, spec_path: str, export_path: str,
+          backend: str | None = None) -> int:
     from edge_annotator.runtime.feedback import from_label_studio
     from edge_annotator.runtime.spec import load_spec
 
@@ -80,7 +156,9 @@ def check(exe: str, tasks_path: str, config_path: str, spec_path: str, export_pa
     with tempfile.TemporaryDirectory(prefix="ls-check-") as data_dir:
         env = {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": data_dir, "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
                "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true", "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "",
-               "COLLECT_ANALYTICS": "false"}
+               "COLLECT_ANALYTICS": "false",
+               # the ML backend (annotate-cli serve) listens on loopback, which Label Studio refuses by default
+               "ML_BLOCK_LOCAL_IP": "false", "SSRF_PROTECTION_ENABLED": "false"}
         log = open(Path(data_dir) / "server.log", "w")
         server = subprocess.Popen([exe, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
                                    "--data-dir", data_dir, "--username", "check@example.com",
@@ -117,6 +195,8 @@ def check(exe: str, tasks_path: str, config_path: str, spec_path: str, export_pa
                                          headers={"Authorization": f"Token {token}"})
             with urllib.request.urlopen(req, timeout=120) as r:
                 Path(export_path).write_bytes(r.read())
+            backend_out = _backend_check(base, token, config, tasks, spec, backend, spec_path, Path(data_dir)) \
+                if backend else None
         finally:
             server.terminate()
             try:
@@ -147,9 +227,13 @@ def check(exe: str, tasks_path: str, config_path: str, spec_path: str, export_pa
           "as_annotated": sum(back_labels.get(i) == w for i, w in want.items()),
           "changed_from_the_prediction": sum(want[i] != predicted.get(i) for i in want)}
     out["labels_back"] = lb
-    print(json.dumps(out))
     ok = (len(got) == len(tasks) and len(preds) == out["predictions_sent"] and same == len(tasks)
           and lb["records"] == lb["as_annotated"] == CORRECTED and lb["cancelled"] == 1)
+    if backend_out is not None:
+        out["backend"] = backend_out
+        ok = ok and (backend_out["tasks"] == backend_out["predictions"] == backend_out["same_as_annotate"]
+                     == BACKEND_TASKS and backend_out["webhook_labels"] == CORRECTED)
+    print(json.dumps(out))
     return 0 if ok else 1
 
 
@@ -161,7 +245,10 @@ def check(exe: str, tasks_path: str, config_path: str, spec_path: str, export_pa
               help="The spec TASKS were converted with.")
 @click.option("--export", "export_path", type=click.Path(dir_okay=False), required=True,
               help="Write the project's JSON export (after the annotations) here.")
-def main(exe: str, tasks: str, config: str, spec_path: str, export_path: str) -> None:
+@click.option("--backend", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Also run `annotate-cli serve BACKEND --spec SPEC` as a second project's ML backend "
+                   "(TASKS must be annotate + convert's output with this very file).")
+def main(exe: str, tasks: str, config: str, spec_path: str, export_path: str, backend: str | None) -> None:
     """Start the Label Studio server EXE, import TASKS (annotate-cli convert's JSON) into a project
     with label CONFIG (XML), read everything back and compare; annotate some, export, import the
     labels back; exit 1 on a difference.
@@ -169,9 +256,9 @@ def main(exe: str, tasks: str, config: str, spec_path: str, export_path: str) ->
     \b
     Examples:
       python scripts/label_studio_check.py .venv-labelstudio/bin/label-studio tasks.json config.xml \\
-          --spec tasks/emobank.yaml --export export.json
+          --spec tasks/emobank.yaml --export export.json --backend models/gemma-3-270m-q4_k_m.gguf
     """
-    sys.exit(check(exe, tasks, config, spec_path, export_path))
+    sys.exit(check(exe, tasks, config, spec_path, export_path, backend))
 
 
 if __name__ == "__main__":

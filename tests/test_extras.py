@@ -40,7 +40,7 @@ def test_the_runtime_alone_annotates_and_the_report_extra_adds_the_report(tmp_pa
     absent = {k for k, v in cmds.items() if "not installed" in v}
     runtime_only = {"annotate", "agree", "convert", "inspect", "embed-spec", "data", "doctor", "select"}
     assert set(cmds) - absent == runtime_only, cmds
-    assert absent == {"train", "export", "parity", "bench", "from-gguf", "fit", "base"}, cmds
+    assert absent == {"train", "export", "parity", "bench", "from-gguf", "fit", "base", "serve"}, cmds
     assert "pip install 'edge-annotator[train]'" in cmds["train"]
     r = _run(bin_, "train", "configs/tiny-lora-cpu.yaml", "--max-steps", "2", cwd=tmp_path)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
