@@ -21,6 +21,11 @@ A task the spec cannot read (a field missing, empty, too long) gets `{"error": .
 `results` (Label Studio keeps the other tasks' predictions); a request no task of which can be
 read gets 422, one that is not JSON 400, one over --max-body bytes 413.
 
+With --retrain-after N (and --labels-out, --spec), every N new labels start --retrain-command
+(default `annotate-cli fit SPEC LABELS -o OUT`, which publishes only a file that passed parity) in
+the background on --retrain-with's labels plus the new ones; the old model answers until the
+command exits 0 with its file written, then the new one does (/health and /stats say which).
+
 Listens on 127.0.0.1 unless --host says otherwise; another address needs --token, which every
 request must then carry (`Authorization: Bearer TOKEN`, or HTTP basic auth with TOKEN as the
 password, as Label Studio's "Basic auth" sends it).
@@ -56,6 +61,8 @@ from .spec import TaskSpec
 log = logging.getLogger(__name__)
 
 MODEL_CLASS = "edge-annotator"
+DEFAULT_RETRAIN = "annotate-cli fit {spec} {labels} -o {output}"
+"""--retrain-command's default: fit publishes its file only after parity passes (train/fit.py)."""
 
 
 @dataclass
@@ -70,6 +77,10 @@ class ServeOptions:
     max_body: int = 32 << 20
     token: str | None = None
     labels_out: Path | None = None
+    retrain_after: int | None = None
+    retrain_with: Path | None = None
+    retrain_command: str = DEFAULT_RETRAIN
+    retrain_dir: Path | None = None
 
 
 @dataclass
@@ -89,6 +100,7 @@ class Scorer:
         from .gguf_meta import sha256_file
         from .jobs import open_model
 
+        self.path = Path(model_path)
         self.llm, self.spec = open_model(model_path, opts.spec, opts.gpu_layers)
         try:
             self.sha256 = sha256_file(model_path)
@@ -194,6 +206,11 @@ def make_app(scorer: Scorer) -> Any:
     pending = {"items": 0}
     labels_lock = threading.Lock()
     app.state.stats, app.state.scorer = stats, scorer
+    retrainer = Retrainer(app, opts) if opts.retrain_after else None
+    app.state.retrainer = retrainer
+
+    def current() -> Scorer:
+        return app.state.scorer  # type: ignore[no-any-return]
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Any:
@@ -223,9 +240,9 @@ def make_app(scorer: Scorer) -> Any:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "UP", "model_class": MODEL_CLASS, "model_version": scorer.model_version,
-                "spec": spec.name, "criteria": [c.name for c in spec.criteria], "workers": opts.workers,
-                "pending": pending["items"], "predicted": stats.predicted}
+        return {"status": "UP", "model_class": MODEL_CLASS, "model_version": current().model_version,
+                "model": current().path.name, "spec": spec.name, "criteria": [c.name for c in spec.criteria],
+                "workers": opts.workers, "pending": pending["items"], "predicted": stats.predicted}
 
     @app.get("/")
     async def index() -> dict[str, Any]:
@@ -248,7 +265,7 @@ def make_app(scorer: Scorer) -> Any:
                                    f"{', '.join(missing)} (spec '{spec.name}' needs one per criterion: "
                                    f"{', '.join(c.name for c in spec.criteria)}); make the project with "
                                    f"annotate-cli convert --label-config")
-        return {"model_version": scorer.model_version}
+        return {"model_version": current().model_version}
 
     @app.post("/predict")
     async def predict(request: Request) -> Any:
@@ -277,6 +294,7 @@ def make_app(scorer: Scorer) -> Any:
                                f"(fields {', '.join(spec.input_names)})", errors=errs)
         loop = asyncio.get_running_loop()
         pending["items"] += len(todo)
+        scorer = current()  # this request's model, from here to its answer (a retrain may swap it)
         try:
             futures = [loop.run_in_executor(scorer.pool, scorer.score, fields) for _, fields in todo]
             scored = await asyncio.gather(*futures)
@@ -312,6 +330,8 @@ def make_app(scorer: Scorer) -> Any:
         if opts.labels_out is not None and action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
             written = _write_labels(body, spec, opts.labels_out, labels_lock)
             stats.labels_written += written
+            if retrainer is not None and written:
+                retrainer.add(written, asyncio.get_running_loop())
         return {"status": "ok", "action": action, "labels_written": written,
                 "counts": dict(stats.webhook_actions)}
 
@@ -319,7 +339,9 @@ def make_app(scorer: Scorer) -> Any:
     async def get_stats() -> dict[str, Any]:
         return {"requests": dict(stats.requests), "predicted": stats.predicted, "task_errors": stats.task_errors,
                 "rejected_busy": stats.rejected_busy, "pending": pending["items"],
-                "webhook_actions": dict(stats.webhook_actions), "labels_written": stats.labels_written}
+                "webhook_actions": dict(stats.webhook_actions), "labels_written": stats.labels_written,
+                "model_version": current().model_version,
+                "retrain": retrainer.status() if retrainer is not None else None}
 
     return app
 
@@ -348,6 +370,99 @@ def _write_labels(event: dict[str, Any], spec: TaskSpec, out: Path, lock: thread
     return len(records)
 
 
+class Retrainer:
+    """--retrain-after N: after every N new labels from the webhook, --retrain-command in the
+    background on the earlier labels (--retrain-with) plus the new ones; when it exits 0 and its
+    output exists, the server loads that file and answers with it from the next request on. The
+    old model serves until then (and finishes what it was given); a failed round keeps it."""
+
+    def __init__(self, app: Any, opts: ServeOptions):
+        assert opts.labels_out is not None and opts.retrain_after is not None and opts.spec is not None
+        self.app, self.opts = app, opts
+        self.dir = opts.retrain_dir or opts.labels_out.with_name(opts.labels_out.stem + "-retrain")
+        self.new_labels = 0
+        self.rounds: list[dict[str, Any]] = []
+        self.running: threading.Thread | None = None
+        self.lock = threading.Lock()
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            return {"after": self.opts.retrain_after, "new_labels": self.new_labels,
+                    "running": self.running is not None, "rounds": list(self.rounds)}
+
+    def add(self, n: int, loop: asyncio.AbstractEventLoop) -> None:
+        with self.lock:
+            self.new_labels += n
+            self._maybe_start(loop)
+
+    def _maybe_start(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self.opts.retrain_after is not None
+        if self.running is not None or self.new_labels < self.opts.retrain_after:
+            return
+        self.new_labels = 0
+        k = len(self.rounds) + 1
+        rnd: dict[str, Any] = {"round": k, "state": "running", "dir": str(self.dir / f"round-{k}")}
+        self.rounds.append(rnd)
+        self.running = threading.Thread(target=self._round, args=(rnd, loop), name=f"retrain-{k}", daemon=True)
+        self.running.start()
+
+    def _round(self, rnd: dict[str, Any], loop: asyncio.AbstractEventLoop) -> None:
+        import shlex
+        import subprocess
+        import time
+
+        folder = Path(rnd["dir"])
+        folder.mkdir(parents=True, exist_ok=True)
+        labels, output = folder / "labels.jsonl", folder / "annotator.gguf"
+        assert self.opts.labels_out is not None
+        with labels.open("wb") as fh:  # the earlier labels, then every label the webhook wrote so far
+            for src in (self.opts.retrain_with, self.opts.labels_out):
+                if src is not None and src.exists():
+                    data = src.read_bytes()
+                    fh.write(data if data.endswith(b"\n") or not data else data + b"\n")
+        cmd = [a.format(spec=self.opts.spec, labels=labels, output=output)
+               for a in shlex.split(self.opts.retrain_command)]
+        rnd["command"] = cmd
+        t0 = time.perf_counter()
+        with (folder / "log.txt").open("w") as out:
+            try:
+                rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
+            except OSError as e:
+                out.write(f"could not run {cmd[0]}: {e}\n")
+                rc = 127
+        rnd["seconds"] = round(time.perf_counter() - t0, 1)
+        rnd["returncode"] = rc
+        new: Scorer | None = None
+        if rc == 0 and output.is_file():
+            try:
+                new = Scorer(output, self.opts)
+            except Exception as e:  # a file that does not load: keep serving the old one
+                rnd["error"] = f"{type(e).__name__}: {e}"
+        elif rc == 0:
+            rnd["error"] = f"the command exited 0 but wrote no {output}"
+        if new is None:
+            rnd["state"] = "failed"
+            log_text = (folder / "log.txt").read_text(errors="replace").strip().splitlines()
+            rnd["log_tail"] = log_text[-5:]
+            log.warning("retrain round %d failed (exit %d): %s", rnd["round"], rc, folder / "log.txt")
+        else:
+            old = self.app.state.scorer
+            swapped = threading.Event()
+
+            def swap() -> None:  # on the event loop: no request is between choosing a scorer and using it
+                self.app.state.scorer = new
+                swapped.set()
+
+            loop.call_soon_threadsafe(swap)
+            swapped.wait()
+            old.close()  # waits for the work already given to it
+            rnd["state"] = "serving"
+            rnd["model_version"] = new.model_version
+        with self.lock:
+            self.running = None
+            self._maybe_start(loop)
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -364,7 +479,11 @@ def run(model: Path, opts: ServeOptions, host: str, port: int, started: Any = No
     if not is_loopback(host) and not opts.token:
         raise ValueError(f"--host {host} is not a loopback address: give --token (or EDGE_ANNOTATOR_TOKEN) so that "
                          "only callers holding it are answered")
+    if opts.retrain_after is not None and (opts.labels_out is None or opts.spec is None):
+        raise ValueError("--retrain-after needs --labels-out (where the webhook's labels go) and --spec "
+                         "(the spec YAML the retrain command trains on)")
     scorer = Scorer(model, opts)
+    app = None
     try:
         app = make_app(scorer)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
@@ -374,7 +493,7 @@ def run(model: Path, opts: ServeOptions, host: str, port: int, started: Any = No
             started(scorer)
         server.run()
     finally:
-        scorer.close()
+        (app.state.scorer if app is not None else scorer).close()
 
 
 def _serve_command() -> Any:
@@ -406,9 +525,19 @@ def _serve_command() -> Any:
                   help="Largest request body in bytes (413 above).")
     @click.option("--labels-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
                   help="Append the annotations Label Studio's webhook sends as human-label JSONL here.")
+    @click.option("--retrain-after", type=click.IntRange(min=1), default=None,
+                  help="After every N new labels from the webhook, run --retrain-command in the background and "
+                       "serve its output once it exits 0 (needs --labels-out and --spec).")
+    @click.option("--retrain-with", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                  help="Earlier human labels (JSONL) the retrain trains on with the new ones.")
+    @click.option("--retrain-command", default=DEFAULT_RETRAIN, show_default=True,
+                  help="The retrain; {spec}, {labels} and {output} are filled in (fit publishes only after parity).")
+    @click.option("--retrain-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                  help="Where each round's labels, log and model go [default: beside --labels-out].")
     def serve(model: Path, spec_path: Path | None, host: str, port: int, token: str | None, workers: int,
               threads: int | None, n_ctx: int, gpu_layers: int, max_chars: int | None, queue: int, max_body: int,
-              labels_out: Path | None) -> None:
+              labels_out: Path | None, retrain_after: int | None, retrain_with: Path | None, retrain_command: str,
+              retrain_dir: Path | None) -> None:
         """Serve MODEL as a Label Studio ML backend (/health, /setup, /predict, /webhook).
 
         Each task's prediction is the one annotate + convert --to label-studio make for the same
@@ -420,11 +549,15 @@ def _serve_command() -> Any:
           annotate-cli serve emobank.gguf --port 9090
           annotate-cli serve models/gemma-3-270m-q4_k_m.gguf --spec tasks/emobank.yaml --workers 2
           annotate-cli serve emobank.gguf --labels-out labels-back.jsonl
+          annotate-cli serve emobank.gguf --spec tasks/emobank.yaml --labels-out new.jsonl \\
+              --retrain-after 100 --retrain-with ratings.jsonl
           EDGE_ANNOTATOR_TOKEN=s3cret annotate-cli serve emobank.gguf --host 0.0.0.0
           curl -s localhost:9090/predict -d '{"tasks": [{"data": {"id": "s1", "text": "What a day!"}}]}'
         """
         opts = ServeOptions(spec=spec_path, threads=threads, workers=workers, n_ctx=n_ctx, gpu_layers=gpu_layers,
-                            max_chars=max_chars, queue=queue, max_body=max_body, token=token, labels_out=labels_out)
+                            max_chars=max_chars, queue=queue, max_body=max_body, token=token, labels_out=labels_out,
+                            retrain_after=retrain_after, retrain_with=retrain_with, retrain_command=retrain_command,
+                            retrain_dir=retrain_dir)
 
         def started(s: Scorer) -> None:
             click.echo(f"serving {model.name} (spec {s.spec.name}, model_version {s.model_version}) on "

@@ -129,11 +129,13 @@ def test_200_concurrent_requests_are_all_answered_as_annotate_would(gemma_path: 
             code, body, _ = _call(base, "POST", "/predict", raw=case[0])
             return case[1], code, body
 
+        t0 = time.perf_counter()
         with ThreadPoolExecutor(len(items) + len(bad)) as ex:
             goods = [ex.submit(good, it) for it in items]
             wrongs = [ex.submit(wrong, b) for b in bad]
             answers = [f.result() for f in goods]
             refusals = [f.result() for f in wrongs]
+        seconds = time.perf_counter() - t0
         code, body, _ = _call(base, "POST", "/predict", raw=b'{"tasks": [' + b'"x",' * 40000 + b'"x"]}')
         assert code == 413 and "max-body" in body["error"]
         rss1 = _rss_kb(proc.pid)
@@ -146,6 +148,8 @@ def test_200_concurrent_requests_are_all_answered_as_annotate_would(gemma_path: 
         if code != 200:
             assert body["error"]
     assert stats["predicted"] == len(items) + 1 and stats["pending"] == 0
+    print(f"\n{len(items)} concurrent requests and {len(bad)} bad ones answered in {seconds:.1f} s "
+          f"({len(items) / seconds:.1f} items/s); server RSS {rss0 / 1000:.0f} -> {rss1 / 1000:.0f} MB")
     assert rss1 - rss0 < 150_000, f"RSS grew by {(rss1 - rss0) / 1000:.0f} MB over {len(items)} requests"
 
 
@@ -203,6 +207,9 @@ def test_another_address_needs_a_token_and_every_request_carries_it(gemma_path: 
     r = subprocess.run([*CLI, "serve", str(gemma_path), "--spec", str(SPEC), "--host", "0.0.0.0", "--port", "0"],
                        capture_output=True, text=True, timeout=120, env={**os.environ, "EDGE_ANNOTATOR_TOKEN": ""})
     assert r.returncode == 1 and "--token" in r.stderr, r.stderr
+    r = subprocess.run([*CLI, "serve", str(gemma_path), "--spec", str(SPEC), "--retrain-after", "5"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "--labels-out" in r.stderr, r.stderr
     with server(gemma_path, "--workers", "1", "--token", "s3cret") as (base, _):
         none = _call(base, "GET", "/health")
         wrong = _call(base, "GET", "/health", headers={"Authorization": "Bearer nope"})
@@ -236,3 +243,59 @@ def test_the_webhook_writes_annotations_as_human_labels(gemma_path: Path, tmp_pa
     assert recs == [{"id": "s1", "text": "What a day!", "rater": "expert@example.com",
                      "labels": {"Valence": 4, "Arousal": 2}}]
     assert read_human(out, load_spec(SPEC))
+
+
+def test_a_retrain_round_switches_the_model_only_when_its_command_succeeds(gemma_path: Path, tmp_path: Path) -> None:
+    """--retrain-after 2: two webhook labels start the command on --retrain-with's labels plus the new
+    ones; here the command is embed-spec (a real, quick command that writes another annotator file;
+    fit itself is tested in test_fit.py). Once it exits 0 the server answers with the new file; a
+    round whose command fails keeps the model it had."""
+    from edge_annotator.runtime.data import read_human
+
+    spec = load_spec(SPEC)
+    earlier = tmp_path / "earlier.jsonl"
+    earlier.write_text(json.dumps({"id": "e1", "text": "Fine.", "rater": "r1", "labels": {"Valence": 3}}) + "\n")
+    make = f"{sys.executable} -m edge_annotator.runtime.cli embed-spec {gemma_path} {{spec}} {{output}}"
+
+    def event(i: int) -> dict[str, Any]:
+        return {"action": "ANNOTATION_CREATED", "task": {"id": i, "data": {"id": f"s{i}", "text": f"Day {i}."}},
+                "annotation": {"completed_by": {"email": "x@example.com"}, "result": [
+                    {"from_name": "Valence", "to_name": "text", "type": "rating", "value": {"rating": 4}}]}}
+
+    def wait_round(base: str, k: int) -> dict[str, Any]:
+        for _ in range(600):
+            st = _call(base, "GET", "/stats")[1]
+            rounds = st["retrain"]["rounds"]
+            if len(rounds) >= k and rounds[k - 1]["state"] != "running":
+                return st
+            time.sleep(0.2)
+        raise AssertionError(f"round {k} did not end: {st}")
+
+    task = {"tasks": [{"data": {"id": "q", "text": "What a day!"}}]}
+    labels = tmp_path / "labels.jsonl"
+    with server(gemma_path, "--workers", "1", "--labels-out", str(labels), "--retrain-after", "2",
+                "--retrain-with", str(earlier), "--retrain-command", make) as (base, _):
+        v0 = _call(base, "GET", "/health")[1]["model_version"]
+        before = _call(base, "POST", "/predict", task)[1]
+        _call(base, "POST", "/webhook", event(1))
+        assert _call(base, "GET", "/stats")[1]["retrain"]["rounds"] == []  # one label: not yet
+        _call(base, "POST", "/webhook", event(2))
+        st = wait_round(base, 1)
+        after = _call(base, "POST", "/predict", task)[1]
+        health = _call(base, "GET", "/health")[1]
+    rnd = st["retrain"]["rounds"][0]
+    assert rnd["state"] == "serving" and rnd["returncode"] == 0, rnd
+    assert health["model_version"] == rnd["model_version"] != v0 and health["model"] == "annotator.gguf"
+    assert before["results"][0]["model_version"] == v0 and after["results"][0]["model_version"] == rnd["model_version"]
+    # the same weights under another file: the same labels, probabilities and scores
+    assert after["results"][0]["result"] == before["results"][0]["result"]
+    trained_on = read_human(Path(rnd["dir"]) / "labels.jsonl", spec)
+    assert sorted(trained_on) == ["e1", "s1", "s2"]
+
+    with server(gemma_path, "--workers", "1", "--labels-out", str(tmp_path / "l2.jsonl"), "--retrain-after", "1",
+                "--retrain-command", f"{sys.executable} -c 'import sys; sys.exit(3)'") as (base, _):
+        _call(base, "POST", "/webhook", event(1))
+        st = wait_round(base, 1)
+        still = _call(base, "POST", "/predict", task)[1]
+    assert st["retrain"]["rounds"][0]["state"] == "failed" and st["retrain"]["rounds"][0]["returncode"] == 3
+    assert st["model_version"] == v0 and still["results"][0]["model_version"] == v0
