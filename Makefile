@@ -13,7 +13,7 @@ GEMMA_HF := $(MODELS)/gemma-3-270m-hf
 THREADS ?= 2
 DEMO := $(MODELS)/demo
 
-.PHONY: help install install-cuda formats-venv label-studio-check test test-fast lint demo demo-zero-shot bench bench-train train export export-all eval learning-curve clean
+.PHONY: help install install-cuda formats-venv label-studio-check test test-fast lint demo demo-zero-shot bench bench-train train export export-all eval learning-curve quant-routes clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -155,13 +155,16 @@ HELDOUT ?= $(shell $(PY) -c "import yaml; print(yaml.safe_load(open('$(CONFIG)')
 train: install $(GEMMA_HF)  ## fine-tune and merge: make train CONFIG=configs/NAME.yaml
 	$(CLI) train $(CONFIG)
 
-# Export the run's merged model, then refuse to publish it (delete it) unless parity passes.
+# Export the run's merged model, then refuse to publish it (delete it) unless parity passes. At
+# Q4_K_M with a base made from a GGUF the annotator is that base + the run's LoRA adapter beside it
+# (ROUTE=merged: one file with the adapted tensors at ADAPTED).
 ADAPTED ?= Q8_0
+ROUTE ?= auto
 IMATRIX ?=
-export: install  ## merged model -> $(RUN)/annotator-$(QUANT).gguf, kept only if parity passes (IMATRIX=calib.jsonl)
+export: install  ## merged model -> $(RUN)/annotator-$(QUANT).gguf, kept only if parity passes (ROUTE=auto|adapter|merged)
 	@test -n "$(HELDOUT)" || { echo "make export: $(CONFIG) has no val_data; give parity's items: make export CONFIG=$(CONFIG) HELDOUT=held-out.jsonl" >&2; exit 2; }
 	$(CLI) export $(RUN)/merged -o $(RUN)/annotator-$(QUANT).gguf --quant $(QUANT) --adapted-type $(ADAPTED) \
-		$(if $(IMATRIX),--imatrix $(IMATRIX))
+		--route $(ROUTE) $(if $(IMATRIX),--imatrix $(IMATRIX))
 	$(CLI) parity $(RUN)/merged $(RUN)/annotator-$(QUANT).gguf $(HELDOUT) || \
 		{ rm -f $(RUN)/annotator-$(QUANT).gguf $(RUN)/annotator-$(QUANT).gguf.manifest.json; exit 1; }
 
@@ -192,6 +195,18 @@ eval: install $(GEMMA) $(GEMMA_HF)  ## train the CPU recipes, evaluate on full t
 learning-curve: install $(GEMMA_HF)  ## the small-data recipe at 100 / 300 / 1,000 items, augmentations at 300 (~6 h)
 	$(PY) scripts/learning_curve.py --shared $(DATA_SRC) --out $(MODELS)/curve --threads $(THREADS) \
 		--markdown docs/recipes.md
+
+# The export routes side by side (Q8_0/Q6_K/Q5_K-adapted, all Q4_K_M with and without an imatrix, base +
+# adapter), each file through parity against the merged model on a full test split, then annotate's
+# speed on 200 items: the demo's run (make demo), and the 300-item ConvAbuse and GoEmotions runs of
+# make learning-curve; the full test splits are the ones make eval converts. Into models/routes/.
+quant-routes: install $(GEMMA)  ## export routes on full test splits: size, block bits, parity, alpha, items/s (~1.5 h)
+	$(PY) scripts/quant_routes.py --run $(MODELS)/runs/gemma3-270m-lora-cpu-emobank --test $(MODELS)/data/emobank-test.jsonl \
+		--calib data/emobank-train-5000.jsonl --out $(MODELS)/routes/emobank --name "EmoBank (demo recipe)"
+	$(PY) scripts/quant_routes.py --run $(MODELS)/curve/convabuse-300-none/run --test $(MODELS)/data/convabuse-test.jsonl \
+		--calib $(MODELS)/curve/convabuse-300-none/train.jsonl --out $(MODELS)/routes/convabuse-300 --name "ConvAbuse (300 items)"
+	$(PY) scripts/quant_routes.py --run $(MODELS)/curve/goemotions-300-none/run --test $(MODELS)/data/goemotions-test.jsonl \
+		--calib $(MODELS)/curve/goemotions-300-none/train.jsonl --out $(MODELS)/routes/goemotions-300 --name "GoEmotions (300 items)"
 
 clean:  ## remove built models and caches (keeps .venv)
 	rm -rf $(MODELS) .pytest_cache .mypy_cache .ruff_cache

@@ -145,23 +145,17 @@ def export_adapter(merged: str | Path, output: str | Path, base_gguf: str | Path
     return job
 
 
-def block_bits(base: Path, adapter: Path | None = None) -> dict[str, float]:
+def block_bits(base: Path, adapter: Path | None = None) -> dict[str, Any]:
     """Bits a weight of the blocks' matrices (`blk.*` tensors of two dimensions; gguf-py: bytes x 8
-    over elements) in BASE, and with ADAPTER's matrices counted in."""
-    import gguf
+    over elements) in BASE, their types, and the bits with ADAPTER's matrices counted in."""
+    from edge_annotator.runtime.gguf_meta import block_matrices
 
-    def tally(path: Path) -> tuple[int, int]:
-        r = gguf.GGUFReader(path)
-        el = by = 0
-        for t in r.tensors:
-            if t.name.startswith("blk.") and len([d for d in t.shape if d > 1]) == 2:
-                el += int(t.n_elements)
-                by += int(t.n_bytes)
-        return el, by
-
-    el, by = tally(base)
-    out = {"block_bits_per_weight": round(8 * by / el, 3) if el else 0.0}
+    b = block_matrices(base)
+    out: dict[str, Any] = {"block_bits_per_weight": b["bits_per_weight"], "block_types": b["types"],
+                           "block_matrices": b["matrices"]}
     if adapter is not None:
-        _, ab = tally(adapter)
-        out["block_bits_per_weight_with_adapter"] = round(8 * (by + ab) / el, 3) if el else 0.0
+        a = block_matrices(adapter)
+        el = b["elements"]
+        out["block_bits_per_weight_with_adapter"] = round(8 * (b["bytes"] + a["bytes"]) / el, 3) if el else 0.0
+        out["adapter_types"] = a["types"]
     return out

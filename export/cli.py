@@ -31,47 +31,54 @@ err = Console(stderr=True)
 @click.option("--imatrix-items", type=click.IntRange(1), default=32, show_default=True,
               help="How many calibration items the importance matrix reads.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Quantizer threads [default: all cores].")
+@click.option("--route", type=click.Choice(["auto", "adapter", "merged"]), default="auto", show_default=True,
+              help="adapter: the untouched base GGUF the run's base was made from + the run's LoRA as llama.cpp's "
+                   "adapter file beside it (4-bit blocks, the trained model exactly); merged: one file, the adapted "
+                   "tensors at --adapted-type. auto: adapter for Q4_K_M where the base GGUF is found, else merged.")
 @click.option("--adapter-on", "adapter_on", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Write a LoRA adapter GGUF for this untouched base GGUF instead of a merged file (the base the "
-                   "run trained on was dequantized from it: base + adapter is the trained model). --quant and "
-                   "--adapted-type then do not apply.")
+              help="The base GGUF for the adapter route [default: the one the run's base folder names, found "
+                   "beside it]; implies --route adapter.")
 @click.option("--adapter-type", type=click.Choice(["F16", "F32"]), default="F16", show_default=True,
-              help="--adapter-on: the type of the adapter's matrices.")
+              help="The adapter route: the type of the adapter's matrices.")
 def export(merged: Path, output: Path, quant: str, adapted_type: str, imatrix: Path | None, imatrix_items: int,
-           threads: int | None, adapter_on: Path | None, adapter_type: str) -> None:
-    """Turn a merged model folder (annotate-cli train) into one quantized GGUF annotator.
+           threads: int | None, route: str, adapter_on: Path | None, adapter_type: str) -> None:
+    """Turn a merged model folder (annotate-cli train) into a quantized GGUF annotator.
 
-    llama.cpp's converter and quantizer do the work; the task spec and provenance are embedded,
-    and the file is checked to load and tokenize exactly as the HF tokenizer did in training.
+    Q4_K_M, where the run's base was made from a GGUF (annotate-cli base), is that untouched base
+    + the run's LoRA as llama.cpp's adapter file: OUTPUT (the adapter, with the spec) and the base
+    beside it. Otherwise llama.cpp's converter and quantizer make one merged file. The spec and
+    provenance are embedded, and the file is checked to load and tokenize exactly as the HF
+    tokenizer did in training.
 
     \b
     Examples:
       annotate-cli export models/runs/emobank/merged -o emobank.gguf
       annotate-cli export models/runs/emobank/merged -o emobank-q8.gguf --quant Q8_0
-      annotate-cli export merged/ -o emobank.gguf --imatrix data/emobank-train-64.jsonl
-      annotate-cli export merged/ -o all-4bit.gguf --adapted-type same
+      annotate-cli export merged/ -o emobank-one-file.gguf --route merged
+      annotate-cli export merged/ -o all-4bit.gguf --route merged --adapted-type same --imatrix train.jsonl
       annotate-cli export merged/ -o emobank-lora.gguf --adapter-on models/gemma-3-270m-q4_k_m.gguf
     """
     from .convert import ExportError
-    from .convert import export as run_export
+    from .route import export_annotator
 
+    if adapter_on is not None and route == "merged":
+        raise click.UsageError("--adapter-on is the adapter route's base; it does not go with --route merged")
     try:
-        if adapter_on is not None:
-            from .adapter import export_adapter
-
-            job = export_adapter(merged, output, adapter_on, adapter_type)
-            i = job.info
-            err.print(f"{i['file']}: LoRA adapter ({i['adapter_matrices']} matrices, {i['size_bytes'] / 1e6:.1f} MB) "
-                      f"on {adapter_on} ({i['base_size_bytes'] / 1e6:.1f} MB, blocks at "
-                      f"{i['block_bits_per_weight']:.2f} bits/weight, {i['block_bits_per_weight_with_adapter']:.2f} "
-                      f"with the adapter); annotate finds the base beside the adapter or at ANNOTATE_BASE_MODEL")
-            return
-        job = run_export(merged, output, quant, threads, adapted_type, imatrix, imatrix_items)
+        job = export_annotator(merged, output, quant, threads, adapted_type, imatrix, imatrix_items,
+                               "adapter" if adapter_on is not None else route, adapter_on, adapter_type)
     except ExportError as e:
         raise click.ClickException(str(e)) from None
     i = job.info
+    if i["route"] == "adapter":
+        err.print(f"{i['file']}: LoRA adapter ({i['adapter_matrices']} matrices, {i['size_bytes'] / 1e6:.1f} MB) "
+                  f"over {i['base_file']} ({i['base_size_bytes'] / 1e6:.1f} MB, its blocks at "
+                  f"{i['block_bits_per_weight']:.2f} bits/weight, {i['block_bits_per_weight_with_adapter']:.2f} "
+                  f"with the adapter); keep the two files together (annotate finds the base beside the adapter, "
+                  f"or at ANNOTATE_BASE_MODEL); manifest {i['file']}.manifest.json")
+        return
     err.print(f"{i['file']}: {quant}, {i['size_bytes'] / 1e6:.1f} MB, sha256 {i['sha256'][:16]}..., "
-              f"{i['bits_per_weight']:.2f} bits/weight, {i['seconds']}s; manifest {i['file']}.manifest.json")
+              f"{i['bits_per_weight']:.2f} bits/weight (blocks {i['block_bits_per_weight']:.2f}), {i['seconds']}s; "
+              f"manifest {i['file']}.manifest.json")
     if i.get("adapted_kept"):
         k = i["adapted_kept"]
         err.print(f"kept the {k['count']} LoRA-adapted tensors ({k['weight_share']:.1%} of the weights) at {k['type']}")

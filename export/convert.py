@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_annotator.runtime.gguf_meta import sha256_file
+from edge_annotator.runtime.gguf_meta import block_matrices, sha256_file
 from edge_annotator.runtime.spec import TaskSpec, spec_from_json
 
 from . import mix
@@ -178,6 +178,9 @@ def export(merged: str | Path, output: str | Path, quant: str = "Q4_K_M", thread
                      "size_bytes": job.output.stat().st_size, "quant": quant, "spec_sha256": spec.sha256,
                      "seconds": round(time.perf_counter() - t0, 1)})
     job.info["bits_per_weight"] = round(8 * job.info["size_bytes"] / max(1, n_weights), 3)
+    blocks = block_matrices(job.output)  # what "Q4_K_M" holds where the weights are: the blocks' matrices
+    job.info.update({"block_bits_per_weight": blocks["bits_per_weight"], "block_types": blocks["types"],
+                     "block_matrices": blocks["matrices"]})
     manifest = job.output.with_name(job.output.name + ".manifest.json")
     tmp_m = manifest.with_name("." + manifest.name + ".partial")
     tmp_m.write_text(json.dumps(job.info, indent=2))

@@ -82,6 +82,19 @@ def parity(merged: str | Path, gguf: str | Path, data: str | Path, max_items: in
            threads: int | None = None, thresholds: dict[str, Any] = THRESHOLDS, gpu_layers: int = 0) -> dict[str, Any]:
     """Score DATA's items with the merged HF model (fp32) and the GGUF, and compare: prompt tokens,
     each criterion's distributions, scores and labels, and alpha with the humans on both sides."""
+    rep = parity_many(merged, [gguf], data, max_items, threads, thresholds, gpu_layers)[0]
+    rep.pop("gguf_seconds")  # a timing: the report's bytes stay the same run to run
+    return rep
+
+
+def parity_many(merged: str | Path, ggufs: list[str | Path] | list[Path], data: str | Path,
+                max_items: int | None = None, threads: int | None = None, thresholds: dict[str, Any] = THRESHOLDS,
+                gpu_layers: int = 0) -> list[dict[str, Any]]:
+    """parity() for several files exported from one merged model (quantization routes side by side):
+    every GGUF scored first (a file that cannot load stops it before the slow side), the HF model once.
+    Each report also holds `gguf_seconds`, the GGUF's scoring time (one process, batch 1)."""
+    import time
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -89,35 +102,43 @@ def parity(merged: str | Path, gguf: str | Path, data: str | Path, max_items: in
     from edge_annotator.runtime.engine import LlamaModel
     from edge_annotator.runtime.gguf_meta import model_info
 
-    merged, gguf = Path(merged), Path(gguf)
+    merged = Path(merged)
     spec = spec_from_json((merged / "spec.json").read_text(), str(merged / "spec.json"))
-    llm = LlamaModel(gguf, n_gpu_layers=gpu_layers)  # first: a model that cannot load stops it at once
-    try:
-        info = model_info(llm)
-        if info.spec is None or info.spec.sha256 != spec.sha256:
-            raise ValueError(f"{gguf} does not embed the spec of {merged} (spec sha256 differs)")
-        items = _read_items(data, spec, max_items)
-        hf_tok = AutoTokenizer.from_pretrained(merged)
-        g = _gguf_side(llm, info.quantization or "?", spec, items, hf_tok, threads)
-    finally:
-        llm.close()
+    items = _read_items(data, spec, max_items)
+    hf_tok = AutoTokenizer.from_pretrained(merged)
+    sides = []
+    for gguf in map(Path, ggufs):
+        llm = LlamaModel(gguf, n_gpu_layers=gpu_layers)
+        try:
+            info = model_info(llm)
+            if info.spec is None or info.spec.sha256 != spec.sha256:
+                raise ValueError(f"{gguf} does not embed the spec of {merged} (spec sha256 differs)")
+            t0 = time.perf_counter()
+            sides.append((gguf, _gguf_side(llm, info.quantization or "?", spec, items, hf_tok, threads),
+                          time.perf_counter() - t0))
+        finally:
+            llm.close()
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, use_safetensors=True).eval()
     h_scores = score_items(model, hf_tok, spec, items)
-    th = thresholds_for(g.quant, thresholds)
-    per = [_criterion_row(c, items, g.scores, h_scores, th) for c in spec.criteria]
-    humans = _humans(spec, items, h_scores, g.scores, per)
-    checks = {
-        "tokens": g.same / g.total >= th["tokens_identical"] if g.total else True,
-        "labels": all(p["labels_pass"] for p in per),
-        "scores": all(p.get("scores_pass", True) for p in per),
-        "humans": humans["drop"] <= th["human_alpha_drop"],
-    }
-    return {
-        "merged": str(merged), "gguf": str(gguf), "quantization": g.quant, "items": len(items),
-        "tokens": {"identical": g.same, "total": g.total, "share": g.same / g.total if g.total else 1.0,
-                   "first_diff": g.first_diff},
-        "criteria": per, "humans": humans, "thresholds": th, "checks": checks, "pass": all(checks.values()),
-    }
+    out = []
+    for gguf, g, seconds in sides:
+        th = thresholds_for(g.quant, thresholds)
+        per = [_criterion_row(c, items, g.scores, h_scores, th) for c in spec.criteria]
+        humans = _humans(spec, items, h_scores, g.scores, per)
+        checks = {
+            "tokens": g.same / g.total >= th["tokens_identical"] if g.total else True,
+            "labels": all(p["labels_pass"] for p in per),
+            "scores": all(p.get("scores_pass", True) for p in per),
+            "humans": humans["drop"] <= th["human_alpha_drop"],
+        }
+        out.append({
+            "merged": str(merged), "gguf": str(gguf), "quantization": g.quant, "items": len(items),
+            "tokens": {"identical": g.same, "total": g.total, "share": g.same / g.total if g.total else 1.0,
+                       "first_diff": g.first_diff},
+            "criteria": per, "humans": humans, "thresholds": th, "checks": checks, "pass": all(checks.values()),
+            "gguf_seconds": round(seconds, 2),
+        })
+    return out
 
 
 def _read_items(data: str | Path, spec: TaskSpec, max_items: int | None) -> list[Item]:
@@ -208,6 +229,8 @@ def _humans(spec: TaskSpec, items: list[Item], h_scores: list[dict[str, Score]],
         p["human_alpha_hf"], p["human_alpha_gguf"] = hc.get("alpha"), gc.get("alpha")
         if "score_alpha" in hc:
             p["human_score_alpha_hf"], p["human_score_alpha_gguf"] = hc["score_alpha"], gc.get("score_alpha")
+        if "macro_f1" in hc:
+            p["human_macro_f1_hf"], p["human_macro_f1_gguf"] = hc["macro_f1"], gc.get("macro_f1")
     has_humans = any(it.ratings for it in items)
     a_h = selection_alpha(h_rep) if has_humans else None
     a_g = selection_alpha(g_rep) if has_humans else None

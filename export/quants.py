@@ -39,6 +39,7 @@ QUANTS: dict[str, Quant] = {q.name: q for q in (
     Quant("BF16", 16.0, None, None, *_8BIT),
     Quant("Q8_0", 8.5, F.MOSTLY_Q8_0, T.Q8_0, *_8BIT),
     Quant("Q6_K", 6.56, None, T.Q6_K, *_LOW),
+    Quant("Q5_K", 5.5, None, T.Q5_K, *_LOW),
     Quant("Q5_K_M", 5.7, F.MOSTLY_Q5_K_M, None, *_LOW),
     Quant("Q4_K_M", 4.9, F.MOSTLY_Q4_K_M, None, *_LOW),
     Quant("Q4_0", 4.5, F.MOSTLY_Q4_0, None, *_LOW),
@@ -46,7 +47,7 @@ QUANTS: dict[str, Quant] = {q.name: q for q in (
 
 FILE_TYPES = ["Q4_K_M", "Q4_0", "Q5_K_M", "Q8_0", "F16"]
 """--quant's choices, the default first."""
-ADAPTED_TYPES = ["Q8_0", "Q6_K", "F16"]
+ADAPTED_TYPES = ["Q8_0", "Q6_K", "Q5_K", "F16"]
 """--adapted-type's choices besides "same", the default first."""
 
 assert all(QUANTS[n].file_type is not None for n in FILE_TYPES)

@@ -543,6 +543,7 @@ def inspect(model: Path, as_json: bool, no_hash: bool) -> None:
 
     info = read_model_info(model)
     d = info.to_dict(None if no_hash else sha256_file(model))
+    d |= _block_info(model)
     d["backend"] = backend_info()  # this installation's llama.cpp, not the file's
     if as_json:
         click.echo(json.dumps(d, indent=2, ensure_ascii=False))
@@ -562,6 +563,8 @@ def inspect(model: Path, as_json: bool, no_hash: bool) -> None:
         t.add_row("templates", str(len(s.templates)))
     else:
         t.add_row("spec", info.spec_error or "none embedded (use --spec to annotate zero-shot)")
+    for k, v in _blocks(model, d).items():
+        t.add_row(k, v)
     t.add_row("provenance", json.dumps(info.provenance) if info.provenance else "none")
     b = d["backend"]
     where = "GPU offload (--gpu-layers)" if b["gpu_offload"] else "CPU only (a GPU build: make install-cuda)"
@@ -572,6 +575,38 @@ def inspect(model: Path, as_json: bool, no_hash: bool) -> None:
     t.add_row("cpu kernels", f"{', '.join(c['features']) or 'none'}; {amx}")
     t.add_row("cpu", c["cpu"])
     Console().print(t)
+
+
+def _block_info(model: Path) -> dict[str, Any]:
+    """The blocks' matrices (types, bits/weight) of MODEL, or for a LoRA adapter file, of its factors
+    and of the base beside it (where it is there)."""
+    from .adapter import BASE_FILE, BASE_SHA256, adapter_fields
+    from .gguf_meta import block_matrices
+
+    kv = adapter_fields(model)
+    if kv is None:
+        return {"blocks": block_matrices(model)}
+    out: dict[str, Any] = {"adapter": {"base_file": kv.get(BASE_FILE), "base_sha256": kv.get(BASE_SHA256),
+                                       "matrices": block_matrices(model)}}
+    base = model.parent / str(kv.get(BASE_FILE))
+    if base.is_file():
+        out["blocks"] = block_matrices(base)
+    return out
+
+
+def _blocks(model: Path, d: dict[str, Any]) -> dict[str, str]:
+    from .gguf_meta import describe_blocks
+
+    rows = {}
+    if "adapter" in d:
+        a = d["adapter"]
+        rows["adapter"] = (f"LoRA over {a['base_file']} (sha256 {str(a['base_sha256'])[:16]}), "
+                           + describe_blocks(a["matrices"]).replace(" matrices", " factor matrices"))
+    if "blocks" in d:
+        rows["blocks" if "adapter" not in d else "base blocks"] = describe_blocks(d["blocks"])
+    elif "adapter" in d:
+        rows["base blocks"] = f"{d['adapter']['base_file']} is not beside {model.name}"
+    return rows
 
 
 @cli.group()

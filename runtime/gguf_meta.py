@@ -120,3 +120,27 @@ def resolve_spec(info: ModelInfo, override: TaskSpec | None) -> TaskSpec:
         raise ModelError(f"{info.path}: this GGUF has no embedded task spec ({Keys.SPEC}); pass --spec "
                          f"tasks/NAME.yaml to use it zero-shot, or export a fine-tuned annotator")
     return info.spec
+
+
+def block_matrices(path: str | Path) -> dict[str, Any]:
+    """The blocks' matrices of a GGUF (`blk.*` tensors of two dimensions, read with gguf-py): how
+    many, their share of the elements by type, and bits a weight (bytes x 8 over elements). For a
+    LoRA adapter file these are its A and B factors."""
+    import gguf
+
+    el, by, n = 0, 0, 0
+    types: dict[str, int] = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        if t.name.startswith("blk.") and len([d for d in t.shape if d > 1]) == 2:
+            n += 1
+            el += int(t.n_elements)
+            by += int(t.n_bytes)
+            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + int(t.n_elements)
+    return {"matrices": n, "elements": el, "bytes": by, "bits_per_weight": round(8 * by / el, 3) if el else 0.0,
+            "types": {k: round(v / el, 4) for k, v in sorted(types.items(), key=lambda kv: -kv[1])} if el else {}}
+
+
+def describe_blocks(b: dict[str, Any]) -> str:
+    """E.g. '168 matrices: Q4_K 52%, Q5_0 24%, Q6_K 24%; 5.43 bits/weight'."""
+    shares = ", ".join(f"{k} {v:.0%}" for k, v in b["types"].items())
+    return f"{b['matrices']} matrices: {shares}; {b['bits_per_weight']:.2f} bits/weight"

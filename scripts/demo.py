@@ -39,8 +39,8 @@ def _report(spec: TaskSpec, path: Path, humans: dict[str, Any]) -> dict[str, Any
 
 
 def run(config: Path, base_gguf: Path, test: Path, out: Path, threads: int, quant: str) -> dict[str, Any]:
-    from edge_annotator.export.convert import export
     from edge_annotator.export.parity import parity
+    from edge_annotator.export.route import export_annotator
     from edge_annotator.train.config import load_config
     from edge_annotator.train.job import print_validations, train_and_merge
 
@@ -62,8 +62,9 @@ def run(config: Path, base_gguf: Path, test: Path, out: Path, threads: int, quan
     stages["train + merge"] = time.perf_counter() - t0
     # 3. export
     gguf = out / f"annotator-{quant}.gguf"
+    res["gguf_file"] = str(gguf)
     t0 = time.perf_counter()
-    export(merged, gguf, quant)
+    export_annotator(merged, gguf, quant)
     stages["export"] = time.perf_counter() - t0
     # 4. parity: HF (fine-tuned, fp32) against the exported file, on the held-out items
     t0 = time.perf_counter()
@@ -77,11 +78,14 @@ def run(config: Path, base_gguf: Path, test: Path, out: Path, threads: int, quan
     res["identical_across_threads"] = a1.read_bytes() == a2.read_bytes()
     res["gguf"] = _report(spec, a2, humans)
     res["items_per_s"] = {"zero_shot": len(humans) / stages["zero-shot annotate"], "gguf": len(humans) / dt}
-    res["sizes_mb"] = {"base": base_gguf.stat().st_size / 1e6, "gguf": gguf.stat().st_size / 1e6,
+    man = json.loads(gguf.with_name(gguf.name + ".manifest.json").read_text())
+    base_size = Path(man["base_file"]).stat().st_size if man.get("base_file") else 0
+    res["sizes_mb"] = {"base": base_gguf.stat().st_size / 1e6, "gguf": (gguf.stat().st_size + base_size) / 1e6,
+                       "adapter": gguf.stat().st_size / 1e6 if base_size else None,
                        "hf": sum(p.stat().st_size for p in merged.glob("*.safetensors")) / 1e6}
     res["stages_s"] = stages
-    man = json.loads(gguf.with_name(gguf.name + ".manifest.json").read_text())
-    res["export"] = {k: man.get(k) for k in ("bits_per_weight", "adapted_kept", "imatrix")}
+    res["export"] = {k: man.get(k) for k in ("route", "bits_per_weight", "block_bits_per_weight", "block_types",
+                                             "adapted_kept", "imatrix", "base_file")}
     if res["export"]["adapted_kept"]:
         res["export"]["adapted_kept"].pop("tensors", None)
     md = table(res, spec.criteria)
@@ -130,8 +134,17 @@ def table(res: dict[str, Any], criteria: Any) -> str:
                 f"{_f(p['humans']['drop'])} ({'PASS' if p['checks']['humans'] else 'FAIL'}) |")
     rows.append(f"| parity, all checks | | | {'PASS' if p['pass'] else 'FAIL'} |")
     s = res["sizes_mb"]
-    rows.append(f"| file size (MB) | {s['base']:.0f} | {s['hf']:.0f} | {s['gguf']:.0f} |")
     ex_info = res.get("export", {})
+    if ex_info.get("route") == "adapter":
+        rows.append(f"| file size (MB) | {s['base']:.0f} | {s['hf']:.0f} | {s['gguf']:.0f}: "
+                    f"{Path(res['gguf_file']).name} (LoRA adapter, {s['adapter']:.1f}) + "
+                    f"{Path(ex_info['base_file']).name} (the untouched base) |")
+    else:
+        rows.append(f"| file size (MB) | {s['base']:.0f} | {s['hf']:.0f} | {s['gguf']:.0f} |")
+    if ex_info.get("block_bits_per_weight") is not None:
+        types = ", ".join(f"{k} {v:.0%}" for k, v in (ex_info.get("block_types") or {}).items())
+        rows.append(f"| {res['quant']} file: the blocks' matrices, bits/weight | | | "
+                    f"{ex_info['block_bits_per_weight']:.2f} ({types}) |")
     kept = ex_info.get("adapted_kept")
     if kept:
         rows.append(f"| {res['quant']} file: LoRA-adapted tensors kept at {kept['type']} | | | {kept['count']} "

@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 from prepare_data import convert, write_items
 
-from edge_annotator.export.convert import export
+from edge_annotator.export.route import export_annotator
 from edge_annotator.runtime.data import read_human
 from edge_annotator.runtime.jobs import JobOptions, annotate_file
 from edge_annotator.runtime.metrics import _alpha, _code, _macro_f1, bootstrap, consensus, leave_one_out, nearest_level
@@ -156,7 +156,7 @@ def run_recipe(recipe: Path, shared: Path, out: Path, base_gguf: Path, threads: 
         train_and_merge(load_config(recipe), progress=print_validations)
     if fresh or not gguf.exists():
         gguf.unlink(missing_ok=True)
-        export(merged, gguf, "Q4_K_M")
+        export_annotator(merged, gguf, "Q4_K_M")
     res: dict[str, Any] = {"recipe": str(recipe), "test": str(test), "dataset": name}
     for arm, model, spec_path in (("zero_shot", base_gguf, Path(raw["spec"])), ("fine_tuned", gguf, None)):
         dest = out / f"{name}-{arm}.jsonl"

@@ -27,7 +27,7 @@ import yaml
 from eval import convert_splits, evaluate
 from prepare_data import write_items
 
-from edge_annotator.export.convert import export
+from edge_annotator.export.route import export_annotator
 from edge_annotator.hf.score import hf_tokenize
 from edge_annotator.runtime.jobs import JobOptions, annotate_file
 from edge_annotator.runtime.spec import load_spec
@@ -101,7 +101,7 @@ def run_cell(name: str, n: int, augment: str, data_dir: Path, out: Path, threads
                                                      "calibration": done.calibration}, indent=2, default=str))
     gguf = cell / "annotator-Q4_K_M.gguf"
     if not gguf.exists():
-        export(merged, gguf, "Q4_K_M")
+        export_annotator(merged, gguf, "Q4_K_M")
     test = data_dir / f"{name}-test.jsonl"
     pred = cell / "test.jsonl"
     annotate_file(gguf, test, str(pred), JobOptions(threads=threads), resume=pred.exists())

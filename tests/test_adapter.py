@@ -55,6 +55,8 @@ def test_the_adapter_file_carries_the_spec_and_names_its_base(route: dict[str, P
     assert "blk.0.attn_q.weight.lora_a" in names and "blk.1.ffn_down.weight.lora_b" in names
     info = json.loads(CliRunner().invoke(cli, ["inspect", str(route["adapter"]), "--json", "--no-hash"]).stdout)
     assert info["spec"]["name"] == "emobank" and info["provenance"]["export"]["route"] == "adapter"
+    assert info["adapter"]["base_file"] == route["base"].name and info["adapter"]["matrices"]["matrices"] == 2 * 2 * 7
+    assert info["blocks"]["types"] == {"F16": 1.0}  # the base beside it: the tiny F16 model
     man = json.loads(route["adapter"].with_name(route["adapter"].name + ".manifest.json").read_text())
     assert man["adapter_matrices"] == 2 * 7 and man["block_bits_per_weight"] == 16.0
 
@@ -103,3 +105,41 @@ def test_a_missing_or_different_base_is_refused_in_one_line(route: dict[str, Pat
     monkeypatch.setenv("ANNOTATE_BASE_MODEL", str(route["base"]))
     r = CliRunner().invoke(cli, ["annotate", str(alone), str(items), "-o", str(tmp_path / "ok.jsonl")])
     assert r.exit_code == 0, r.output
+
+
+def test_export_takes_the_adapter_route_by_default_where_the_base_came_from_a_gguf(route: dict[str, Path],
+                                                                                  tmp_path: Path) -> None:
+    """`export` at its default Q4_K_M: with no GGUF known for the run's base (built from scratch) it
+    makes one merged file; once the base folder names the GGUF it was made from (as `annotate-cli
+    base` and `from-gguf` write it) and that file lies beside the folder, the annotator is the
+    adapter with that base placed beside it, and it annotates. --route merged and other --quant
+    types keep one file; --route adapter without a base GGUF is refused in one line."""
+    from edge_annotator.export.route import base_gguf_of, choose
+
+    # the tiny base is built in code (its provenance says so); a copy of the run names its base folder
+    run = tmp_path / "run"
+    shutil.copytree(route["merged"].parent, run, ignore=shutil.ignore_patterns("checkpoint*"))
+    merged, base_folder = run / "merged", run / "base"
+    prov = json.loads((merged / "provenance.json").read_text())
+    (merged / "provenance.json").write_text(json.dumps({**prov, "base_model": str(base_folder)}))
+    assert base_gguf_of(merged) is None and choose(merged, "Q4_K_M", "auto", None) == ("merged", None)
+    r = CliRunner().invoke(cli, ["export", str(merged), "-o", str(tmp_path / "x.gguf"), "--route", "adapter"])
+    assert r.exit_code == 1 and "--adapter-on" in r.output and "Traceback" not in r.output, r.output
+
+    check = base_folder / "edge_annotator_tokenizer.json"
+    beside = base_folder.parent / route["base"].name
+    shutil.copyfile(route["base"], beside)
+    check.write_text(json.dumps({"gguf": route["base"].name, "texts": [], "ids": []}))
+    assert base_gguf_of(merged) == beside
+    assert choose(merged, "Q8_0", "auto", None) == ("merged", None)
+    assert choose(merged, "Q4_K_M", "merged", None) == ("merged", None)
+    out = tmp_path / "pub" / "annotator.gguf"
+    r = CliRunner().invoke(cli, ["export", str(merged), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    man = json.loads(out.with_name(out.name + ".manifest.json").read_text())
+    assert man["route"] == "adapter" and (out.parent / beside.name).is_file()
+    assert man["block_types"] == {"F16": 1.0}  # the tiny base is F16
+    pred = tmp_path / "pred.jsonl"
+    r = CliRunner().invoke(cli, ["annotate", str(out), str(DATA / "emobank-test-50.jsonl"), "-o", str(pred),
+                                 "--threads", "2"])
+    assert r.exit_code == 0 and len(pred.read_text().splitlines()) == 50, r.output

@@ -68,6 +68,9 @@ def test_embedded_spec_and_inspect(tmp_path: Path, annotator_gguf: Path, gemma_p
     assert info["sha256"] == hashlib.sha256(annotator_gguf.read_bytes()).hexdigest()
     base = json.loads(_invoke("inspect", str(gemma_path), "--json", "--no-hash").stdout)
     assert base["spec"] is None and "sha256" not in base
+    # the blocks' matrices of llama.cpp's own Q4_K_M of Gemma 3 270M: rows of 640 force Q5_0 on most
+    assert base["blocks"]["matrices"] == 126 and 5.4 < base["blocks"]["bits_per_weight"] < 5.5
+    assert set(base["blocks"]["types"]) == {"Q4_K", "Q5_0", "Q6_K", "Q8_0"}
     assert "Q4_K_M" in _invoke("inspect", str(annotator_gguf), "--no-hash").stdout
 
 

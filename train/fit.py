@@ -130,10 +130,11 @@ def fit(spec_path: str | Path, labels: str | Path, out: str | Path, opts: FitOpt
     gguf = run / "annotator.gguf"
     if not gguf.exists():
         say("export", f"{opts.quant}, the spec and provenance embedded")
-        from edge_annotator.export.convert import export
+        from edge_annotator.export.route import export_annotator
 
-        job = export(merged, gguf, opts.quant, opts.threads)
-        state["export"] = {k: job.info.get(k) for k in ("size_bytes", "bits_per_weight", "seconds", "sha256")}
+        job = export_annotator(merged, gguf, opts.quant, opts.threads)
+        state["export"] = {k: job.info.get(k) for k in ("route", "size_bytes", "bits_per_weight",
+                                                        "block_bits_per_weight", "base_file", "seconds", "sha256")}
         save()
 
     par_f = run / "parity.json"
@@ -151,6 +152,11 @@ def fit(spec_path: str | Path, labels: str | Path, out: str | Path, opts: FitOpt
                            f"(--quant Q8_0) and continue with --resume")
     shutil.copyfile(gguf, out)
     shutil.copyfile(gguf.with_name(gguf.name + ".manifest.json"), out.with_name(out.name + ".manifest.json"))
+    base_file = (state.get("export") or {}).get("base_file")
+    if base_file:  # the adapter route: the annotator is OUT and its base beside it
+        from edge_annotator.export.route import place_base
+
+        place_base(Path(base_file), out)
 
     pred = run / "test-predictions.jsonl"
     if sizes["test"]["items"] and not (run / "report" / "report.json").exists():
