@@ -104,15 +104,18 @@ def parity_many(merged: str | Path, ggufs: list[str | Path] | list[Path], data: 
 
     merged = Path(merged)
     spec = spec_from_json((merged / "spec.json").read_text(), str(merged / "spec.json"))
-    items = _read_items(data, spec, max_items)
-    hf_tok = AutoTokenizer.from_pretrained(merged)
+    items: list[Item] = []
+    hf_tok: Any = None
     sides = []
     for gguf in map(Path, ggufs):
-        llm = LlamaModel(gguf, n_gpu_layers=gpu_layers)
+        llm = LlamaModel(gguf, n_gpu_layers=gpu_layers)  # first: a file that cannot load stops it at once
         try:
             info = model_info(llm)
             if info.spec is None or info.spec.sha256 != spec.sha256:
                 raise ValueError(f"{gguf} does not embed the spec of {merged} (spec sha256 differs)")
+            if hf_tok is None:
+                items = _read_items(data, spec, max_items)
+                hf_tok = AutoTokenizer.from_pretrained(merged)
             t0 = time.perf_counter()
             sides.append((gguf, _gguf_side(llm, info.quantization or "?", spec, items, hf_tok, threads),
                           time.perf_counter() - t0))
