@@ -89,6 +89,14 @@ def _wait(url: str, proc: subprocess.Popen[bytes], what: str, log_path: Path) ->
     raise SystemExit(f"{what} did not answer {url} in 300 s")
 
 
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def _backend_check(base: str, token: str, config: str, tasks: list[dict[str, Any]], spec: Any, model: str,
                    spec_path: str, work: Path) -> dict[str, Any]:
     """Label Studio's own ML backend client against annotate-cli serve: predictions asked for
@@ -131,11 +139,7 @@ def _backend_check(base: str, token: str, config: str, tasks: list[dict[str, Any
                 time.sleep(0.5)
             stats = json.loads(urllib.request.urlopen(url + "/stats", timeout=10).read())
         finally:
-            serve.terminate()
-            try:
-                serve.wait(30)
-            except subprocess.TimeoutExpired:
-                serve.kill()
+            _stop(serve)
     return {"ml_backend": ml.get("state"), "tasks": len(got), "predictions": sum(len(v) for v in preds.values()),
             "same_as_annotate": same, "retrieve_seconds": round(seconds, 1), "annotated": CORRECTED,
             "webhook_labels": len(back), "webhook_actions": stats.get("webhook_actions"),
@@ -165,15 +169,7 @@ def check(exe: str, tasks_path: str, config_path: str, spec_path: str, export_pa
                                    "--password", secrets.token_hex(12), "--user-token", token],
                                   stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            for _ in range(600):
-                try:
-                    urllib.request.urlopen(base + "/health", timeout=2)
-                    break
-                except (urllib.error.URLError, ConnectionError, OSError):
-                    if server.poll() is not None:
-                        raise SystemExit(f"label-studio exited ({server.returncode}):\n"
-                                         + (Path(data_dir) / "server.log").read_text()[-3000:])
-                    time.sleep(0.5)
+            _wait(base + "/health", server, "label-studio", Path(data_dir) / "server.log")
             started = time.perf_counter() - t0
             project = _api(base, token, "POST", "/api/projects", {"title": "edge-annotator check",
                                                                   "label_config": config})
@@ -198,11 +194,7 @@ def check(exe: str, tasks_path: str, config_path: str, spec_path: str, export_pa
             backend_out = _backend_check(base, token, config, tasks, spec, backend, spec_path, Path(data_dir)) \
                 if backend else None
         finally:
-            server.terminate()
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            _stop(server)
             log.close()
     sent = {t["data"]["id"]: t["predictions"] for t in tasks}
     back = {t["data"]["id"]: t for t in got}
