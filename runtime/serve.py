@@ -53,8 +53,9 @@ from fastapi.responses import JSONResponse
 
 from .annotator import Annotator
 from .convert import label_studio_prediction
-from .data import InputError, Row, check_item
+from .data import InputError, Item, Row, check_item
 from .engine import ContextOverflow, LlamaEngine, default_threads
+from .jobs import overflow_error
 from .records import Prediction, jsonl_line, result_record
 from .spec import TaskSpec
 
@@ -309,8 +310,7 @@ def make_app(scorer: Scorer) -> Any:
                 continue
             (item_id, fields), res = next(it)
             if isinstance(res, ContextOverflow):
-                longest = max(fields, key=lambda k: len(fields[k]))
-                results.append({"error": {"task": item_id, "field": longest, "message": f"text too long: {res}"}})
+                results.append({"error": _task_error(overflow_error(Item(item_id, fields, "request", 0), res))})
                 stats.task_errors += 1
                 continue
             results.append(prediction(item_id, res, spec, scorer.sha256))
