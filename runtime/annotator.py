@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .engine import ContextOverflow, LlamaEngine
+from .engine import ContextOverflow, LlamaEngine, ModelError
 from .prompt import ANSWER_SEP, prompt_segments, render_prompt
 from .records import PROB_DIGITS, Score, result_record
 from .spec import Criterion, SpecError, TaskSpec
@@ -203,6 +203,18 @@ class _Rows:
                 for key, row in self.where.items()}
 
 
+def check_context(tokenize: Callable[[str], list[int]], spec: TaskSpec, n_ctx: int) -> None:
+    """Raise ModelError when SPEC's prompt with every field empty (the instruction, the field names,
+    a cue and an answer) does not fit in N_CTX tokens: every item would fail, so the job should not
+    start (`--ctx` too small for the task)."""
+    empty = {name: "" for name in spec.input_names}
+    need = max(len(tokenize(render_prompt(spec, empty, c))) for c in spec.criteria) + 8
+    if need > n_ctx:
+        raise ModelError(f"--ctx {n_ctx} cannot hold task '{spec.name}': its prompt with every field empty "
+                         f"needs {need} tokens; give --ctx of at least {need} plus the longest item's tokens "
+                         f"(the default is 2048)")
+
+
 class Annotator:
     """A spec bound to a loaded model. `score(fields)` -> {criterion: Score}.
 
@@ -226,6 +238,7 @@ class Annotator:
         self.tries = {c.name: build_trie(engine.tokenize, spec, c, engine.piece) for c in spec.criteria}
         self._deep = [len(self.tries[c.name].branches) - 1 for c in spec.criteria]  # branch nodes below the stem
         self._instr_tokens: dict[str, list[int]] = {}
+        check_context(engine.tokenize, spec, engine.n_ctx)
         # sequence 0 + per item: one per criterion + one per deeper trie node
         per_item = len(spec.criteria) + sum(self._deep)
         engine.reserve(1 + batch * per_item, engine.n_ctx + (batch - 1) * 512)

@@ -51,7 +51,7 @@ from xml.etree import ElementTree
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from .annotator import Annotator
+from .annotator import Annotator, check_context
 from .convert import label_studio_prediction
 from .data import InputError, Item, Row, check_item
 from .engine import ContextOverflow, LlamaEngine, default_threads
@@ -104,6 +104,8 @@ class Scorer:
         self.path = Path(model_path)
         self.llm, self.spec = open_model(model_path, opts.spec, opts.gpu_layers)
         try:
+            n_train = self.llm.n_ctx_train  # the window each worker's LlamaEngine will have
+            check_context(self.llm.tokenize, self.spec, min(opts.n_ctx, n_train) if n_train > 0 else opts.n_ctx)
             self.sha256 = sha256_file(model_path)
         except BaseException:
             self.llm.close()

@@ -140,6 +140,15 @@ def test_text_longer_than_the_context_window(tmp_path: Path, gemma_path: Path) -
     assert rec["error"]["field"] == "text" and "context window is 512" in rec["error"]["message"]
 
 
+def test_a_context_window_smaller_than_the_task_is_refused_before_the_output_is_opened(
+        tmp_path: Path, gemma_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    r = CliRunner().invoke(cli, ["annotate", str(gemma_path), str(_sample(tmp_path, 3)), "--spec", SPEC,
+                                 "--ctx", "64", "-o", str(out)])
+    assert r.exit_code == 1 and "--ctx 64 cannot hold task 'emobank'" in r.output, r.output
+    assert "Traceback" not in r.output and not out.exists()
+
+
 def test_resume_after_a_torn_write_matches_an_uninterrupted_run(tmp_path: Path, gemma_path: Path) -> None:
     inp = _sample(tmp_path, 5)
     full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"

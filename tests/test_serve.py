@@ -210,6 +210,9 @@ def test_another_address_needs_a_token_and_every_request_carries_it(gemma_path: 
     r = subprocess.run([*CLI, "serve", str(gemma_path), "--spec", str(SPEC), "--retrain-after", "5"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "--labels-out" in r.stderr, r.stderr
+    r = subprocess.run([*CLI, "serve", str(gemma_path), "--spec", str(SPEC), "--ctx", "64", "--port", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "--ctx 64 cannot hold task" in r.stderr, r.stderr
     with server(gemma_path, "--workers", "1", "--token", "s3cret") as (base, _):
         none = _call(base, "GET", "/health")
         wrong = _call(base, "GET", "/health", headers={"Authorization": "Bearer nope"})
