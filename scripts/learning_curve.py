@@ -73,23 +73,35 @@ def cell_data(name: str, n: int, data_dir: Path, out: Path) -> tuple[Path, Path]
     return train, val
 
 
-def run_cell(name: str, n: int, augment: str, data_dir: Path, out: Path, threads: int) -> dict[str, Any]:
-    cell = out / f"{name}-{n}-{augment}"
-    cell.mkdir(parents=True, exist_ok=True)
-    spec_path, _, judged = DATASETS[name]
-    train, val = cell_data(name, n, data_dir, cell)
+def cell_config(cell: Path, spec_path: str, judged: str, train: Path, val: Path, augment: str, budget_s: float,
+                longest: int | None = None, timing: dict[str, float] | None = None) -> tuple[Path, dict[str, float]]:
+    """CELL/config.yaml: the small-data recipe for TRAIN, its steps cut to BUDGET_S from two timed
+    steps (or from TIMING, the step_s and validation_s of a run of the same shape). LONGEST, when
+    given, fixes the prompt length the micro-batch is sized by (else TRAIN's longest). Returns the
+    config's path and the timing it was cut by."""
     cfg_f = cell / "config.yaml"
+    timing_f = cell / "timing-check.json"
     if not cfg_f.exists():
         spec = load_spec(spec_path)
         items = load_items(train, spec)
-        tok = hf_tokenize(load_tokenizer(BASE))
-        longest = max(longest_tokens(spec, items, tok, AUGMENT[augment]["templates"]))
+        if longest is None:
+            tok = hf_tokenize(load_tokenizer(BASE))
+            longest = max(longest_tokens(spec, items, tok, AUGMENT[augment]["templates"]))
         raw = small_data_config(spec_path, str(train), str(val), BASE, str(cell / "run"), items=len(items),
                                 criteria=len(spec.criteria), longest=longest)
         raw |= {"augment": AUGMENT[augment], "select_by": judged}
-        got = check_run(parse_config(raw, str(cfg_f)))
-        raw = fit_to_budget(raw, got["step_s"], got["validation_s"], BUDGET_S)
+        if timing is None:
+            got = check_run(parse_config(raw, str(cfg_f)))
+            timing = {"step_s": got["step_s"], "validation_s": got["validation_s"]}
+        raw = fit_to_budget(raw, timing["step_s"], timing["validation_s"], budget_s)
+        timing_f.write_text(json.dumps(timing))
         cfg_f.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return cfg_f, json.loads(timing_f.read_text()) if timing_f.exists() else {}
+
+
+def train_cell(cell: Path, cfg_f: Path) -> Path:
+    """Train and merge CELL's config (skipped when the merged model exists); CELL/train.json gets the
+    time, steps and best step. Returns the merged folder."""
     cfg = load_config(cfg_f)
     merged = Path(cfg.output) / "merged"
     if not (merged / "spec.json").exists():
@@ -99,17 +111,32 @@ def run_cell(name: str, n: int, augment: str, data_dir: Path, out: Path, threads
                                                      "best_step": done.result.state.best_step,
                                                      "steps": done.result.steps,
                                                      "calibration": done.calibration}, indent=2, default=str))
-    gguf = cell / "annotator-Q4_K_M.gguf"
-    if not gguf.exists():
-        export_annotator(merged, gguf, "Q4_K_M")
-    test = data_dir / f"{name}-test.jsonl"
+    return merged
+
+
+def score_cell(cell: Path, spec_path: str, gguf: Path, test: Path, threads: int) -> dict[str, Any]:
+    """Annotate TEST with GGUF into CELL/test.jsonl (resumed) and evaluate it, with CELL's training
+    time and steps."""
     pred = cell / "test.jsonl"
     annotate_file(gguf, test, str(pred), JobOptions(threads=threads), resume=pred.exists())
     res = evaluate(load_spec(spec_path), pred, test)
     res["test_items"] = res.pop("items")
     tr = json.loads((cell / "train.json").read_text()) if (cell / "train.json").exists() else {}
-    res.update(dataset=name, items=n, augment=augment, train_s=tr.get("seconds"), steps=tr.get("steps"),
-               best_step=tr.get("best_step"), config=yaml.safe_load(cfg_f.read_text()))
+    return res | {"train_s": tr.get("seconds"), "steps": tr.get("steps"), "best_step": tr.get("best_step")}
+
+
+def run_cell(name: str, n: int, augment: str, data_dir: Path, out: Path, threads: int) -> dict[str, Any]:
+    cell = out / f"{name}-{n}-{augment}"
+    cell.mkdir(parents=True, exist_ok=True)
+    spec_path, _, judged = DATASETS[name]
+    train, val = cell_data(name, n, data_dir, cell)
+    cfg_f, _ = cell_config(cell, spec_path, judged, train, val, augment, BUDGET_S)
+    merged = train_cell(cell, cfg_f)
+    gguf = cell / "annotator-Q4_K_M.gguf"
+    if not gguf.exists():
+        export_annotator(merged, gguf, "Q4_K_M")
+    res = score_cell(cell, spec_path, gguf, data_dir / f"{name}-test.jsonl", threads)
+    res.update(dataset=name, items=n, augment=augment, config=yaml.safe_load(cfg_f.read_text()))
     gguf.unlink()  # 300 MB a cell; the merged model stays for a re-export
     return res
 

@@ -165,3 +165,47 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     bad.write_text('{"name": "x"}\n')
     r = _cli(str(pred), "-n", "5", "--spec", str(SPEC), "--exclude", str(bad))
     assert r.exit_code == 1 and "bad.jsonl:1: field 'id'" in r.output
+
+
+def _arm(tmp_path: Path, name: str, rows: list[dict], score_of) -> Path:
+    crits = ("Valence", "Arousal", "Dominance")
+    recs = []
+    for r in rows:
+        s = {c: score_of(r, c) for c in crits}
+        recs.append({"id": r["id"], "labels": {c: min(5, max(1, round(v))) for c, v in s.items()}, "scores": s,
+                     "probs": {c: {str(k): 0.2 for k in range(1, 6)} for c in crits}, "model_sha256": name})
+    p = tmp_path / f"{name}.jsonl"
+    p.write_text("".join(json.dumps(x) + "\n" for x in recs))
+    return p
+
+
+def test_the_loop_simulation_pairs_arms_on_the_same_test_items_and_random_picks_are_seeded(tmp_path: Path) -> None:
+    """scripts/active_learning.py: a strategy's gain over random is alpha(A) - alpha(B) on the same
+    resampled items; random picks are seeded by round, leave out what is labelled, and are kept."""
+    from active_learning import STEP, paired_gain, picks
+
+    spec = load_spec(SPEC)
+    test = DATA / "emobank-test-50.jsonl"
+    rows = [json.loads(x) for x in test.read_text().splitlines()]
+
+    def mean(r: dict, c: str) -> float:
+        return sum(x["labels"][c] for x in r["ratings"]) / len(r["ratings"])
+
+    exact = _arm(tmp_path, "exact", rows, mean)
+    flat = _arm(tmp_path, "flat", rows, lambda r, c: 3.0 + (int(r["id"].encode().hex(), 16) % 7 - 3) / 10)
+    up = paired_gain(spec, exact, flat, test)
+    assert set(up) == {"Valence", "Arousal", "Dominance"}
+    assert all(g["value"] > 0.5 and g["ci95"][0] > 0 for g in up.values()), up
+    same = paired_gain(spec, exact, exact, test)
+    assert all(g["value"] == 0 and g["ci95"] == [0, 0] for g in same.values()), same
+    fewer = _arm(tmp_path, "fewer", rows[:-1], mean)
+    with pytest.raises(ValueError, match="scored different test items"):
+        paired_gain(spec, exact, fewer, test)
+
+    pool = [json.loads(x) for x in (DATA / "emobank-train-400.jsonl").read_text().splitlines()]
+    have = {r["id"] for r in pool[:150]}
+    one = picks("random", tmp_path / "unused.gguf", spec, pool, have, tmp_path / "a" / "picked.json", 1, 1)
+    assert len(one) == len(set(one)) == STEP and not set(one) & have
+    assert one == picks("random", tmp_path / "unused.gguf", spec, pool, have, tmp_path / "b.json", 1, 1)
+    assert one != picks("random", tmp_path / "unused.gguf", spec, pool, have, tmp_path / "c.json", 2, 1)
+    assert json.loads((tmp_path / "a" / "picked.json").read_text()) == one
