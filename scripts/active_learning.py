@@ -37,15 +37,20 @@ from edge_annotator.export.route import export_annotator
 from edge_annotator.hf.score import hf_tokenize
 from edge_annotator.runtime.data import read_human
 from edge_annotator.runtime.jobs import JobOptions, annotate_file
-from edge_annotator.runtime.metrics import _alpha, _code, bootstrap, consensus
+from edge_annotator.runtime.metrics import _alpha, _code, bootstrap, consensus, nearest_level
 from edge_annotator.runtime.records import by_id, read_predictions
 from edge_annotator.runtime.selection import STRATEGIES, rank
-from edge_annotator.runtime.spec import TaskSpec, load_spec
+from edge_annotator.runtime.spec import Criterion, TaskSpec, load_spec
 from edge_annotator.train.examples import load_items
 from edge_annotator.train.model import load_tokenizer
 from edge_annotator.train.trainer import longest_tokens
 
 START, STEP, ROUNDS = 100, 100, 3
+FULL_RUN = {"patience": 100}
+"""Every round trains its whole budget and keeps its best validated checkpoint: the recipe's early
+stopping (4 validations without a gain, half of a budget-cut run) ended one 300-item round at step
+65 of 99 with its best at step 13, before the run had taken off, and a round's figure then says
+more about that than about the items it was given."""
 ARMS = {"emobank": ("spread", "random"), "convabuse": ("entropy", "random")}
 """The arms run by default: the strategy made for the task's kind of criterion (a rating scale's
 spread, a label set's entropy) against random. --arm adds others (margin, entropy on EmoBank)."""
@@ -139,6 +144,26 @@ def paired_gain(spec: TaskSpec, pred_a: Path, pred_b: Path, test: Path) -> dict[
     return out
 
 
+def level_of(c: Criterion, row: dict[str, Any]) -> Any:
+    """The scale level nearest ROW's human consensus on criterion C."""
+    return nearest_level(c, consensus(c, [x["labels"][c.name] for x in row["ratings"] if c.name in x["labels"]]))
+
+
+def common_levels(rows: Rows, spec: TaskSpec) -> dict[str, Any]:
+    from collections import Counter
+
+    return {c.name: Counter(level_of(c, r) for r in rows).most_common(1)[0][0] for c in spec.criteria}
+
+
+def profile(rows: Rows, spec: TaskSpec, common: dict[str, Any]) -> dict[str, Any]:
+    """What a set of picked items looks like: mean characters of their fields, and per criterion
+    the share whose consensus level is not the pool's most common one (COMMON)."""
+    out: dict[str, Any] = {"chars": float(np.mean([sum(len(str(r[f])) for f in spec.input_names) for r in rows]))}
+    for c in spec.criteria:
+        out[c.name] = float(np.mean([level_of(c, r) != common[c.name] for r in rows]))
+    return out
+
+
 def run_dataset(name: str, arms: tuple[str, ...], data_dir: Path, out: Path, pool_n: int, budget_s: float,
                 threads: int) -> list[dict[str, Any]]:
     spec_path, _, judged = DATASETS[name]
@@ -164,8 +189,9 @@ def run_dataset(name: str, arms: tuple[str, ...], data_dir: Path, out: Path, poo
         train = cell / "train.jsonl"
         if not train.exists():
             write_items([by_id_row[i] for i in ids], train)
-        return cell, cell_config(cell, spec_path, judged, train, val_f, "none", budget_s, longest, timing)
+        return cell, cell_config(cell, spec_path, judged, train, val_f, "none", budget_s, longest, timing, FULL_RUN)
 
+    common = common_levels(pool, spec)
     results: list[dict[str, Any]] = []
     cell0, cfg0 = cell_for("start", 0, [r["id"] for r in start], None)
     timing = cfg0[1]
@@ -179,11 +205,13 @@ def run_dataset(name: str, arms: tuple[str, ...], data_dir: Path, out: Path, poo
         for r in range(1, ROUNDS + 1):
             print(f"{name} {arm} round {r}", file=sys.stderr, flush=True)
             done = cell / ("picked.json" if r > 1 else f"picked-{arm}.json")
-            ids = ids + picks(arm, gguf, spec, pool, set(ids), done, r, threads)
+            chosen = picks(arm, gguf, spec, pool, set(ids), done, r, threads)
+            ids = ids + chosen
             cell, cfg = cell_for(arm, r, ids, timing)
             gguf = annotator(cell, cfg)
             res = score_cell(cell, spec_path, gguf, test, threads)
-            results.append(res | {"dataset": name, "arm": arm, "round": r, "items": len(ids)})
+            results.append(res | {"dataset": name, "arm": arm, "round": r, "items": len(ids),
+                                  "picked": profile([by_id_row[i] for i in chosen], spec, common)})
             preds[(arm, r)] = cell / "test.jsonl"
     if "random" in arms:
         for res in results:
@@ -216,10 +244,15 @@ def _g(x: dict[str, Any] | None) -> str:
     return f"{x['value']:+.3f}" + ("" if lo is None else f" [{lo:+.2f}, {hi:+.2f}]")
 
 
+def _picked(x: dict[str, Any] | None, criterion: str) -> str:
+    return "" if not x else f"{x['chars']:.0f} chars, {x[criterion]:.0%} off {criterion}'s common level"
+
+
 def markdown(results: list[dict[str, Any]]) -> str:
     lines = ["| data | arm | round | labelled items | figure on the full test split | gain over random (paired) "
-             "| one held-out human (same test split) | steps (best) | train + merge |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| one held-out human (same test split) | the 100 picked: characters, off the common level | steps (best) "
+             "| train + merge |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         figs = headline(r)
         crit = {"Valence": "Valence", "Arousal": "Arousal", "Dominance": "Dominance",
@@ -232,6 +265,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
             + "; ".join(f"{k} {_f(v)}" for k, v in figs.items()) + " | "
             + "; ".join(f"{k} {_g(gains.get(crit[k]))}" for k in figs if gains.get(crit[k])) + " | "
             + "; ".join(f"{x['human_alpha']['value']:.3f}" for x in loo if x.get("human_alpha")) + " | "
+            + _picked(r.get("picked"), crit[next(iter(figs))]) + " | "
             + f"{r.get('steps')} ({r.get('best_step')}) | {'n/a' if t is None else f'{t / 60:.1f} min'} |")
     return "\n".join(lines) + "\n"
 

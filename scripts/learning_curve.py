@@ -74,11 +74,12 @@ def cell_data(name: str, n: int, data_dir: Path, out: Path) -> tuple[Path, Path]
 
 
 def cell_config(cell: Path, spec_path: str, judged: str, train: Path, val: Path, augment: str, budget_s: float,
-                longest: int | None = None, timing: dict[str, float] | None = None) -> tuple[Path, dict[str, float]]:
+                longest: int | None = None, timing: dict[str, float] | None = None,
+                overrides: dict[str, Any] | None = None) -> tuple[Path, dict[str, float]]:
     """CELL/config.yaml: the small-data recipe for TRAIN, its steps cut to BUDGET_S from two timed
     steps (or from TIMING, the step_s and validation_s of a run of the same shape). LONGEST, when
-    given, fixes the prompt length the micro-batch is sized by (else TRAIN's longest). Returns the
-    config's path and the timing it was cut by."""
+    given, fixes the prompt length the micro-batch is sized by (else TRAIN's longest); OVERRIDES
+    replace fields of the result. Returns the config's path and the timing it was cut by."""
     cfg_f = cell / "config.yaml"
     timing_f = cell / "timing-check.json"
     if not cfg_f.exists():
@@ -93,7 +94,7 @@ def cell_config(cell: Path, spec_path: str, judged: str, train: Path, val: Path,
         if timing is None:
             got = check_run(parse_config(raw, str(cfg_f)))
             timing = {"step_s": got["step_s"], "validation_s": got["validation_s"]}
-        raw = fit_to_budget(raw, timing["step_s"], timing["validation_s"], budget_s)
+        raw = fit_to_budget(raw, timing["step_s"], timing["validation_s"], budget_s) | (overrides or {})
         timing_f.write_text(json.dumps(timing))
         cfg_f.write_text(yaml.safe_dump(raw, sort_keys=False))
     return cfg_f, json.loads(timing_f.read_text()) if timing_f.exists() else {}
