@@ -264,7 +264,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
             f"| {r['dataset']} | {r['arm']} | {r['round']} | {r['items']} | "
             + "; ".join(f"{k} {_f(v)}" for k, v in figs.items()) + " | "
             + "; ".join(f"{k} {_g(gains.get(crit[k]))}" for k in figs if gains.get(crit[k])) + " | "
-            + "; ".join(f"{x['human_alpha']['value']:.3f}" for x in loo if x.get("human_alpha")) + " | "
+            + "; ".join(f"{k} {x['human_alpha']:.3f} [{x['human_alpha_ci'][0]:.2f}, {x['human_alpha_ci'][1]:.2f}]"
+                        for k, x in zip(figs, loo) if x.get("human_alpha") is not None) + " | "
             + _picked(r.get("picked"), crit[next(iter(figs))]) + " | "
             + f"{r.get('steps')} ({r.get('best_step')}) | {'n/a' if t is None else f'{t / 60:.1f} min'} |")
     return "\n".join(lines) + "\n"
