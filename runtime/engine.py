@@ -215,6 +215,10 @@ class LlamaModel:
         self.n_ctx_train = L.llama_model_n_ctx_train(self.ptr)
         self.n_params = L.llama_model_n_params(self.ptr)
 
+    def window(self, n_ctx: int) -> int:
+        """The tokens one sequence may use when N_CTX is asked for: never more than the model was trained on."""
+        return min(n_ctx, self.n_ctx_train) if self.n_ctx_train > 0 else n_ctx
+
     def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of text; special-token text in the input stays plain text (no injection)."""
         L = _lib()
@@ -281,8 +285,7 @@ class LlamaEngine:
         self._vocab = self.model.vocab
         self.n_vocab = self.model.n_vocab
         self.add_bos = self.model.add_bos
-        n_train = self.model.n_ctx_train
-        self.n_ctx = min(n_ctx, n_train) if n_train > 0 else n_ctx  # the window one sequence may use
+        self.n_ctx = self.model.window(n_ctx)
         self.n_threads = n_threads or default_threads()
         self.n_batch = n_batch
         self.n_evaluated = 0  # tokens decoded since load, for throughput accounting

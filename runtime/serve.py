@@ -104,8 +104,7 @@ class Scorer:
         self.path = Path(model_path)
         self.llm, self.spec = open_model(model_path, opts.spec, opts.gpu_layers)
         try:
-            n_train = self.llm.n_ctx_train  # the window each worker's LlamaEngine will have
-            check_context(self.llm.tokenize, self.spec, min(opts.n_ctx, n_train) if n_train > 0 else opts.n_ctx)
+            check_context(self.llm.tokenize, self.spec, self.llm.window(opts.n_ctx))  # each worker's window
             self.sha256 = sha256_file(model_path)
         except BaseException:
             self.llm.close()

@@ -29,7 +29,7 @@ from typing import Any
 
 import click
 import numpy as np
-from eval import convert_splits
+from eval import convert_splits, judged_by_score
 from learning_curve import BASE, DATASETS, cell_config, headline, score_cell, train_cell
 from prepare_data import write_items
 
@@ -73,14 +73,14 @@ def split(name: str, data_dir: Path, pool_n: int) -> tuple[Rows, Rows, Rows]:
     return rows[:START], rows[START:START + pool_n], dev[:n_val]
 
 
-def annotator(cell: Path, cfg_timing: tuple[Path, dict[str, float]]) -> Path:
+def annotator(cell: Path, cfg_f: Path) -> Path:
     """Train CELL and export its Q4_K_M annotator (skipped where it exists); the merged model is
     removed once the annotator is written (a gigabyte a round)."""
     import shutil
 
     gguf = cell / "annotator-Q4_K_M.gguf"
     if not gguf.exists():
-        merged = train_cell(cell, cfg_timing[0])
+        merged = train_cell(cell, cfg_f)
         export_annotator(merged, gguf, "Q4_K_M")
         shutil.rmtree(merged)
     return gguf
@@ -115,7 +115,7 @@ def judged_arrays(spec: TaskSpec, pred: Path, test: Path) -> dict[str, tuple[lis
     for c in spec.criteria:
         ids = sorted(i for i in labels if any(c.name in r for r in humans.get(i, [])))
         hum = [[r[c.name] for r in humans[i] if c.name in r] for i in ids]
-        if c.level == "interval":
+        if judged_by_score(c):
             x = np.array([scores[i][c.name] for i in ids])
             y = np.array([np.mean([float(v) for v in h]) for h in hum])
             out[c.name] = (ids, x, y, "interval")
@@ -195,7 +195,7 @@ def run_dataset(name: str, arms: tuple[str, ...], data_dir: Path, out: Path, poo
     results: list[dict[str, Any]] = []
     cell0, cfg0 = cell_for("start", 0, [r["id"] for r in start], None)
     timing = cfg0[1]
-    gguf0 = annotator(cell0, cfg0)
+    gguf0 = annotator(cell0, cfg0[0])
     first = score_cell(cell0, spec_path, gguf0, test, threads)
     preds = {}
     for arm in arms:
@@ -208,7 +208,7 @@ def run_dataset(name: str, arms: tuple[str, ...], data_dir: Path, out: Path, poo
             chosen = picks(arm, gguf, spec, pool, set(ids), done, r, threads)
             ids = ids + chosen
             cell, cfg = cell_for(arm, r, ids, timing)
-            gguf = annotator(cell, cfg)
+            gguf = annotator(cell, cfg[0])
             res = score_cell(cell, spec_path, gguf, test, threads)
             results.append(res | {"dataset": name, "arm": arm, "round": r, "items": len(ids),
                                   "picked": profile([by_id_row[i] for i in chosen], spec, common)})

@@ -91,7 +91,7 @@ def cell_config(cell: Path, spec_path: str, judged: str, train: Path, val: Path,
         raw = small_data_config(spec_path, str(train), str(val), BASE, str(cell / "run"), items=len(items),
                                 criteria=len(spec.criteria), longest=longest)
         raw |= {"augment": AUGMENT[augment], "select_by": judged}
-        if timing is None:
+        if not timing:
             got = check_run(parse_config(raw, str(cfg_f)))
             timing = {"step_s": got["step_s"], "validation_s": got["validation_s"]}
         raw = fit_to_budget(raw, timing["step_s"], timing["validation_s"], budget_s) | (overrides or {})
