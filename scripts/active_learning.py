@@ -29,7 +29,7 @@ from typing import Any
 
 import click
 import numpy as np
-from eval import convert_splits, judged_by_score
+from eval import convert_splits, judged, judged_by_score
 from learning_curve import BASE, DATASETS, cell_config, headline, score_cell, train_cell
 from prepare_data import write_items
 
@@ -37,7 +37,7 @@ from edge_annotator.export.route import export_annotator
 from edge_annotator.hf.score import hf_tokenize
 from edge_annotator.runtime.data import read_human
 from edge_annotator.runtime.jobs import JobOptions, annotate_file
-from edge_annotator.runtime.metrics import _alpha, _code, bootstrap, consensus, nearest_level
+from edge_annotator.runtime.metrics import _alpha, bootstrap, consensus, nearest_level
 from edge_annotator.runtime.records import by_id, read_predictions
 from edge_annotator.runtime.selection import STRATEGIES, rank
 from edge_annotator.runtime.spec import Criterion, TaskSpec, load_spec
@@ -113,16 +113,9 @@ def judged_arrays(spec: TaskSpec, pred: Path, test: Path) -> dict[str, tuple[lis
     humans = read_human(test, spec)
     out = {}
     for c in spec.criteria:
-        ids = sorted(i for i in labels if any(c.name in r for r in humans.get(i, [])))
-        hum = [[r[c.name] for r in humans[i] if c.name in r] for i in ids]
-        if judged_by_score(c):
-            x = np.array([scores[i][c.name] for i in ids])
-            y = np.array([np.mean([float(v) for v in h]) for h in hum])
-            out[c.name] = (ids, x, y, "interval")
-        else:
-            x = np.array([_code(c, labels[i][c.name]) for i in ids])
-            y = np.array([_code(c, consensus(c, h)) for h in hum])
-            out[c.name] = (ids, x, y, c.level)
+        j = judged(c, sorted(labels), labels, scores, humans)
+        out[c.name] = ((j.ids, j.score, j.mean, "interval") if judged_by_score(c)
+                       else (j.ids, j.label, j.consensus, c.level))
     return out
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import click
 import numpy as np
@@ -66,13 +66,33 @@ def _ci(stat: Any, n: int) -> dict[str, Any]:
     return {"value": point, "ci95": [lo, hi]}
 
 
+class Judged(NamedTuple):
+    """The items humans rated on one criterion, aligned: their ratings, the model's label code and
+    score (nan where it gave none), the consensus code and the raters' mean."""
+    ids: list[str]
+    ratings: list[list[Any]]
+    label: np.ndarray
+    score: np.ndarray
+    consensus: np.ndarray
+    mean: np.ndarray
+
+
+def judged(c: Criterion, ids: list[str], labels: dict[str, dict[str, Any]],
+           scores: dict[str, dict[str, float]], humans: dict[str, list[dict[str, Any]]]) -> Judged:
+    rated = [i for i in ids if any(c.name in r for r in humans.get(i, []))]
+    hum = [[r[c.name] for r in humans[i] if c.name in r] for i in rated]
+    return Judged(rated, hum,
+                  label=np.array([_code(c, labels[i][c.name]) for i in rated]),
+                  score=np.array([scores.get(i, {}).get(c.name, np.nan) for i in rated]),
+                  consensus=np.array([_code(c, consensus(c, h)) for h in hum]),
+                  mean=np.array([np.mean([float(v) for v in h]) for h in hum]))
+
+
 def criterion_table(c: Criterion, ids: list[str], labels: dict[str, dict[str, Any]],
                     scores: dict[str, dict[str, float]], humans: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Label and score alpha with the consensus, the humans' own alpha, macro-F1; each with its interval."""
-    rated = [i for i in ids if any(c.name in r for r in humans.get(i, []))]
-    hum = [[r[c.name] for r in humans[i] if c.name in r] for i in rated]
-    cons = np.array([_code(c, consensus(c, h)) for h in hum])
-    lab = np.array([_code(c, labels[i][c.name]) for i in rated])
+    j = judged(c, ids, labels, scores, humans)
+    rated, hum, cons, lab, sc, mean = j.ids, j.ratings, j.consensus, j.label, j.score, j.mean
     max_r = max(len(h) for h in hum)
     H = np.array([[_code(c, h[k]) if k < len(h) else np.nan for h in hum] for k in range(max_r)])
     out: dict[str, Any] = {"items": len(rated), "raters_max": max_r,
@@ -85,8 +105,6 @@ def criterion_table(c: Criterion, ids: list[str], labels: dict[str, dict[str, An
         out["macro_f1"] = _ci(lambda ix: _macro_f1(c, [gold[k] for k in ix], [pred[k] for k in ix]), len(rated))
         out["label_counts"] = {str(v): int((lab == k).sum()) for k, v in enumerate(c.values) if (lab == k).any()}
     else:
-        sc = np.array([scores.get(i, {}).get(c.name, np.nan) for i in rated])
-        mean = np.array([np.mean([float(v) for v in h]) for h in hum])
         if not np.isnan(sc).any():
             out["score_alpha"] = _ci(lambda ix: _alpha([sc[ix], mean[ix]], "interval"), len(rated))
             out["score_sd"], out["consensus_sd"] = float(sc.std()), float(mean.std())
