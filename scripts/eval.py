@@ -68,7 +68,8 @@ def _ci(stat: Any, n: int) -> dict[str, Any]:
 
 class Judged(NamedTuple):
     """The items humans rated on one criterion, aligned: their ratings, the model's label code and
-    score (nan where it gave none), the consensus code and the raters' mean."""
+    score (nan where it gave none), the consensus code and the raters' mean (nan for a nominal
+    criterion, whose values are names)."""
     ids: list[str]
     ratings: list[list[Any]]
     label: np.ndarray
@@ -85,14 +86,13 @@ def judged(c: Criterion, ids: list[str], labels: dict[str, dict[str, Any]],
                   label=np.array([_code(c, labels[i][c.name]) for i in rated]),
                   score=np.array([scores.get(i, {}).get(c.name, np.nan) for i in rated]),
                   consensus=np.array([_code(c, consensus(c, h)) for h in hum]),
-                  mean=np.array([np.mean([float(v) for v in h]) for h in hum]))
+                  mean=np.array([np.nan if c.level == "nominal" else np.mean([float(v) for v in h]) for h in hum]))
 
 
 def criterion_table(c: Criterion, ids: list[str], labels: dict[str, dict[str, Any]],
                     scores: dict[str, dict[str, float]], humans: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Label and score alpha with the consensus, the humans' own alpha, macro-F1; each with its interval."""
-    j = judged(c, ids, labels, scores, humans)
-    rated, hum, cons, lab, sc, mean = j.ids, j.ratings, j.consensus, j.label, j.score, j.mean
+    rated, hum, lab, sc, cons, mean = judged(c, ids, labels, scores, humans)
     max_r = max(len(h) for h in hum)
     H = np.array([[_code(c, h[k]) if k < len(h) else np.nan for h in hum] for k in range(max_r)])
     out: dict[str, Any] = {"items": len(rated), "raters_max": max_r,

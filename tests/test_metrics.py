@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import krippendorff
 import numpy as np
 import pytest
-from conftest import TASKS
+from conftest import DATA, TASKS
 
 from edge_annotator.runtime.metrics import agreement, consensus, criterion_agreement
 from edge_annotator.runtime.spec import load_spec
@@ -188,3 +191,30 @@ def test_agree_json_carries_the_leave_one_out_figures_and_the_mean_over_criteria
     r = CliRunner().invoke(cli, ["agree", str(tmp_path / "p.jsonl"), str(tmp_path / "h.jsonl"),
                                  "--spec", str(TASKS / "emobank.yaml")])
     assert "one human" in r.output and "model is" in r.output
+
+
+@pytest.mark.parametrize("spec_file, items", [("goemotions.yaml", "goemotions-test-50.jsonl"),
+                                              ("convabuse.yaml", "convabuse-test-50.jsonl")])
+def test_the_evaluation_table_scores_label_sets_and_ordinal_scales(tmp_path: Path, spec_file: str, items: str) -> None:
+    """scripts/eval.py on a nominal and an ordinal task: an annotator that answers the consensus
+    agrees with it exactly (a label set's values are names, never averaged)."""
+    from eval import evaluate
+
+    from edge_annotator.runtime.data import read_human
+
+    spec = load_spec(TASKS / spec_file)
+    test = DATA / items
+    c = spec.criteria[0]
+    humans = read_human(test, spec)
+    pred = tmp_path / "pred.jsonl"
+    recs = []
+    for i, rs in humans.items():
+        top = consensus(c, [r[c.name] for r in rs])
+        recs.append({"id": i, "labels": {c.name: top}, "model_sha256": "x",
+                     "probs": {c.name: {str(v): float(v == top) for v in c.values}}})
+    pred.write_text("".join(json.dumps(x) + "\n" for x in recs))
+    table = evaluate(spec, pred, test)["criteria"][c.name]
+    assert table["items"] == len(humans) == 50
+    assert table["label_alpha"]["value"] == pytest.approx(1.0)
+    if c.level == "nominal":
+        assert table["macro_f1"]["value"] == pytest.approx(1.0)
