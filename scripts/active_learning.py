@@ -29,16 +29,15 @@ from typing import Any
 
 import click
 import numpy as np
-from eval import convert_splits, judged, judged_by_score
+from eval import convert_splits, paired_gain
 from learning_curve import BASE, DATASETS, cell_config, headline, score_cell, train_cell
 from prepare_data import write_items
 
 from edge_annotator.export.route import export_annotator
 from edge_annotator.hf.score import hf_tokenize
-from edge_annotator.runtime.data import read_human
 from edge_annotator.runtime.jobs import JobOptions, annotate_file
-from edge_annotator.runtime.metrics import _alpha, bootstrap, consensus, nearest_level
-from edge_annotator.runtime.records import by_id, read_predictions
+from edge_annotator.runtime.metrics import consensus, nearest_level
+from edge_annotator.runtime.records import read_predictions
 from edge_annotator.runtime.selection import STRATEGIES, rank
 from edge_annotator.runtime.spec import Criterion, TaskSpec, load_spec
 from edge_annotator.train.examples import load_items
@@ -104,37 +103,6 @@ def picks(strategy: str, gguf: Path, spec: TaskSpec, pool: list[dict[str, Any]],
     done.parent.mkdir(exist_ok=True)
     done.write_text(json.dumps(chosen))
     return chosen
-
-
-def judged_arrays(spec: TaskSpec, pred: Path, test: Path) -> dict[str, tuple[list[str], np.ndarray, np.ndarray, str]]:
-    """Per criterion: the test ids, the model's figure (score, or label code) and the human
-    consensus (raters' mean, or consensus code), and the alpha level they are compared at."""
-    labels, scores = by_id(read_predictions(pred, spec))
-    humans = read_human(test, spec)
-    out = {}
-    for c in spec.criteria:
-        j = judged(c, sorted(labels), labels, scores, humans)
-        out[c.name] = ((j.ids, j.score, j.mean, "interval") if judged_by_score(c)
-                       else (j.ids, j.label, j.consensus, c.level))
-    return out
-
-
-def paired_gain(spec: TaskSpec, pred_a: Path, pred_b: Path, test: Path) -> dict[str, Any]:
-    """Per criterion: alpha(A) - alpha(B) on the same test items, with a paired 95% bootstrap interval."""
-    a, b = judged_arrays(spec, pred_a, test), judged_arrays(spec, pred_b, test)
-    out = {}
-    for k, (ids, xa, ya, level) in a.items():
-        ids_b, xb, yb, _ = b[k]
-        if ids != ids_b:
-            raise ValueError(f"{pred_a} and {pred_b} scored different test items for {k}")
-
-        def gain(ix: np.ndarray) -> float | None:
-            ga, gb = _alpha([xa[ix], ya[ix]], level), _alpha([xb[ix], yb[ix]], level)
-            return None if ga is None or gb is None else ga - gb
-
-        lo, hi = bootstrap(gain, len(ids))
-        out[k] = {"value": gain(np.arange(len(ids))), "ci95": [lo, hi]}
-    return out
 
 
 def level_of(c: Criterion, row: dict[str, Any]) -> Any:

@@ -123,6 +123,37 @@ def judged_by_score(c: Criterion) -> bool:
     return c.level == "interval"
 
 
+def judged_arrays(spec: TaskSpec, pred: Path, test: Path) -> dict[str, tuple[list[str], np.ndarray, np.ndarray, str]]:
+    """Per criterion: the test ids, the model's figure (score, or label code) and the human
+    consensus (raters' mean, or consensus code), and the alpha level they are compared at."""
+    labels, scores = by_id(read_predictions(pred, spec))
+    humans = read_human(test, spec)
+    out = {}
+    for c in spec.criteria:
+        j = judged(c, sorted(labels), labels, scores, humans)
+        out[c.name] = ((j.ids, j.score, j.mean, "interval") if judged_by_score(c)
+                       else (j.ids, j.label, j.consensus, c.level))
+    return out
+
+
+def paired_gain(spec: TaskSpec, pred_a: Path, pred_b: Path, test: Path) -> dict[str, Any]:
+    """Per criterion: alpha(A) - alpha(B) on the same test items, with a paired 95% bootstrap interval."""
+    a, b = judged_arrays(spec, pred_a, test), judged_arrays(spec, pred_b, test)
+    out = {}
+    for k, (ids, xa, ya, level) in a.items():
+        ids_b, xb, yb, _ = b[k]
+        if ids != ids_b:
+            raise ValueError(f"{pred_a} and {pred_b} scored different test items for {k}")
+
+        def gain(ix: np.ndarray) -> float | None:
+            ga, gb = _alpha([xa[ix], ya[ix]], level), _alpha([xb[ix], yb[ix]], level)
+            return None if ga is None or gb is None else ga - gb
+
+        lo, hi = bootstrap(gain, len(ids))
+        out[k] = {"value": gain(np.arange(len(ids))), "ci95": [lo, hi]}
+    return out
+
+
 def pooled_table(spec: TaskSpec, ids: list[str], labels: dict[str, dict[str, Any]],
                  scores: dict[str, dict[str, float]], humans: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Every (item, criterion) one unit (the scales are shared); items resampled with all their criteria."""
