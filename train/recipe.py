@@ -8,8 +8,9 @@ What the rules encode (docs/recipes.md has the measurements behind them):
 - LoRA r=16 on every attention and MLP projection, fp32, lr 1e-3, linear decay, the raters'
   distribution as the target, checkpoints chosen by the mean of the per-criterion alphas (the
   demo recipe's setup, which learnt where q/v-only LoRA did not).
-- No augmentation by default: on these budgets the paper's augmentations kept the model from
-  learning the items (docs/recipes.md, what the recipes learn); `augment=True` turns them on.
+- No augmentation by default: on the demo's budget (one pass over 5,000 EmoBank sentences) the
+  paper's augmentations kept the model from learning the items, and at 300 ConvAbuse items all
+  three together gained nothing (docs/recipes.md); `augment=True` turns them on.
 - One token tree per step: as many items as fit in about TREE_TOKENS tokens, at most 16.
 - Epochs: as many passes as the budget allows, at most MAX_EPOCHS over a few hundred items and
   fewer as the data grows (5,000 items: one pass); validation and early stopping choose the step.
