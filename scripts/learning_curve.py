@@ -126,8 +126,13 @@ def score_cell(cell: Path, spec_path: str, gguf: Path, test: Path, threads: int)
     return res | {"train_s": tr.get("seconds"), "steps": tr.get("steps"), "best_step": tr.get("best_step")}
 
 
+def cell_dir(out: Path, name: str, n: int, augment: str) -> Path:
+    """OUT/NAME-ITEMS-AUGMENT, the folder of one cell (the name --cell takes)."""
+    return out / f"{name}-{n}-{augment}"
+
+
 def run_cell(name: str, n: int, augment: str, data_dir: Path, out: Path, threads: int) -> dict[str, Any]:
-    cell = out / f"{name}-{n}-{augment}"
+    cell = cell_dir(out, name, n, augment)
     cell.mkdir(parents=True, exist_ok=True)
     spec_path, _, judged = DATASETS[name]
     train, val = cell_data(name, n, data_dir, cell)
@@ -158,10 +163,10 @@ def with_gains(results: list[dict[str, Any]], data_dir: Path, out: Path) -> None
     criterion, with a paired 95% bootstrap interval: both cells' predictions on the same resampled
     test items, so the interval is about the augmentation and not about the test sample."""
     for r in results:
-        plain = out / f"{r['dataset']}-{r['items']}-none" / "test.jsonl"
+        plain = cell_dir(out, r["dataset"], r["items"], "none") / "test.jsonl"
         if r["augment"] != "none" and plain.exists():
             spec = load_spec(DATASETS[r["dataset"]][0])
-            mine = out / f"{r['dataset']}-{r['items']}-{r['augment']}" / "test.jsonl"
+            mine = cell_dir(out, r["dataset"], r["items"], r["augment"]) / "test.jsonl"
             r["gain_over_none"] = paired_gain(spec, mine, plain, data_dir / f"{r['dataset']}-test.jsonl")
 
 
