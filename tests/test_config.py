@@ -7,6 +7,7 @@ ConfigError, and `annotate-cli train` prints it in one message, exit 1, no trace
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -57,6 +58,28 @@ def test_the_small_data_recipe_is_a_valid_config_cut_to_the_budget() -> None:
         fit_to_budget(raw, 3.3, 4.8, 60)
     enough = int(e.value.args[0].rsplit("--budget ", 1)[1].split("s")[0])
     assert fit_to_budget(raw, 3.3, 4.8, enough)["max_steps"] >= 10
+
+
+def test_the_small_data_recipe_names_each_augmentation() -> None:
+    from edge_annotator.train.recipe import AUGMENTATIONS, small_data_config
+
+    def augment(name: str) -> Any:
+        raw = small_data_config(str(TASKS / "emobank.yaml"), "t.jsonl", "v.jsonl", "base", "out", items=300,
+                                criteria=3, longest=277, augment=name)
+        return parse_config(raw, "recipe", check_paths=False).augment
+
+    on = {name: augment(name) for name in AUGMENTATIONS}
+    assert not any((on["none"].templates, on["none"].permute_inputs, on["none"].token_dropout.prob))
+    assert on["all"].templates and on["all"].permute_inputs and on["all"].token_dropout.prob > 0
+    # each alone turns on its own part and nothing else
+    assert (on["templates"].templates, on["templates"].permute_inputs, on["templates"].token_dropout.prob) == \
+        (True, False, 0.0)
+    assert (on["permute"].templates, on["permute"].permute_inputs, on["permute"].token_dropout.prob) == \
+        (False, True, 0.0)
+    assert (on["dropout"].templates, on["dropout"].permute_inputs, on["dropout"].token_dropout.prob) == \
+        (False, False, 0.1)
+    with pytest.raises(ValueError, match="'some' is none of none, all, templates"):
+        augment("some")
 
 
 def test_config_problems_are_listed_at_once() -> None:

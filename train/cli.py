@@ -15,6 +15,8 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from .recipe import AUGMENTATIONS
+
 err = Console(stderr=True)
 
 
@@ -131,7 +133,10 @@ def _duration(text: str) -> float:
               help="Items for validation: checkpoint choice, early stopping, calibration, parity.")
 @click.option("--group", default=None, help="Keep items sharing this field's value in one split.")
 @click.option("--quant", default="Q4_K_M", show_default=True)
-@click.option("--augment", is_flag=True, help="The paper's augmentations (off by default: docs/recipes.md).")
+@click.option("--augment", type=click.Choice(list(AUGMENTATIONS)), default="none", show_default=True,
+              is_flag=False, flag_value="all",
+              help="The paper's augmentations: all three (--augment alone), one alone, or none (measured in "
+                   "docs/recipes.md).")
 @click.option("--select-by", type=click.Choice(["score", "label"]), default="score", show_default=True,
               help="What checkpoints are chosen by: the score's alpha (rating scales) or the label's.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -140,7 +145,7 @@ def _duration(text: str) -> float:
 @click.option("--tiny", is_flag=True, help="A 2-layer model built from scratch with the base's tokenizer: smoke "
                                            "runs and tests only (it learns little).")
 def fit(spec: Path, labels: Path, output: Path, budget: str, base: str, test: float, val: float, group: str | None,
-        quant: str, augment: bool, select_by: str, seed: int, threads: int | None, resume: bool, tiny: bool) -> None:
+        quant: str, augment: str, select_by: str, seed: int, threads: int | None, resume: bool, tiny: bool) -> None:
     """From human ratings to a parity-checked annotator and its agreement report, in one command.
 
     Splits LABELS by item (train / validation / test, seeded), sizes the recipe from the item count,

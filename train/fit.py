@@ -54,8 +54,9 @@ class FitOptions:
     """Keep items sharing this field's value in one split."""
     quant: str = "Q4_K_M"
     threads: int | None = None
-    augment: bool = False
-    """The paper's augmentations (paraphrased templates, permuted inputs, token dropout)."""
+    augment: str = "none"
+    """The paper's augmentations by name (train/recipe.py AUGMENTATIONS): none, all (paraphrased
+    templates, permuted inputs, token dropout), or templates, permute or dropout alone."""
     select_by: str = "score"
     """Checkpoints chosen by the score's alpha (rating scales) or the label's."""
     tiny: bool = False
@@ -179,13 +180,13 @@ def _recipe(spec_path: str | Path, split: Path, run: Path, opts: FitOptions) -> 
 
     from .examples import load_items
     from .model import load_tokenizer
-    from .recipe import small_data_config
+    from .recipe import AUGMENTATIONS, small_data_config
     from .trainer import longest_tokens
 
     spec = load_spec(spec_path)
     items = load_items(split / "train.jsonl", spec)
     tok = hf_tokenize(load_tokenizer(opts.base))
-    longest = max(longest_tokens(spec, items, tok, opts.augment), default=64)
+    longest = max(longest_tokens(spec, items, tok, AUGMENTATIONS[opts.augment]["templates"]), default=64)
     raw = small_data_config(str(spec_path), str(split / "train.jsonl"), str(split / "val.jsonl"), opts.base,
                             str(run / "train"), items=len(items), criteria=len(spec.criteria), longest=longest,
                             seed=opts.seed, augment=opts.augment)

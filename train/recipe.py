@@ -2,6 +2,7 @@
 
     raw = small_data_config(spec_path, train, val, base, out, items=300, criteria=2, longest=410)
     raw = fit_to_budget(raw, step_s=2.4, val_s=20.0, budget_s=1200)   # after a timed check
+    raw = small_data_config(..., augment="templates")                  # one of AUGMENTATIONS
 
 What the rules encode (docs/recipes.md has the measurements behind them):
 
@@ -10,7 +11,8 @@ What the rules encode (docs/recipes.md has the measurements behind them):
   demo recipe's setup, which learnt where q/v-only LoRA did not).
 - No augmentation by default: on the demo's budget (one pass over 5,000 EmoBank sentences) the
   paper's augmentations kept the model from learning the items, and at 300 ConvAbuse items all
-  three together gained nothing (docs/recipes.md); `augment=True` turns them on.
+  three together gained nothing (docs/recipes.md); `augment="all"` turns them on, and
+  AUGMENTATIONS names each alone.
 - One token tree per step: as many items as fit in about TREE_TOKENS tokens, at most 16.
 - Epochs: as many passes as the budget allows, at most MAX_EPOCHS over a few hundred items and
   fewer as the data grows (5,000 items: one pass); validation and early stopping choose the step.
@@ -19,6 +21,7 @@ What the rules encode (docs/recipes.md has the measurements behind them):
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -29,6 +32,22 @@ MAX_ITEMS_PER_TREE = 16
 MAX_EPOCHS = 12
 ITEM_PASSES = 5000
 """Item passes the epoch cap aims at: 300 items -> 12 epochs (capped), 1,000 -> 5, 5,000 -> 1."""
+
+
+_OFF = {"templates": False, "permute_inputs": False, "shuffle_labels": False,
+        "token_dropout": {"prob": 0.0, "fraction": 0.0}}
+_DROPOUT = {"prob": 0.1, "fraction": 0.5}
+AUGMENTATIONS: dict[str, dict[str, Any]] = {
+    "none": _OFF,
+    "all": {"templates": True, "permute_inputs": True, "shuffle_labels": True, "token_dropout": _DROPOUT},
+    "templates": _OFF | {"templates": True, "shuffle_labels": True},
+    "permute": _OFF | {"permute_inputs": True},
+    "dropout": _OFF | {"token_dropout": _DROPOUT},
+}
+"""The paper's augmentations by name, each a config's `augment` block: all three, each alone, or
+none. "templates" draws a paraphrased instruction and shuffles the order the levels are listed in
+(both are the rubric's wording); "permute" shuffles the input fields' order; "dropout" drops 10%
+of an item's tokens in half of its examples."""
 
 
 def items_per_tree(longest: int, criteria: int, prefix: int = 200) -> int:
@@ -42,17 +61,16 @@ def epochs_for(items: int) -> float:
 
 
 def small_data_config(spec: str, train_data: str, val_data: str, base_model: str, output: str, *, items: int,
-                      criteria: int, longest: int, seed: int = 0, augment: bool = False) -> dict[str, Any]:
+                      criteria: int, longest: int, seed: int = 0, augment: str = "none") -> dict[str, Any]:
     """A TrainConfig's fields (YAML-able) for `items` training items with `criteria` criteria whose
-    longest prompt plus answer is `longest` tokens."""
+    longest prompt plus answer is `longest` tokens, with the augmentation named `augment`
+    (AUGMENTATIONS)."""
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment: {augment!r} is none of {', '.join(AUGMENTATIONS)}")
     per_tree = items_per_tree(longest, criteria)
     steps_per_epoch = math.ceil(items / per_tree)
     epochs = epochs_for(items)
     total = max(1, math.ceil(epochs * steps_per_epoch))
-    off = {"templates": False, "permute_inputs": False, "shuffle_labels": False,
-           "token_dropout": {"prob": 0.0, "fraction": 0.0}}
-    on = {"templates": True, "permute_inputs": True, "shuffle_labels": True,
-          "token_dropout": {"prob": 0.1, "fraction": 0.5}}
     return {
         "base_model": base_model, "spec": spec, "train_data": train_data, "val_data": val_data, "output": output,
         "raters": "distribution", "select_by": "score",
@@ -62,7 +80,7 @@ def small_data_config(spec: str, train_data: str, val_data: str, base_model: str
         "batch_size": per_tree * criteria, "micro_batch": per_tree * criteria,
         "eval_every": _eval_every(total), "patience": 4,
         "max_length": int(math.ceil((longest + 16) / 64) * 64), "seed": seed,
-        "augment": on if augment else off,
+        "augment": copy.deepcopy(AUGMENTATIONS[augment]),
     }
 
 
