@@ -10,7 +10,9 @@ would have. The recipe is `annotate-cli fit`'s (train/recipe.py) with a 20-minut
 steps cut to it from two timed steps); the run is trained, merged, calibrated, exported to
 Q4_K_M and scored on the full test split, the same table as `make eval`. Each stage is skipped
 where its output exists, so an interrupted curve continues. Writes OUT/curve.md, OUT/curve.json
-and OUT/curve.png.
+and OUT/curve.png; with --markdown PAGE, the table and plot into PAGE and each cell's figures into
+learning-curve.json beside it, the record from which a later run (a fresh clone, without OUT) keeps
+the cells it does not run itself in the table.
 """
 
 from __future__ import annotations
@@ -36,25 +38,13 @@ from edge_annotator.train.config import load_config, parse_config
 from edge_annotator.train.examples import load_items
 from edge_annotator.train.job import print_validations, train_and_merge
 from edge_annotator.train.model import load_tokenizer
-from edge_annotator.train.recipe import fit_to_budget, small_data_config
+from edge_annotator.train.recipe import AUGMENTATIONS, fit_to_budget, small_data_config
 from edge_annotator.train.trainer import longest_tokens
 
 DATASETS = {  # name -> (spec, validation split, what the task is judged by)
     "emobank": ("tasks/emobank.yaml", "dev", "score"),
     "convabuse": ("tasks/convabuse.yaml", "valid", "label"),
     "goemotions": ("tasks/goemotions.yaml", "dev", "label"),
-}
-AUGMENT = {  # name -> the config's augment block
-    "none": {"templates": False, "permute_inputs": False, "shuffle_labels": False,
-             "token_dropout": {"prob": 0.0, "fraction": 0.0}},
-    "all": {"templates": True, "permute_inputs": True, "shuffle_labels": True,
-            "token_dropout": {"prob": 0.1, "fraction": 0.5}},
-    "templates": {"templates": True, "permute_inputs": False, "shuffle_labels": True,
-                  "token_dropout": {"prob": 0.0, "fraction": 0.0}},
-    "permute": {"templates": False, "permute_inputs": True, "shuffle_labels": False,
-                "token_dropout": {"prob": 0.0, "fraction": 0.0}},
-    "dropout": {"templates": False, "permute_inputs": False, "shuffle_labels": False,
-                "token_dropout": {"prob": 0.1, "fraction": 0.5}},
 }
 BUDGET_S = 1200.0
 BASE = "models/gemma-3-270m-hf"
@@ -87,10 +77,10 @@ def cell_config(cell: Path, spec_path: str, judged: str, train: Path, val: Path,
         items = load_items(train, spec)
         if longest is None:
             tok = hf_tokenize(load_tokenizer(BASE))
-            longest = max(longest_tokens(spec, items, tok, AUGMENT[augment]["templates"]))
+            longest = max(longest_tokens(spec, items, tok, AUGMENTATIONS[augment]["templates"]))
         raw = small_data_config(spec_path, str(train), str(val), BASE, str(cell / "run"), items=len(items),
-                                criteria=len(spec.criteria), longest=longest)
-        raw |= {"augment": AUGMENT[augment], "select_by": judged}
+                                criteria=len(spec.criteria), longest=longest, augment=augment)
+        raw["select_by"] = judged
         if not timing:
             got = check_run(parse_config(raw, str(cfg_f)))
             timing = {"step_s": got["step_s"], "validation_s": got["validation_s"]}
@@ -147,6 +137,18 @@ def run_cell(name: str, n: int, augment: str, data_dir: Path, out: Path, threads
     return res
 
 
+RECORD_KEYS = ("dataset", "items", "augment", "test_items", "train_s", "steps", "best_step", "gain_over_none")
+
+
+def recorded(r: dict[str, Any]) -> dict[str, Any]:
+    """What the table and the plot show of a cell: its headline figures, steps, time and gains (the
+    record kept beside the page, so that a fresh clone's table keeps the cells measured elsewhere)."""
+    crit = {c: {m: v} for c, ms in r["criteria"].items() for m, v in ms.items()
+            if (c, m) in {("Valence", "score_alpha"), ("Arousal", "score_alpha"), ("Dominance", "score_alpha"),
+                          ("severity", "label_alpha"), ("emotion", "macro_f1")}}
+    return {k: r[k] for k in RECORD_KEYS if k in r} | {"criteria": crit}
+
+
 def headline(r: dict[str, Any]) -> dict[str, Any]:
     """The figure each dataset is judged by: EmoBank score alpha per criterion, ConvAbuse label
     alpha, GoEmotions macro-F1."""
@@ -170,6 +172,15 @@ def with_gains(results: list[dict[str, Any]], data_dir: Path, out: Path) -> None
             r["gain_over_none"] = paired_gain(spec, mine, plain, data_dir / f"{r['dataset']}-test.jsonl")
 
 
+def cell_key(r: dict[str, Any]) -> tuple[str, int, str]:
+    return r["dataset"], r["items"], r["augment"]
+
+
+def order_key(r: dict[str, Any]) -> tuple[int, int, int]:
+    """The table's order: data set, items, then the augmentations as AUGMENTATIONS lists them."""
+    return list(DATASETS).index(r["dataset"]), r["items"], list(AUGMENTATIONS).index(r["augment"])
+
+
 def markdown(results: list[dict[str, Any]]) -> str:
     def f(x: dict[str, Any]) -> str:
         lo, hi = x["ci95"]
@@ -180,12 +191,10 @@ def markdown(results: list[dict[str, Any]]) -> str:
         return "; ".join(f"{k} {x['value']:+.3f} [{x['ci95'][0]:+.2f}, {x['ci95'][1]:+.2f}]"
                          for k, x in gains.items() if x["value"] is not None and x["ci95"][0] is not None)
 
-    order = {a: k for k, a in enumerate(AUGMENT)}
-    names = list(DATASETS)
     lines = ["| data | items | augmentation | figure on the full test split | alpha gain over none, paired "
              "| test items | steps (best) | train + merge on 2 cores |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(results, key=lambda r: (names.index(r["dataset"]), r["items"], order[r["augment"]])):
+    for r in sorted(results, key=order_key):
         figs = "; ".join(f"{k} {f(v)}" for k, v in headline(r).items())
         t = r.get("train_s")
         lines.append(f"| {r['dataset']} | {r['items']} | {r['augment']} | {figs} | {g(r)} | {r['test_items']} | "
@@ -224,42 +233,53 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
               show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--markdown", "md_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the table into this page's curve section (docs/recipes.md) and the plot beside it.")
+              help="Write the table into this page's curve section (docs/recipes.md), the plot and the record of "
+                   "every cell's figures (learning-curve.json) beside it.")
 @click.option("--cell", "cells", multiple=True, help="Only these cells, NAME-ITEMS-AUGMENT (repeat) "
                                                      "[default: the sizes, then the augmentations at 300].")
-def main(shared: Path, out: Path, threads: int, md_path: Path | None, cells: tuple[str, ...]) -> None:
+@click.option("--table-only", is_flag=True, help="Run no cell: write the table and plot from OUT and the record.")
+def main(shared: Path, out: Path, threads: int, md_path: Path | None, cells: tuple[str, ...], table_only: bool) -> None:
     """Train the small-data recipe per cell and score it on the full test split.
 
     \b
     Examples:
       python scripts/learning_curve.py --cell emobank-300-none --cell emobank-300-all
+      python scripts/learning_curve.py --table-only --markdown docs/recipes.md
     """
     data_dir = Path("models/data")
-    sizes = [[d, str(n), "none"] for d in DATASETS for n in (100, 300, 1000)]
-    augments = [[d, "300", a] for d in DATASETS for a in ("all", "templates", "dropout")]
-    augments.append(["convabuse", "300", "permute"])  # the one set with several input fields
-    todo = [c.rsplit("-", 2) for c in cells] or sizes + augments
+    sizes = [(d, n, "none") for d in DATASETS for n in (100, 300, 1000)]
+    augments = [(d, 300, a) for d in DATASETS for a in ("all", "templates", "dropout")]
+    augments.append(("convabuse", 300, "permute"))  # the one set with several input fields
+    named = [(name, int(n), aug) for name, n, aug in (c.rsplit("-", 2) for c in cells)]
     out.mkdir(parents=True, exist_ok=True)
     done_f = out / "curve.json"
     results = json.loads(done_f.read_text()) if done_f.exists() else []
-    have = {(r["dataset"], r["items"], r["augment"]) for r in results}
-    for name, n, aug in todo:
-        if (name, int(n), aug) in have:
+    # cells measured elsewhere, from the record beside the page: in the table, and skipped unless
+    # named with --cell (then run again here, their new figures replacing the recorded ones; a
+    # recorded gain stays the one measured against the unaugmented cell of its own time)
+    record_f = md_path.parent / "learning-curve.json" if md_path else None
+    recorded_cells = json.loads(record_f.read_text()) if record_f and record_f.exists() else []
+    kept = [r for r in recorded_cells if cell_key(r) not in {cell_key(x) for x in results} | set(named)]
+    have = {cell_key(r) for r in results + kept}
+    for name, n, aug in [] if table_only else named or sizes + augments:
+        if (name, n, aug) in have:
             continue
         convert_splits(shared, data_dir, name)
         print(f"cell {name}-{n}-{aug}", file=sys.stderr, flush=True)
-        results.append(run_cell(name, int(n), aug, data_dir, out, threads))
+        results.append(run_cell(name, n, aug, data_dir, out, threads))
         done_f.write_text(json.dumps(results, indent=2, default=str))
         (out / "curve.md").write_text(markdown(results))
     with_gains(results, data_dir, out)
     done_f.write_text(json.dumps(results, indent=2, default=str))
     plot(results, out / "curve.png")
-    md = markdown(results)
-    if md_path:
+    shown = kept + [recorded(r) for r in results]
+    md = markdown(shown)
+    if md_path and record_f:
         from edge_annotator.runtime.files import write_section
 
-        plot(results, md_path.parent / "learning-curve.png")
+        plot(shown, md_path.parent / "learning-curve.png")
         write_section(md_path, "curve", md + "\n![learning curves](learning-curve.png)\n")
+        record_f.write_text(json.dumps(sorted(shown, key=order_key), indent=1) + "\n")
     print(md)
 
 
