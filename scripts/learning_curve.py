@@ -38,7 +38,7 @@ from edge_annotator.train.config import load_config, parse_config
 from edge_annotator.train.examples import load_items
 from edge_annotator.train.job import print_validations, train_and_merge
 from edge_annotator.train.model import load_tokenizer
-from edge_annotator.train.recipe import AUGMENTATIONS, fit_to_budget, small_data_config
+from edge_annotator.train.recipe import AUGMENTATIONS, augmentation, fit_to_budget, small_data_config
 from edge_annotator.train.trainer import longest_tokens
 
 DATASETS = {  # name -> (spec, validation split, what the task is judged by)
@@ -77,7 +77,7 @@ def cell_config(cell: Path, spec_path: str, judged: str, train: Path, val: Path,
         items = load_items(train, spec)
         if longest is None:
             tok = hf_tokenize(load_tokenizer(BASE))
-            longest = max(longest_tokens(spec, items, tok, AUGMENTATIONS[augment]["templates"]))
+            longest = max(longest_tokens(spec, items, tok, augmentation(augment)["templates"]))
         raw = small_data_config(spec_path, str(train), str(val), BASE, str(cell / "run"), items=len(items),
                                 criteria=len(spec.criteria), longest=longest, augment=augment)
         raw["select_by"] = judged
@@ -137,27 +137,25 @@ def run_cell(name: str, n: int, augment: str, data_dir: Path, out: Path, threads
     return res
 
 
+HEADLINE = {  # dataset -> the figures it is judged by: (criterion, figure, the table's name for it)
+    "emobank": [(k, "score_alpha", k) for k in ("Valence", "Arousal", "Dominance")],
+    "convabuse": [("severity", "label_alpha", "severity (label)")],
+    "goemotions": [("emotion", "macro_f1", "macro-F1")],
+}
 RECORD_KEYS = ("dataset", "items", "augment", "test_items", "train_s", "steps", "best_step", "gain_over_none")
-
-
-def recorded(r: dict[str, Any]) -> dict[str, Any]:
-    """What the table and the plot show of a cell: its headline figures, steps, time and gains (the
-    record kept beside the page, so that a fresh clone's table keeps the cells measured elsewhere)."""
-    crit = {c: {m: v} for c, ms in r["criteria"].items() for m, v in ms.items()
-            if (c, m) in {("Valence", "score_alpha"), ("Arousal", "score_alpha"), ("Dominance", "score_alpha"),
-                          ("severity", "label_alpha"), ("emotion", "macro_f1")}}
-    return {k: r[k] for k in RECORD_KEYS if k in r} | {"criteria": crit}
 
 
 def headline(r: dict[str, Any]) -> dict[str, Any]:
     """The figure each dataset is judged by: EmoBank score alpha per criterion, ConvAbuse label
     alpha, GoEmotions macro-F1."""
-    c = r["criteria"]
-    if r["dataset"] == "emobank":
-        return {k: c[k]["score_alpha"] for k in ("Valence", "Arousal", "Dominance")}
-    if r["dataset"] == "convabuse":
-        return {"severity (label)": c["severity"]["label_alpha"]}
-    return {"macro-F1": c["emotion"]["macro_f1"]}
+    return {name: r["criteria"][c][m] for c, m, name in HEADLINE[r["dataset"]]}
+
+
+def recorded(r: dict[str, Any]) -> dict[str, Any]:
+    """What the table and the plot show of a cell: its headline figures, steps, time and gains (the
+    record kept beside the page, so that a fresh clone's table keeps the cells measured elsewhere)."""
+    crit = {c: {m: r["criteria"][c][m]} for c, m, _ in HEADLINE[r["dataset"]]}
+    return {k: r[k] for k in RECORD_KEYS if k in r} | {"criteria": crit}
 
 
 def with_gains(results: list[dict[str, Any]], data_dir: Path, out: Path) -> None:
@@ -259,9 +257,10 @@ def main(shared: Path, out: Path, threads: int, md_path: Path | None, cells: tup
     # recorded gain stays the one measured against the unaugmented cell of its own time)
     record_f = md_path.parent / "learning-curve.json" if md_path else None
     recorded_cells = json.loads(record_f.read_text()) if record_f and record_f.exists() else []
-    kept = [r for r in recorded_cells if cell_key(r) not in {cell_key(x) for x in results} | set(named)]
+    replaced = {cell_key(r) for r in results} | set(named)
+    kept = [r for r in recorded_cells if cell_key(r) not in replaced]
     have = {cell_key(r) for r in results + kept}
-    for name, n, aug in [] if table_only else named or sizes + augments:
+    for name, n, aug in [] if table_only else (named or sizes + augments):
         if (name, n, aug) in have:
             continue
         convert_splits(shared, data_dir, name)

@@ -180,13 +180,13 @@ def _recipe(spec_path: str | Path, split: Path, run: Path, opts: FitOptions) -> 
 
     from .examples import load_items
     from .model import load_tokenizer
-    from .recipe import AUGMENTATIONS, small_data_config
+    from .recipe import augmentation, small_data_config
     from .trainer import longest_tokens
 
     spec = load_spec(spec_path)
     items = load_items(split / "train.jsonl", spec)
     tok = hf_tokenize(load_tokenizer(opts.base))
-    longest = max(longest_tokens(spec, items, tok, AUGMENTATIONS[opts.augment]["templates"]), default=64)
+    longest = max(longest_tokens(spec, items, tok, augmentation(opts.augment)["templates"]), default=64)
     raw = small_data_config(str(spec_path), str(split / "train.jsonl"), str(split / "val.jsonl"), opts.base,
                             str(run / "train"), items=len(items), criteria=len(spec.criteria), longest=longest,
                             seed=opts.seed, augment=opts.augment)

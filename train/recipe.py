@@ -50,6 +50,13 @@ none. "templates" draws a paraphrased instruction and shuffles the order the lev
 of an item's tokens in half of its examples."""
 
 
+def augmentation(name: str) -> dict[str, Any]:
+    """AUGMENTATIONS[name], a copy of its own (ValueError naming the choices for any other name)."""
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"augment: {name!r} is none of {', '.join(AUGMENTATIONS)}")
+    return copy.deepcopy(AUGMENTATIONS[name])
+
+
 def items_per_tree(longest: int, criteria: int, prefix: int = 200) -> int:
     """Items per tree so that the tree stays near TREE_TOKENS (an item's tokens plus a cue per criterion)."""
     per_item = max(longest - prefix, 16) + 8 * criteria
@@ -65,8 +72,6 @@ def small_data_config(spec: str, train_data: str, val_data: str, base_model: str
     """A TrainConfig's fields (YAML-able) for `items` training items with `criteria` criteria whose
     longest prompt plus answer is `longest` tokens, with the augmentation named `augment`
     (AUGMENTATIONS)."""
-    if augment not in AUGMENTATIONS:
-        raise ValueError(f"augment: {augment!r} is none of {', '.join(AUGMENTATIONS)}")
     per_tree = items_per_tree(longest, criteria)
     steps_per_epoch = math.ceil(items / per_tree)
     epochs = epochs_for(items)
@@ -80,7 +85,7 @@ def small_data_config(spec: str, train_data: str, val_data: str, base_model: str
         "batch_size": per_tree * criteria, "micro_batch": per_tree * criteria,
         "eval_every": _eval_every(total), "patience": 4,
         "max_length": int(math.ceil((longest + 16) / 64) * 64), "seed": seed,
-        "augment": copy.deepcopy(AUGMENTATIONS[augment]),
+        "augment": augmentation(augment),
     }
 
 
