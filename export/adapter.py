@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_annotator.hf.grid import gguf_row_order
 from edge_annotator.runtime.adapter import BASE_FILE, BASE_SHA256
 from edge_annotator.runtime.gguf_meta import FORMAT_VERSION, Keys, sha256_file
 
@@ -46,17 +47,10 @@ def _lora_weights(run: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     return load_file(str(ad / "adapter_model.safetensors")), conf
 
 
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's converter's row order for Llama's q/k projections (LlamaModel.permute)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def adapter_tensors(merged: Path, weights: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """GGUF name -> (A, B) of every adapted matrix, B in the base GGUF's row order."""
     tmap = mix.name_map(merged)
     conf = json.loads((merged / "config.json").read_text())
-    text = conf.get("text_config", conf)
-    llama = any(a in ("LlamaForCausalLM", "MistralForCausalLM") for a in conf.get("architectures", []))
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for key, a in weights.items():
         if ".lora_A." not in key:
@@ -66,11 +60,8 @@ def adapter_tensors(merged: Path, weights: dict[str, np.ndarray]) -> dict[str, t
         name = mix.gguf_name(tmap, hf)
         if name is None:
             raise ExportError(f"{key}: no GGUF tensor name for {hf}")
-        if llama and hf.endswith("q_proj.weight"):
-            b = _permute(b, int(text["num_attention_heads"]))
-        elif llama and hf.endswith("k_proj.weight"):
-            b = _permute(b, int(text.get("num_key_value_heads", text["num_attention_heads"])))
-        out[name] = (a, b)
+        rows = gguf_row_order(conf, hf, b.shape[0])
+        out[name] = (a, b if rows is None else b[rows])
     if not out:
         raise ExportError(f"{merged.parent / 'best-adapter'}: no LoRA matrices found")
     return out

@@ -31,13 +31,15 @@ err = Console(stderr=True)
 @click.option("--imatrix-items", type=click.IntRange(1), default=32, show_default=True,
               help="How many calibration items the importance matrix reads.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Quantizer threads [default: all cores].")
-@click.option("--route", type=click.Choice(["auto", "adapter", "merged"]), default="auto", show_default=True,
+@click.option("--route", type=click.Choice(["auto", "adapter", "grid", "merged"]), default="auto", show_default=True,
               help="adapter: the untouched base GGUF the run's base was made from + the run's LoRA as llama.cpp's "
-                   "adapter file beside it (4-bit blocks, the trained model exactly); merged: one file, the adapted "
-                   "tensors at --adapted-type. auto: adapter for Q4_K_M where the base GGUF is found, else merged.")
-@click.option("--adapter-on", "adapter_on", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="The base GGUF for the adapter route [default: the one the run's base folder names, found "
-                   "beside it]; implies --route adapter.")
+                   "adapter file beside it (4-bit blocks, the trained model exactly); grid: a run trained with qat "
+                   "written into that base file's blocks (one file, the base's types); merged: one file, the adapted "
+                   "tensors at --adapted-type. auto: for Q4_K_M where the base GGUF is found, grid for a qat run, "
+                   "else adapter; merged otherwise.")
+@click.option("--base-gguf", "--adapter-on", "adapter_on", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="The base GGUF for the adapter and grid routes [default: the one the run's base "
+                                 "folder names, found beside it]; implies --route adapter unless --route grid.")
 @click.option("--adapter-type", type=click.Choice(["F16", "F32"]), default="F16", show_default=True,
               help="The adapter route: the type of the adapter's matrices.")
 def export(merged: Path, output: Path, quant: str, adapted_type: str, imatrix: Path | None, imatrix_items: int,
@@ -46,7 +48,8 @@ def export(merged: Path, output: Path, quant: str, adapted_type: str, imatrix: P
 
     Q4_K_M, where the run's base was made from a GGUF (annotate-cli base), is that untouched base
     + the run's LoRA as llama.cpp's adapter file: OUTPUT (the adapter, with the spec) and the base
-    beside it. Otherwise llama.cpp's converter and quantizer make one merged file. The spec and
+    beside it; for a run trained with qat: true, that base file with the trained codes in its
+    blocks (one file). Otherwise llama.cpp's converter and quantizer make one merged file. The spec and
     provenance are embedded, and the file is checked to load and tokenize exactly as the HF
     tokenizer did in training.
 
@@ -57,15 +60,18 @@ def export(merged: Path, output: Path, quant: str, adapted_type: str, imatrix: P
       annotate-cli export merged/ -o emobank-one-file.gguf --route merged
       annotate-cli export merged/ -o all-4bit.gguf --route merged --adapted-type same --imatrix train.jsonl
       annotate-cli export merged/ -o emobank-lora.gguf --adapter-on models/gemma-3-270m-q4_k_m.gguf
+      annotate-cli export qat-run/merged -o emobank.gguf --route grid     # a run trained with qat: true
     """
     from .convert import ExportError
     from .route import export_annotator
 
     if adapter_on is not None and route == "merged":
-        raise click.UsageError("--adapter-on is the adapter route's base; it does not go with --route merged")
+        raise click.UsageError("--base-gguf is the adapter and grid routes' base; it does not go with --route merged")
+    if adapter_on is not None and route == "auto":
+        route = "adapter"
     try:
-        job = export_annotator(merged, output, quant, threads, adapted_type, imatrix, imatrix_items,
-                               "adapter" if adapter_on is not None else route, adapter_on, adapter_type)
+        job = export_annotator(merged, output, quant, threads, adapted_type, imatrix, imatrix_items, route,
+                               adapter_on, adapter_type)
     except ExportError as e:
         raise click.ClickException(str(e)) from None
     i = job.info
@@ -75,6 +81,12 @@ def export(merged: Path, output: Path, quant: str, adapted_type: str, imatrix: P
                   f"{i['block_bits_per_weight']:.2f} bits/weight, {i['block_bits_per_weight_with_adapter']:.2f} "
                   f"with the adapter); keep the two files together (annotate finds the base beside the adapter, "
                   f"or at ANNOTATE_BASE_MODEL); manifest {i['file']}.manifest.json")
+        return
+    if i["route"] == "grid":
+        err.print(f"{i['file']}: one file, {Path(i['base_file']).name}'s blocks with the trained codes "
+                  f"({i['weights_moved']:,} of {i['weights']:,} weights moved, {i['matrices_changed']} of "
+                  f"{i['matrices']} matrices), {i['size_bytes'] / 1e6:.1f} MB, blocks at "
+                  f"{i['block_bits_per_weight']:.2f} bits/weight; manifest {i['file']}.manifest.json")
         return
     err.print(f"{i['file']}: {quant}, {i['size_bytes'] / 1e6:.1f} MB, sha256 {i['sha256'][:16]}..., "
               f"{i['bits_per_weight']:.2f} bits/weight (blocks {i['block_bits_per_weight']:.2f}), {i['seconds']}s; "

@@ -18,6 +18,7 @@ from typing import Any
 
 import click
 import gguf
+import numpy as np
 
 from edge_annotator.runtime.gguf_meta import FORMAT_VERSION, PREFIX, Keys
 from edge_annotator.runtime.spec import TaskSpec, load_spec
@@ -26,15 +27,22 @@ log = logging.getLogger(__name__)
 
 
 def embed_spec(src: str | Path, dst: str | Path, spec: TaskSpec, provenance: dict[str, Any] | None = None,
-               extra: dict[str, str] | None = None) -> Path:
+               extra: dict[str, str] | None = None, tensors: dict[str, np.ndarray] | None = None) -> Path:
     """Copy GGUF `src` to `dst` with the spec and provenance under the edge_annotator.* keys.
 
-    `extra` string keys (e.g. tokenizer.chat_template) are set too, replacing any of the same name."""
+    `extra` string keys (e.g. tokenizer.chat_template) are set too, replacing any of the same name.
+    `tensors` replaces the stored bytes of the tensors it names, each the same shape and type as the
+    one it replaces (export/grid.py: the trained codes in the base's blocks)."""
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise ValueError(f"{dst}: write to a new file, not over the source")
     reader = gguf.GGUFReader(src, "r")
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    tensors = tensors or {}
+    stored = {t.name: t.data for t in reader.tensors}
+    for name, data in tensors.items():
+        if name not in stored or data.shape != stored[name].shape or data.dtype != stored[name].dtype:
+            raise ValueError(f"{src}: no tensor {name} of shape {data.shape} and type {data.dtype} to replace")
     tmp = dst.with_name(f".{dst.name}.partial")
     writer = gguf.GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
     try:
@@ -59,7 +67,7 @@ def embed_spec(src: str | Path, dst: str | Path, spec: TaskSpec, provenance: dic
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for t in reader.tensors:
-            writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+            writer.write_tensor_data(tensors.get(t.name, t.data), tensor_endianess=reader.endianess)
         writer.close()
         os.replace(tmp, dst)
     except BaseException:

@@ -9,6 +9,9 @@
   keep llama.cpp's own Q4_K_M types, and base + adapter is the trained model, as the base was
   dequantized from that very file. The base is placed beside the adapter (a hard link where the
   file system allows, else a copy), where `annotate` looks for it.
+- **grid** (the default for runs trained with `qat: true`, at Q4_K_M): the run's weights were
+  trained on the base GGUF's own grid (train/qat.py), so the annotator is that file with the
+  trained codes written into its blocks (export/grid.py): one file, the base's types and size.
 - **merged**: one file, the merged model quantized by llama.cpp, the LoRA-adapted tensors kept at
   `adapted_type` (export/convert.py). Used for other --quant types, for bases that did not come from
   a GGUF (an HF folder brought as it is), and when asked for.
@@ -24,12 +27,20 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from edge_annotator.hf.grid import gguf_of
+
 from .convert import Export, ExportError
 from .convert import export as export_merged
 
-ROUTES = ("auto", "adapter", "merged")
+ROUTES = ("auto", "adapter", "grid", "merged")
 ADAPTER_QUANTS = ("Q4_K_M",)
-"""--quant types the adapter route stands for: the registry's base files are llama.cpp's Q4_K_M."""
+"""--quant types the adapter and grid routes stand for: the registry's base files are llama.cpp's Q4_K_M."""
+
+
+def trained_on_grid(merged: Path) -> bool:
+    """Whether the run was trained with qat (its provenance's config says so)."""
+    prov_f = merged / "provenance.json"
+    return prov_f.is_file() and bool(json.loads(prov_f.read_text()).get("config", {}).get("qat"))
 
 
 def base_gguf_of(merged: Path) -> Path | None:
@@ -39,19 +50,7 @@ def base_gguf_of(merged: Path) -> Path | None:
     if not prov_f.exists():
         return None
     base_model = json.loads(prov_f.read_text()).get("base_model")
-    if not base_model:
-        return None
-    folder = Path(base_model)
-    check = folder / "edge_annotator_tokenizer.json"
-    if not check.exists():
-        return None
-    name = json.loads(check.read_text()).get("gguf")
-    if not name:
-        return None
-    for cand in (folder.parent / name, folder / name):
-        if cand.is_file():
-            return cand
-    return None
+    return gguf_of(base_model) if base_model else None
 
 
 def place_base(base: Path, output: Path) -> Path:
@@ -78,8 +77,8 @@ def place_base(base: Path, output: Path) -> Path:
 
 
 def choose(merged: Path, quant: str, route: str, base_gguf: Path | None) -> tuple[str, Path | None]:
-    """The route to take and, for the adapter route, its base GGUF; ExportError where asked for
-    one that cannot be taken."""
+    """The route to take and, for the adapter and grid routes, the base GGUF; ExportError where
+    asked for one that cannot be taken."""
     if route not in ROUTES:
         raise ExportError(f"--route {route}: choose one of {', '.join(ROUTES)}")
     if route == "merged":
@@ -90,6 +89,13 @@ def choose(merged: Path, quant: str, route: str, base_gguf: Path | None) -> tupl
             raise ExportError(f"--route adapter: the GGUF {merged}'s base was made from is not found beside its "
                               "base folder; give it with --adapter-on BASE.gguf")
         return "adapter", base
+    if route == "grid":
+        if base is None:
+            raise ExportError(f"--route grid: the GGUF {merged}'s base was made from is not found beside its "
+                              "base folder; give it with --adapter-on BASE.gguf")
+        return "grid", base
+    if quant in ADAPTER_QUANTS and base is not None and trained_on_grid(merged):
+        return "grid", base
     if quant in ADAPTER_QUANTS and base is not None and (merged.parent / "best-adapter").is_dir():
         return "adapter", base
     return "merged", None
@@ -100,6 +106,7 @@ def export_annotator(merged: str | Path, output: str | Path, quant: str = "Q4_K_
                      route: str = "auto", base_gguf: str | Path | None = None, adapter_type: str = "F16") -> Export:
     """Export MERGED by ROUTE (see the module's docstring); job.info["route"] says which was taken."""
     from .adapter import export_adapter
+    from .grid import export_grid
 
     merged, output = Path(merged), Path(output)
     taken, base = choose(merged, quant, route, Path(base_gguf) if base_gguf else None)
@@ -110,6 +117,10 @@ def export_annotator(merged: str | Path, output: str | Path, quant: str = "Q4_K_
         job = export_adapter(merged, output, beside, adapter_type)
         info: dict[str, Any] = job.info
         info["base_file"] = str(beside)
+    elif taken == "grid":
+        assert base is not None
+        job = export_grid(merged, output, base)
+        info = job.info
     else:
         job = export_merged(merged, output, quant, threads, adapted_type, imatrix, imatrix_items)
         info = job.info

@@ -114,6 +114,12 @@ class TrainConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     quantization: Literal["none", "nf4"] = "none"
     """nf4: QLoRA, the frozen base stored in 4-bit NF4 (bitsandbytes)."""
+    qat: bool = False
+    """Quantization-aware training on the base GGUF's own grid (train/qat.py): the forward pass sees
+    each adapted weight, base + LoRA update, snapped to the 4-bit grid its block already has in the
+    GGUF the base was made from (straight-through gradient), so the export writes the trained
+    weights into that file's blocks unrounded (`export --route grid`): one file with the base's
+    types and size. Needs a base made by `annotate-cli base` / `from-gguf`, and lora.dropout 0."""
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     """float32 on CPUs (bf16 matmuls are over 10x slower there), bfloat16 on GPUs."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -187,6 +193,15 @@ class TrainConfig:
             problems.append("epochs must be positive (or give max_steps)")
         if self.micro_batch < 1 or self.batch_size < 1 or self.batch_size % self.micro_batch:
             problems.append("batch_size must be a positive multiple of micro_batch")
+        if self.qat:
+            if self.quantization != "none":
+                problems.append("qat trains on the base GGUF's grid; it does not go with quantization: nf4")
+            if self.tiny is not None:
+                problems.append("qat needs a base made from a GGUF; tiny builds one from scratch")
+            if self.lora.dropout:
+                problems.append("qat needs lora.dropout 0 (the snapped weight has no separate LoRA branch to drop)")
+            if self.lora.modules_to_save:
+                problems.append("qat keeps every weight on the base's grid; modules_to_save trains some in full")
         td = self.augment.token_dropout
         if not (0 <= td.prob < 1 and 0 <= td.fraction <= 1):
             problems.append("augment.token_dropout: prob must be in [0, 1) and fraction in [0, 1]")

@@ -50,7 +50,13 @@ def merge(cfg: TrainConfig, run_dir: str | Path, out_dir: str | Path | None = No
     if getattr(base, "hf_quantizer", None) is not None:
         raise ValueError(f"{base_dir}: the base loads quantized ({base.config.quantization_config}); merging "
                          f"needs plain 16/32-bit weights: remake it with python -m edge_annotator.train.from_gguf")
-    merged = PeftModel.from_pretrained(base, run / "best-adapter").merge_and_unload()
+    peft = PeftModel.from_pretrained(base, run / "best-adapter")
+    if cfg.qat:  # the weights training saw: base + update snapped to the base GGUF's grid
+        from .qat import bake, base_grids
+
+        merged = bake(peft, base_grids(base_dir, peft))
+    else:
+        merged = peft.merge_and_unload()
     tok = load_tokenizer(base_dir)
     spec = load_spec(cfg.spec)
     provenance = {

@@ -88,12 +88,15 @@ def train_tokenizer(out: Path, root: Path | None = None) -> Path:
     return out
 
 
-def tiny_config(arch: str, tied: bool, vocab: int) -> Any:
-    """A 2-layer config of ARCH with 4 query heads over 2 key/value heads (GQA)."""
+def tiny_config(arch: str, tied: bool, vocab: int, hidden: int = 64) -> Any:
+    """A 2-layer config of ARCH with 4 query heads over 2 key/value heads (GQA), HIDDEN wide (the
+    MLP twice that). 64 by default; 256 makes every matrix's rows whole K-quant blocks, so that
+    llama.cpp's Q4_K_M gives it Q4_K and Q6_K rather than their 32-weight fallbacks."""
     from transformers import LlamaConfig, Qwen3Config
 
-    common: dict[str, Any] = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    common: dict[str, Any] = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  head_dim=hidden // 4,
                                   max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=3,
                                   tie_word_embeddings=tied)
     if arch == "qwen3":
@@ -107,7 +110,7 @@ def tiny_config(arch: str, tied: bool, vocab: int) -> Any:
     raise ValueError(f"{arch}: choose one of {', '.join(ARCHS)}")
 
 
-def tiny_base(arch: str, out: str | Path, tied: bool = False, seed: int = 0) -> Path:
+def tiny_base(arch: str, out: str | Path, tied: bool = False, seed: int = 0, hidden: int = 64) -> Path:
     """An HF base folder of ARCH (see the module's docstring): config, random fp32 safetensors, tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -115,7 +118,7 @@ def tiny_base(arch: str, out: str | Path, tied: bool = False, seed: int = 0) -> 
     out = Path(out)
     train_tokenizer(out)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, tied, VOCAB), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, tied, VOCAB, hidden), dtype=torch.float32)
     with torch.no_grad():
         model.get_input_embeddings().weight.normal_(0.0, 0.25)  # as build_tiny: answers can reach logits of ~15
     model.save_pretrained(out, safe_serialization=True)

@@ -190,7 +190,15 @@ def setup_model(cfg: TrainConfig, out: Path, device: torch.device, tokenizer: An
     else:
         model = load_base(cfg, device)
     set_seed(cfg.seed)  # LoRA's A matrices are drawn here: the same seed, the same initial adapter
-    return add_lora(model, cfg)
+    model = add_lora(model, cfg)
+    if cfg.qat:
+        from .qat import NoGrid, attach, base_grids
+
+        try:
+            attach(model, base_grids(cfg.base_model, model))
+        except NoGrid as e:
+            raise CannotLearn(str(e)) from None
+    return model
 
 
 def setup_optimizer(cfg: TrainConfig, model: Any, total: int) -> tuple[list[torch.nn.Parameter], Any, Any]:

@@ -1,0 +1,152 @@
+"""Quantization-aware LoRA on the base GGUF's own grid (`qat: true` in a training config).
+
+    grids = base_grids(cfg.base_model, model)      # module name -> its matrix's grid in the base GGUF
+    attach(model, grids)                           # every LoRA layer's forward sees its weight snapped
+    merged = bake(peft_model, grids)               # merge: the snapped weights, the LoRA layers gone
+
+The base this project trains is dequantized from a llama.cpp GGUF (`annotate-cli base`), so each
+of its weights is one point of the grid its block was quantized to (hf/grid.py). Quantizing
+base + LoRA update again rounds most of the update away: a LoRA step is mostly smaller than half a
+4-bit step (docs/export.md). Here the forward pass of each adapted matrix computes W0 + s * B @ A,
+snaps it to that grid (the base file's scales kept, each weight's code chosen) and multiplies
+with the result; the gradient passes straight through to A and B (zero where a weight is pushed
+past the grid's last code). What is validated during training is then exactly what the export
+writes into the base file's blocks (export/grid.py): one file with the base's types and size,
+and no rounding after training.
+
+LoRA dropout is not allowed with it: the dropped-out input reaches only the LoRA branch, which
+a snapped weight does not keep apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_annotator.hf.grid import LAYOUTS, Grid, gguf_of, gguf_row_order, read_grid, snap, torch_grid
+
+log = logging.getLogger(__name__)
+
+
+class NoGrid(ValueError):
+    """The base has no GGUF grid to train on (not made from a GGUF, the file missing, or weights
+    that differ from it)."""
+
+
+def hf_grids(folder: str | Path, hf_names: list[str]) -> tuple[Path, dict[str, Grid]]:
+    """The base GGUF FOLDER was made from, and the grid of each HF weight HF_NAMES names, in HF
+    row order. NoGrid where there is none."""
+    import json
+
+    import gguf
+
+    from edge_annotator.export import mix
+
+    folder = Path(folder)
+    path = gguf_of(folder)
+    if path is None:
+        raise NoGrid(f"{folder}: qat trains on the grid of the GGUF the base was made from (annotate-cli base / "
+                     f"from-gguf), and this folder names none found beside it")
+    conf = json.loads((folder / "config.json").read_text())
+    tmap = mix.name_map(folder)
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    out: dict[str, Grid] = {}
+    for hf in hf_names:
+        name = mix.gguf_name(tmap, hf)
+        t = tensors.get(name or "")
+        if t is None:
+            raise NoGrid(f"{path}: no tensor for {hf} (GGUF name {name})")
+        if t.tensor_type not in LAYOUTS:
+            raise NoGrid(f"{path}: {name} is {t.tensor_type.name}, which has no grid to train on "
+                         f"(one of {', '.join(x.name for x in LAYOUTS)})")
+        g = read_grid(t.data, t.tensor_type)
+        perm = gguf_row_order(conf, hf, g.codes.shape[0])
+        if perm is not None:
+            g = g.rows(np.argsort(perm))  # HF row h is GGUF row argsort(perm)[h]
+        out[hf] = g
+    return path, out
+
+
+def lora_layers(model: Any) -> dict[str, Any]:
+    """{HF weight name of the base layer: PEFT LoRA layer} of every adapted linear layer."""
+    from peft.tuners.lora import Linear
+
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, Linear):
+            hf = name.removeprefix("base_model.model.") + ".weight"
+            out[hf] = mod
+    return out
+
+
+def base_grids(folder: str | Path, model: Any) -> dict[str, dict[str, Any]]:
+    """Per adapted layer (its HF weight name) the grid its base weight lies on, as torch tensors on
+    the model's device; NoGrid where the base weights are not the GGUF's dequantized values."""
+
+    layers = lora_layers(model)
+    path, grids = hf_grids(folder, sorted(layers))
+    out = {}
+    for hf, g in grids.items():
+        w0 = layers[hf].base_layer.weight.detach().float().cpu().numpy()
+        if w0.shape != g.codes.shape or not np.array_equal(w0, g.dequantize(g.codes)):
+            raise NoGrid(f"{folder}: the weight {hf} is not what {path.name} dequantizes to; make the base again "
+                         f"from that file (annotate-cli from-gguf) or train without qat")
+        out[hf] = torch_grid(g, layers[hf].base_layer.weight.device)
+    log.info("qat: %d matrices on the grid of %s", len(out), path.name)
+    return out
+
+
+def snapped_weight(layer: Any, grid: dict[str, Any]) -> Any:
+    """The layer's base weight + its LoRA update (PEFT's (B @ A) * scaling), snapped to GRID."""
+    name = layer.active_adapters[0]
+    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    return snap(layer.base_layer.weight + (b @ a) * layer.scaling[name], grid)
+
+
+def _forward(layer: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    """A LoRA layer's forward on the grid. Without gradients (validation) the snapped weight is
+    kept until A or B change (their version counters: the optimizer updates them in place)."""
+    import torch
+    import torch.nn.functional as F
+
+    grid = layer._edge_grid
+    if torch.is_grad_enabled():
+        layer._edge_cache = None
+        w = snapped_weight(layer, grid)
+    else:
+        name = layer.active_adapters[0]
+        key = (layer.lora_A[name].weight._version, layer.lora_B[name].weight._version)
+        if layer._edge_cache is None or layer._edge_cache[0] != key:
+            layer._edge_cache = (key, snapped_weight(layer, grid))
+        w = layer._edge_cache[1]
+    return F.linear(x.to(w.dtype), w, layer.base_layer.bias)
+
+
+def attach(model: Any, grids: dict[str, dict[str, Any]]) -> Any:
+    """Every LoRA layer of MODEL computes on its grid from now on (see the module's docstring)."""
+    layers = lora_layers(model)
+    missing = sorted(set(layers) - set(grids))
+    if missing:
+        raise NoGrid(f"no grid for the adapted layers {', '.join(missing[:3])}")
+    for hf, layer in layers.items():
+        if any(getattr(d, "p", 0.0) > 0 for d in layer.lora_dropout.values()):
+            raise NoGrid(f"{hf}: qat needs lora.dropout 0")
+        layer._edge_grid = grids[hf]
+        layer._edge_cache = None
+        layer.forward = types.MethodType(_forward, layer)
+    return model
+
+
+def bake(model: Any, grids: dict[str, dict[str, Any]]) -> Any:
+    """PEFT MODEL with each adapted layer's base weight replaced by its snapped weight, the LoRA
+    layers removed (PEFT's unload: no merge on top)."""
+    import torch
+
+    with torch.no_grad():
+        for hf, layer in lora_layers(model).items():
+            layer.base_layer.weight.copy_(snapped_weight(layer, grids[hf]))
+    return model.unload()
