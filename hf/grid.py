@@ -270,56 +270,15 @@ def torch_grid(g: Grid, device: Any = None) -> dict[str, Any]:
 
 
 def snap(w: Any, g: dict[str, Any]) -> Any:
-    """W (rows, cols) rounded to the grid G (torch_grid) in the forward pass, exactly the floats
-    Grid.dequantize gives for those codes, with a straight-through gradient: the identity where the
-    weight is within the grid's range, zero where it is clamped (a weight pushed past the last code
-    would otherwise drift with no effect on the loss). A weight whose scale is zero (an all-zero
-    block) maps to -min, which is what it stores, and gets no gradient."""
-    return _Snap.apply(w, g)
-
-
-def _snapped(w: Any, g: dict[str, Any]) -> tuple[Any, Any]:
-    """The weights on the grid, and the mask of those that were within its range."""
+    """W (rows, cols) rounded to the grid G (torch_grid): exactly the floats Grid.dequantize gives for
+    the nearest codes, clamped to the type's range. A weight whose scale is zero (an all-zero block)
+    maps to -min, which is what it stores. No gradient: train/qat.py passes one straight through."""
     import torch
 
     rows, cols = w.shape
-    ws = w.reshape(rows, -1, g["sub"])
-    shifted = ws if g["min"] is None else ws + g["min"]
-    q = torch.round(shifted * g["inv"]) + g["zero"]
-    inside = (q >= g["qmin"]) & (q <= g["qmax"]) & (g["scale"] != 0)
-    v = q.clamp(g["qmin"], g["qmax"]) - g["zero"]
-    on_grid = g["scale"] * v if g["min"] is None else g["scale"] * v - g["min"]
-    return on_grid.reshape(rows, cols), inside.reshape(rows, cols)
-
-
-def _snap_class() -> Any:
-    import torch
-
-    class Snap(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx: Any, w: Any, g: dict[str, Any]) -> Any:
-            out, inside = _snapped(w, g)
-            if w.requires_grad:
-                ctx.save_for_backward(inside)
-            return out
-
-        @staticmethod
-        def backward(ctx: Any, grad: Any) -> tuple[Any, None]:
-            (inside,) = ctx.saved_tensors
-            return grad * inside, None
-
-    return Snap
-
-
-class _LazySnap:
-    """torch.autograd.Function made on first use, so that importing this module needs no torch."""
-
-    _cls: Any = None
-
-    def apply(self, w: Any, g: dict[str, Any]) -> Any:
-        if self._cls is None:
-            type(self)._cls = _snap_class()
-        return self._cls.apply(w, g)
-
-
-_Snap = _LazySnap()
+    with torch.no_grad():
+        ws = w.reshape(rows, -1, g["sub"])
+        shifted = ws if g["min"] is None else ws + g["min"]
+        v = (torch.round(shifted * g["inv"]) + g["zero"]).clamp(g["qmin"], g["qmax"]) - g["zero"]
+        on_grid = g["scale"] * v if g["min"] is None else g["scale"] * v - g["min"]
+        return on_grid.reshape(rows, cols)

@@ -69,24 +69,42 @@ def test_a_type_without_a_grid_is_refused() -> None:
         read_grid(np.zeros((1, 100), np.uint8), T.Q4_K)
 
 
-def test_snap_is_on_the_grid_with_a_straight_through_gradient() -> None:
-    """The forward value is Grid.dequantize of the nearest codes (the export's floats); the gradient
-    is the identity within the grid's range and zero past its last code."""
+def test_snap_is_on_the_grid_and_a_qat_layer_passes_the_lora_gradient_straight_through() -> None:
+    """snap gives Grid.dequantize of the nearest codes (the export's floats). A LoRA layer on the grid
+    computes x @ snap(W0 + s B A)^T; the input's gradient is the snapped weight's, and A and B get the
+    gradients of PEFT's LoRA branch, as if the update were not rounded."""
+    from peft import LoraConfig, get_peft_model
+
+    from edge_annotator.train.qat import attach, lora_layers
+
     rng = np.random.default_rng(1)
     g = read_grid(random_blocks(T.Q4_K, 4, rng).reshape(2, -1), T.Q4_K)
     tg = torch_grid(g)
     w0 = torch.from_numpy(g.dequantize(g.codes))
     assert torch.equal(snap(w0, tg), w0)  # the base's own weights are grid points
-    w = (w0 + 0.01 * torch.from_numpy(rng.standard_normal(w0.shape).astype(np.float32))).requires_grad_()
-    out = snap(w, tg)
-    np.testing.assert_array_equal(out.detach().numpy(), g.dequantize(g.encode(w.detach().numpy())))
-    out.backward(torch.ones_like(out))
-    with np.errstate(divide="ignore", invalid="ignore"):  # block 0's scale is zero: no code can move there
-        q_raw = np.rint((w.detach().numpy().reshape(2, -1, 32) + g.min[:, :, None]) / g.scale[:, :, None])
-    inside = ((q_raw >= 0) & (q_raw <= 15)).reshape(w.shape)
-    assert not inside[0, :32].any()
-    assert 0 < inside.mean() < 1
-    np.testing.assert_array_equal(w.grad.numpy(), inside.astype(np.float32))
+    w = w0 + 0.01 * torch.from_numpy(rng.standard_normal(w0.shape).astype(np.float32))
+    np.testing.assert_array_equal(snap(w, tg).numpy(), g.dequantize(g.encode(w.numpy())))
+
+    lin = torch.nn.Linear(512, 2, bias=False)
+    lin.weight.data.copy_(w0)
+    model = get_peft_model(torch.nn.Sequential(lin), LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    layer = lora_layers(model)["0.weight"]
+    for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+        p.data.normal_(0.0, 0.3)  # an update of some steps' size
+    attach(model, {"0.weight": tg})
+    a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    wq = snap(w0 + s * (b @ a).detach(), tg)
+    assert (wq != w0).any()
+    x = torch.randn(3, 512, requires_grad=True)
+    r = torch.randn(3, 2)
+    y = model(x)
+    assert torch.equal(y, x @ wq.T)
+    (y * r).sum().backward()
+    torch.testing.assert_close(x.grad, r @ wq)
+    a2, b2 = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    (r * (x.detach() @ a2.T @ b2.T) * s).sum().backward()
+    torch.testing.assert_close(a.grad, a2.grad)
+    torch.testing.assert_close(b.grad, b2.grad)
 
 
 def test_a_qat_config_needs_what_it_trains_on(tmp_path: Path) -> None:

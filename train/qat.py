@@ -108,22 +108,30 @@ def snapped_weight(layer: Any, grid: dict[str, Any]) -> Any:
 
 
 def _forward(layer: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-    """A LoRA layer's forward on the grid. Without gradients (validation) the snapped weight is
-    kept until A or B change (their version counters: the optimizer updates them in place)."""
+    """A LoRA layer's forward on the grid: x @ snap(W0 + s B A)^T.
+
+    The snapped weight is computed once per update of A and B (their version counters: the
+    optimizer updates them in place), so once per optimizer step and once for a whole validation.
+    The gradient is straight through: A and B get what they would with W0 + s B A in the forward,
+    through PEFT's own LoRA branch added as zero (branch - branch.detach()), on the input detached
+    so that the input's gradient is the snapped weight's alone. That is the saturated
+    straight-through estimator without its mask (a weight pushed past its block's last code keeps
+    a gradient), at the cost of a LoRA step: the full weight gradient the mask needs is never formed."""
     import torch
     import torch.nn.functional as F
 
-    grid = layer._edge_grid
-    if torch.is_grad_enabled():
-        layer._edge_cache = None
-        w = snapped_weight(layer, grid)
-    else:
-        name = layer.active_adapters[0]
-        key = (layer.lora_A[name].weight._version, layer.lora_B[name].weight._version)
-        if layer._edge_cache is None or layer._edge_cache[0] != key:
-            layer._edge_cache = (key, snapped_weight(layer, grid))
-        w = layer._edge_cache[1]
-    return F.linear(x.to(w.dtype), w, layer.base_layer.bias)
+    name = layer.active_adapters[0]
+    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    key = (id(lora_a.weight), lora_a.weight._version, id(lora_b.weight), lora_b.weight._version)
+    if layer._edge_cache is None or layer._edge_cache[0] != key:
+        layer._edge_cache = (key, snapped_weight(layer, layer._edge_grid))
+    w = layer._edge_cache[1]
+    x = x.to(w.dtype)
+    y = F.linear(x, w, layer.base_layer.bias)
+    if torch.is_grad_enabled() and lora_b.weight.requires_grad:
+        branch = lora_b(lora_a(x.detach())) * layer.scaling[name]
+        y = y + (branch - branch.detach())
+    return y
 
 
 def attach(model: Any, grids: dict[str, dict[str, Any]]) -> Any:
