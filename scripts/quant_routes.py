@@ -11,6 +11,9 @@ Routes (export/convert.py and export/adapter.py):
   q4              Q4_K_M throughout (--adapted-type same)
   q4-imatrix      Q4_K_M throughout with an importance matrix from the training items
   adapter         the untouched base GGUF + the run's LoRA as llama.cpp's adapter file (--adapter-on)
+  grid            the same recipe trained again with qat: true (OUT/qat-run, from the run's own config:
+                  the same items, steps and seed), its codes written into the base GGUF's blocks
+                  (export/grid.py); parity against its own merged model
 
 Per route: file size, bits/weight of the blocks' matrices (gguf-py), mean and max |score change|
 and decisive label flips against the HF model, alpha with the raters before and after (score
@@ -33,21 +36,26 @@ import click
 
 from edge_annotator.export.adapter import block_bits, export_adapter
 from edge_annotator.export.convert import export
+from edge_annotator.export.grid import export_grid
 from edge_annotator.export.parity import parity_many
 
-ROUTES = ["q8-adapted", "q6-adapted", "q5-adapted", "q4", "q4-imatrix", "adapter"]
+ROUTES = ["q8-adapted", "q6-adapted", "q5-adapted", "q4", "q4-imatrix", "adapter", "grid"]
 TITLES = {"q8-adapted": "Q4_K_M, adapted tensors at Q8_0", "q6-adapted": "Q4_K_M, adapted tensors at Q6_K",
           "q5-adapted": "Q4_K_M, adapted tensors at Q5_K", "q4": "Q4_K_M throughout",
-          "q4-imatrix": "Q4_K_M throughout, imatrix", "adapter": "base Q4_K_M + LoRA adapter (F16)"}
+          "q4-imatrix": "Q4_K_M throughout, imatrix", "adapter": "base Q4_K_M + LoRA adapter (F16)",
+          "grid": "trained on the base's grid (qat), Q4_K_M blocks, one file"}
 
 
 def make_file(route: str, merged: Path, out: Path, base_gguf: Path, calib: Path | None, threads: int) -> Path:
-    """The route's GGUF in OUT (made once); for the adapter route, the base is linked beside it."""
+    """The route's GGUF in OUT (made once); for the adapter route, the base is linked beside it.
+    MERGED is the qat run's for the grid route."""
     f = out / f"{route}.gguf"
     if f.exists():
         return f
     t0 = time.perf_counter()
-    if route == "adapter":
+    if route == "grid":
+        export_grid(merged, f, base_gguf)
+    elif route == "adapter":
         link = out / base_gguf.name
         if not link.exists():
             link.symlink_to(base_gguf.resolve())
@@ -61,6 +69,23 @@ def make_file(route: str, merged: Path, out: Path, base_gguf: Path, calib: Path 
         export(merged, f, "Q4_K_M", threads, kept)
     print(f"{route}: {f} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return f
+
+
+def qat_twin(run_dir: Path, out: Path) -> Path:
+    """OUT/qat-run: RUN_DIR's recipe (its merged model's provenance config: items, steps, seed)
+    trained again with qat: true and merged; trained once, and continued where it was left."""
+    from edge_annotator.train.config import parse_config
+    from edge_annotator.train.job import print_validations, train_and_merge
+
+    twin = out / "qat-run"
+    if not (twin / "merged" / "spec.json").is_file():
+        raw = json.loads((run_dir / "merged" / "provenance.json").read_text())["config"]
+        raw.update(qat=True, output=str(twin), name=f"{raw.get('name') or run_dir.name}-qat")
+        t0 = time.perf_counter()
+        train_and_merge(parse_config(raw, str(run_dir / "merged" / "provenance.json")), resume=True,
+                        progress=print_validations)
+        print(f"qat twin of {run_dir}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return twin
 
 
 def speed(files: dict[str, Path], test: Path, n: int, threads: int, out: Path) -> dict[str, float]:
@@ -114,7 +139,16 @@ def _r(x: float | None, d: int = 3) -> str:
     return "-" if x is None else f"{x:.{d}f}"
 
 
-def markdown(name: str, rows: list[dict[str, Any]]) -> str:
+def trained(run: Path) -> str:
+    """A run's steps, best step and training time, from its timing.json and checkpoint state."""
+    t = json.loads((run / "timing.json").read_text()) if (run / "timing.json").is_file() else {}
+    st = run / "checkpoint" / "state.json"
+    best = json.loads(st.read_text()).get("best_step") if st.is_file() else None
+    mins = f", {t['train_s'] / 60:.1f} min training" if "train_s" in t else ""
+    return f"{t.get('steps', '?')} steps (best {best}){mins}"
+
+
+def markdown(name: str, rows: list[dict[str, Any]], notes: str = "") -> str:
     crit = list(rows[0]["criteria"]) if rows else []
     scales = [c for c in crit if "score_delta_mean" in rows[0]["criteria"][c]]
     out = [f"**{name}** ({rows[0]['items'] if rows else 0} test items; per criterion "
@@ -135,7 +169,7 @@ def markdown(name: str, rows: list[dict[str, Any]]) -> str:
         out.append(f"| {r['title']} | {r['size_mb']} MB | {bits} | {deltas} | {r['decisive_flips']} | "
                    f"{_r(r['alpha_hf'])} -> {_r(r['alpha_gguf'])} ({_r(r['alpha_drop'])}) | {f1s} | "
                    f"{r['items_per_s']} | {'PASS' if r['pass'] else 'FAIL (' + failed + ')'} |")
-    return "\n".join(out) + "\n"
+    return "\n".join(out + ([f"\n{notes}"] if notes else [])) + "\n"
 
 
 @click.command()
@@ -159,16 +193,18 @@ def main(run_dir: Path, test_path: Path, calib: Path | None, base_gguf: Path, ou
          name: str | None, threads: int, speed_items: int, fresh: bool) -> None:
     """Export one run by every quantization route and compare the files on a full test split."""
     out.mkdir(parents=True, exist_ok=True)
-    merged = run_dir / "merged"
     todo = list(routes) or ROUTES
+    source = {r: (qat_twin(run_dir, out) if r == "grid" else run_dir) / "merged" for r in todo}
     files = {}
     for route in todo:
         if fresh:
             for p in (out / f"{route}.gguf", out / f"{route}.gguf.manifest.json", out / f"{route}.json"):
                 p.unlink(missing_ok=True)
-        files[route] = make_file(route, merged, out, base_gguf, calib, threads)
-    need = [r for r in todo if not (out / f"{r}.json").exists()]
-    if need:
+        files[route] = make_file(route, source[route], out, base_gguf, calib, threads)
+    for merged in dict.fromkeys(source.values()):  # each merged model scored once for all its files
+        need = [r for r in todo if source[r] == merged and not (out / f"{r}.json").exists()]
+        if not need:
+            continue
         t0 = time.perf_counter()
         reps = parity_many(merged, [files[r] for r in need], test_path, threads=threads)
         for r, rep in zip(need, reps):
@@ -182,7 +218,10 @@ def main(run_dir: Path, test_path: Path, calib: Path | None, base_gguf: Path, ou
     (out / "routes.json").write_text(json.dumps({"run": str(run_dir), "test": str(test_path),
                                                  "threads": threads, "cpu_count": os.cpu_count(), "routes": rows},
                                                 indent=1))
-    md = markdown(name or run_dir.name, rows)
+    notes = f"The run: {trained(run_dir)}."
+    if "grid" in todo:
+        notes += f" Its qat twin: {trained(out / 'qat-run')}."
+    md = markdown(name or run_dir.name, rows, notes)
     (out / "routes.md").write_text(md)
     print(md)
 
