@@ -243,3 +243,20 @@ def test_qat_refuses_a_base_that_is_not_its_ggufs(qat_run: dict[str, Path], tmp_
                train_data=str(DATA / "emobank-train-64.jsonl"), max_steps=2, qat=True, max_length=1024)
     with pytest.raises(CannotLearn, match="up_proj.weight is not what tiny-llama-q4_k_m.gguf dequantizes to"):
         train(parse_config(raw, "x"))
+
+
+@pytest.mark.slow
+def test_fit_qat_publishes_one_file_with_the_bases_blocks(qat_run: dict[str, Path], tmp_path: Path) -> None:
+    """annotate-cli fit --qat on a base made from a GGUF: the recipe says qat, the export takes the
+    grid route, parity passes, and the annotator is one file (no base placed beside it) whose blocks
+    have the base file's types."""
+    out = tmp_path / "emo.gguf"
+    args = [str(TASKS / "emobank.yaml"), str(DATA / "emobank-train-64.jsonl"), "-o", str(out), "--base",
+            str(qat_run["base"]), "--qat", "--budget", "1m", "--threads", "2"]
+    r = CliRunner().invoke(cli, ["fit", *args], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    state = json.loads((tmp_path / "emo.run" / "fit.json").read_text())
+    assert state["recipe"]["qat"] is True and state["export"]["route"] == "grid" and state["parity"]["pass"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emo.gguf", "emo.gguf.manifest.json", "emo.run"]
+    info = json.loads(CliRunner().invoke(cli, ["inspect", str(out), "--json", "--no-hash"]).stdout)
+    assert info["provenance"]["config"]["qat"] is True and info["provenance"]["export"]["route"] == "grid"

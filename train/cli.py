@@ -139,13 +139,17 @@ def _duration(text: str) -> float:
                    "docs/recipes.md).")
 @click.option("--select-by", type=click.Choice(["score", "label"]), default="score", show_default=True,
               help="What checkpoints are chosen by: the score's alpha (rating scales) or the label's.")
+@click.option("--qat", is_flag=True,
+              help="Train on the base GGUF's own 4-bit grid: the annotator is one file (the base's blocks with "
+                   "the trained codes) instead of the base and an adapter beside it (docs/export.md).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None)
 @click.option("--resume", is_flag=True, help="Continue the run folder's stages where they stopped.")
 @click.option("--tiny", is_flag=True, help="A 2-layer model built from scratch with the base's tokenizer: smoke "
                                            "runs and tests only (it learns little).")
 def fit(spec: Path, labels: Path, output: Path, budget: str, base: str, test: float, val: float, group: str | None,
-        quant: str, augment: str, select_by: str, seed: int, threads: int | None, resume: bool, tiny: bool) -> None:
+        quant: str, augment: str, select_by: str, qat: bool, seed: int, threads: int | None, resume: bool,
+        tiny: bool) -> None:
     """From human ratings to a parity-checked annotator and its agreement report, in one command.
 
     Splits LABELS by item (train / validation / test, seeded), sizes the recipe from the item count,
@@ -158,6 +162,7 @@ def fit(spec: Path, labels: Path, output: Path, budget: str, base: str, test: fl
       annotate-cli fit tasks/support.yaml ratings.csv -o support.gguf
       annotate-cli fit tasks/support.yaml ratings.jsonl -o support.gguf --budget 40m --group ticket_id
       annotate-cli fit tasks/support.yaml ratings.csv -o support.gguf --resume    # after an interrupt
+      annotate-cli fit tasks/support.yaml ratings.csv -o support.gguf --qat       # one 4-bit file
     """
     from edge_annotator.runtime.data import InputError
     from edge_annotator.runtime.spec import SpecError
@@ -169,7 +174,7 @@ def fit(spec: Path, labels: Path, output: Path, budget: str, base: str, test: fl
     from .trainer import CannotLearn
 
     opts = FitOptions(base=base, budget_s=_duration(budget), test=test, val=val, seed=seed, group=group, quant=quant,
-                      threads=threads, augment=augment, tiny=tiny, select_by=select_by)
+                      threads=threads, augment=augment, tiny=tiny, select_by=select_by, qat=qat)
     if not Path(base, "config.json").is_file():
         raise click.ClickException(f"{base}: no HF base folder; make one with annotate-cli base gemma3-270m {base}")
     t0 = time.perf_counter()

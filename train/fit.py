@@ -59,6 +59,9 @@ class FitOptions:
     templates, permuted inputs, token dropout), or templates, permute or dropout alone."""
     select_by: str = "score"
     """Checkpoints chosen by the score's alpha (rating scales) or the label's."""
+    qat: bool = False
+    """Train on the base GGUF's own grid (train/qat.py): the annotator is then one file, that base
+    with the trained codes in its blocks, rather than the base and an adapter beside it."""
     tiny: bool = False
     """A 2-layer model built from scratch with the base folder's tokenizer instead of its weights:
     smoke runs and tests (it learns little)."""
@@ -107,7 +110,7 @@ def fit(spec_path: str | Path, labels: str | Path, out: str | Path, opts: FitOpt
         say("recipe", "sized from the items and their lengths")
         raw = _recipe(spec_path, split, run, opts)
         state["recipe"] = {k: raw[k] for k in ("max_steps", "epochs", "lr", "batch_size", "micro_batch",
-                                               "max_length", "eval_every", "augment")}
+                                               "max_length", "eval_every", "augment", "qat")}
         say("estimate", "timing two training steps")
         raw = _estimated(raw, opts, state)
         cfg_f.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -153,11 +156,11 @@ def fit(spec_path: str | Path, labels: str | Path, out: str | Path, opts: FitOpt
                            f"(--quant Q8_0) and continue with --resume")
     shutil.copyfile(gguf, out)
     shutil.copyfile(gguf.with_name(gguf.name + ".manifest.json"), out.with_name(out.name + ".manifest.json"))
-    base_file = (state.get("export") or {}).get("base_file")
-    if base_file:  # the adapter route: the annotator is OUT and its base beside it
+    exported = state.get("export") or {}
+    if exported.get("route") == "adapter":  # the annotator is OUT and its base beside it
         from edge_annotator.export.route import place_base
 
-        place_base(Path(base_file), out)
+        place_base(Path(exported["base_file"]), out)
 
     pred = run / "test-predictions.jsonl"
     if sizes["test"]["items"] and not (run / "report" / "report.json").exists():
@@ -191,6 +194,7 @@ def _recipe(spec_path: str | Path, split: Path, run: Path, opts: FitOptions) -> 
                             str(run / "train"), items=len(items), criteria=len(spec.criteria), longest=longest,
                             seed=opts.seed, augment=opts.augment)
     raw["select_by"] = opts.select_by
+    raw["qat"] = opts.qat
     if opts.tiny:  # as configs/tiny-lora-cpu.yaml builds it
         raw |= {"tiny": {"layers": 2, "hidden": 64, "intermediate": 128, "heads": 2, "head_dim": 32},
                 "lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "lr": 3.0e-3}
