@@ -142,12 +142,24 @@ def test_the_registry_base_lies_on_its_gguf_grid(gemma_path: Path, gemma_hf: Pat
         np.testing.assert_array_equal(g.dequantize(g.codes), weights[k])
 
 
+def qat_config(base: Path, out: Path, **kw: object):
+    """The tiny recipe's settings on a GGUF-made base (its own weights, no `tiny:`), trained with qat."""
+    from edge_annotator.train.config import parse_config
+
+    raw = yaml.safe_load((ROOT / "configs" / "tiny-lora-cpu.yaml").read_text())
+    del raw["tiny"]
+    raw.update(base_model=str(base), spec=str(TASKS / "emobank.yaml"), output=str(out), qat=True,
+               train_data=str(DATA / "emobank-train-64.jsonl"), max_steps=6, eval_every=3, val_max_items=8,
+               max_length=1024, lr=1e-2, calibrate=False)
+    raw.update(kw)
+    return parse_config(raw, out.name)
+
+
 @pytest.fixture(scope="module")
 def qat_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny Llama 3 (256 wide: K-quant rows), quantized to Q4_K_M by llama.cpp and made a base from
     that file as annotate-cli base does; a qat run on it and a plain LoRA run beside it."""
     from edge_annotator.export.convert import quantize, run_converter
-    from edge_annotator.train.config import parse_config
     from edge_annotator.train.from_gguf import gguf_to_hf
     from edge_annotator.train.job import train_and_merge
     from edge_annotator.train.tiny import tiny_base
@@ -161,12 +173,7 @@ def qat_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = gguf_to_hf(models / "tiny-llama-q4_k_m.gguf", models / "tiny-llama-hf", tokenizer_dir=src)
     out: dict[str, Path] = {"gguf": models / "tiny-llama-q4_k_m.gguf", "base": base}
     for name, qat in (("qat", True), ("plain", False)):
-        raw = yaml.safe_load((ROOT / "configs" / "tiny-lora-cpu.yaml").read_text())
-        del raw["tiny"]
-        raw.update(base_model=str(base), spec=str(TASKS / "emobank.yaml"), output=str(tmp / name),
-                   train_data=str(DATA / "emobank-train-64.jsonl"), max_steps=6, eval_every=3, val_max_items=8,
-                   max_length=1024, lr=1e-2, qat=qat, calibrate=False)
-        done = train_and_merge(parse_config(raw, name))
+        done = train_and_merge(qat_config(base, tmp / name, qat=qat))
         assert done.merged is not None
         out[name] = done.merged
     return out
@@ -228,7 +235,6 @@ def test_qat_refuses_a_base_that_is_not_its_ggufs(qat_run: dict[str, Path], tmp_
 
     from safetensors.torch import load_file, save_file
 
-    from edge_annotator.train.config import parse_config
     from edge_annotator.train.trainer import CannotLearn, train
 
     base = tmp_path / "models" / "tiny-llama-hf"
@@ -237,12 +243,41 @@ def test_qat_refuses_a_base_that_is_not_its_ggufs(qat_run: dict[str, Path], tmp_
     w = load_file(str(base / "model.safetensors"))
     w["model.layers.0.mlp.up_proj.weight"] += 1e-3
     save_file(w, str(base / "model.safetensors"), metadata={"format": "pt"})
-    raw = yaml.safe_load((ROOT / "configs" / "tiny-lora-cpu.yaml").read_text())
-    del raw["tiny"]
-    raw.update(base_model=str(base), spec=str(TASKS / "emobank.yaml"), output=str(tmp_path / "run"),
-               train_data=str(DATA / "emobank-train-64.jsonl"), max_steps=2, qat=True, max_length=1024)
     with pytest.raises(CannotLearn, match="up_proj.weight is not what tiny-llama-q4_k_m.gguf dequantizes to"):
-        train(parse_config(raw, "x"))
+        train(qat_config(base, tmp_path / "run", max_steps=2))
+
+
+@pytest.mark.slow
+def test_a_qat_run_resumes_exactly_and_its_file_annotates_deterministically(qat_run: dict[str, Path],
+                                                                             tmp_path: Path) -> None:
+    """A qat run stopped after step 4 (its last checkpoint is step 3's) and resumed ends with the
+    uninterrupted run's adapter; the grid file's output is byte-identical across threads, --resume
+    and workers."""
+    from safetensors.torch import load_file
+
+    from edge_annotator.export.grid import export_grid
+    from edge_annotator.train.trainer import train
+
+    cfg = qat_config(qat_run["base"], tmp_path / "run")
+    train(cfg, stop_after=4)
+    train(cfg, resume=True)
+    got = load_file(str(tmp_path / "run" / "checkpoint" / "adapter.safetensors"))
+    want = load_file(str(qat_run["qat"].parent / "checkpoint" / "adapter.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+    out = export_grid(qat_run["qat"], tmp_path / "a.gguf", qat_run["gguf"]).output
+    items = DATA / "emobank-test-50.jsonl"
+    runs = {}
+    for name, extra in (("t1", ["--threads", "1"]), ("t2", ["--threads", "2"]), ("w2", ["--workers", "2"])):
+        f = tmp_path / f"{name}.jsonl"
+        r = CliRunner().invoke(cli, ["annotate", str(out), str(items), "-o", str(f), *extra])
+        assert r.exit_code == 0, r.output
+        runs[name] = f.read_bytes()
+    assert runs["t1"] == runs["t2"] == runs["w2"]
+    part = tmp_path / "part.jsonl"
+    part.write_bytes(b"".join(runs["t1"].splitlines(keepends=True)[:17]))
+    r = CliRunner().invoke(cli, ["annotate", str(out), str(items), "-o", str(part), "--resume"])
+    assert r.exit_code == 0 and part.read_bytes() == runs["t1"]
 
 
 @pytest.mark.slow
