@@ -205,10 +205,11 @@ active-learning: install $(GEMMA_HF)  ## the expert loop simulated: uncertainty 
 		--markdown README.md
 
 # The export routes side by side (Q8_0/Q6_K/Q5_K-adapted, all Q4_K_M with and without an imatrix, base +
-# adapter), each file through parity against the merged model on a full test split, then annotate's
+# adapter, and the grid route: the same recipe trained again with qat: true, its codes written into the base
+# file's blocks), each file through parity against its merged model on a full test split, then annotate's
 # speed on 200 items: the demo's run (make demo), and the 300-item ConvAbuse and GoEmotions runs of
 # make learning-curve; the full test splits are the ones make eval converts. Into models/routes/.
-quant-routes: install $(GEMMA)  ## export routes on full test splits: size, block bits, parity, alpha, items/s (~1.5 h)
+quant-routes: install $(GEMMA)  ## export routes and qat on full test splits: size, block bits, parity, alpha, items/s (~3 h)
 	$(PY) scripts/quant_routes.py --run $(MODELS)/runs/gemma3-270m-lora-cpu-emobank --test $(MODELS)/data/emobank-test.jsonl \
 		--calib data/emobank-train-5000.jsonl --out $(MODELS)/routes/emobank --name "EmoBank (demo recipe)"
 	$(PY) scripts/quant_routes.py --run $(MODELS)/curve/convabuse-300-none/run --test $(MODELS)/data/convabuse-test.jsonl \
