@@ -9,8 +9,8 @@ of its weights is one point of the grid its block was quantized to (hf/grid.py).
 base + LoRA update again rounds most of the update away: a LoRA step is mostly smaller than half a
 4-bit step (docs/export.md). Here the forward pass of each adapted matrix computes W0 + s * B @ A,
 snaps it to that grid (the base file's scales kept, each weight's code chosen) and multiplies
-with the result; the gradient passes straight through to A and B (zero where a weight is pushed
-past the grid's last code). What is validated during training is then exactly what the export
+with the result; the gradient passes straight through to A and B (`_forward` says how). What is
+validated during training is then exactly what the export
 writes into the base file's blocks (export/grid.py): one file with the base's types and size,
 and no rounding after training.
 
