@@ -75,7 +75,7 @@ def test_snap_is_on_the_grid_and_a_qat_layer_passes_the_lora_gradient_straight_t
     gradients of PEFT's LoRA branch, as if the update were not rounded."""
     from peft import LoraConfig, get_peft_model
 
-    from edge_annotator.train.qat import attach, lora_layers
+    from edge_annotator.train.qat import attach, lora_layers, train_on_grid
 
     rng = np.random.default_rng(1)
     g = read_grid(random_blocks(T.Q4_K, 4, rng).reshape(2, -1), T.Q4_K)
@@ -105,6 +105,12 @@ def test_snap_is_on_the_grid_and_a_qat_layer_passes_the_lora_gradient_straight_t
     (r * (x.detach() @ a2.T @ b2.T) * s).sum().backward()
     torch.testing.assert_close(a.grad, a2.grad)
     torch.testing.assert_close(b.grad, b2.grad)
+    # before the grid is switched on (qat_start), training runs PEFT's own forward; without gradients
+    # (validation) the layer is on the grid all the same
+    train_on_grid(model, False)
+    torch.testing.assert_close(model(x), x @ (w0 + s * b @ a).T)
+    with torch.no_grad():
+        assert torch.equal(model(x), x @ wq.T)
 
 
 def test_a_qat_config_needs_what_it_trains_on(tmp_path: Path) -> None:

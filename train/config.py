@@ -120,6 +120,11 @@ class TrainConfig:
     GGUF the base was made from (straight-through gradient), so the export writes the trained
     weights into that file's blocks unrounded (`export --route grid`): one file with the base's
     types and size. Needs a base made by `annotate-cli base` / `from-gguf`, and lora.dropout 0."""
+    qat_start: float = 0.5
+    """With qat: the share of the steps trained as plain LoRA before the training forward pass snaps
+    to the grid. Validation always scores the snapped model (what the export writes), so the best
+    checkpoint is one of those. From the first step (0) the demo recipe learnt nothing of the
+    sentences in 360 steps (docs/export.md)."""
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     """float32 on CPUs (bf16 matmuls are over 10x slower there), bfloat16 on GPUs."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -202,6 +207,8 @@ class TrainConfig:
                 problems.append("qat needs lora.dropout 0 (the snapped weight has no separate LoRA branch to drop)")
             if self.lora.modules_to_save:
                 problems.append("qat keeps every weight on the base's grid; modules_to_save trains some in full")
+        if not 0 <= self.qat_start < 1:
+            problems.append("qat_start must be in [0, 1)")
         td = self.augment.token_dropout
         if not (0 <= td.prob < 1 and 0 <= td.fraction <= 1):
             problems.append("augment.token_dropout: prob must be in [0, 1) and fraction in [0, 1]")

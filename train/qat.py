@@ -108,7 +108,8 @@ def snapped_weight(layer: Any, grid: dict[str, Any]) -> Any:
 
 
 def _forward(layer: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-    """A LoRA layer's forward on the grid: x @ snap(W0 + s B A)^T.
+    """A LoRA layer's forward on the grid: x @ snap(W0 + s B A)^T; PEFT's own forward while training
+    before the grid is switched on (`train_on_grid`).
 
     The snapped weight is computed once per update of A and B (their version counters: the
     optimizer updates them in place), so once per optimizer step and once for a whole validation.
@@ -122,13 +123,16 @@ def _forward(layer: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
 
     name = layer.active_adapters[0]
     lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    training = torch.is_grad_enabled() and lora_b.weight.requires_grad
+    if training and not layer._edge_on_grid:
+        return layer._edge_peft_forward(x, *args, **kwargs)
     key = (id(lora_a.weight), lora_a.weight._version, id(lora_b.weight), lora_b.weight._version)
     if layer._edge_cache is None or layer._edge_cache[0] != key:
         layer._edge_cache = (key, snapped_weight(layer, layer._edge_grid))
     w = layer._edge_cache[1]
     x = x.to(w.dtype)
     y = F.linear(x, w, layer.base_layer.bias)
-    if torch.is_grad_enabled() and lora_b.weight.requires_grad:
+    if training:
         branch = lora_b(lora_a(x.detach())) * layer.scaling[name]
         y = y + (branch - branch.detach())
     return y
@@ -145,8 +149,17 @@ def attach(model: Any, grids: dict[str, dict[str, Any]]) -> Any:
             raise NoGrid(f"{hf}: qat needs lora.dropout 0")
         layer._edge_grid = grids[hf]
         layer._edge_cache = None
+        layer._edge_on_grid = True
+        layer._edge_peft_forward = layer.forward
         layer.forward = types.MethodType(_forward, layer)
     return model
+
+
+def train_on_grid(model: Any, on: bool) -> None:
+    """Whether the training forward pass snaps to the grid (it always does without gradients: the
+    validation of what the export writes)."""
+    for layer in lora_layers(model).values():
+        layer._edge_on_grid = on
 
 
 def bake(model: Any, grids: dict[str, dict[str, Any]]) -> Any:

@@ -348,6 +348,10 @@ class Run:
 
     def optimize(self, batch: StepBatch, t0: float) -> None:
         """One optimizer step on a prepared batch, logged."""
+        if self.cfg.qat:  # plain LoRA for the first qat_start of the steps, then on the grid
+            from .qat import train_on_grid
+
+            train_on_grid(self.model, self.state.step >= math.floor(self.cfg.qat_start * self.total))
         got = train_step(self.model, batch)
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
