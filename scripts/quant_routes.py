@@ -17,10 +17,10 @@ Routes (export/convert.py and export/adapter.py):
 
 Per route: file size, bits/weight of the blocks' matrices (gguf-py), mean and max |score change|
 and decisive label flips against the HF model, alpha with the raters before and after (score
-alpha for rating scales, label alpha and macro-F1 for label sets), items/s of `annotate` on the
-first --speed test items with each file in turn (one process, batch 1, --threads; run it on a
-quiet machine). Each route's file and report stay in OUT, so a rerun only
-does what is missing (--fresh redoes all). Writes OUT/routes.json and OUT/routes.md.
+alpha for rating scales, label alpha and macro-F1 for label sets; the label's alpha for every
+set), items/s of `annotate` on the first --speed test items with each file in turn (one process,
+batch 1, --threads; run it on a quiet machine). Each route's file and report stay in OUT, so a
+rerun only does what is missing (--fresh redoes all). Writes OUT/routes.json and OUT/routes.md.
 """
 
 from __future__ import annotations
@@ -127,6 +127,8 @@ def summary(route: str, f: Path, rep: dict[str, Any], base_gguf: Path) -> dict[s
         "items_per_s": round(rep["items"] / rep["gguf_seconds"], 2),
         "alpha_hf": rep["humans"]["alpha_hf"], "alpha_gguf": rep["humans"]["alpha_gguf"],
         "alpha_drop": rep["humans"]["drop"],
+        "label_alpha_hf": rep["humans"].get("label_alpha_hf"),
+        "label_alpha_gguf": rep["humans"].get("label_alpha_gguf"),
         "criteria": {p["criterion"]: {k: p.get(k) for k in (
             "score_delta_mean", "score_delta_max", "label_flips_decisive", "human_score_alpha_hf",
             "human_score_alpha_gguf", "human_alpha_hf", "human_alpha_gguf", "human_macro_f1_hf",
@@ -154,8 +156,8 @@ def markdown(name: str, rows: list[dict[str, Any]], notes: str = "") -> str:
     out = [f"**{name}** ({rows[0]['items'] if rows else 0} test items; per criterion "
            + " / ".join(crit) + ")", "",
            "| route | size | blocks' bits/weight | mean / max \\|score change\\| | decisive flips | "
-           "alpha with raters, HF -> GGUF (drop) | macro-F1 HF -> GGUF | items/s | parity |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "alpha with raters, HF -> GGUF (drop) | label alpha HF -> GGUF | macro-F1 HF -> GGUF | items/s | parity |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cs = r["criteria"]
         deltas = (" / ".join(_r(cs[c]["score_delta_mean"]) for c in scales) + "; "
@@ -167,7 +169,8 @@ def markdown(name: str, rows: list[dict[str, Any]], notes: str = "") -> str:
             bits += f" ({_r(r['block_bits_per_weight_with_adapter'], 2)} with the adapter)"
         failed = ", ".join(k for k, v in r["checks"].items() if not v)
         out.append(f"| {r['title']} | {r['size_mb']} MB | {bits} | {deltas} | {r['decisive_flips']} | "
-                   f"{_r(r['alpha_hf'])} -> {_r(r['alpha_gguf'])} ({_r(r['alpha_drop'])}) | {f1s} | "
+                   f"{_r(r['alpha_hf'])} -> {_r(r['alpha_gguf'])} ({_r(r['alpha_drop'])}) | "
+                   f"{_r(r.get('label_alpha_hf'))} -> {_r(r.get('label_alpha_gguf'))} | {f1s} | "
                    f"{r['items_per_s']} | {'PASS' if r['pass'] else 'FAIL (' + failed + ')'} |")
     return "\n".join(out + ([f"\n{notes}"] if notes else [])) + "\n"
 
