@@ -17,10 +17,10 @@ Routes (export/convert.py and export/adapter.py):
 
 Per route: file size, bits/weight of the blocks' matrices (gguf-py), mean and max |score change|
 and decisive label flips against the HF model, alpha with the raters before and after (score
-alpha for rating scales, label alpha and macro-F1 for label sets; the label's alpha for every
-set), items/s of `annotate` on the first --speed test items with each file in turn (one process,
-batch 1, --threads; run it on a quiet machine). Each route's file and report stay in OUT, so a
-rerun only does what is missing (--fresh redoes all). Writes OUT/routes.json and OUT/routes.md.
+alpha for rating scales, label alpha and macro-F1 for label sets; the label's alpha, averaged
+over criteria, for every set), items/s of `annotate` on the first --speed test items with each
+file in turn (one process, batch 1, --threads; run it on a quiet machine). Each route's file and
+report stay in OUT, so a rerun only does what is missing (--fresh redoes all). Writes OUT/routes.json and OUT/routes.md.
 """
 
 from __future__ import annotations
@@ -127,14 +127,19 @@ def summary(route: str, f: Path, rep: dict[str, Any], base_gguf: Path) -> dict[s
         "items_per_s": round(rep["items"] / rep["gguf_seconds"], 2),
         "alpha_hf": rep["humans"]["alpha_hf"], "alpha_gguf": rep["humans"]["alpha_gguf"],
         "alpha_drop": rep["humans"]["drop"],
-        "label_alpha_hf": rep["humans"].get("label_alpha_hf"),
-        "label_alpha_gguf": rep["humans"].get("label_alpha_gguf"),
         "criteria": {p["criterion"]: {k: p.get(k) for k in (
             "score_delta_mean", "score_delta_max", "label_flips_decisive", "human_score_alpha_hf",
             "human_score_alpha_gguf", "human_alpha_hf", "human_alpha_gguf", "human_macro_f1_hf",
             "human_macro_f1_gguf") if p.get(k) is not None} for p in per},
     }
     return row
+
+
+def _mean(xs: list[float | None]) -> float | None:
+    """The mean over criteria, as parity's gated alpha is (hf/score.selection_alpha); None where a
+    criterion has none."""
+    got = [x for x in xs if x is not None]
+    return sum(got) / len(got) if got and len(got) == len(xs) else None
 
 
 def _r(x: float | None, d: int = 3) -> str:
@@ -162,6 +167,7 @@ def markdown(name: str, rows: list[dict[str, Any]], notes: str = "") -> str:
         cs = r["criteria"]
         deltas = (" / ".join(_r(cs[c]["score_delta_mean"]) for c in scales) + "; "
                   + " / ".join(_r(cs[c]["score_delta_max"]) for c in scales)) if scales else "-"
+        label_alpha = [_mean([cs[c].get(f"human_alpha_{k}") for c in crit]) for k in ("hf", "gguf")]
         f1 = [c for c in crit if "human_macro_f1_hf" in cs[c]]
         f1s = "; ".join(f"{_r(cs[c]['human_macro_f1_hf'])} -> {_r(cs[c]['human_macro_f1_gguf'])}" for c in f1) or "-"
         bits = _r(r["block_bits_per_weight"], 2)
@@ -170,7 +176,7 @@ def markdown(name: str, rows: list[dict[str, Any]], notes: str = "") -> str:
         failed = ", ".join(k for k, v in r["checks"].items() if not v)
         out.append(f"| {r['title']} | {r['size_mb']} MB | {bits} | {deltas} | {r['decisive_flips']} | "
                    f"{_r(r['alpha_hf'])} -> {_r(r['alpha_gguf'])} ({_r(r['alpha_drop'])}) | "
-                   f"{_r(r.get('label_alpha_hf'))} -> {_r(r.get('label_alpha_gguf'))} | {f1s} | "
+                   f"{_r(label_alpha[0])} -> {_r(label_alpha[1])} | {f1s} | "
                    f"{r['items_per_s']} | {'PASS' if r['pass'] else 'FAIL (' + failed + ')'} |")
     return "\n".join(out + ([f"\n{notes}"] if notes else [])) + "\n"
 
