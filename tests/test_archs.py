@@ -138,3 +138,23 @@ def test_from_gguf_converts_a_qwen3_and_a_llama_gguf(arch: dict[str, Path], tmp_
                                  str(arch["base"])])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_from_gguf_without_llama_cpp_checks_against_a_converted_folder_s_fingerprint(
+        arch: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where llama-cpp-python is not installed (a GPU machine), the tokenizer of a base folder converted
+    with it is checked against the ids recorded there; a folder without them is refused."""
+    import sys
+
+    from edge_annotator.hf.tokcheck import FINGERPRINT
+
+    r = CliRunner().invoke(cli, ["from-gguf", str(arch["F16"]), str(tmp_path / "hf"), "--tokenizer", str(arch["base"])])
+    assert r.exit_code == 0, r.output
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # not importable: as where it is not installed
+    gguf = str(arch["F16"])
+    r = CliRunner().invoke(cli, ["from-gguf", gguf, str(tmp_path / "hf2"), "--tokenizer", str(tmp_path / "hf")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "hf2" / FINGERPRINT).read_text() == (tmp_path / "hf" / FINGERPRINT).read_text()
+    r = CliRunner().invoke(cli, ["from-gguf", gguf, str(tmp_path / "hf3"), "--tokenizer", str(arch["base"])])
+    assert r.exit_code == 1 and "llama-cpp-python is not installed" in r.output, r.output
+    assert not (tmp_path / "hf3").exists()

@@ -76,6 +76,29 @@ def test_from_gguf_refuses_a_tokenizer_folder_that_is_not_the_model_s(gemma_hf: 
     assert not out.exists()
 
 
+def test_without_llama_cpp_a_recorded_fingerprint_refuses_a_changed_tokenizer_or_another_gguf(
+        gemma_hf: Path, gemma_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from edge_annotator.hf.tokcheck import FINGERPRINT
+    from edge_annotator.train import from_gguf
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # not importable: as where it is not installed
+    broken = _broken_copy(gemma_hf, tmp_path / "broken")
+    r = CliRunner().invoke(from_gguf.from_gguf, [str(gemma_path), str(tmp_path / "hf"), "--tokenizer", str(broken)])
+    err = r.output.strip().splitlines()
+    assert r.exit_code == 1 and len(err) == 1 and "differently from" in err[0], r.output
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json", FINGERPRINT):
+        shutil.copy(gemma_hf / f, other / f)
+    rec = json.loads((other / FINGERPRINT).read_text())
+    (other / FINGERPRINT).write_text(json.dumps(rec | {"gguf": "another.gguf"}))
+    r = CliRunner().invoke(from_gguf.from_gguf, [str(gemma_path), str(tmp_path / "hf"), "--tokenizer", str(other)])
+    assert r.exit_code == 1 and "not gemma-3-270m-q4_k_m.gguf" in r.output, r.output
+    assert not (tmp_path / "hf").exists()
+
+
 def test_training_stops_before_step_1_on_a_tokenizer_changed_since_conversion(gemma_hf: Path, tmp_path: Path) -> None:
     from edge_annotator.train.cli import train as train_cmd
 

@@ -12,10 +12,15 @@ The converted tokenizer is checked against the GGUF's own vocabulary (llama.cpp,
 before anything is written: transformers' GGUF conversion of Gemma 3's tokenizer is right in 5.24
 and wrong in 5.17 (96 tokens for a 19-token sentence), so a difference refuses the conversion. The
 texts and llama.cpp's ids go into the folder for training to check again.
+
+Where llama-cpp-python is not installed (a GPU training machine with no network), `--tokenizer`
+may name a base folder converted on a machine that has it: the tokenizer is then checked against
+the ids llama.cpp gave there, recorded in that folder's fingerprint for the same GGUF file name.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -23,7 +28,7 @@ from typing import Any
 
 import click
 
-from edge_annotator.hf.tokcheck import FINGERPRINT, TokenizerMismatch, check_against_gguf
+from edge_annotator.hf.tokcheck import FINGERPRINT, TokenizerMismatch, check_against_gguf, check_folder
 from edge_annotator.runtime.files import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -43,7 +48,10 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, tokenizer_dir: str | 
     else:
         tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     # refuses before the weights are loaded or anything is written
-    fingerprint = check_against_gguf(tok, src, source=None if tokenizer_dir is None else str(tokenizer_dir))
+    if tokenizer_dir is not None and importlib.util.find_spec("llama_cpp") is None:
+        fingerprint = _recorded_check(tok, Path(tokenizer_dir), src)
+    else:
+        fingerprint = check_against_gguf(tok, src, source=None if tokenizer_dir is None else str(tokenizer_dir))
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32,
                                                  config=_config(src))
     # the weights are dequantized: save them as the plain fp32 they now are, with no GGUF quantizer
@@ -57,6 +65,26 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, tokenizer_dir: str | 
         (d / FINGERPRINT).write_text(json.dumps(fingerprint, ensure_ascii=False) + "\n")
 
     return atomic_dir(out, write)
+
+
+def _recorded_check(tok: Any, folder: Path, src: Path) -> dict[str, Any]:
+    """Without llama.cpp: the fingerprint a conversion with llama.cpp wrote into `folder`, for a GGUF
+    of the same name, checked again with this transformers; TokenizerMismatch where it cannot be."""
+    fp = folder / FINGERPRINT
+    if not fp.is_file():
+        raise TokenizerMismatch(f"llama-cpp-python is not installed, so {src}'s vocabulary cannot be read, and "
+                                f"{folder} has no {FINGERPRINT} to check against: install llama-cpp-python, or pass "
+                                f"a base folder converted from {src.name} where it is installed")
+    rec = json.loads(fp.read_text())
+    if rec.get("gguf") != src.name:
+        raise TokenizerMismatch(f"{fp} holds llama.cpp's ids for {rec.get('gguf')}, not {src.name}: pass a base folder "
+                                f"converted from {src.name}")
+    problem = check_folder(folder, tok)
+    if problem:
+        raise TokenizerMismatch(problem)
+    log.info("llama-cpp-python is not installed: the tokenizer matched the ids llama.cpp gave for %s (%s)",
+             src.name, fp)
+    return dict(rec)
 
 
 def _config(src: Path) -> Any:
@@ -81,7 +109,8 @@ def _config(src: Path) -> Any:
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--tokenizer", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Take the tokenizer from this HF folder (the model's own tokenizer.json) instead of converting "
-                   "the GGUF's; it is checked the same way.")
+                   "the GGUF's; it is checked the same way (without llama-cpp-python: against the ids recorded "
+                   "in the folder's edge_annotator_tokenizer.json, written by an earlier from-gguf).")
 def from_gguf(gguf: Path, out: Path, tokenizer: Path | None) -> None:
     """A GGUF base model to an fp32 HF folder (OUT, written beside and renamed into place), its
     tokenizer checked against the GGUF's own (llama.cpp). Needs the train or export extra.
@@ -90,6 +119,7 @@ def from_gguf(gguf: Path, out: Path, tokenizer: Path | None) -> None:
     Examples:
       annotate-cli from-gguf models/gemma-3-270m-q4_k_m.gguf models/gemma-3-270m-hf
       annotate-cli from-gguf gemma.gguf gemma-hf --tokenizer ~/hf/gemma-3-270m   # transformers < 5.24
+      annotate-cli from-gguf gemma.gguf gemma-hf --tokenizer tok/   # tok/: a converted base's tokenizer files
     """
     try:
         click.echo(gguf_to_hf(gguf, out, tokenizer))
