@@ -38,7 +38,7 @@ for w in "$carry"/gemma-*.whl "$carry"/llama_cpp_python-*.whl; do
   [ -f "$w" ] && python3 -m zipfile -e "$w" "$site"
 done
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-python3 -c "import edge_annotator.train" 2>/dev/null || pip install --no-deps --no-build-isolation -q -e . || {
+python3 -c "import edge_annotator.train" 2>/dev/null || python3 -m pip install --no-deps --no-build-isolation -q -e . || {
   echo "gpu_train_check: pip could not install the checkout; its stage folders go on PYTHONPATH as edge_annotator" >&2
   mkdir -p "$site/edge_annotator"
   for d in runtime train export hf bench tasks data; do ln -sfn "$PWD/$d" "$site/edge_annotator/$d"; done; }
@@ -60,7 +60,9 @@ for split in train dev; do
 done
 t_setup=$(( $(date +%s) - t0 ))
 
-python3 -m edge_annotator.runtime.cli train "$config" --no-merge
+# the train command itself, not through annotate-cli: its subcommands are entry points, which a
+# checkout on PYTHONPATH (pip's fallback above) does not register
+python3 -c "import sys; from edge_annotator.train.cli import train; train(sys.argv[1:])" "$config" --no-merge
 grep '"event": "val"' "$run/log.jsonl" | python3 -c "
 import json, sys
 for line in sys.stdin:
