@@ -106,9 +106,13 @@ def check_folder(folder: Path, tokenizer: Any) -> str | None:
     fp = folder / FINGERPRINT
     if not fp.is_file():
         return None
+    return check_record(json.loads(fp.read_text()), folder, tokenizer)
+
+
+def check_record(rec: dict[str, Any], folder: Path, tokenizer: Any) -> str | None:
+    """check_folder on a fingerprint already read from `folder`."""
     from .score import hf_tokenize
 
-    rec = json.loads(fp.read_text())
     diff = differences(rec["texts"], rec["ids"], hf_tokenize(tokenizer))
     if not diff:
         return None

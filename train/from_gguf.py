@@ -28,7 +28,7 @@ from typing import Any
 
 import click
 
-from edge_annotator.hf.tokcheck import FINGERPRINT, TokenizerMismatch, check_against_gguf, check_folder
+from edge_annotator.hf.tokcheck import FINGERPRINT, TokenizerMismatch, check_against_gguf, check_record
 from edge_annotator.runtime.files import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def _recorded_check(tok: Any, folder: Path, src: Path) -> dict[str, Any]:
     if rec.get("gguf") != src.name:
         raise TokenizerMismatch(f"{fp} holds llama.cpp's ids for {rec.get('gguf')}, not {src.name}: pass a base folder "
                                 f"converted from {src.name}")
-    problem = check_folder(folder, tok)
+    problem = check_record(rec, folder, tok)
     if problem:
         raise TokenizerMismatch(problem)
     log.info("llama-cpp-python is not installed: the tokenizer matched the ids llama.cpp gave for %s (%s)",
