@@ -24,7 +24,7 @@ from edge_annotator.runtime.metrics import agreement
 from edge_annotator.runtime.prompt import CANONICAL
 from edge_annotator.runtime.spec import TaskSpec
 
-from .tree import Tokens, Unit, build_tree, level_logprobs, tree_attention
+from .tree import Tokens, Unit, build_tree, leading_inputs, level_logprobs, shared_groups, tree_attention
 
 
 def hf_tokenize(tokenizer: Any) -> Tokens:
@@ -54,17 +54,20 @@ def score_items(model: Any, tokenizer: Any, spec: TaskSpec, items: Sequence[Item
     everything = [np.ones(len(c.scale)) for c in spec.criteria]  # a target only marks what to score
     out: list[dict[str, Score]] = []
     try:
+        groups = shared_groups([leading_inputs(spec, it.fields) for it in items])
+        chunks = ([g[s:s + batch] for g in groups for s in range(0, len(g), batch)] if groups else
+                  [list(range(s, min(s + batch, len(items)))) for s in range(0, len(items), batch)])
+        by_item: dict[int, dict[str, Score]] = {}
         with tree_attention(model):
-            for s in range(0, len(items), batch):
-                chunk = items[s:s + batch]
-                tree = build_tree(tok, spec, tries, [Unit(it.fields, everything) for it in chunk], CANONICAL,
+            for chunk in chunks:  # items sharing a context score in one tree whose prefix holds it
+                tree = build_tree(tok, spec, tries, [Unit(items[i].fields, everything) for i in chunk], CANONICAL,
                                   pad_id(tokenizer))
                 probs = level_logprobs(model, tree).exp().double().cpu().numpy()
-                for k in range(len(chunk)):
-                    res = {}
-                    for ci, c in enumerate(spec.criteria):
-                        res[c.name] = criterion_score(c, probs[k * len(spec.criteria) + ci, : len(c.scale)].tolist())
-                    out.append(res)
+                C = len(spec.criteria)
+                for k, i in enumerate(chunk):
+                    by_item[i] = {c.name: criterion_score(c, probs[k * C + ci, : len(c.scale)].tolist())
+                                  for ci, c in enumerate(spec.criteria)}
+        out = [by_item[i] for i in range(len(items))]
     finally:
         if was_training:
             model.train()

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edge_annotator.runtime.annotator import AnswerTrie, segment_bounds
+from edge_annotator.runtime.annotator import AnswerTrie, common_prefix_len, segment_bounds
 from edge_annotator.runtime.prompt import RenderOptions, prompt_segments
 from edge_annotator.runtime.spec import TaskSpec
 
@@ -210,6 +210,36 @@ class Blocks:
     """(B, n, Lp) which prefix tokens each slot sees; None: all (no sliding window reaches back)."""
 
 
+def leading_inputs(spec: TaskSpec, fields: Mapping[str, Any]) -> tuple[str, ...]:
+    """The values of all input fields but the last, in the spec's order: what items share when
+    they are several answers to one context (USR PersonaChat's five responses to each dialogue,
+    a QA rubric's answers to one question). Items with equal leading inputs, packed into one tree
+    with the spec's input order, share those tokens in the tree's prefix."""
+    return tuple(str(fields.get(f.name, "")) for f in spec.inputs[:-1])
+
+
+def shared_groups(keys: Sequence[Any]) -> list[list[int]] | None:
+    """The indices grouped by key (groups in order of first appearance, members in order), or None
+    when items share too little for grouping to pay: fewer than two items per key on average."""
+    groups: dict[Any, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    if len(groups) < 2 or 2 * len(groups) > len(keys):
+        return None
+    return list(groups.values())
+
+
+def runs_by_key(keys: Sequence[Any]) -> list[list[int]]:
+    """Consecutive indices with equal keys, as lists: the trees a micro-batch is cut into."""
+    out: list[list[int]] = []
+    for i, k in enumerate(keys):
+        if out and keys[out[-1][-1]] == k:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
 def item_texts(spec: TaskSpec, fields: Mapping[str, Any], opts: RenderOptions) -> tuple[str, str, list[str]]:
     """The texts a tree tokenizes for one item, each whole: the instruction, the head (instruction
     and inputs) and one full prompt per criterion (spec order). Training's length check tokenizes
@@ -244,6 +274,13 @@ def build_tree(tokenize: Tokenize, spec: TaskSpec, tries: Mapping[str, AnswerTri
         shared, split = segment_bounds(instr, head, fulls, stems)
         plans.append((fulls, shared, split))
     Lp = min(p[1] for p in plans)
+    keys = {leading_inputs(spec, u.fields) for u in units}
+    if len(keys) == 1 and any(keys.pop()) and not any(u.drop_prob > 0 for u in units):
+        # items that share their leading inputs (a context with several responses) share those
+        # tokens too: the prefix runs on to where their prompts part, each item keeping a token
+        first = plans[0][0][0]
+        common = min(common_prefix_len(p[0][0], first) for p in plans)
+        Lp = max(Lp, min(common, min(p[2] for p in plans) - 1))
     prefix = plans[0][0][0][:Lp]
 
     ids: list[int] = list(prefix)

@@ -190,3 +190,66 @@ def test_checkpoints_are_chosen_by_what_the_user_reads() -> None:
     assert selection_alpha(mixed, "score") == pytest.approx(0.3)
     undefined = {"criteria": [{"alpha": None}], "pooled": {"method": "single criterion", "alpha": None}}
     assert selection_alpha(undefined) == -1.0
+
+
+def _dialogue_task(tmp_path: Path) -> tuple[Path, Path]:
+    """A spec with a dialogue and a summary, four 1-5 criteria, and 24 items: four summaries of
+    each of six dialogues (the shape of USR PersonaChat's five responses per conversation)."""
+    levels = [{"value": v, "anchor": a} for v, a in zip(range(1, 6), ["poor", "weak", "fair", "good", "great"])]
+    spec = {"name": "summaries", "inputs": [{"name": "dialogue", "title": "Dialogue"},
+                                            {"name": "summary", "title": "Summary"}],
+            "criteria": [{"name": n, "level": "ordinal", "scale": levels}
+                         for n in ("Coherence", "Consistency", "Fluency", "Relevance")],
+            "templates": ["Rate the summary of the dialogue.\n\n{rubric}"], "answer_cue": "{criterion} ({min}-{max}):"}
+    spec_f = tmp_path / "summaries.yaml"
+    spec_f.write_text(yaml.safe_dump(spec))
+    base = load_items(DATA / "convabuse-train-300.jsonl", load_spec(TASKS / "convabuse.yaml"))
+    rng = np.random.default_rng(0)
+    rows = []
+    for d in range(6):
+        dialogue = " ".join(f"{it.fields['prev_user']} {it.fields['prev_agent']}" for it in base[12 * d:12 * d + 12])
+        for k in range(4):
+            rows.append({"id": f"d{d}-{k}", "dialogue": dialogue, "summary": base[100 + 4 * d + k].fields["user"],
+                         "ratings": [{"rater": f"r{r}", "labels": {c["name"]: int(rng.integers(1, 6))
+                                                                   for c in spec["criteria"]}} for r in range(3)]})
+    import json
+
+    data_f = tmp_path / "summaries.jsonl"
+    data_f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return spec_f, data_f
+
+
+def test_items_sharing_a_context_train_side_by_side_and_resume_exactly(tmp_path: Path, gemma_hf: Path) -> None:
+    """Summaries of one dialogue come through the stream together and share a tree whose prefix
+    holds the dialogue once: fewer tokens a step than the plain shuffle, every example seen once
+    an epoch, and an interrupted run resumes to the very adapter an uninterrupted one trains."""
+    from edge_annotator.train.trainer import Run, train
+
+    spec_f, data_f = _dialogue_task(tmp_path)
+    off = {"templates": False, "permute_inputs": False, "shuffle_labels": False,
+           "token_dropout": {"prob": 0.0, "fraction": 0.0}}
+    kw = {"spec": str(spec_f), "train_data": str(data_f), "raters": "distribution", "augment": off, "max_steps": 4,
+          "eval_every": 2, "patience": 10, "batch_size": 32, "micro_batch": 32, "val_max_items": 4,
+          "max_length": 1024}
+
+    def run(name: str, **more) -> Run:
+        r = Run(tiny(tmp_path / name, gemma_hf, **(kw | more)))
+        r.setup(False)
+        return r
+
+    grouped, plain = run("g"), run("p", share_contexts=False)
+    assert grouped.stream.groups is not None and plain.stream.groups is None
+    assert run("d", augment=off | {"token_dropout": {"prob": 0.1, "fraction": 0.5}}).stream.groups is None
+    epoch = [j for _, j in grouped.stream.take(0, len(grouped.examples))]
+    assert sorted(epoch) == list(range(len(grouped.examples)))
+    keys = [grouped.data.train_items[grouped.examples[j].item].fields["dialogue"] for j in epoch]
+    assert sum(a != b for a, b in zip(keys, keys[1:])) == len(set(keys)) - 1  # each dialogue's items together
+    g_tokens = sum(t.tokens for s in range(4) for t in grouped.prepare(s).trees)
+    p_tokens = sum(t.tokens for s in range(4) for t in plain.prepare(s).trees)
+    assert g_tokens < 0.75 * p_tokens
+    a = train(tiny(tmp_path / "a", gemma_hf, **kw))
+    c_cfg = tiny(tmp_path / "c", gemma_hf, **kw)
+    train(c_cfg, stop_after=3)
+    c = train(c_cfg, resume=True)
+    ta, tc = _adapter(a.output), _adapter(c.output)
+    assert ta.keys() == tc.keys() and all(torch.equal(ta[k], tc[k]) for k in ta)

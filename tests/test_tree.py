@@ -158,6 +158,49 @@ def test_long_items_of_several_fields_in_blocks_equal_the_dense_form_and_the_ref
     assert blocks.idx.shape == (4, int(sizes.max())) and int(sizes.min()) < int(sizes.max())
 
 
+def _one_dialogue(n: int) -> list[dict[str, str]]:
+    """n summaries of one dialogue: items that share their leading input, as USR PersonaChat's five
+    responses to each conversation do."""
+    base = [it.fields for it in load_items(DATA / "convabuse-train-300.jsonl", load_spec(TASKS / "convabuse.yaml"))]
+    dialogue = " ".join(f["prev_user"] + " " + f["prev_agent"] for f in base[:4])
+    return [{"dialogue": dialogue, "summary": base[10 + k]["user"]} for k in range(n)]
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["blocked", "dense"])
+def test_items_sharing_a_context_hold_it_in_the_prefix_with_the_same_loss_and_gradients(
+        gemma_hf: Path, gemma_lora, dense: bool) -> None:
+    """Three summaries of one dialogue: the tree's prefix runs on through the dialogue, each item
+    keeps only its own summary, and loss and gradients are still those of one prompt per row."""
+    spec = parse_spec(LONG, "long")
+    tok, T = _tok(gemma_hf)
+    units = _units(spec, _one_dialogue(3), np.random.default_rng(2), False)
+    _compare(gemma_lora, tok, spec, units, RenderOptions(1), dense)
+    tries = {c.name: build_trie(T, spec, c) for c in spec.criteria}
+    tree = build_tree(T, spec, tries, units, RenderOptions(1), tok.pad_token_id)
+    apart = build_tree(T, spec, tries, [Unit({**u.fields, "dialogue": u.fields["dialogue"] + f" ({k})"}, u.targets)
+                                        for k, u in enumerate(units)], RenderOptions(1), tok.pad_token_id)
+    dialogue = len(T(units[0].fields["dialogue"]))
+    assert tree.prefix_len > apart.prefix_len + dialogue - 5  # the dialogue is in the prefix, once
+    assert tree.tokens < apart.tokens - 2 * dialogue + 10
+
+
+def test_scoring_groups_items_by_context_and_returns_them_in_order(gemma_hf: Path, gemma_lora) -> None:
+    """Validation and parity score items sharing a context in one tree each: interleaved items
+    of two dialogues come back in their own order with the scores each gets alone."""
+    from edge_annotator.hf.score import score_items
+    from edge_annotator.runtime.data import Item
+
+    spec = parse_spec(LONG, "long")
+    tok, _ = _tok(gemma_hf)
+    one, two = _one_dialogue(3), [{**f, "dialogue": f["dialogue"][: len(f["dialogue"]) // 2]} for f in _one_dialogue(3)]
+    items = [Item(f"i{k}", f, "t.jsonl", k + 1) for k, f in enumerate(x for pair in zip(one, two) for x in pair)]
+    together = score_items(gemma_lora, tok, spec, items)
+    alone = [score_items(gemma_lora, tok, spec, [it])[0] for it in items]
+    for a, b in zip(together, alone):
+        for c in spec.criteria:
+            np.testing.assert_allclose(list(a[c.name].probs.values()), list(b[c.name].probs.values()), atol=1e-4)
+
+
 def test_answers_sharing_a_first_token_score_through_every_trie_node(gemma_hf: Path, gemma_lora) -> None:
     spec = parse_spec(TWO_LEVEL, "two-level")
     tok, T = _tok(gemma_hf)
@@ -167,11 +210,13 @@ def test_answers_sharing_a_first_token_score_through_every_trie_node(gemma_hf: P
     _compare(gemma_lora, tok, spec, _units(spec, fields, np.random.default_rng(3), False), RenderOptions(1))
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["items", "one-context"])
 @pytest.mark.parametrize("dense", [False, True], ids=["blocked", "dense"])
 def test_sliding_window_layers_see_what_they_would_in_the_full_prompt(tmp_path: Path, gemma_hf: Path,
-                                                                      dense: bool) -> None:
+                                                                      dense: bool, shared: bool) -> None:
     """A 3-layer Gemma 3 with a 24-token window (prompts are ~240 tokens): the tree masks windows by
-    position, in the per-item blocks and in the dense form alike."""
+    position, in the per-item blocks and in the dense form alike, also where the prefix runs on
+    through a context the items share (the window then cuts into the prefix)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     conf = AutoConfig.from_pretrained(gemma_hf)
@@ -182,9 +227,13 @@ def test_sliding_window_layers_see_what_they_would_in_the_full_prompt(tmp_path: 
     model = AutoModelForCausalLM.from_config(conf, dtype=torch.float32)
     with torch.no_grad():
         model.get_input_embeddings().weight.normal_(0.0, 0.25)
-    spec = load_spec(TASKS / "emobank.yaml")
     tok, _ = _tok(gemma_hf)
-    fields = [it.fields for it in load_items(DATA / "emobank-train-64.jsonl", spec)[:4]]
+    if shared:
+        spec = parse_spec(LONG, "long")
+        fields = _one_dialogue(3)
+    else:
+        spec = load_spec(TASKS / "emobank.yaml")
+        fields = [it.fields for it in load_items(DATA / "emobank-train-64.jsonl", spec)[:4]]
     _compare(_lora(model), tok, spec, _units(spec, fields, np.random.default_rng(1), False), CANONICAL, dense)
 
 

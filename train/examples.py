@@ -112,9 +112,18 @@ class ExampleStream:
     Position k of the stream is a function of (seed, k) alone, so a resumed run sees the very
     examples an uninterrupted one does; each epoch's permutation is drawn once, not per example."""
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed = n, seed
+    def __init__(self, n: int, seed: int, groups: list[list[int]] | None = None):
+        """groups: the example indices that share a context (hf/tree.py: shared_groups); an epoch
+        then visits the groups in a shuffled order, each group's examples together and shuffled,
+        so consecutive examples share their context and a tree holds it once."""
+        self.n, self.seed, self.groups = n, seed, groups
         self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch, 7])
+        if not self.groups:
+            return rng.permutation(self.n)
+        return np.concatenate([rng.permutation(self.groups[g]) for g in rng.permutation(len(self.groups))])
 
     def take(self, start: int, count: int) -> list[tuple[int, int]]:
         """(epoch, example index) for positions start .. start + count - 1."""
@@ -122,7 +131,7 @@ class ExampleStream:
         for k in range(start, start + count):
             epoch, j = divmod(k, self.n)
             if epoch != self._epoch:
-                self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch, 7]).permutation(self.n)
+                self._epoch, self._order = epoch, self._permutation(epoch)
             out.append((epoch, int(self._order[j])))
         return out
 

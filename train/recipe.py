@@ -13,7 +13,9 @@ What the rules encode (docs/recipes.md has the measurements behind them):
   paper's augmentations kept the model from learning the items, and at 300 ConvAbuse items all
   three together gained nothing (docs/recipes.md); `augment="all"` turns them on, and
   AUGMENTATIONS names each alone.
-- One token tree per step: as many items as fit in about TREE_TOKENS tokens, at most 16.
+- One token tree per step: as many items as fit in about TREE_TOKENS tokens, at most 16; items
+  that share their leading fields (several responses to one dialogue) come together, one tree per
+  context holding it once (TrainConfig.share_contexts; it applies where it saves tokens).
 - Epochs: as many passes as the budget allows, at most MAX_EPOCHS over a few hundred items and
   fewer as the data grows (5,000 items: one pass); validation and early stopping choose the step.
 - max_length: the longest training prompt plus its answer, with a margin, rounded up to 64.
@@ -84,7 +86,7 @@ def small_data_config(spec: str, train_data: str, val_data: str, base_model: str
         "epochs": epochs, "max_steps": total,
         "batch_size": per_tree * criteria, "micro_batch": per_tree * criteria,
         "eval_every": _eval_every(total), "patience": 4,
-        "max_length": int(math.ceil((longest + 16) / 64) * 64), "seed": seed,
+        "max_length": int(math.ceil((longest + 16) / 64) * 64), "seed": seed, "share_contexts": True,
         "augment": augmentation(augment),
     }
 

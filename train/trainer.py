@@ -41,7 +41,10 @@ from edge_annotator.hf.tree import (
     TreeBatch,
     build_tree,
     item_texts,
+    leading_inputs,
     level_logprobs,
+    runs_by_key,
+    shared_groups,
     soft_cross_entropy,
     tree_attention,
 )
@@ -230,6 +233,26 @@ def resume_state(ckpt: Path, model: Any, opt: Any, sched: Any, logf: Path) -> Tr
     return state
 
 
+def context_groups(cfg: TrainConfig, data: Data, examples: list[Example], tok: Tokens) -> list[list[int]] | None:
+    """The examples grouped by their item's leading inputs, for a stream that keeps each group
+    together (ExampleStream), or None: when cfg.share_contexts is off, when the items share too
+    little (hf/tree.py: shared_groups), when an augmentation makes items that share a context
+    render it differently (permuted fields, token dropout), so that no tree could hold it once, or
+    when it would not pay: a group's tree repeats the instruction, so grouping is kept only where
+    the context tokens it saves, (items - 1) x context per group on average, outnumber the
+    instruction's."""
+    aug = cfg.augment
+    if not cfg.share_contexts or aug.permute_inputs or (aug.token_dropout.prob > 0 and aug.token_dropout.fraction > 0):
+        return None
+    keys = [leading_inputs(data.spec, data.train_items[e.item].fields) for e in examples]
+    groups = shared_groups(keys)
+    if groups is None:
+        return None
+    context = tok.many(["\n".join(keys[g[0]]) for g in groups])
+    saved = sum((len(g) - 1) * len(c) for g, c in zip(groups, context)) / len(groups)
+    return groups if saved > len(tok(render_instruction(data.spec))) else None
+
+
 @dataclass
 class StepBatch:
     """One step's token trees, built on the CPU, and the number of queries the loss is divided by."""
@@ -242,13 +265,18 @@ def prepare_step(cfg: TrainConfig, data: Data, examples: list[Example], stream: 
                  tries: dict[str, Any], pad: int, step: int) -> StepBatch:
     """The token trees of one step: a function of (seed, step) alone, so it can run ahead in a thread."""
     picked = stream.take(step * data.units_per_step, data.units_per_step)
-    trees = []
+    trees: list[TreeBatch] = []
     for m, s in enumerate(range(0, len(picked), data.units_per_micro)):
         rng = np.random.default_rng([cfg.seed, step, m, 11])  # one stream per micro-batch: (seed, step)
         opts = augment_options(data.spec, cfg.augment, rng)
         units = [unit_of(examples[j], data.train_items, data.spec, cfg.augment, rng)
                  for _, j in picked[s:s + data.units_per_micro]]
-        trees.append(build_tree(tok, data.spec, tries, units, opts, pad))
+        if stream.groups:  # one tree per run of items sharing a context, which its prefix then holds
+            keys = [leading_inputs(data.spec, u.fields) for u in units]
+            trees.extend(build_tree(tok, data.spec, tries, [units[k] for k in run], opts, pad)
+                         for run in runs_by_key(keys))
+        else:
+            trees.append(build_tree(tok, data.spec, tries, units, opts, pad))
     return StepBatch(trees, sum(examples[j].queries for _, j in picked))
 
 
@@ -305,7 +333,8 @@ class Run:
         elif self.logf.exists():
             self.logf.unlink()
         self.tries = answer_tries(self.tokenizer, self.data.spec)
-        self.stream = ExampleStream(len(self.examples), cfg.seed)
+        groups = context_groups(cfg, self.data, self.examples, self.tok)
+        self.stream = ExampleStream(len(self.examples), cfg.seed, groups)
 
     def write_log(self, rec: dict[str, Any]) -> None:
         with self.logf.open("a") as fh:
