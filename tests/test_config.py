@@ -58,6 +58,11 @@ def test_the_small_data_recipe_is_a_valid_config_cut_to_the_budget() -> None:
         fit_to_budget(raw, 3.3, 4.8, 60)
     enough = int(e.value.args[0].rsplit("--budget ", 1)[1].split("s")[0])
     assert fit_to_budget(raw, 3.3, 4.8, enough)["max_steps"] >= 10
+    # long three-field items, five sharing each context: a step takes whole contexts (8 -> 10 items)
+    usr = {"items": 210, "criteria": 6, "longest": 500}
+    assert small_data_config("s", "t", "v", "b", "o", **usr)["batch_size"] == 8 * 6
+    grouped = small_data_config("s", "t", "v", "b", "o", **usr, context=5)
+    assert (grouped["batch_size"], grouped["share_contexts"]) == (10 * 6, True)
 
 
 def test_the_small_data_recipe_names_each_augmentation() -> None:

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import shutil
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -179,6 +180,7 @@ def _load(cfg_f: Path) -> Any:
 def _recipe(spec_path: str | Path, split: Path, run: Path, opts: FitOptions) -> dict[str, Any]:
     """The small-data recipe for these items (train/recipe.py), max_length from their own lengths."""
     from edge_annotator.hf.score import hf_tokenize
+    from edge_annotator.hf.tree import leading_inputs, shared_groups
     from edge_annotator.runtime.spec import load_spec
 
     from .examples import load_items
@@ -189,10 +191,14 @@ def _recipe(spec_path: str | Path, split: Path, run: Path, opts: FitOptions) -> 
     spec = load_spec(spec_path)
     items = load_items(split / "train.jsonl", spec)
     tok = hf_tokenize(load_tokenizer(opts.base))
-    longest = max(longest_tokens(spec, items, tok, augmentation(opts.augment)["templates"]), default=64)
+    aug = augmentation(opts.augment)
+    longest = max(longest_tokens(spec, items, tok, aug["templates"]), default=64)
+    groups = None if aug["permute_inputs"] or aug["token_dropout"]["prob"] else \
+        shared_groups([leading_inputs(spec, it.fields) for it in items])  # what trainer.context_groups takes
     raw = small_data_config(str(spec_path), str(split / "train.jsonl"), str(split / "val.jsonl"), opts.base,
                             str(run / "train"), items=len(items), criteria=len(spec.criteria), longest=longest,
-                            seed=opts.seed, augment=opts.augment)
+                            seed=opts.seed, augment=opts.augment,
+                            context=int(statistics.median_low(len(g) for g in groups)) if groups else 1)
     raw["select_by"] = opts.select_by
     raw["qat"] = opts.qat
     if opts.tiny:  # as configs/tiny-lora-cpu.yaml builds it

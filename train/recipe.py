@@ -70,11 +70,16 @@ def epochs_for(items: int) -> float:
 
 
 def small_data_config(spec: str, train_data: str, val_data: str, base_model: str, output: str, *, items: int,
-                      criteria: int, longest: int, seed: int = 0, augment: str = "none") -> dict[str, Any]:
+                      criteria: int, longest: int, seed: int = 0, augment: str = "none",
+                      context: int = 1) -> dict[str, Any]:
     """A TrainConfig's fields (YAML-able) for `items` training items with `criteria` criteria whose
     longest prompt plus answer is `longest` tokens, with the augmentation named `augment`
-    (AUGMENTATIONS)."""
+    (AUGMENTATIONS). `context`: how many items typically share their leading fields (five
+    responses to each dialogue: 5); a step then takes whole contexts, each one tree that holds its
+    context once, rather than a context cut in two and held twice."""
     per_tree = items_per_tree(longest, criteria)
+    if context > 1:
+        per_tree = context * max(1, round(per_tree / context))
     steps_per_epoch = math.ceil(items / per_tree)
     epochs = epochs_for(items)
     total = max(1, math.ceil(epochs * steps_per_epoch))
