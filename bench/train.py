@@ -14,7 +14,8 @@ alternately, step by step, in one process, so machine drift hits both alike:
   answer tokens, soft targets.
 
 A long-input arm then times tree steps over long two-field items with four criteria, at several
-micro-batch sizes, with the trainer's per-item blocked attention and the dense form before it.
+micro-batch sizes, with the trainer's per-item blocked attention and the dense form before it;
+and items that share their dialogue, five to each, packed apart and by context.
 
 The figure is examples per second (forward and backward, no optimizer update, so both arms see
 the same weights every step); their ratio is the speed-up.
@@ -198,6 +199,53 @@ def measure_long(model: Any, tok: Any, data: str, micros: tuple[int, ...], steps
     return rows
 
 
+def measure_shared(model: Any, tok: Any, data: str, steps: int, per_context: int = 5, contexts: int = 2,
+                   item_tokens: int = 250) -> dict[str, Any]:
+    """Examples/s of one step over `contexts` dialogues with `per_context` summaries each (USR
+    PersonaChat's shape: five responses to each conversation): as one tree whose prefix is the
+    instruction alone (a plain shuffle's micro-batch, every item carrying its dialogue) and as one
+    tree per dialogue whose prefix holds it once (share_contexts), alternating step by step."""
+    from edge_annotator.hf.score import answer_tries
+    from edge_annotator.hf.tree import build_tree, level_logprobs, soft_cross_entropy, tree_attention
+    from edge_annotator.runtime.data import Item
+    from edge_annotator.runtime.spec import parse_spec
+    from edge_annotator.train.examples import build_examples, unit_of
+
+    spec = parse_spec(LONG_SPEC, "long-two-fields")
+    firsts = long_items(data, contexts * (steps + 1), item_tokens, tok)
+    items = [Item(f"{it.id}-{k}", {**it.fields, "summary": firsts[(i + k + 1) % len(firsts)].fields["summary"]},
+                  it.path, it.line, ratings=it.ratings) for i, it in enumerate(firsts) for k in range(per_context)]
+    examples = build_examples(items, spec, "distribution")
+    tries = answer_tries(tok, spec)
+    T = lambda s: list(tok(s)["input_ids"])  # noqa: E731
+    micro = per_context * contexts
+    secs: dict[str, list[float]] = {"apart": [], "by_context": []}
+    tokens: dict[str, int] = {}
+    n_ex = 0
+    for step in range(steps + 1):
+        batch = examples[step * micro:(step + 1) * micro]
+        units = [unit_of(ex, items, spec, None, np.random.default_rng(0)) for ex in batch]
+        n_ex = sum(e.queries for e in batch)
+        forms = {"apart": [units], "by_context": [units[c:c + per_context] for c in range(0, micro, per_context)]}
+        for arm in (("apart", "by_context") if step % 2 == 0 else ("by_context", "apart")):
+            trees = [build_tree(T, spec, tries, u, CANONICAL, tok.pad_token_id) for u in forms[arm]]
+            tokens[arm] = sum(t.tokens for t in trees)
+            t0 = time.perf_counter()
+            with tree_attention(model):
+                for tree in trees:
+                    soft_cross_entropy(level_logprobs(model, tree), tree).backward()
+            model.zero_grad(set_to_none=True)
+            if step > 0:
+                secs[arm].append(time.perf_counter() - t0)
+    res: dict[str, Any] = {"items": micro, "per_context": per_context, "examples": n_ex}
+    for arm, v in secs.items():
+        sec = statistics.median(v)
+        res[arm] = {"examples_per_s": n_ex / sec, "tokens": tokens[arm], "seconds": sec}
+    res["ratio"] = res["by_context"]["examples_per_s"] / res["apart"]["examples_per_s"]
+    print(json.dumps(res), flush=True)
+    return res
+
+
 @click.command()
 @click.option("--base", default="models/gemma-3-270m-hf", show_default=True, help="The HF base folder.")
 @click.option("--config", default="configs/gemma3-270m-lora-cpu-emobank.yaml", show_default=True)
@@ -296,6 +344,7 @@ def measure(base: str, a: Args) -> dict[str, Any]:
                                          tries, micro_items=64, trees=16)
     if a.long_micro:
         res["long"] = measure_long(model, tok, a.data, a.long_micro, a.long_steps)
+        res["shared"] = measure_shared(model, tok, a.data, a.long_steps)
     return res
 
 
@@ -363,6 +412,24 @@ def long_markdown(res: dict[str, Any], a: Args) -> list[str]:
         out.append(f"| {r['items']} | {r['examples']} | {r['tokens']} | {cell(r['blocked'], 'examples_per_s')} | "
                    f"{cell(r['blocked'], 'tokens_per_s')} | {cell(r['dense'], 'examples_per_s')} | "
                    f"{cell(r['dense'], 'tokens_per_s')} | {ratio} |")
+    sh = res.get("shared")
+    if sh:
+        out += [
+            "",
+            f"Items sharing a context (`bench/train.py: measure_shared`): {sh['items']} items per step, "
+            f"{sh['per_context']} summaries of each of {sh['items'] // sh['per_context']} dialogues, the shape of "
+            "USR PersonaChat's five responses per conversation; the same blocked attention, alternating, medians "
+            f"of {a.long_steps} steps after a warm-up.",
+            "",
+            "| one step of these items | tokens | examples/s |",
+            "|---|---|---|",
+            f"| one tree, the instruction as its prefix (each item carries its dialogue: a plain shuffle) | "
+            f"{sh['apart']['tokens']} | {sh['apart']['examples_per_s']:.2f} |",
+            f"| one tree per dialogue, held once in its prefix (`share_contexts`, the trainer's default) | "
+            f"{sh['by_context']['tokens']} | {sh['by_context']['examples_per_s']:.2f} |",
+            "",
+            f"Ratio {sh['ratio']:.2f}x.",
+        ]
     return out + [""]
 
 
