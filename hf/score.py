@@ -49,29 +49,27 @@ def score_items(model: Any, tokenizer: Any, spec: TaskSpec, items: Sequence[Item
     """Per item: criterion -> Score (label, probability of each level, score), as annotate-cli gives them."""
     tok = hf_tokenize(tokenizer)
     tries = answer_tries(tokenizer, spec)
+    everything = [np.ones(len(c.scale)) for c in spec.criteria]  # a target only marks what to score
+    C = len(spec.criteria)
+    groups = shared_groups([leading_inputs(spec, it.fields) for it in items])
+    chunks = ([g[s:s + batch] for g in groups for s in range(0, len(g), batch)] if groups else
+              [list(range(s, min(s + batch, len(items)))) for s in range(0, len(items), batch)])
+    by_item: dict[int, dict[str, Score]] = {}
     was_training = model.training
     model.eval()
-    everything = [np.ones(len(c.scale)) for c in spec.criteria]  # a target only marks what to score
-    out: list[dict[str, Score]] = []
     try:
-        groups = shared_groups([leading_inputs(spec, it.fields) for it in items])
-        chunks = ([g[s:s + batch] for g in groups for s in range(0, len(g), batch)] if groups else
-                  [list(range(s, min(s + batch, len(items)))) for s in range(0, len(items), batch)])
-        by_item: dict[int, dict[str, Score]] = {}
         with tree_attention(model):
             for chunk in chunks:  # items sharing a context score in one tree whose prefix holds it
                 tree = build_tree(tok, spec, tries, [Unit(items[i].fields, everything) for i in chunk], CANONICAL,
                                   pad_id(tokenizer))
                 probs = level_logprobs(model, tree).exp().double().cpu().numpy()
-                C = len(spec.criteria)
                 for k, i in enumerate(chunk):
                     by_item[i] = {c.name: criterion_score(c, probs[k * C + ci, : len(c.scale)].tolist())
                                   for ci, c in enumerate(spec.criteria)}
-        out = [by_item[i] for i in range(len(items))]
     finally:
         if was_training:
             model.train()
-    return out
+    return [by_item[i] for i in range(len(items))]
 
 
 def report_of(spec: TaskSpec, items: Sequence[Item], scored: Sequence[dict[str, Score]]) -> dict[str, Any]:

@@ -223,11 +223,11 @@ def test_items_sharing_a_context_train_side_by_side_and_resume_exactly(tmp_path:
     """Summaries of one dialogue come through the stream together and share a tree whose prefix
     holds the dialogue once: fewer tokens a step than the plain shuffle, every example seen once
     an epoch, and an interrupted run resumes to the very adapter an uninterrupted one trains."""
+    from edge_annotator.train.recipe import augmentation
     from edge_annotator.train.trainer import Run, train
 
     spec_f, data_f = _dialogue_task(tmp_path)
-    off = {"templates": False, "permute_inputs": False, "shuffle_labels": False,
-           "token_dropout": {"prob": 0.0, "fraction": 0.0}}
+    off = augmentation("none")
     kw = {"spec": str(spec_f), "train_data": str(data_f), "raters": "distribution", "augment": off, "max_steps": 4,
           "eval_every": 2, "patience": 10, "batch_size": 32, "micro_batch": 32, "val_max_items": 4,
           "max_length": 1024}

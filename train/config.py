@@ -90,6 +90,12 @@ class Augment:
     """Shuffle the order in which each criterion's levels are listed in the rubric."""
     token_dropout: TokenDropout = field(default_factory=TokenDropout)
 
+    @property
+    def keeps_contexts(self) -> bool:
+        """Items that share a context render it alike (no permuted input fields, no token dropout),
+        so one token tree can hold it once (TrainConfig.share_contexts)."""
+        return not self.permute_inputs and not (self.token_dropout.prob > 0 and self.token_dropout.fraction > 0)
+
 
 @dataclass
 class TrainConfig:

@@ -183,6 +183,7 @@ def _recipe(spec_path: str | Path, split: Path, run: Path, opts: FitOptions) -> 
     from edge_annotator.hf.tree import leading_inputs, shared_groups
     from edge_annotator.runtime.spec import load_spec
 
+    from .config import Augment, TokenDropout
     from .examples import load_items
     from .model import load_tokenizer
     from .recipe import augmentation, small_data_config
@@ -193,8 +194,8 @@ def _recipe(spec_path: str | Path, split: Path, run: Path, opts: FitOptions) -> 
     tok = hf_tokenize(load_tokenizer(opts.base))
     aug = augmentation(opts.augment)
     longest = max(longest_tokens(spec, items, tok, aug["templates"]), default=64)
-    groups = None if aug["permute_inputs"] or aug["token_dropout"]["prob"] else \
-        shared_groups([leading_inputs(spec, it.fields) for it in items])  # what trainer.context_groups takes
+    keeps = Augment(permute_inputs=aug["permute_inputs"], token_dropout=TokenDropout(**aug["token_dropout"]))
+    groups = shared_groups([leading_inputs(spec, it.fields) for it in items]) if keeps.keeps_contexts else None
     raw = small_data_config(str(spec_path), str(split / "train.jsonl"), str(split / "val.jsonl"), opts.base,
                             str(run / "train"), items=len(items), criteria=len(spec.criteria), longest=longest,
                             seed=opts.seed, augment=opts.augment,

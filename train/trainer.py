@@ -241,8 +241,7 @@ def context_groups(cfg: TrainConfig, data: Data, examples: list[Example], tok: T
     when it would not pay: a group's tree repeats the instruction, so grouping is kept only where
     the context tokens it saves, (items - 1) x context per group on average, outnumber the
     instruction's."""
-    aug = cfg.augment
-    if not cfg.share_contexts or aug.permute_inputs or (aug.token_dropout.prob > 0 and aug.token_dropout.fraction > 0):
+    if not cfg.share_contexts or not cfg.augment.keeps_contexts:
         return None
     keys = [leading_inputs(data.spec, data.train_items[e.item].fields) for e in examples]
     groups = shared_groups(keys)
