@@ -62,18 +62,14 @@ def export(merged: Path, output: Path, quant: str, adapted_type: str, imatrix: P
       annotate-cli export merged/ -o emobank-lora.gguf --adapter-on models/gemma-3-270m-q4_k_m.gguf
       annotate-cli export qat-run/merged -o emobank.gguf --route grid     # a run trained with qat: true
     """
-    from .convert import ExportError
     from .route import export_annotator
 
     if adapter_on is not None and route == "merged":
         raise click.UsageError("--base-gguf is the adapter and grid routes' base; it does not go with --route merged")
     if adapter_on is not None and route == "auto":
         route = "adapter"
-    try:
-        job = export_annotator(merged, output, quant, threads, adapted_type, imatrix, imatrix_items, route,
-                               adapter_on, adapter_type)
-    except ExportError as e:
-        raise click.ClickException(str(e)) from None
+    job = export_annotator(merged, output, quant, threads, adapted_type, imatrix, imatrix_items, route,
+                           adapter_on, adapter_type)  # an ExportError is annotate-cli's one-line error
     i = job.info
     if i["route"] == "adapter":
         err.print(f"{i['file']}: LoRA adapter ({i['adapter_matrices']} matrices, {i['size_bytes'] / 1e6:.1f} MB) "

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_annotator.runtime.errors import UserError
 from edge_annotator.runtime.gguf_meta import block_matrices, sha256_file
 from edge_annotator.runtime.spec import TaskSpec, spec_from_json
 
@@ -42,7 +43,7 @@ from .quants import ADAPTED_TYPES, FILE_TYPES, QUANTS
 log = logging.getLogger(__name__)
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     pass
 
 

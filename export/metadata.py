@@ -20,6 +20,7 @@ import click
 import gguf
 import numpy as np
 
+from edge_annotator.runtime.errors import OutputError
 from edge_annotator.runtime.gguf_meta import FORMAT_VERSION, PREFIX, Keys
 from edge_annotator.runtime.spec import TaskSpec, load_spec
 
@@ -35,7 +36,7 @@ def embed_spec(src: str | Path, dst: str | Path, spec: TaskSpec, provenance: dic
     one it replaces (export/grid.py: the trained codes in the base's blocks)."""
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
-        raise ValueError(f"{dst}: write to a new file, not over the source")
+        raise OutputError(f"{dst}: write to a new file, not over the source")
     reader = gguf.GGUFReader(src, "r")
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     tensors = tensors or {}

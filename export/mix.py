@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_annotator.runtime.errors import UserError
+
 from .quants import QUANTS
 
 # HF architectures this maps (the families users bring: Qwen3, Llama 3.x, Gemma 3)
@@ -36,7 +38,7 @@ ARCHS = {
 }
 
 
-class MixError(RuntimeError):
+class MixError(UserError, RuntimeError):
     pass
 
 

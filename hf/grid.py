@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
+from edge_annotator.runtime.errors import UserError
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -62,7 +64,7 @@ LAYOUTS: dict[T, Layout] = {
 give a matrix."""
 
 
-class GridError(ValueError):
+class GridError(UserError, ValueError):
     pass
 
 

@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from edge_annotator.runtime.errors import UserError
+
 FINGERPRINT = "edge_annotator_tokenizer.json"
 
 # Where tokenizers disagree in practice: whitespace runs and newlines (SentencePiece's "▁" and
@@ -121,5 +123,5 @@ def check_record(rec: dict[str, Any], folder: Path, tokenizer: Any) -> str | Non
             f"base again with python -m edge_annotator.train.from_gguf, or restore its tokenizer files")
 
 
-class TokenizerMismatch(RuntimeError):
+class TokenizerMismatch(UserError, RuntimeError):
     pass

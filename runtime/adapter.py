@@ -8,8 +8,10 @@ task spec and provenance like any annotator, and names its base by file name and
     edge_annotator.base_file     gemma-3-270m-q4_k_m.gguf
     edge_annotator.base_sha256   a5fd3b62...
 
-The runtime finds the base beside the adapter, or where ANNOTATE_BASE_MODEL (or a command's
---base-model) says, and refuses a file whose sha256 differs.
+The runtime looks for the base beside the adapter, or at ANNOTATE_BASE_MODEL, and refuses a file
+whose sha256 differs. The recorded name is metadata from a file that may come from anyone, so it
+is only ever a name: a path in it (`../../etc/x`, `/abs/x`) is cut to its last part, and nothing
+outside the adapter's folder is opened because of it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .errors import ModelError
 from .head import GGUFFormatError, read_strings
 
 BASE_FILE = "edge_annotator.base_file"
@@ -35,6 +38,14 @@ def adapter_fields(path: str | Path) -> dict[str, str] | None:
     return kv if kv.get("general.type") == "adapter" else None
 
 
+def base_name(kv: dict[str, str]) -> str | None:
+    """The base's file name as an adapter's metadata records it, reduced to a bare name (no folder,
+    either separator): metadata never names a path to open. None where it names nothing usable."""
+    raw = kv.get(BASE_FILE) or ""
+    name = raw.replace("\\", "/").rsplit("/", 1)[-1]
+    return name if name not in ("", ".", "..") and "\x00" not in name else None
+
+
 def _sha256(path: Path) -> str:
     from .gguf_meta import sha256_file
 
@@ -46,24 +57,22 @@ def _sha256(path: Path) -> str:
 
 
 def resolve_base(path: Path, base: str | Path | None = None) -> Path:
-    """PATH itself for a whole model; for an adapter file, its base GGUF, checked by sha256."""
-    from .engine import ModelError
-
+    """PATH itself for a whole model; for an adapter file, its base GGUF, checked by sha256: BASE
+    where given, else ANNOTATE_BASE_MODEL, else the recorded file name beside the adapter."""
     kv = adapter_fields(path)
     if kv is None:
         return path
-    name, want = kv.get(BASE_FILE), kv.get(BASE_SHA256)
+    name, want = base_name(kv), kv.get(BASE_SHA256)
     if not name or not want:
         raise ModelError(f"{path}: a LoRA adapter that does not name its base ({BASE_FILE}, {BASE_SHA256}); "
                          f"export it with annotate-cli export --adapter-on BASE.gguf")
     given = base or os.environ.get(BASE_ENV)
-    candidates = [Path(given)] if given else [path.parent / name]
-    for c in candidates:
-        if c.is_file():
-            got = _sha256(c)
-            if got != want:
-                raise ModelError(f"{path}: its base {c} has sha256 {got[:16]}..., the adapter was trained on "
-                                 f"{name} with sha256 {want[:16]}...; give that file ({BASE_ENV} or --base-model)")
-            return c
-    raise ModelError(f"{path}: its base model {name} (sha256 {want[:16]}...) is not at {candidates[0]}; put it "
-                     f"beside the adapter, or give its path ({BASE_ENV}=PATH or --base-model PATH)")
+    candidate = Path(given) if given else path.parent / name
+    if candidate.is_file():
+        got = _sha256(candidate)
+        if got != want:
+            raise ModelError(f"{path}: its base {candidate} has sha256 {got[:16]}..., the adapter was trained on "
+                             f"{name} with sha256 {want[:16]}...; give that file ({BASE_ENV}=PATH)")
+        return candidate
+    raise ModelError(f"{path}: its base model {name} (sha256 {want[:16]}...) is not at {candidate}; put it "
+                     f"beside the adapter, or give its path ({BASE_ENV}=PATH)")

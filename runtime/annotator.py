@@ -10,6 +10,7 @@ come out. Single-token answers (the common case) need one evaluation per item an
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -155,6 +156,9 @@ def criterion_score(c: Criterion, probs: Sequence[float], digits: int | None = N
     """One criterion's Score from its levels' probabilities (spec order): the most probable level
     (ties to the first), the probabilities, and for rating scales the score, calibrated where the
     spec says so (raw_score then keeps the value before it)."""
+    if not all(math.isfinite(q) for q in probs):
+        raise ModelError(f"the model gave {c.name} non-finite probabilities ({', '.join(map(str, probs))}): its "
+                         f"weights are damaged or it diverged; export or copy the file again")
     best = int(np.argmax(probs))
     raw = expected_value(c, probs)
     score = calibrate(c, raw) if raw is not None else None

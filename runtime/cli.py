@@ -31,10 +31,10 @@ from rich.table import Table
 
 from . import __version__
 from .data import InputError
-from .engine import ModelError
+from .errors import UserError
 from .options import gpu_layers_option
 from .records import Prediction
-from .spec import SpecError, TaskSpec, load_spec
+from .spec import TaskSpec, load_spec
 
 if TYPE_CHECKING:
     from .jobs import JobOptions, JobStats
@@ -42,17 +42,18 @@ if TYPE_CHECKING:
 err = Console(stderr=True)
 log = logging.getLogger("edge_annotator")
 
-USER_ERRORS = (InputError, ModelError, SpecError, FileExistsError, FileNotFoundError)
-
-
 class Group(click.Group):
-    """Turns the errors a user can cause into a one-line message instead of a traceback."""
+    """The one error boundary: what a user can cause (runtime/errors.py's UserError family, which
+    every stage's errors join) and what the machine refuses (an OSError: no permission, a full
+    disk, a file gone) end as one line and exit 1; anything else is a bug and keeps its traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except USER_ERRORS as e:
+        except UserError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:
+            raise click.ClickException(f"{e.filename}: {e.strerror or e}" if e.filename else str(e)) from None
 
 
 def _setup_logging(verbose: int) -> None:
@@ -173,6 +174,8 @@ def annotate(model: Path, inputs: tuple[str, ...], output: str | None, spec_path
     if resume and output in (None, "-"):
         raise click.UsageError("--resume needs -o FILE: a job written to stdout cannot be resumed")
     total = count_records(inputs[0])
+    if total == 0:
+        raise InputError(inputs[0], None, "holds no records (the file is empty or blank): nothing to annotate")
     if dry_run:
         def show(e: Estimate) -> None:
             err.print(e.line())
@@ -273,6 +276,24 @@ def _spec_for(spec_path: Path | None, model: Path | None) -> TaskSpec:
                            "agreement needs the spec's levels of measurement")
 
 
+force_option = click.option("--force", is_flag=True,
+                            help="Replace an existing output file (never one of the command's inputs).")
+
+
+def _outputs(inputs: list[Path | None], force: bool, *outs: Path | None) -> None:
+    """Refuse, before any work, outputs that would lose something: one of the inputs (always), an
+    existing file (unless --force), a folder, or two outputs that are one file."""
+    from .errors import OutputError
+    from .files import check_output, same_file
+
+    given = [o for o in outs if o is not None]
+    for i, o in enumerate(given):
+        check_output(o, inputs, force)
+        for other in given[:i]:
+            if o.resolve() == other.resolve() or same_file(o, other):
+                raise OutputError(f"{o}: given for two outputs; give each its own file")
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "n/a"
@@ -294,8 +315,9 @@ def _fmt(v: Any) -> str:
               help="label-studio: also write the labelling interface (<View> XML) here.")
 @click.option("--settings", "settings_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="argilla: also write the dataset settings (fields, questions) as JSON here.")
+@force_option
 def convert(pred: Path, fmt: str, spec_path: Path | None, model: Path | None, items_path: Path | None,
-            output: Path, label_config: Path | None, settings_path: Path | None) -> None:
+            output: Path, label_config: Path | None, settings_path: Path | None, force: bool) -> None:
     """Turn annotate's output (PRED) into pre-annotations for Label Studio or Argilla, or a CSV.
 
     Every record of PRED becomes one task, record or row; error records are kept, flagged with
@@ -310,31 +332,35 @@ def convert(pred: Path, fmt: str, spec_path: Path | None, model: Path | None, it
       annotate-cli convert labels.jsonl --to csv --spec tasks/emobank.yaml -o labels.csv
     """
     import csv
+    import io
 
     from . import convert as cv
+    from .files import atomic_write
     from .records import read_predictions
 
+    _outputs([pred, items_path, spec_path, model], force, output, label_config if fmt == "label-studio" else None,
+             settings_path if fmt == "argilla" else None)
     spec = _spec_for(spec_path, model)
     preds = read_predictions(pred, spec)
     inputs = cv.read_inputs(items_path, spec) if items_path else None
-    output.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "csv":
         header, rows = cv.csv_rows(preds, spec, inputs)
-        with output.open("w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            w.writerow(header)
-            w.writerows(rows)
+        buf = io.StringIO(newline="")
+        w = csv.writer(buf)
+        w.writerow(header)
+        w.writerows(rows)
+        atomic_write(output, buf.getvalue())
     elif fmt == "label-studio":
-        output.write_text(json.dumps(cv.label_studio_tasks(preds, spec, inputs), indent=1, ensure_ascii=False))
+        atomic_write(output, json.dumps(cv.label_studio_tasks(preds, spec, inputs), indent=1, ensure_ascii=False))
         if label_config:
-            label_config.write_text(cv.label_studio_config(spec))
+            atomic_write(label_config, cv.label_studio_config(spec))
     else:
         name = model.stem if model else spec.name
         shas = {p.model_sha256 for p in preds if p.model_sha256}
         agent = f"edge-annotator/{name}" + (f"@{sorted(shas)[0][:12]}" if len(shas) == 1 else "")
-        output.write_text(json.dumps(cv.argilla_records(preds, spec, inputs, agent), indent=1, ensure_ascii=False))
+        atomic_write(output, json.dumps(cv.argilla_records(preds, spec, inputs, agent), indent=1, ensure_ascii=False))
         if settings_path:
-            settings_path.write_text(json.dumps(cv.argilla_settings(spec), indent=1, ensure_ascii=False))
+            atomic_write(settings_path, json.dumps(cv.argilla_settings(spec), indent=1, ensure_ascii=False))
     errors = sum(p.error is not None for p in preds)
     err.print(f"{len(preds)} records ({errors} error records, flagged) -> {output} ({fmt})")
 
@@ -362,9 +388,10 @@ def convert(pred: Path, fmt: str, spec_path: Path | None, model: Path | None, it
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write here [default: stdout].")
 @click.option("--seed", type=int, default=0, show_default=True, help="--strategy random's seed.")
+@force_option
 def select_cmd(pred: Path, count: int, strategy: str, human: Path | None, spec_path: Path | None, model: Path | None,
                criteria: tuple[str, ...], excludes: tuple[Path, ...], items_path: Path | None, diverse: bool,
-               overlap: float, fmt: str, output: Path | None, seed: int) -> None:
+               overlap: float, fmt: str, output: Path | None, seed: int, force: bool) -> None:
     """Which of PRED's items (annotate output) an expert should rate next, most useful first.
 
     Strategies read the annotator's per-level probabilities: entropy (of the label distribution,
@@ -385,10 +412,12 @@ def select_cmd(pred: Path, count: int, strategy: str, human: Path | None, spec_p
     import io
 
     from . import convert as cv
-    from .data import iter_rows, read_human
+    from .data import iter_rows, read_human, record_id
+    from .files import atomic_write
     from .records import jsonl_line, read_predictions
     from .selection import rank, suspects
 
+    _outputs([pred, human, spec_path, model, items_path, *excludes], force, output)
     spec = _spec_for(spec_path, model)
     preds = read_predictions(pred, spec)
     inputs = cv.read_inputs(items_path, spec) if items_path else None
@@ -397,25 +426,22 @@ def select_cmd(pred: Path, count: int, strategy: str, human: Path | None, spec_p
     skip: set[str] = set()
     for path in excludes:
         for row in iter_rows(path):
-            if row.error:
-                raise row.error
-            assert row.data is not None
-            if "id" not in row.data:
-                raise InputError(row.path, row.line, "missing: --exclude reads every record's 'id'", "id")
-            skip.add(str(row.data["id"]))
-    try:
-        if human is not None:
-            picks = suspects(preds, read_human(human, spec), spec, count, criteria=criteria or None)
-            strategy = "suspect"
-        else:
-            picks = rank(preds, spec, strategy, count, criteria=criteria or None, exclude=skip, seed=seed,
-                         inputs=inputs, diverse=overlap if diverse else None)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
+            skip.add(record_id(row, "--exclude reads every record's 'id'"))
+    if human is not None:
+        picks = suspects(preds, read_human(human, spec), spec, count, criteria=criteria or None)
+        strategy = "suspect"
+    else:
+        picks = rank(preds, spec, strategy, count, criteria=criteria or None, exclude=skip, seed=seed,
+                     inputs=inputs, diverse=overlap if diverse else None)
     if fmt in ("predictions", "items"):
         src = pred if fmt == "predictions" else items_path
         assert src is not None
-        recs = {str(r.data["id"]): r.data for r in iter_rows(src) if r.data is not None and "id" in r.data}
+        wanted = {p.id for p in picks}
+        recs: dict[str, dict[str, Any]] = {}
+        for r in iter_rows(src):  # both were read whole above: every record here is good
+            if r.data is not None and not (fmt == "predictions" and "error" in r.data) and "id" in r.data \
+                    and str(r.data["id"]) in wanted:
+                recs.setdefault(str(r.data["id"]), r.data)
         text = "".join(jsonl_line(recs[p.id]) for p in picks)
     elif fmt == "csv":
         buf = io.StringIO()
@@ -431,8 +457,7 @@ def select_cmd(pred: Path, count: int, strategy: str, human: Path | None, spec_p
     if output is None:
         click.echo(text, nl=False)
     else:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text, encoding="utf-8")
+        atomic_write(output, text)
     pool = sum(p.error is None for p in preds) - (0 if human else len(skip & {p.id for p in preds}))
     err.print(f"{len(picks)} of {pool} items picked by {strategy}" + (f" -> {output}" if output else ""))
 
@@ -580,17 +605,17 @@ def inspect(model: Path, as_json: bool, no_hash: bool) -> None:
 def _block_info(model: Path) -> dict[str, Any]:
     """The blocks' matrices (types, bits/weight) of MODEL, or for a LoRA adapter file, of its factors
     and of the base beside it (where it is there)."""
-    from .adapter import BASE_FILE, BASE_SHA256, adapter_fields
+    from .adapter import BASE_SHA256, adapter_fields, base_name
     from .gguf_meta import block_matrices
 
     kv = adapter_fields(model)
     if kv is None:
         return {"blocks": block_matrices(model)}
-    out: dict[str, Any] = {"adapter": {"base_file": kv.get(BASE_FILE), "base_sha256": kv.get(BASE_SHA256),
+    name = base_name(kv)  # a bare name: metadata never names a path to open
+    out: dict[str, Any] = {"adapter": {"base_file": name, "base_sha256": kv.get(BASE_SHA256),
                                        "matrices": block_matrices(model)}}
-    base = model.parent / str(kv.get(BASE_FILE))
-    if base.is_file():
-        out["blocks"] = block_matrices(base)
+    if name is not None and (model.parent / name).is_file():
+        out["blocks"] = block_matrices(model.parent / name)
     return out
 
 
@@ -672,8 +697,9 @@ def data_check(labels: Path, spec_path: Path, as_json: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--group", default=None, help="Keep items that share this field's value in one split (e.g. a "
                                             "dialogue id, so that no context is in both train and test).")
+@force_option
 def data_split(labels: Path, spec_path: Path, out_dir: Path, test: float, val: float, seed: int,
-               group: str | None) -> None:
+               group: str | None, force: bool) -> None:
     """Split LABELS by item into train, validation and test files, deterministically.
 
     Every record of an item (one per rater) goes to the same split. With a few hundred items,
@@ -685,14 +711,14 @@ def data_split(labels: Path, spec_path: Path, out_dir: Path, test: float, val: f
       annotate-cli data split labels.csv --spec tasks/support.yaml -o split/
       annotate-cli data split labels.jsonl --spec S --test 0.25 --val 0.1 --group dialogue_id -o split/
     """
-    from .labels import split_labels
+    from .labels import SPLIT_FILES, split_labels
 
-    try:
-        info = split_labels(labels, load_spec(spec_path), out_dir, test, val, seed, group)
-    except ValueError as e:
-        if isinstance(e, InputError):
-            raise
-        raise click.BadParameter(str(e)) from None
+    if not (0 <= test < 1 and 0 <= val < 1 and test + val < 1):
+        raise click.BadParameter(f"--test {test} and --val {val}: each must be in [0, 1) and together below 1")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise click.BadParameter(f"{out_dir} is a file; give a folder", param_hint="-o")
+    _outputs([labels, spec_path], force, *(out_dir / f for f in SPLIT_FILES))
+    info = split_labels(labels, load_spec(spec_path), out_dir, test, val, seed, group)
     sz = info["sizes"]
     err.print(f"{labels} -> {out_dir}/: train {sz['train']['items']}, val {sz['val']['items']}, "
               f"test {sz['test']['items']} items (seed {seed}{', by ' + group if group else ''})")
@@ -704,7 +730,8 @@ def data_split(labels: Path, spec_path: Path, out_dir: Path, test: float, val: f
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--pattern", default="{criterion}_{rater}", show_default=True,
               help="How a column name joins criterion and rater, e.g. '{rater}.{criterion}'.")
-def data_reshape(wide: Path, spec_path: Path, out: Path, pattern: str) -> None:
+@force_option
+def data_reshape(wide: Path, spec_path: Path, out: Path, pattern: str, force: bool) -> None:
     """One column per rater and criterion (Helpfulness_r1, Helpfulness_r2, ...) to one record per
     rater: {"id", inputs, "rater", "labels"}, the layout train, agree and data check read.
 
@@ -715,12 +742,8 @@ def data_reshape(wide: Path, spec_path: Path, out: Path, pattern: str) -> None:
     """
     from .labels import reshape_wide
 
-    try:
-        got = reshape_wide(wide, load_spec(spec_path), out, pattern)
-    except ValueError as e:
-        if isinstance(e, InputError):
-            raise
-        raise click.BadParameter(str(e)) from None
+    _outputs([wide, spec_path], force, out)
+    got = reshape_wide(wide, load_spec(spec_path), out, pattern)
     err.print(f"{wide} -> {out}: {got['items']} items, {got['records']} ratings from {len(got['raters'])} raters "
               f"({', '.join(got['raters'][:8])}); columns {', '.join(got['columns'][:6])}"
               + (" ..." if len(got["columns"]) > 6 else ""))
@@ -734,8 +757,9 @@ def data_reshape(wide: Path, spec_path: Path, out: Path, pattern: str) -> None:
 @click.option("--items", "items_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="The items file annotate read: a task whose text has changed since is refused.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@force_option
 def data_import(export: Path, tool: str, spec_path: Path | None, model: Path | None, items_path: Path | None,
-                out: Path) -> None:
+                out: Path, force: bool) -> None:
     """The experts' labels back from a labelling tool as human-label JSONL: one record per
     annotator and item ({"id", inputs, "rater", "labels"}), what train, fit and agree read.
     Cancelled annotations and discarded responses are dropped and counted.
@@ -747,17 +771,18 @@ def data_import(export: Path, tool: str, spec_path: Path | None, model: Path | N
     """
     from .convert import read_inputs
     from .feedback import from_argilla, from_label_studio
+    from .files import atomic_write
     from .records import jsonl_line
 
+    _outputs([export, spec_path, model, items_path], force, out)
     spec = _spec_for(spec_path, model)
     items = read_inputs(items_path, spec) if items_path else None
     records, counts = (from_label_studio if tool == "label-studio" else from_argilla)(export, spec, items)
     if not records:
         raise click.ClickException(f"{export}: no labels of spec '{spec.name}' ({json.dumps(counts)}); "
                                    f"were the tasks made with this spec?")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(jsonl_line(r) for r in records), encoding="utf-8")
-    raters = sorted({r["rater"] for r in records})
+    atomic_write(out, "".join(jsonl_line(r) for r in records))
+    raters = sorted({r["rater"] for r in records if "rater" in r})
     dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()
                         if k in ("cancelled", "discarded", "without_labels") and v)
     err.print(f"{export} -> {out}: {len(records)} ratings of {len({r['id'] for r in records})} items by "

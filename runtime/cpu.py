@@ -32,6 +32,8 @@ from typing import Any
 
 import click
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
@@ -151,7 +153,7 @@ def extra_buffers_setting() -> bool | None:
     if value in ("", "auto"):
         return None
     if value not in ("0", "1"):
-        raise ValueError(f"{BUFFERS_ENV}={value!r}: use 0 (off), 1 (on) or leave it unset")
+        raise UserError(f"{BUFFERS_ENV}={value!r}: use 0 (off), 1 (on) or leave it unset")
     return value == "1"
 
 

@@ -15,38 +15,17 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from .errors import InputError
 from .spec import Criterion, TaskSpec
+from .untrusted import JSONError, loads
 
 RESERVED = frozenset({"id", "labels", "ratings", "rater"})
-
-
-class InputError(ValueError):
-    """A problem with one input record: where it is and what to do about it."""
-
-    def __init__(self, path: str, line: int | None, message: str, field: str | None = None,
-                 item_id: str | None = None):
-        self.path, self.line, self.field, self.item_id, self.reason = path, line, field, item_id, message
-        where = f"{path}:{line}" if line is not None else path
-        what = f" field '{field}':" if field else ""
-        super().__init__(f"{where}:{what} {message}")
-
-    def to_record(self) -> dict[str, Any]:
-        """The `error` of an error record (the item's id goes beside it); from_record reads it back."""
-        return {"file": self.path, "line": self.line, "field": self.field, "message": self.reason}
-
-    @classmethod
-    def from_record(cls, rec: dict[str, Any], item_id: str | None = None) -> InputError:
-        return cls(rec["file"], rec["line"], rec["message"], rec["field"], item_id)
-
-    def __reduce__(self) -> tuple[Any, ...]:  # picklable, so it crosses process (and Ray) boundaries intact
-        return (InputError, (self.path, self.line, self.reason, self.field, self.item_id))
 
 
 @dataclass(frozen=True)
@@ -118,9 +97,9 @@ def _iter_jsonl(name: str, stream: BinaryIO | None) -> Iterator[Row]:
                           InputError(name, lineno, "is not valid UTF-8; re-encode the file as UTF-8"))
                 continue
             try:
-                data = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield Row(name, lineno, None, InputError(name, lineno, f"malformed JSON: {e.msg} at column {e.colno}"))
+                data = loads(text)
+            except JSONError as e:
+                yield Row(name, lineno, None, InputError(name, lineno, str(e)))
                 continue
             if not isinstance(data, dict):
                 yield Row(name, lineno, None,
@@ -129,8 +108,20 @@ def _iter_jsonl(name: str, stream: BinaryIO | None) -> Iterator[Row]:
             yield Row(name, lineno, data)
 
 
+MAX_CSV_FIELD = 1 << 24
+"""Characters a CSV field may hold (Python's csv module stops at 131,072 by default; a long
+document is a real input, so the limit is 16 Mi characters, and one over it is named as such)."""
+
+
+def _csv_error(e: csv.Error) -> str:
+    if "field larger than field limit" in str(e):
+        return f"a field is longer than {MAX_CSV_FIELD:,} characters"
+    return f"malformed CSV: {e}"
+
+
 def _iter_csv(name: str, stream: BinaryIO | None) -> Iterator[Row]:
     delim = "\t" if name.lower().endswith(".tsv") else ","
+    csv.field_size_limit(MAX_CSV_FIELD)
     with _open_binary(name, stream) as raw_fh:
         fh = io.TextIOWrapper(raw_fh, encoding="utf-8-sig", errors="surrogateescape", newline="")
         reader = csv.reader(fh, delimiter=delim, strict=True)
@@ -139,7 +130,7 @@ def _iter_csv(name: str, stream: BinaryIO | None) -> Iterator[Row]:
         except StopIteration:
             return
         except csv.Error as e:
-            raise InputError(name, 1, f"malformed CSV header: {e}") from None
+            raise InputError(name, 1, f"header: {_csv_error(e)}") from None
         if any(_has_bad_bytes(h) for h in header):
             raise InputError(name, 1, "header is not valid UTF-8")
         start = reader.line_num + 1
@@ -149,7 +140,7 @@ def _iter_csv(name: str, stream: BinaryIO | None) -> Iterator[Row]:
             except StopIteration:
                 return
             except csv.Error as e:
-                yield Row(name, start, None, InputError(name, start, f"malformed CSV: {e}"))
+                yield Row(name, start, None, InputError(name, start, _csv_error(e)))
                 start = reader.line_num + 1
                 continue
             line, start = start, reader.line_num + 1
@@ -173,8 +164,16 @@ def _iter_parquet(name: str, stream: BinaryIO | None) -> Iterator[Row]:
     except Exception as e:  # pyarrow raises its own ArrowInvalid for a damaged file
         raise InputError(name, None, f"not a readable Parquet file: {e}") from None
     n = 0
-    for batch in pf.iter_batches(batch_size=1024):
-        for rec in batch.to_pylist():
+    batches = pf.iter_batches(batch_size=1024)
+    while True:
+        try:
+            batch = next(batches, None)
+            recs = batch.to_pylist() if batch is not None else []
+        except Exception as e:  # a damaged row group, or a column pyarrow cannot turn into Python values
+            raise InputError(name, n + 1, f"not a readable Parquet row group: {e}") from None
+        if batch is None:
+            return
+        for rec in recs:
             n += 1
             yield Row(name, n, rec)
 
@@ -197,44 +196,61 @@ class Item:
     """Human ratings (criterion -> value), one mapping per rater; empty for items to annotate."""
 
 
+def record_id(row: Row, why: str = "every record needs an 'id'") -> str:
+    """A record's id as text: a non-empty string or an integer; InputError naming the line otherwise."""
+    if row.error:
+        raise row.error
+    assert row.data is not None
+    raw_id = row.data.get("id")
+    if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
+        raise InputError(row.path, row.line, f"missing: {why}", "id")
+    if not isinstance(raw_id, str | int) or isinstance(raw_id, bool):
+        raise InputError(row.path, row.line, f"must be a string or an integer, got {type(raw_id).__name__}", "id")
+    if isinstance(raw_id, str) and (_has_bad_bytes(raw_id) or "\x00" in raw_id):
+        raise InputError(row.path, row.line, "is not valid text (invalid UTF-8 or a NUL character)", "id")
+    return str(raw_id)
+
+
 def check_item(row: Row, spec: TaskSpec, max_chars: int | None = None) -> Item:
     """The item in a row, checked against the spec; raises InputError naming the field at fault."""
     if row.error:
         raise row.error
     assert row.data is not None
     d, path, line = row.data, row.path, row.line
-    raw_id = d.get("id")
-    if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
-        raise InputError(path, line, "missing: every record needs an 'id'", "id")
-    if not isinstance(raw_id, str | int) or isinstance(raw_id, bool):
-        raise InputError(path, line, f"must be a string or an integer, got {type(raw_id).__name__}", "id")
-    item_id = str(raw_id)
+    item_id = record_id(row)
     fields: dict[str, str] = {}
     for f in spec.inputs:
         if f.name not in d:
-            have = ", ".join(sorted(k for k in d if k not in RESERVED)) or "none"
+            have = ", ".join(sorted(str(k) for k in d if k not in RESERVED)) or "none"
             raise InputError(path, line, f"missing (the spec '{spec.name}' needs {', '.join(spec.input_names)}; "
                              f"this record has {have})", f.name, item_id)
-        v = d[f.name]
-        if v is None:
-            v = ""
-        if isinstance(v, int | float) and not isinstance(v, bool):
-            v = str(v)
-        if not isinstance(v, str):
-            raise InputError(path, line, f"must be text, got {type(v).__name__}", f.name, item_id)
-        if err := _check_text(v, path, line, f.name):
-            raise err
-        if "\x00" in v:
-            raise InputError(path, line, "contains a NUL character", f.name, item_id)
-        if not v.strip():
-            raise InputError(path, line, "is empty", f.name, item_id)
-        if max_chars is not None and len(v) > max_chars:
-            raise InputError(path, line, f"is {len(v):,} characters long; the limit is {max_chars:,}", f.name, item_id)
-        fields[f.name] = v
+        fields[f.name] = text_value(d[f.name], path, line, f.name, item_id, max_chars)
     return Item(item_id, fields, path, line)
 
 
-def _coerce_label(v: Any, c: Criterion, path: str, line: int, where: str) -> int | float | str:
+def text_value(v: Any, path: str, line: int | None, field: str, item_id: str | None = None,
+               max_chars: int | None = None) -> str:
+    """An input field's value as the text the model reads (a number is its decimal text); InputError
+    where it is no text (a list, an object, a boolean), not valid UTF-8, holds a NUL, is empty or
+    is longer than MAX_CHARS."""
+    if v is None:
+        v = ""
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        v = str(v)
+    if not isinstance(v, str):
+        raise InputError(path, line, f"must be text, got {type(v).__name__}", field, item_id)
+    if err := _check_text(v, path, line or 0, field):
+        raise InputError(path, line, err.reason, field, item_id)
+    if "\x00" in v:
+        raise InputError(path, line, "contains a NUL character", field, item_id)
+    if not v.strip():
+        raise InputError(path, line, "is empty", field, item_id)
+    if max_chars is not None and len(v) > max_chars:
+        raise InputError(path, line, f"is {len(v):,} characters long; the limit is {max_chars:,}", field, item_id)
+    return v
+
+
+def coerce_label(v: Any, c: Criterion, path: str, line: int, where: str) -> int | float | str:
     field = f"{where}.{c.name}"
     if c.level == "nominal":
         if isinstance(v, int) and not isinstance(v, bool) and not all(isinstance(x, int) for x in c.values):
@@ -285,7 +301,7 @@ def ratings_of(row: Row, spec: TaskSpec) -> list[dict[str, Value]]:
         rating = {}
         for c in spec.criteria:
             if c.name in labels and labels[c.name] not in ("", None):
-                rating[c.name] = _coerce_label(labels[c.name], c, path, line, where or "labels")
+                rating[c.name] = coerce_label(labels[c.name], c, path, line, where or "labels")
         if rating:
             out.append(rating)
     return out
@@ -300,11 +316,10 @@ def read_human(path: str | Path, spec: TaskSpec) -> dict[str, list[dict[str, int
         if row.error:
             raise row.error
         assert row.data is not None
-        if "id" not in row.data:
-            raise InputError(row.path, row.line, "missing: every record needs an 'id'", "id")
+        item_id = record_id(row)
         rs = ratings_of(row, spec)
         seen.add(row.data, rs)
-        out.setdefault(str(row.data["id"]), []).extend(rs)
+        out.setdefault(item_id, []).extend(rs)
     seen.check()
     return out
 
@@ -338,6 +353,8 @@ class Coverage:
 
     def check(self, strict: bool = False) -> None:
         names = self.spec.criterion_names
+        if not self.records:
+            raise InputError(self.path, None, "holds no records (the file is empty or blank)")
         missing = [c for c, n in self.per_criterion.items() if n == 0]
         if self.records and (not self.rated or (strict and missing)):
             what = (f"none of its {self.records:,} records holds a rating of the spec's criteria" if not self.rated

@@ -29,13 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from .errors import ModelError
 from .head import GGUFFormatError, OutputHead
 
 log = logging.getLogger(__name__)
-
-
-class ModelError(RuntimeError):
-    """A model file that cannot be used; the message names the file and what to do."""
 
 
 class ContextOverflow(ValueError):

@@ -7,7 +7,6 @@ weights, tokenizer (llama.cpp's own keys), task spec and provenance (ours).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 from .engine import LlamaModel, ModelError
 from .spec import SpecError, TaskSpec, spec_from_json
+from .untrusted import JSONError, loads
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,9 @@ def model_info(model: LlamaModel) -> ModelInfo:
             spec_error = str(e)
     prov = model.meta(Keys.PROVENANCE)
     try:
-        provenance = json.loads(prov) if prov else None
-    except json.JSONDecodeError:
-        provenance = {"unparsed": prov}
+        provenance = loads(prov) if prov else None
+    except JSONError:
+        provenance = {"unparsed": (prov or "")[:2000]}
     ctx = model.meta(f"{arch}.context_length") if arch else None
     return ModelInfo(path=str(p), size_bytes=p.stat().st_size, architecture=arch, name=model.meta("general.name"),
                      quantization=quant, context_length=int(ctx) if ctx and ctx.isdigit() else None,

@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Literal
@@ -24,8 +24,11 @@ import numpy as np
 from .annotator import Annotator
 from .data import InputError, Item, check_item, file_format, iter_rows
 from .engine import ContextOverflow, LlamaEngine, LlamaModel, default_threads
+from .errors import OutputError
+from .files import refuse_inputs
 from .records import error_record, result_record, write_jsonl_line
 from .spec import TaskSpec
+from .untrusted import JSONError, loads
 
 log = logging.getLogger(__name__)
 
@@ -49,31 +52,55 @@ class ResumeState:
     records: int = 0
 
 
-def load_resume_state(out_path: Path) -> ResumeState:
-    """What an earlier run of the same job wrote; truncates a torn (unterminated) last line."""
+RECORD_START = b'{"id":'
+"""How every record annotate writes begins (records.jsonl_line of result_record or error_record)."""
+
+
+def load_resume_state(out_path: Path, stamp: Mapping[str, str]) -> ResumeState:
+    """What an earlier run of the same job wrote, after checking that it is that: every line a
+    record of annotate's carrying this job's model_sha256 and spec_sha256, the last one possibly
+    torn (unterminated, killed mid-write: it is cut off and redone). Anything else is refused with
+    OutputError naming the file and what it holds, before a byte of it changes."""
     state = ResumeState()
     if not out_path.exists():
         return state
+    if not out_path.is_file():
+        raise OutputError(f"{out_path}: --resume continues a file of annotate's records; this is not a file")
     good_end = 0
+    size = out_path.stat().st_size
+
+    def refuse(line: int, what: str) -> OutputError:
+        return OutputError(f"{out_path}:{line}: --resume continues only annotate's own output of this job; this "
+                           f"file holds {what}. Nothing was changed; write to another -o file")
+
     with out_path.open("rb") as fh:
-        for raw in fh:
+        for lineno, raw in enumerate(fh, 1):
             if not raw.endswith(b"\n"):
+                if not (raw.startswith(RECORD_START) or RECORD_START.startswith(raw)):
+                    raise refuse(lineno, "a last line that is not an annotate record")
                 break  # killed mid-write: this line is dropped and redone
             try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError:
-                break
+                rec = loads(raw)
+            except JSONError:
+                raise refuse(lineno, "a line that is not JSON") from None
+            if not isinstance(rec, dict) or "id" not in rec or not raw.startswith(RECORD_START):
+                raise refuse(lineno, "a record that annotate did not write")
+            got = {k: rec.get(k) for k in stamp}
+            if got != dict(stamp):
+                which = ", ".join(f"{k} {str(got[k])[:12]}... (this job: {v[:12]}...)" for k, v in stamp.items()
+                                  if got[k] != v)
+                raise refuse(lineno, f"records of another model or spec: {which}")
             good_end += len(raw)
             state.records += 1
-            if "error" in rec and isinstance(rec["error"], dict) and rec["error"].get("line") is not None:
-                state.done_error_lines.add(int(rec["error"]["line"]))
+            err = rec.get("error")
+            if isinstance(err, dict) and isinstance(err.get("line"), int):
+                state.done_error_lines.add(err["line"])
             elif rec.get("id") is not None:
                 state.done_ids.add(str(rec["id"]))
-    if good_end != out_path.stat().st_size:
-        log.warning("%s: dropping a torn last record (%d bytes) before resuming",
-                    out_path, out_path.stat().st_size - good_end)
-        with out_path.open("r+b") as fh:
-            fh.truncate(good_end)
+    if good_end != size:
+        log.warning("%s: dropping a torn last record (%d bytes) before resuming", out_path, size - good_end)
+        with out_path.open("r+b") as tail:
+            tail.truncate(good_end)
     return state
 
 
@@ -89,8 +116,8 @@ def count_records(path: str | Path) -> int:
             import pyarrow.parquet as pq
 
             return int(pq.ParquetFile(path).metadata.num_rows)
-        except Exception:  # unreadable: the job reports it with the file's name
-            return 0
+        except Exception:  # unreadable, or no pyarrow: the reader says which, naming the file
+            pass
     return sum(1 for _ in iter_rows(path))
 
 
@@ -465,7 +492,8 @@ def annotate_file(model: str | Path, input_path: str | Path, output: str | None 
                 if dry_run:
                     return JobStats()
             if output is None or isinstance(output, str):
-                (out, state), owned = open_output(output, resume), True
+                stamp = {"model_sha256": model_sha, "spec_sha256": spec.sha256}
+                (out, state), owned = open_output(output, resume, stamp, [input_path, model]), True
             else:
                 out, state, owned = output, None, False
             pool = None
@@ -486,21 +514,26 @@ def annotate_file(model: str | Path, input_path: str | Path, output: str | None 
         llm.close()
 
 
-def open_output(path: str | None, resume: bool) -> tuple[IO[str], ResumeState | None]:
-    """stdout, or a file opened for append (resume) or fresh write."""
+def open_output(path: str | None, resume: bool, stamp: Mapping[str, str], inputs: Sequence[str | Path] = ()
+                ) -> tuple[IO[str], ResumeState | None]:
+    """stdout, or a file opened for append (resume, after load_resume_state's checks) or fresh
+    write (refused where it exists and holds anything); never one of the job's INPUTS."""
     import sys
 
     if path in (None, "-"):
         if resume:
-            raise ValueError("--resume needs -o FILE: a job written to stdout cannot be resumed")
+            raise OutputError("--resume needs -o FILE: a job written to stdout cannot be resumed")
         return sys.stdout, None
     p = Path(path)
+    refuse_inputs(p, inputs)
+    if p.is_dir():
+        raise OutputError(f"{p}: -o names a folder; give a file (e.g. {p / 'labels.jsonl'})")
     p.parent.mkdir(parents=True, exist_ok=True)
     if resume:
-        state = load_resume_state(p)
+        state = load_resume_state(p, stamp)
         return p.open("a", encoding="utf-8"), state
     if p.exists() and p.stat().st_size > 0:
-        raise FileExistsError(f"{p} exists; pass --resume to continue that job, or remove it")
+        raise OutputError(f"{p} exists; pass --resume to continue that job, or remove it")
     return p.open("w", encoding="utf-8"), None
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .data import Coverage, InputError, Item, Row, check_item, iter_rows, ratings_of
+from .errors import UserError
 from .files import atomic_write
 from .metrics import _alpha, _code, leave_one_out
 from .spec import TaskSpec
@@ -118,6 +119,10 @@ def _spread(xs: list[int]) -> dict[str, float]:
     return {"mean": round(float(np.mean(xs)), 2), "min": int(min(xs)), "max": int(max(xs))} if xs else {}
 
 
+SPLIT_FILES = ("train.jsonl", "val.jsonl", "test.jsonl", "split.json")
+"""What `data split` writes into its folder."""
+
+
 def split_labels(path: str | Path, spec: TaskSpec, out_dir: str | Path, test: float = 0.2, val: float = 0.1,
                  seed: int = 0, group: str | None = None) -> dict[str, Any]:
     """Split a human-label file by item into DIR/train.jsonl, val.jsonl and test.jsonl (every record
@@ -127,7 +132,7 @@ def split_labels(path: str | Path, spec: TaskSpec, out_dir: str | Path, test: fl
     context never straddle two splits) are ordered by a seeded hash, then cut; the same file, seed
     and fractions give the same split on any machine."""
     if not (0 <= test < 1 and 0 <= val < 1 and test + val < 1):
-        raise ValueError(f"--test {test} and --val {val}: each must be in [0, 1) and together below 1")
+        raise UserError(f"--test {test} and --val {val}: each must be in [0, 1) and together below 1")
     data = read_labelled(path, spec)
     key_of: dict[str, str] = {}
     for it in data.items:
@@ -141,14 +146,14 @@ def split_labels(path: str | Path, spec: TaskSpec, out_dir: str | Path, test: fl
     keys = sorted(set(key_of.values()), key=lambda k: hashlib.sha256(f"{seed}\0{k}".encode()).hexdigest())
     n_test, n_val = round(test * len(keys)), round(val * len(keys))
     if test > 0 and n_test == 0 or val > 0 and n_val == 0:
-        raise ValueError(f"{len(keys)} {'groups' if group else 'items'} are too few for --test {test} --val {val}")
+        raise UserError(f"{len(keys)} {'groups' if group else 'items'} are too few for --test {test} --val {val}")
     part = {k: "test" if i < n_test else "val" if i < n_test + n_val else "train" for i, k in enumerate(keys)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sizes: dict[str, dict[str, int]] = {}
     for name in ("train", "val", "test"):
         mine = [it for it in data.items if part[key_of[it.id]] == name]
-        lines = [json.dumps(r, ensure_ascii=False) + "\n" for it in mine for r in data.rows[it.id]]
+        lines = [json.dumps(r, ensure_ascii=False, default=str) + "\n" for it in mine for r in data.rows[it.id]]
         atomic_write(out / f"{name}.jsonl", "".join(lines))
         sizes[name] = {"items": len(mine), "records": len(lines), "ratings": sum(len(it.ratings) for it in mine)}
     info = {"source": str(path), "spec": spec.name, "seed": seed, "test": test, "val": val, "group": group,
@@ -165,7 +170,7 @@ def reshape_wide(path: str | Path, spec: TaskSpec, out: str | Path,
     rater, `{"id", inputs..., "rater", "labels"}`, the layout every other command reads. `pattern`
     says how a column name joins criterion and rater. An empty cell is no rating."""
     if "{criterion}" not in pattern or "{rater}" not in pattern:
-        raise ValueError(f"--pattern {pattern!r} must contain {{criterion}} and {{rater}}")
+        raise UserError(f"--pattern {pattern!r} must contain {{criterion}} and {{rater}}")
     names = "|".join(re.escape(c.name) for c in sorted(spec.criteria, key=lambda c: -len(c.name)))
     rx = re.compile("^" + re.escape(pattern).replace(r"\{criterion\}", f"(?P<criterion>{names})")
                     .replace(r"\{rater\}", "(?P<rater>.+?)") + "$")
@@ -197,6 +202,26 @@ def reshape_wide(path: str | Path, spec: TaskSpec, out: str | Path,
                          f"({', '.join(spec.criterion_names)}); e.g. {example}")
     atomic_write(Path(out), "".join(records))
     return {"items": n_items, "records": len(records), "raters": sorted(raters), "columns": sorted(matched)}
+
+
+def label_records(path: str | Path, spec: TaskSpec) -> Iterator[dict[str, Any]]:
+    """Every rating of a human-label file in any layout the readers take (CSV, JSONL, Parquet; one
+    rating a row, or `ratings` lists) as the one canonical record, `{"id", inputs..., "rater"?,
+    "labels"}`, each checked as `train` checks it: what `serve` writes for a retrain round."""
+    for row in iter_rows(path):
+        it = check_item(row, spec)
+        assert row.data is not None
+        blocks = row.data.get("ratings")
+        if isinstance(blocks, list):
+            pairs = [(r.get("rater") if isinstance(r, dict) else None,
+                      ratings_of(Row(row.path, row.line, {"ratings": [r]}), spec)) for r in blocks]
+        else:
+            pairs = [(row.data.get("rater"), ratings_of(row, spec))]
+        for rater, ratings in pairs:
+            named = isinstance(rater, str) and rater.strip() or isinstance(rater, int) and not isinstance(rater, bool)
+            who = str(rater) if named else None
+            for labels in ratings:
+                yield {"id": it.id, **it.fields, **({"rater": who} if who is not None else {}), "labels": labels}
 
 
 def iter_split(path: str | Path) -> Iterator[dict[str, Any]]:

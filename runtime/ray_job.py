@@ -37,11 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from .data import InputError
+from .errors import UserError
 from .jobs import Fatal, JobStats, OnError, Skipped, overflow_error, plan
 from .records import error_record, jsonl_line, result_record
 
 
-class RayJobError(RuntimeError):
+class RayJobError(UserError, RuntimeError):
     pass
 
 

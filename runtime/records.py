@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import InputError, iter_rows
-from .spec import TaskSpec
+from .data import InputError, Row, coerce_label, iter_rows, record_id
+from .spec import Criterion, TaskSpec
 
 PROB_DIGITS = 6  # probabilities and scores are rounded here, so outputs compare byte for byte
 
@@ -38,7 +38,7 @@ class Score:
 
 def jsonl_line(record: dict[str, Any]) -> str:
     """One compact, key-stable JSON line: the one serialisation of every output record."""
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False) + "\n"
 
 
 def write_jsonl_line(fh: Any, record: dict[str, Any]) -> None:
@@ -88,33 +88,81 @@ def by_id(preds: list[Prediction]) -> tuple[dict[str, dict[str, Any]], dict[str,
 
 
 def read_predictions(path: str | Path, spec: TaskSpec, need_probs: bool = True) -> list[Prediction]:
-    """annotate-cli's JSONL (or Parquet) output, each record checked against the spec: InputError
-    names the file, line and field of the first that is not one. With need_probs=False (agree, which
-    also compares labels from elsewhere) a record may carry labels alone; probs, if there, are checked."""
+    """annotate-cli's JSONL (or Parquet) output, each record checked against the spec (`prediction_of`):
+    InputError names the file, line and field of the first that is not one, or of a second result
+    record for one item."""
     out = []
-    names = {c.name for c in spec.criteria}
+    first_line: dict[str, int] = {}
     for row in iter_rows(path):
-        if row.error:
-            raise row.error
-        d = row.data
-        assert d is not None
-        if "id" not in d:
-            raise InputError(row.path, row.line, "not an annotate-cli output record: no 'id'", "id")
-        sha = str(d.get("model_sha256", ""))
-        if "error" in d:
-            err = d["error"] if isinstance(d["error"], dict) else {"message": str(d["error"])}
-            out.append(Prediction(str(d["id"]), row.line, {}, {}, {}, sha, err))
-            continue
-        labels, probs, scores = d.get("labels"), d.get("probs"), d.get("scores") or {}
-        if not isinstance(labels, dict) or set(labels) != names:
-            raise InputError(row.path, row.line, f"must map every criterion of spec '{spec.name}' "
-                             f"({', '.join(sorted(names))}) to a label", "labels", str(d["id"]))
-        if probs is None and not need_probs:
-            probs = {}
-        elif not isinstance(probs, dict) or set(probs) != names:
-            raise InputError(row.path, row.line, "must map every criterion to its levels' probabilities",
-                             "probs", str(d["id"]))
-        if not isinstance(scores, dict) or not all(isinstance(v, (int, float)) for v in scores.values()):
-            raise InputError(row.path, row.line, "must map criteria to numbers", "scores", str(d["id"]))
-        out.append(Prediction(str(d["id"]), row.line, labels, {k: float(v) for k, v in scores.items()}, probs, sha))
+        p = prediction_of(row, spec, need_probs)
+        if p.error is None:
+            if p.id in first_line:
+                raise InputError(row.path, row.line, f"a second result for item '{p.id}' (the first is at line "
+                                 f"{first_line[p.id]}): one record per item", "id", p.id)
+            first_line[p.id] = row.line
+        out.append(p)
     return out
+
+
+def prediction_of(row: Row, spec: TaskSpec, need_probs: bool = True) -> Prediction:
+    """One output record read back. Labels must be levels of their criterion (a value inside the
+    range on an interval scale), probabilities finite numbers in [0, 1] keyed by level, scores
+    finite numbers. With need_probs=False (agree, which also compares labels from elsewhere) a
+    record may carry labels alone; probs, if there, are checked."""
+    if row.error:
+        raise row.error
+    d = row.data
+    assert d is not None
+    if "id" not in d:
+        raise InputError(row.path, row.line, "not an annotate-cli output record: no 'id'", "id")
+    sha = d.get("model_sha256", "")
+    sha = sha if isinstance(sha, str) else ""
+    if "error" in d:  # an error record: its id may be missing (the record it stands for had none)
+        if d["id"] is not None and (not isinstance(d["id"], str | int) or isinstance(d["id"], bool)):
+            raise InputError(row.path, row.line, f"must be a string or an integer, got {type(d['id']).__name__}", "id")
+        err = d["error"] if isinstance(d["error"], dict) else {"message": str(d["error"])}
+        return Prediction(str(d["id"]), row.line, {}, {}, {}, sha, err)
+    item_id = record_id(row)
+    names = set(spec.criterion_names)
+    labels, probs, scores = d.get("labels"), d.get("probs"), d.get("scores") or {}
+    if not isinstance(labels, dict) or set(labels) != names:
+        raise InputError(row.path, row.line, f"must map every criterion of spec '{spec.name}' "
+                         f"({', '.join(sorted(names))}) to a label", "labels", item_id)
+    labels = {c.name: _level(labels[c.name], c, row, item_id) for c in spec.criteria}
+    if probs is None and not need_probs:
+        probs = {}
+    elif not isinstance(probs, dict) or set(probs) != names:
+        raise InputError(row.path, row.line, "must map every criterion to its levels' probabilities",
+                         "probs", item_id)
+    for c in spec.criteria:
+        if c.name in probs:
+            _check_probs(probs[c.name], c, row, item_id)
+    if not isinstance(scores, dict) or not all(k in names and _finite(v) for k, v in scores.items()):
+        raise InputError(row.path, row.line, "must map criteria to finite numbers", "scores", item_id)
+    return Prediction(item_id, row.line, labels, {k: float(v) for k, v in scores.items()}, probs, sha)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _level(v: Any, c: Criterion, row: Row, item_id: str) -> int | float | str:
+    """A predicted label checked as a human label is: a level (or, on an interval scale, a value in range)."""
+    try:
+        return coerce_label(v, c, row.path, row.line, "labels")
+    except InputError as e:
+        raise InputError(row.path, row.line, e.reason, e.field, item_id) from None
+
+
+def _check_probs(got: Any, c: Criterion, row: Row, item_id: str) -> None:
+    levels = {str(v) for v in c.values}
+    where = f"probs.{c.name}"
+    if not isinstance(got, dict):
+        raise InputError(row.path, row.line, "must map the criterion's levels to probabilities", where, item_id)
+    for k, p in got.items():
+        if k not in levels:
+            raise InputError(row.path, row.line, f"{k!r} is not a level of '{c.name}' ({', '.join(sorted(levels))})",
+                             where, item_id)
+        if not _finite(p) or not -1e-9 <= p <= 1 + 1e-6:
+            raise InputError(row.path, row.line, f"level {k}: {p!r} is not a probability (a number in [0, 1])",
+                             where, item_id)

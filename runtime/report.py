@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import UserError
 from .metrics import _alpha, _code, bootstrap, consensus, leave_one_out, nearest_level
 from .records import Prediction
 from .spec import Criterion, TaskSpec
@@ -276,7 +277,7 @@ ROWS = [("label_alpha", "label"), ("score_alpha", "score (probability-weighted m
         ("humans_alpha", "humans among themselves"), ("humans_plus_model_alpha", "humans + the model as a rater")]
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """A report that cannot be made (the extra is missing, or the records lack probabilities)."""
 
 

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import UserError
 from .metrics import consensus, nearest_level
 from .records import Prediction
 from .spec import Criterion, TaskSpec
@@ -87,7 +88,7 @@ def _random(item_id: str, seed: int) -> float:
 def uncertainty(p: Prediction, criteria: Sequence[Criterion], strategy: str, seed: int = 0) -> dict[str, float]:
     """Per criterion: how unsure the prediction is by STRATEGY (higher: ask a human sooner)."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy '{strategy}': choose one of {', '.join(STRATEGIES)}")
+        raise UserError(f"strategy '{strategy}': choose one of {', '.join(STRATEGIES)}")
     out = {}
     for c in criteria:
         ps = _probs(p, c)
@@ -110,7 +111,7 @@ def _criteria(spec: TaskSpec, names: Sequence[str] | None) -> list[Criterion]:
     by = {c.name: c for c in spec.criteria}
     unknown = [n for n in names if n not in by]
     if unknown:
-        raise ValueError(f"criterion {', '.join(unknown)} is not in spec '{spec.name}' "
+        raise UserError(f"criterion {', '.join(unknown)} is not in spec '{spec.name}' "
                          f"(it has {', '.join(by)})")
     return [by[n] for n in names]
 
@@ -137,7 +138,7 @@ def rank(preds: Sequence[Prediction], spec: TaskSpec, strategy: str, n: int, *,
     """The N result records (error records and EXCLUDE's ids left out) an expert should rate next,
     most uncertain first. `diverse` (a Jaccard share in (0, 1]) needs `inputs`, the items' fields."""
     if diverse is not None and inputs is None:
-        raise ValueError("diverse picks compare the items' texts: give the items file (--items)")
+        raise UserError("diverse picks compare the items' texts: give the items file (--items)")
     cs, skip = _criteria(spec, criteria), set(exclude)
     scored = []
     for p in preds:

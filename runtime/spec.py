@@ -20,22 +20,15 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import SpecError
+from .untrusted import JSONError, loads
+
 Level = Literal["nominal", "ordinal", "interval"]
 LEVELS: tuple[str, ...] = ("nominal", "ordinal", "interval")
 
 # Placeholders an instruction template may use; anything else is a spec error.
 TEMPLATE_FIELDS = frozenset({"rubric", "inputs", "name"})
 CUE_FIELDS = frozenset({"criterion", "min", "max"})
-
-
-class SpecError(ValueError):
-    """A spec that cannot be used; the message lists every problem found."""
-
-    def __init__(self, source: str, problems: list[str]):
-        self.source = source
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{source}: invalid task spec ({len(problems)} problem(s)):\n{lines}")
 
 
 @dataclass(frozen=True)
@@ -133,8 +126,31 @@ class TaskSpec:
         return hashlib.sha256(self.to_json().encode()).hexdigest()
 
 
+MAX_TEXT = 20_000
+"""Characters in one template, cue, name, description or anchor: a spec may come from a GGUF file
+anyone could have written, and its text goes into every prompt."""
+MAX_TEMPLATES, MAX_INPUTS, MAX_CRITERIA, MAX_LEVELS = 64, 64, 64, 1000
+
+
 def _placeholders(template: str) -> set[str]:
-    return {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    """The placeholders of a template; ValueError for one with a format spec or conversion
+    (`{rubric:>99999}` would allocate that width, `{name!r}` would render the repr)."""
+    out = set()
+    for _, f, fmt, conv in string.Formatter().parse(template):
+        if f is None:
+            continue
+        if fmt or conv:
+            raise ValueError(f"placeholder {{{f}}} takes no format spec or conversion "
+                             f"(found {'!' + conv if conv else ''}{':' + fmt if fmt else ''})")
+        out.add(f)
+    return out
+
+
+def _too_long(v: Any, where: str, problems: list[str]) -> bool:
+    if isinstance(v, str) and len(v) > MAX_TEXT:
+        problems.append(f"{where}: {len(v):,} characters, at most {MAX_TEXT:,}")
+        return True
+    return False
 
 
 def parse_spec(raw: Any, source: str = "<spec>") -> TaskSpec:
@@ -146,9 +162,13 @@ def parse_spec(raw: Any, source: str = "<spec>") -> TaskSpec:
     for key in sorted(set(raw) - known):
         problems.append(f"unknown key '{key}' (allowed: {', '.join(sorted(known))})")
     name = raw.get("name")
-    if not isinstance(name, str) or not name.strip():
+    if not isinstance(name, str) or not name.strip() or _too_long(name, "name", problems):
         problems.append("'name' must be a non-empty string")
         name = ""
+    description = raw.get("description") or ""
+    if not isinstance(description, str) or _too_long(description, "description", problems):
+        problems.append("'description' must be text")
+        description = ""
     inputs = _parse_inputs(raw.get("inputs"), problems)
     kind, criteria = _parse_criteria(raw, problems)
     templates = _parse_templates(raw.get("templates"), problems)
@@ -164,15 +184,15 @@ def parse_spec(raw: Any, source: str = "<spec>") -> TaskSpec:
                             f"(inputs: {', '.join(sorted(names))})")
     if problems:
         raise SpecError(source, problems)
-    return TaskSpec(name=name, description=str(raw.get("description", "")), inputs=tuple(inputs),
+    return TaskSpec(name=name, description=description, inputs=tuple(inputs),
                     criteria=tuple(criteria), templates=tuple(templates), answer_cue=cue,
                     kind=kind, extra=extra)  # type: ignore[arg-type]
 
 
 def _parse_inputs(raw_inputs: Any, problems: list[str]) -> list[InputField]:
     inputs: list[InputField] = []
-    if not isinstance(raw_inputs, list) or not raw_inputs:
-        problems.append("'inputs' must be a non-empty list of fields, e.g. [{name: text, title: Sentence}]")
+    if not isinstance(raw_inputs, list) or not raw_inputs or len(raw_inputs) > MAX_INPUTS:
+        problems.append(f"'inputs' must be a list of 1 to {MAX_INPUTS} fields, e.g. [{{name: text, title: Sentence}}]")
         raw_inputs = []
     for i, f in enumerate(raw_inputs):
         where = f"inputs[{i}]"
@@ -183,6 +203,11 @@ def _parse_inputs(raw_inputs: Any, problems: list[str]) -> list[InputField]:
             continue
         for k in sorted(set(f) - {"name", "title", "description"}):
             problems.append(f"{where}: unknown key '{k}'")
+        if any(_too_long(f.get(k), f"{where}.{k}", problems) for k in ("name", "title", "description")):
+            continue
+        if not all(isinstance(f.get(k, ""), str) for k in ("title", "description")):
+            problems.append(f"{where}: 'title' and 'description' must be text")
+            continue
         if f["name"] == "id":
             problems.append(f"{where}: 'id' is reserved for the item id")
         inputs.append(InputField(f["name"], str(f.get("title") or f["name"].replace("_", " ").capitalize()),
@@ -202,8 +227,8 @@ def _parse_criteria(raw: dict[str, Any], problems: list[str]) -> tuple[str, list
         problems.append("give exactly one of 'criteria' (rating scales) or 'labels' (single-label classification)")
     elif has_c:
         raw_c = raw["criteria"]
-        if not isinstance(raw_c, list) or not raw_c:
-            problems.append("'criteria' must be a non-empty list")
+        if not isinstance(raw_c, list) or not raw_c or len(raw_c) > MAX_CRITERIA:
+            problems.append(f"'criteria' must be a list of 1 to {MAX_CRITERIA} criteria")
             raw_c = []
         for i, c in enumerate(raw_c):
             crit = _parse_criterion(c, f"criteria[{i}]", problems, numeric=True)
@@ -234,21 +259,30 @@ def _parse_templates(templates: Any, problems: list[str]) -> list[str]:
     if not isinstance(templates, list) or not templates or not all(isinstance(t, str) and t.strip() for t in templates):
         problems.append("'templates' must be a non-empty list of instruction strings; the first is canonical")
         return []
+    if len(templates) > MAX_TEMPLATES:
+        problems.append(f"templates: {len(templates)} paraphrases, at most {MAX_TEMPLATES}")
+        return []
     for i, t in enumerate(templates):
+        if _too_long(t, f"templates[{i}]", problems):
+            continue
         try:
-            bad = _placeholders(t) - TEMPLATE_FIELDS
+            used = _placeholders(t)
         except ValueError as e:
             problems.append(f"templates[{i}]: {e} (write literal braces as {{{{ and }}}})")
             continue
+        bad = used - TEMPLATE_FIELDS
         if bad:
             problems.append(f"templates[{i}]: unknown placeholder(s) {sorted(bad)}; allowed: {sorted(TEMPLATE_FIELDS)}")
+        elif "rubric" not in used:
+            problems.append(f"templates[{i}]: has no {{rubric}}: the prompt would never state the criteria and "
+                            f"their scales")
     if len(set(templates)) != len(templates):
         problems.append("templates: paraphrases must differ from each other")
     return templates
 
 
 def _parse_cue(cue: Any, problems: list[str]) -> str:
-    if not isinstance(cue, str) or not cue.strip():
+    if not isinstance(cue, str) or not cue.strip() or _too_long(cue, "answer_cue", problems):
         problems.append("'answer_cue' must be a non-empty string such as '{criterion} ({min}-{max}):'")
         return "{criterion}:"
     try:
@@ -267,9 +301,13 @@ def _parse_criterion(c: Any, where: str, problems: list[str], numeric: bool) -> 
     name = c.get("name")
     for k in sorted(set(c) - {"name", "description", "level", "scale", "judges", "calibration"}):
         problems.append(f"{where}: unknown key '{k}'")
-    if not isinstance(name, str) or not name.strip():
+    if not isinstance(name, str) or not name.strip() or _too_long(name, f"{where}.name", problems):
         problems.append(f"{where}: needs a non-empty 'name'")
         name = f"<{where}>"
+    if not isinstance(c.get("description") or "", str) or _too_long(c.get("description"), f"{where}.description",
+                                                                   problems):
+        problems.append(f"{where}: 'description' must be text")
+        return None
     where = f"{where} ({name})"
     level = c.get("level", "nominal" if not numeric else None)
     if level not in LEVELS:
@@ -278,8 +316,8 @@ def _parse_criterion(c: Any, where: str, problems: list[str], numeric: bool) -> 
         problems.append(f"{where}: a label set is nominal")
     raw_scale = c.get("scale")
     key = "scale" if numeric else "classes"
-    if not isinstance(raw_scale, list) or len(raw_scale) < 2:
-        problems.append(f"{where}: '{key}' must list at least two levels")
+    if not isinstance(raw_scale, list) or not 2 <= len(raw_scale) <= MAX_LEVELS:
+        problems.append(f"{where}: '{key}' must list at least two levels (at most {MAX_LEVELS})")
         return None
     scale: list[ScaleLevel] = []
     for j, lv in enumerate(raw_scale):
@@ -299,7 +337,12 @@ def _parse_criterion(c: Any, where: str, problems: list[str], numeric: bool) -> 
             problems.append(f"{where}: {key}[{j}] value {v!r} must be a string")
             continue
         anchor = lv.get("anchor", "")
-        if numeric and (not isinstance(anchor, str) or not anchor.strip()):
+        if any(_too_long(lv.get(k), f"{where}: {key}[{j}].{k}", problems) for k in ("value", "anchor", "answer")):
+            continue
+        if not isinstance(anchor, str):
+            problems.append(f"{where}: {key}[{j}] 'anchor' must be text")
+            continue
+        if numeric and not anchor.strip():
             problems.append(f"{where}: {key}[{j}] (value {v}) needs a one-line 'anchor'")
         elif "\n" in str(anchor).strip():
             problems.append(f"{where}: {key}[{j}] anchor must be one line")
@@ -321,7 +364,7 @@ def _parse_criterion(c: Any, where: str, problems: list[str], numeric: bool) -> 
         problems.append(f"{where}: 'judges' must name an input field")
         judges = ""
     calibration = _parse_calibration(c.get("calibration", []), where, problems, numeric and level != "nominal")
-    return Criterion(name=name, description=str(c.get("description", "")).strip(),
+    return Criterion(name=name, description=str(c.get("description") or "").strip(),
                      level=level if level in LEVELS else "nominal", scale=tuple(scale),  # type: ignore[arg-type]
                      judges=judges, calibration=calibration)
 
@@ -366,15 +409,23 @@ def load_spec(path: str | Path) -> TaskSpec:
 
 
 def spec_from_json(text: str, source: str = "<embedded spec>") -> TaskSpec:
-    """Inverse of TaskSpec.to_json, re-validated (the JSON may come from an untrusted file)."""
+    """Inverse of TaskSpec.to_json, re-validated as a spec file is (the JSON may come from an
+    untrusted file): any wrong shape is a SpecError, never another exception."""
+    if not isinstance(text, str):
+        raise SpecError(source, [f"must be JSON text, got {type(text).__name__}"])
+    if len(text) > 64 * MAX_TEXT:
+        raise SpecError(source, [f"{len(text):,} characters of JSON, at most {64 * MAX_TEXT:,}"])
     try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as e:
+        raw = loads(text)
+    except JSONError as e:
         raise SpecError(source, [f"not valid JSON: {e}"]) from None
     if isinstance(raw, dict) and raw.get("kind") == "labels":
         # the canonical form stores the label set as its single criterion
-        crits = raw.get("criteria") or [{}]
-        c = crits[0] if isinstance(crits[0], dict) else {}
+        crits = raw.get("criteria")
+        if not isinstance(crits, list) or len(crits) != 1 or not isinstance(crits[0], dict):
+            raise SpecError(source, ["'kind: labels' holds its label set as one criterion: 'criteria' must be a "
+                                     "list of one mapping"])
+        c = crits[0]
         raw = {**raw, "labels": {"name": c.get("name"), "description": c.get("description", ""),
                                  "classes": c.get("scale"), **({"judges": c["judges"]} if c.get("judges") else {})}}
         raw.pop("criteria", None)

@@ -14,6 +14,7 @@ import yaml
 from click.testing import CliRunner
 from conftest import DATA, ROOT, TASKS
 
+from edge_annotator.runtime.errors import UserError
 from edge_annotator.train.cli import train as train_cmd
 from edge_annotator.train.config import ConfigError, load_config, parse_config
 
@@ -83,7 +84,7 @@ def test_the_small_data_recipe_names_each_augmentation() -> None:
         (False, True, 0.0)
     assert (on["dropout"].templates, on["dropout"].permute_inputs, on["dropout"].token_dropout.prob) == \
         (False, False, 0.1)
-    with pytest.raises(ValueError, match="'some' is none of none, all, templates"):
+    with pytest.raises(UserError, match="'some' is none of none, all, templates"):
         augment("some")
 
 

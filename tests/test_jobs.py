@@ -13,6 +13,7 @@ from conftest import DATA, TASKS
 from golden import check_golden
 
 from edge_annotator.runtime.data import InputError, Item
+from edge_annotator.runtime.errors import OutputError
 from edge_annotator.runtime.jobs import Fatal, IdTable, JobOptions, JobStats, Skipped, annotate_file, plan
 from edge_annotator.runtime.spec import load_spec
 
@@ -64,7 +65,7 @@ def test_annotate_file_writes_what_annotate_cli_writes(tmp_path: Path, gemma_pat
     assert stats.written == 50
     out = tmp_path / "out.jsonl"
     out.write_text("".join(want.splitlines(keepends=True)[:20]))
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputError):
         annotate_file(gemma_path, items, str(out), opts)
     stats = annotate_file(gemma_path, items, str(out), opts, resume=True)
     assert out.read_text() == want and (stats.resumed, stats.written) == (20, 30)

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from conftest import DATA, ROOT, TASKS
 
 from edge_annotator.runtime.cli import cli
+from edge_annotator.runtime.errors import UserError
 from edge_annotator.runtime.records import read_predictions
 from edge_annotator.runtime.selection import rank, suspects
 from edge_annotator.runtime.spec import load_spec
@@ -75,7 +76,7 @@ def test_ties_go_by_id_random_is_seeded_and_exclude_leaves_items_out(pred: Path,
     assert sorted(r0) == sorted(i for i, _ in ROWS)
     assert any([p.id for p in rank(preds, spec, "random", 5, seed=s)] != r0 for s in (1, 2, 3))
     assert [p.id for p in rank(preds, spec, "entropy", 2, exclude={"uniform"})] == ["lean", "ends"]
-    with pytest.raises(ValueError, match="criterion Valance is not in spec"):
+    with pytest.raises(UserError, match="criterion Valance is not in spec"):
         rank(preds, spec, "entropy", 2, criteria=["Valance"])
 
 
@@ -90,7 +91,7 @@ def test_diverse_keeps_near_duplicates_apart(tmp_path: Path) -> None:
     preds = read_predictions(pred, spec)
     assert [p.id for p in rank(preds, spec, "entropy", 2)] == ["a", "a-copy"]
     assert [p.id for p in rank(preds, spec, "entropy", 2, inputs=inputs, diverse=0.6)] == ["a", "b"]
-    with pytest.raises(ValueError, match="--items"):
+    with pytest.raises(UserError, match="--items"):
         rank(preds, spec, "entropy", 2, diverse=0.6)
 
 

@@ -117,6 +117,8 @@ def test_200_concurrent_requests_are_all_answered_as_annotate_would(gemma_path: 
         (json.dumps({"tasks": [{"data": {"id": "a", "text": 7.5e300}}]}).encode(), 200),  # a number is text
         (json.dumps({"tasks": [{"data": ["x"]}]}).encode(), 422), (b'{"tasks": [null]}', 422),
         (b"\xff\xfe", 400),
+        (b'{"tasks": [{"data": {"id": ' + b"9" * 5000 + b', "text": "x"}}]}', 400),  # past the JSON bounds
+        (b"[" * 60_000, 400),
     ]
     with server(gemma_path, "--workers", "2", "--threads", "2", "--max-body", "65536") as (base, proc):
         rss0 = _rss_kb(proc.pid)
@@ -302,3 +304,205 @@ def test_a_retrain_round_switches_the_model_only_when_its_command_succeeds(gemma
         still = _call(base, "POST", "/predict", task)[1]
     assert st["retrain"]["rounds"][0]["state"] == "failed" and st["retrain"]["rounds"][0]["returncode"] == 3
     assert st["model_version"] == v0 and still["results"][0]["model_version"] == v0
+
+
+# -- a browser on the same machine, and other hostile callers ----------------------------------------
+
+def _port_of(base: str) -> int:
+    return int(base.rsplit(":", 1)[1])
+
+
+def _annotation(text: Any = "What a day!") -> dict[str, Any]:
+    return {"action": "ANNOTATION_CREATED", "task": {"id": 3, "data": {"id": "s1", "text": text}},
+            "annotation": {"completed_by": {"email": "expert@example.com"}, "result": [
+                {"from_name": "Valence", "to_name": "text", "type": "rating", "value": {"rating": 4}}]}}
+
+
+def test_a_page_in_the_users_browser_cannot_write_labels_or_use_the_server(gemma_path: Path, tmp_path: Path) -> None:
+    """What a page of another site can send to a loopback server: a 'simple' cross-site POST
+    (text/plain, its own Origin), or the same after rebinding its domain name to 127.0.0.1 (its
+    Host). Each is refused and writes nothing; Label Studio's own requests (JSON, a loopback Host,
+    no Origin) and an allowed origin's go through."""
+    out = tmp_path / "new" / "folder" / "labels.jsonl"  # a folder that does not exist yet: made at start
+    allowed = "http://labelstudio.example:8080"
+    with server(gemma_path, "--workers", "1", "--labels-out", str(out), "--allow-origin", allowed,
+                "--allow-host", "host.docker.internal") as (base, _):
+        port = _port_of(base)
+        event = json.dumps(_annotation()).encode()
+        evil = {"Origin": "http://evil.example", "Host": f"evil.example:{port}"}
+        refused = {
+            "browser-shaped": _call(base, "POST", "/webhook", raw=event,
+                                    headers={**evil, "Content-Type": "text/plain"}),
+            "rebinding": _call(base, "POST", "/webhook", raw=event, headers={"Host": f"evil.example:{port}"}),
+            "cross-site": _call(base, "POST", "/webhook", raw=event, headers={"Origin": "http://evil.example"}),
+            "null origin": _call(base, "POST", "/webhook", raw=event, headers={"Origin": "null"}),
+            "text/plain": _call(base, "POST", "/webhook", raw=event, headers={"Content-Type": "text/plain"}),
+            "form": _call(base, "POST", "/webhook", raw=event,
+                          headers={"Content-Type": "application/x-www-form-urlencoded"}),
+            "predict rebinding": _call(base, "POST", "/predict", {"tasks": [{"data": {"id": "a", "text": "x"}}]},
+                                       headers={"Host": f"attacker.example:{port}"}),
+            "health rebinding": _call(base, "GET", "/health", headers={"Host": f"attacker.example:{port}"}),
+            "list as text": _call(base, "POST", "/webhook", _annotation(["not", "text"])),
+            "NUL in text": _call(base, "POST", "/webhook", _annotation("a NUL \x00 inside")),
+        }
+        written_after_refusals = out.read_bytes()
+        ok = {
+            "label studio": _call(base, "POST", "/webhook", _annotation()),
+            "localhost": _call(base, "GET", "/health", headers={"Host": f"localhost:{port}"}),
+            "ipv6 loopback": _call(base, "GET", "/health", headers={"Host": f"[::1]:{port}"}),
+            "allowed host": _call(base, "GET", "/health", headers={"Host": f"host.docker.internal:{port}"}),
+            "allowed origin": _call(base, "POST", "/webhook", _annotation(), headers={"Origin": allowed}),
+        }
+        _, stats, _ = _call(base, "GET", "/stats")
+    codes = {k: v[0] for k, v in refused.items()}
+    assert codes == {"browser-shaped": 403, "rebinding": 403, "cross-site": 403, "null origin": 403,
+                     "text/plain": 415, "form": 415, "predict rebinding": 403, "health rebinding": 403,
+                     "list as text": 422, "NUL in text": 422}, codes
+    assert all(isinstance(v[1], dict) and v[1]["error"] for v in refused.values())
+    assert "must be text" in refused["list as text"][1]["error"] and "NUL" in refused["NUL in text"][1]["error"]
+    assert written_after_refusals == b""
+    assert {k: v[0] for k, v in ok.items()} == dict.fromkeys(ok, 200)
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert recs == [{"id": "s1", "text": "What a day!", "rater": "expert@example.com", "labels": {"Valence": 4}}] * 2
+    assert stats["labels_written"] == 2 and stats["predicted"] == 0
+
+
+def test_the_body_limit_holds_for_chunked_bodies_and_a_request_past_the_queue_is_413(gemma_path: Path) -> None:
+    """A chunked body never says its length: reading stops at --max-body and the answer is 413,
+    while the client is still sending 150 MB; the server's memory does not grow with it."""
+    import select
+
+    with server(gemma_path, "--workers", "1", "--max-body", "65536", "--queue", "8") as (base, proc):
+        rss0 = _rss_kb(proc.pid)
+        port = _port_of(base)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        sock.sendall(f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                     f"Transfer-Encoding: chunked\r\n\r\n".encode())
+        chunk = b"%x\r\n%s\r\n" % (1 << 20, b" " * (1 << 20))
+        sent, reply = 0, b""
+        try:
+            while sent < 150 << 20 and not reply:
+                sock.sendall(chunk)
+                sent += 1 << 20
+                if select.select([sock], [], [], 0)[0]:
+                    reply = sock.recv(65536)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        if not reply:
+            reply = sock.recv(65536)
+        sock.close()
+        rss1 = _rss_kb(proc.pid)
+        many = _call(base, "POST", "/predict", {"tasks": [{"data": {"id": f"t{i}", "text": "x"}} for i in range(9)]})
+        alive = _call(base, "GET", "/health")
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert b"max-body 65536" in reply and sent < 150 << 20, (sent, reply[-200:])
+    assert rss1 - rss0 < 50_000, f"RSS grew by {(rss1 - rss0) / 1000:.0f} MB while {sent >> 20} MB were sent"
+    assert many[0] == 413 and "--queue 8" in many[1]["error"] and "Retry-After" not in many[2]
+    assert alive[0] == 200
+
+
+def test_serve_checks_its_options_and_address_before_it_says_it_serves(gemma_path: Path, tmp_path: Path) -> None:
+    csv_file = tmp_path / "ratings.csv"
+    csv_file.write_text("id,text,Valence\ns1,Fine.,3\n")
+    other = tmp_path / "notes.jsonl"
+    other.write_text('{"note": "my own file"}\n')
+    cases = {
+        "labels over a CSV": (["--labels-out", str(csv_file)], "give a .jsonl file"),
+        "labels over another file": (["--labels-out", str(other)], "holds something other than human labels"),
+        "stray placeholder": (["--labels-out", str(tmp_path / "l.jsonl"), "--retrain-after", "1",
+                               "--retrain-command", "annotate-cli fit {spec} {labels} -o {output} --threads "
+                                                    "{THREADS}"], "unknown placeholder(s) {THREADS}"),
+    }
+    for name, (args, needle) in cases.items():
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+        r = subprocess.run([*CLI, "serve", str(gemma_path), "--spec", str(SPEC), "--port", "0", *args],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and needle in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
+        assert "serving" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, (name, r.stderr)
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name in before} == before
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([*CLI, "serve", str(gemma_path), "--spec", str(SPEC), "--port", str(port)],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and f"--port {port}: cannot listen there" in r.stderr, r.stderr
+    assert "serving" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_retrain_reads_any_label_file_and_a_round_that_raises_lets_the_next_run(gemma_path: Path,
+                                                                              tmp_path: Path) -> None:
+    """--retrain-with as a CSV (README's ratings.csv): the round's labels are one JSONL file that
+    `train` reads, the CSV's ratings and the webhook's. A round that raises inside its thread (here
+    its --retrain-with file is gone) is recorded as failed, and the next one runs."""
+    from edge_annotator.runtime.data import read_human
+
+    ratings = tmp_path / "ratings.csv"
+    ratings.write_text("id,text,rater,Valence,Arousal\ne1,Fine.,r1,3,2\ne1,Fine.,r2,4,\ne2,Dull.,r1,2,2\n")
+    ok = f"{sys.executable} -c \"import shutil, sys; shutil.copy(sys.argv[1], sys.argv[2])\" {gemma_path} {{output}}"
+    labels = tmp_path / "labels.jsonl"
+
+    def wait_round(base: str, k: int) -> dict[str, Any]:
+        for _ in range(600):
+            st = _call(base, "GET", "/stats")[1]["retrain"]
+            if len(st["rounds"]) >= k and st["rounds"][k - 1]["state"] != "running":
+                return st["rounds"][k - 1]
+            time.sleep(0.2)
+        raise AssertionError(f"round {k} did not end")
+
+    with server(gemma_path, "--workers", "1", "--labels-out", str(labels), "--retrain-after", "1",
+                "--retrain-with", str(ratings), "--retrain-command", ok) as (base, _):
+        _call(base, "POST", "/webhook", _annotation())
+        first = wait_round(base, 1)
+        kept = ratings.read_bytes()
+        ratings.unlink()
+        _call(base, "POST", "/webhook", _annotation())
+        second = wait_round(base, 2)
+        health = _call(base, "GET", "/health")[1]
+        ratings.write_bytes(kept)
+        _call(base, "POST", "/webhook", _annotation())
+        third = wait_round(base, 3)
+    assert first["state"] == "serving" and first["labels"] == 4, first
+    trained_on = read_human(Path(first["dir"]) / "labels.jsonl", load_spec(SPEC))
+    assert trained_on == {"e1": [{"Valence": 3, "Arousal": 2}, {"Valence": 4}], "e2": [{"Valence": 2, "Arousal": 2}],
+                          "s1": [{"Valence": 4}]}
+    assert second["state"] == "failed" and "ratings.csv" in second["error"] and second["error_id"], second
+    assert health["retrain"]["last"]["state"] == "failed" and not health["retrain"]["running"]
+    assert third["state"] == "serving" and third["labels"] == 6, third
+
+
+def test_an_unexpected_error_answers_500_with_an_id_not_its_text(gemma_path: Path) -> None:
+    """The app's last handler, on a real server: a route that fails for a reason no request can
+    name (here one added to raise) answers 500 with an error id; the exception's text stays in the log."""
+    import threading
+
+    import uvicorn
+
+    from edge_annotator.runtime.serve_app import Gate, make_app
+    from edge_annotator.runtime.serve_scorer import Scorer, ServeOptions
+
+    scorer = Scorer(gemma_path, ServeOptions(spec=SPEC, workers=1, threads=1))
+    app = make_app(scorer, Gate("127.0.0.1"))
+
+    async def boom() -> None:
+        raise RuntimeError("internal detail: /secret/path")
+
+    app.add_api_route("/boom", boom)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="critical"))
+    t = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    t.start()
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        for _ in range(100):
+            if srv.started:
+                break
+            time.sleep(0.1)
+        code, body, _ = _call(base, "GET", "/boom")
+    finally:
+        srv.should_exit = True
+        t.join(30)
+        scorer.close()
+    assert code == 500 and len(body["error_id"]) == 8 and body["error_id"] in body["error"]
+    assert "secret" not in json.dumps(body) and "RuntimeError" not in json.dumps(body)

@@ -15,6 +15,8 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from edge_annotator.runtime.errors import UserError
+
 from .recipe import AUGMENTATIONS
 
 err = Console(stderr=True)
@@ -50,9 +52,8 @@ def train(config: Path, output: str | None, max_steps: int | None, resume: bool,
       annotate-cli train configs/gemma3-270m-qlora-gpu-emobank.yaml --merge-only   # adapter from a GPU
       annotate-cli train my-config.yaml --check          # valid? how long? (nothing is trained)
     """
-    from .config import ConfigError, load_config
-    from .job import NoAdapter, merge_run, train_and_merge
-    from .trainer import CannotLearn
+    from .config import load_config
+    from .job import merge_run, train_and_merge
 
     try:
         cfg = load_config(config, output=output, max_steps=max_steps)
@@ -68,7 +69,7 @@ def train(config: Path, output: str | None, max_steps: int | None, resume: bool,
             return
         with _progress_bar() as on_log:
             done = train_and_merge(cfg, resume=resume, merge_after=not no_merge, progress=on_log)
-    except (ConfigError, CannotLearn, NoAdapter) as e:
+    except UserError as e:  # also called outside annotate-cli (scripts/gpu_train_check.sh)
         raise click.ClickException(str(e)) from None
     st, r = done.result.state, done.result
     base = None if done.baseline_alpha is None else round(done.baseline_alpha, 3)
@@ -164,14 +165,10 @@ def fit(spec: Path, labels: Path, output: Path, budget: str, base: str, test: fl
       annotate-cli fit tasks/support.yaml ratings.csv -o support.gguf --resume    # after an interrupt
       annotate-cli fit tasks/support.yaml ratings.csv -o support.gguf --qat       # one 4-bit file
     """
-    from edge_annotator.runtime.data import InputError
-    from edge_annotator.runtime.spec import SpecError
 
-    from .config import ConfigError
-    from .fit import FitError, FitOptions, run_dir
+    from .fit import FitOptions, run_dir
     from .fit import fit as run_fit
     from .job import calibration_lines
-    from .trainer import CannotLearn
 
     opts = FitOptions(base=base, budget_s=_duration(budget), test=test, val=val, seed=seed, group=group, quant=quant,
                       threads=threads, augment=augment, tiny=tiny, select_by=select_by, qat=qat)
@@ -185,7 +182,7 @@ def fit(spec: Path, labels: Path, output: Path, budget: str, base: str, test: fl
     try:
         with _progress_bar() as on_log:
             state = run_fit(spec, labels, output, opts, resume=resume, stage=say, progress=on_log)
-    except (ConfigError, CannotLearn, FitError, InputError, SpecError, FileExistsError, ValueError) as e:
+    except UserError as e:
         raise click.ClickException(str(e)) from None
     run = run_dir(output)
     tr = state.get("train", {})

@@ -19,10 +19,12 @@ from typing import Any, Literal
 
 import yaml
 
+from edge_annotator.runtime.errors import UserError
+
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     def __init__(self, source: str, problems: list[str]):
         self.problems = problems
         super().__init__(f"{source}: invalid training config ({len(problems)} problem(s)):\n"

@@ -33,12 +33,14 @@ from typing import Any
 
 import yaml
 
+from edge_annotator.runtime.errors import OutputError, UserError
+
 log = logging.getLogger(__name__)
 
 STAGES = ("split", "recipe", "estimate", "train", "export", "parity", "test")
 
 
-class FitError(RuntimeError):
+class FitError(UserError, RuntimeError):
     """A fit that cannot go on; the message says which stage and what to do."""
 
 
@@ -83,7 +85,7 @@ def fit(spec_path: str | Path, labels: str | Path, out: str | Path, opts: FitOpt
     out = Path(out)
     run = run_dir(out)
     if run.exists() and any(run.iterdir()) and not resume:
-        raise FileExistsError(f"{run} holds an earlier fit; pass --resume to continue it, or remove it")
+        raise OutputError(f"{run} holds an earlier fit; pass --resume to continue it, or remove it")
     run.mkdir(parents=True, exist_ok=True)
     say = stage or (lambda name, what: None)
     spec = load_spec(spec_path)

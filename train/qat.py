@@ -28,11 +28,12 @@ from typing import Any
 import numpy as np
 
 from edge_annotator.hf.grid import LAYOUTS, Grid, gguf_of, gguf_row_order, read_grid, snap, torch_grid
+from edge_annotator.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class NoGrid(ValueError):
+class NoGrid(UserError, ValueError):
     """The base has no GGUF grid to train on (not made from a GGUF, the file missing, or weights
     that differ from it)."""
 

@@ -27,6 +27,8 @@ import copy
 import math
 from typing import Any
 
+from edge_annotator.runtime.errors import UserError
+
 TREE_TOKENS = 3000
 """Tokens per micro-batch tree to aim for: items of ~30 tokens pack 16 to a tree (~700 tokens with
 the instruction), items of ~300 tokens about 9."""
@@ -55,7 +57,7 @@ of an item's tokens in half of its examples."""
 def augmentation(name: str) -> dict[str, Any]:
     """AUGMENTATIONS[name], a copy of its own (ValueError naming the choices for any other name)."""
     if name not in AUGMENTATIONS:
-        raise ValueError(f"augment: {name!r} is none of {', '.join(AUGMENTATIONS)}")
+        raise UserError(f"augment: {name!r} is none of {', '.join(AUGMENTATIONS)}")
     return copy.deepcopy(AUGMENTATIONS[name])
 
 
@@ -101,7 +103,7 @@ MIN_STEPS = 10
 lr 0) and leave the base's own answers, which a 4-bit file does not keep within parity."""
 
 
-class BudgetTooSmall(ValueError):
+class BudgetTooSmall(UserError, ValueError):
     """The time budget pays for fewer than MIN_STEPS steps."""
 
 

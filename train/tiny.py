@@ -29,6 +29,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from edge_annotator.runtime.errors import UserError
+
 ARCHS = ("qwen3", "llama3")
 VOCAB = 1000
 SOURCES = ("emobank-train-5000.jsonl", "convabuse-train-300.jsonl", "goemotions-train-300.jsonl")
@@ -107,7 +109,7 @@ def tiny_config(arch: str, tied: bool, vocab: int, hidden: int = 64) -> Any:
                            rope_parameters={"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0,
                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                             "original_max_position_embeddings": 1024})
-    raise ValueError(f"{arch}: choose one of {', '.join(ARCHS)}")
+    raise UserError(f"{arch}: choose one of {', '.join(ARCHS)}")
 
 
 def tiny_base(arch: str, out: str | Path, tied: bool = False, seed: int = 0, hidden: int = 64) -> Path:

@@ -48,6 +48,7 @@ from edge_annotator.hf.tree import (
     soft_cross_entropy,
     tree_attention,
 )
+from edge_annotator.runtime.errors import UserError
 from edge_annotator.runtime.files import atomic_dir
 from edge_annotator.runtime.prompt import CANONICAL, RenderOptions, render_instruction
 from edge_annotator.runtime.spec import TaskSpec, load_spec
@@ -69,7 +70,7 @@ from .model import add_lora, build_tiny, load_base, load_tokenizer, pick_device,
 log = logging.getLogger(__name__)
 
 
-class CannotLearn(RuntimeError):
+class CannotLearn(UserError, RuntimeError):
     """A run that would train on nothing, or on a fraction of its data: stopped before it wastes time."""
 
 
@@ -122,7 +123,7 @@ def setup_data(cfg: TrainConfig) -> Data:
         train_items, val_items = items, load_items(cfg.val_data, spec)
         overlap = {i.id for i in train_items} & {i.id for i in val_items}
         if overlap:
-            raise ValueError(f"{len(overlap)} item id(s) are in both train_data and val_data, "
+            raise UserError(f"{len(overlap)} item id(s) are in both train_data and val_data, "
                              f"e.g. {sorted(overlap)[0]}")
     else:
         train_items, val_items = split_items(items, cfg.val_fraction, cfg.seed)
