@@ -110,11 +110,11 @@ label-studio-check: install $(GEMMA) $(LS_VENV)/.stamp  ## Label Studio server: 
 	$(CLI) annotate $(GEMMA) data/emobank-test-50.jsonl --spec tasks/emobank.yaml --threads $(THREADS) \
 		-o $(LS_CHECK)/annotated.jsonl.partial && mv $(LS_CHECK)/annotated.jsonl.partial $(LS_CHECK)/annotated.jsonl
 	$(CLI) convert $(LS_CHECK)/annotated.jsonl --to label-studio --spec tasks/emobank.yaml \
-		--items data/emobank-test-50.jsonl -o $(LS_CHECK)/tasks.json --label-config $(LS_CHECK)/config.xml
+		--items data/emobank-test-50.jsonl -o $(LS_CHECK)/tasks.json --label-config $(LS_CHECK)/config.xml --force
 	$(PY) scripts/label_studio_check.py $(LS_VENV)/bin/label-studio $(LS_CHECK)/tasks.json $(LS_CHECK)/config.xml \
 		--spec tasks/emobank.yaml --export $(LS_CHECK)/export.json --backend $(GEMMA)
 	$(CLI) data import $(LS_CHECK)/export.json --from label-studio --spec tasks/emobank.yaml \
-		--items data/emobank-test-50.jsonl -o $(LS_CHECK)/labels-back.jsonl
+		--items data/emobank-test-50.jsonl -o $(LS_CHECK)/labels-back.jsonl --force
 
 test: install $(GEMMA) $(GEMMA_HF) $(FORMATS_VENV)/.stamp label-studio-check  ## run the whole test suite (what CI runs)
 	EDGE_ANNOTATOR_TEST_MODEL=$(GEMMA) EDGE_ANNOTATOR_TEST_HF=$(GEMMA_HF) \
