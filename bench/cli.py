@@ -21,7 +21,7 @@ from rich.table import Table
 
 from edge_annotator.runtime.cpu import cpu_name
 from edge_annotator.runtime.files import write_section
-from edge_annotator.runtime.options import gpu_layers_option
+from edge_annotator.runtime.options import Command, gpu_layers_option
 
 err = Console(stderr=True)
 
@@ -149,7 +149,7 @@ def markdown(res: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=Path("models/gemma-3-270m-q4_k_m.gguf"), show_default=True)
 @click.option("--hf-dir", type=click.Path(file_okay=False, path_type=Path), default=None,

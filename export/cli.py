@@ -10,14 +10,14 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from edge_annotator.runtime.options import gpu_layers_option
+from edge_annotator.runtime.options import Command, gpu_layers_option
 
 from .quants import ADAPTED_TYPES, FILE_TYPES
 
 err = Console(stderr=True)
 
 
-@click.command()
+@click.command(cls=Command)
 @click.argument("merged", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The .gguf to write (atomically; a manifest with checksums goes beside it).")
@@ -92,7 +92,7 @@ def export(merged: Path, output: Path, quant: str, adapted_type: str, imatrix: P
         err.print(f"kept the {k['count']} LoRA-adapted tensors ({k['weight_share']:.1%} of the weights) at {k['type']}")
 
 
-@click.command()
+@click.command(cls=Command)
 @click.argument("merged", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))

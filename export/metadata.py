@@ -22,6 +22,7 @@ import numpy as np
 
 from edge_annotator.runtime.errors import OutputError
 from edge_annotator.runtime.gguf_meta import FORMAT_VERSION, PREFIX, Keys
+from edge_annotator.runtime.options import Command
 from edge_annotator.runtime.spec import TaskSpec, load_spec
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def embed_spec(src: str | Path, dst: str | Path, spec: TaskSpec, provenance: dic
     return dst
 
 
-@click.command("embed-spec")
+@click.command("embed-spec", cls=Command)
 @click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("spec", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))

@@ -31,8 +31,7 @@ from rich.table import Table
 
 from . import __version__
 from .data import InputError
-from .errors import UserError
-from .options import gpu_layers_option
+from .options import Command, gpu_layers_option, one_line
 from .records import Prediction
 from .spec import TaskSpec, load_spec
 
@@ -43,17 +42,14 @@ err = Console(stderr=True)
 log = logging.getLogger("edge_annotator")
 
 class Group(click.Group):
-    """The one error boundary: what a user can cause (runtime/errors.py's UserError family, which
-    every stage's errors join) and what the machine refuses (an OSError: no permission, a full
-    disk, a file gone) end as one line and exit 1; anything else is a bug and keeps its traceback."""
+    """annotate-cli: its commands are Command (runtime/options.py: one_line, the one error boundary)."""
+
+    command_class = Command
+    group_class = type  # `data` and any other subgroup: a Group too
 
     def invoke(self, ctx: click.Context) -> Any:
-        try:
+        with one_line():
             return super().invoke(ctx)
-        except UserError as e:
-            raise click.ClickException(str(e)) from None
-        except OSError as e:
-            raise click.ClickException(f"{e.filename}: {e.strerror or e}" if e.filename else str(e)) from None
 
 
 def _setup_logging(verbose: int) -> None:
@@ -584,7 +580,11 @@ def inspect(model: Path, as_json: bool, no_hash: bool) -> None:
         t.add_row("spec", f"{s.name} ({s.kind}), sha256 {s.sha256[:16]}")
         t.add_row("inputs", ", ".join(s.input_names))
         for c in s.criteria:
-            t.add_row(f"  {c.name}", f"{c.level}: {', '.join(map(str, c.values))}")
+            how = ""
+            if c.head:
+                cv = (c.head.get("info") or {}).get("cv_alpha")
+                how = f"; a {c.head['kind']} head on the hidden state" + (f" (5-fold alpha {cv:.3f})" if cv else "")
+            t.add_row(f"  {c.name}", f"{c.level}: {', '.join(map(str, c.values))}{how}")
         t.add_row("templates", str(len(s.templates)))
     else:
         t.add_row("spec", info.spec_error or "none embedded (use --spec to annotate zero-shot)")

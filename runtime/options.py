@@ -1,4 +1,4 @@
-"""click options that several commands share (annotate, parity, bench): one definition each.
+"""What annotate-cli's commands share: the one error boundary, and click options several take.
 
 A module of its own, not runtime/cli.py: the stages' command modules import these while
 runtime/cli.py is loading them as plugins.
@@ -6,10 +6,35 @@ runtime/cli.py is loading them as plugins.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
+
+from .errors import UserError
+
+
+@contextlib.contextmanager
+def one_line() -> Iterator[None]:
+    """The one error boundary: what a user can cause (runtime/errors.py's UserError family, which
+    every stage's errors join) and what the machine refuses (an OSError: no permission, a full
+    disk, a file gone) end as one line and exit 1; anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except UserError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"{e.filename}: {e.strerror or e}" if e.filename else str(e)) from None
+
+
+class Command(click.Command):
+    """A command that keeps the boundary when it runs on its own, outside annotate-cli's group
+    (scripts and tests invoke the stages' commands directly): every command declares cls=Command."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with one_line():
+            return super().invoke(ctx)
 
 
 class GpuLayers(click.ParamType):

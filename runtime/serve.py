@@ -86,9 +86,9 @@ def run(model: Path, opts: ServeOptions, host: str, port: int, started: Any = No
 def _serve_command() -> Any:
     import click
 
-    from .options import gpu_layers_option
+    from .options import Command, gpu_layers_option
 
-    @click.command("serve")
+    @click.command("serve", cls=Command)
     @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
     @click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
                   help="Task spec YAML for a model without one embedded (zero-shot use of a base model).")

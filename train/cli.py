@@ -15,14 +15,14 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from edge_annotator.runtime.errors import UserError
+from edge_annotator.runtime.options import Command
 
 from .recipe import AUGMENTATIONS
 
 err = Console(stderr=True)
 
 
-@click.command()
+@click.command(cls=Command)
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--output", type=click.Path(file_okay=False), default=None, help="Run folder (overrides the config's).")
 @click.option("--max-steps", type=click.IntRange(1), default=None, help="Stop after this many optimizer steps.")
@@ -55,22 +55,19 @@ def train(config: Path, output: str | None, max_steps: int | None, resume: bool,
     from .config import load_config
     from .job import merge_run, train_and_merge
 
-    try:
-        cfg = load_config(config, output=output, max_steps=max_steps)
-        if check_only:
-            from .check import check_lines, check_run
+    cfg = load_config(config, output=output, max_steps=max_steps)
+    if check_only:
+        from .check import check_lines, check_run
 
-            for line in check_lines(cfg, check_run(cfg)):
-                err.print(line)
-            return
-        if merge_only:
-            t0 = time.perf_counter()
-            err.print(f"merged model: {merge_run(cfg)} ({time.perf_counter() - t0:.0f}s)")
-            return
-        with _progress_bar() as on_log:
-            done = train_and_merge(cfg, resume=resume, merge_after=not no_merge, progress=on_log)
-    except UserError as e:  # also called outside annotate-cli (scripts/gpu_train_check.sh)
-        raise click.ClickException(str(e)) from None
+        for line in check_lines(cfg, check_run(cfg)):
+            err.print(line)
+        return
+    if merge_only:
+        t0 = time.perf_counter()
+        err.print(f"merged model: {merge_run(cfg)} ({time.perf_counter() - t0:.0f}s)")
+        return
+    with _progress_bar() as on_log:
+        done = train_and_merge(cfg, resume=resume, merge_after=not no_merge, progress=on_log)
     st, r = done.result.state, done.result
     base = None if done.baseline_alpha is None else round(done.baseline_alpha, 3)
     err.print(f"best validation {cfg.select_by} alpha {st.best_alpha:.3f} at step {st.best_step} (untrained: {base}); "
@@ -120,7 +117,7 @@ def _duration(text: str) -> float:
         raise click.BadParameter(f"{text!r}: a duration such as 20m, 90s or 1.5h") from None
 
 
-@click.command()
+@click.command(cls=Command)
 @click.argument("spec", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("labels", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
@@ -179,11 +176,8 @@ def fit(spec: Path, labels: Path, output: Path, budget: str, base: str, test: fl
     def say(name: str, what: str) -> None:
         err.print(f"[bold]{name}[/]: {what} ({time.perf_counter() - t0:.0f}s)")
 
-    try:
-        with _progress_bar() as on_log:
-            state = run_fit(spec, labels, output, opts, resume=resume, stage=say, progress=on_log)
-    except UserError as e:
-        raise click.ClickException(str(e)) from None
+    with _progress_bar() as on_log:
+        state = run_fit(spec, labels, output, opts, resume=resume, stage=say, progress=on_log)
     run = run_dir(output)
     tr = state.get("train", {})
     if tr.get("calibration"):

