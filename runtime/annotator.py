@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .engine import ContextOverflow, LlamaEngine, ModelError
+from .linear_head import LinearHead
 from .prompt import ANSWER_SEP, prompt_segments, render_prompt
 from .records import PROB_DIGITS, Score, result_record
 from .spec import Criterion, SpecError, TaskSpec
@@ -152,15 +153,17 @@ def calibrate(c: Criterion, raw: float) -> float:
     return float(np.interp(raw, xs, ys))
 
 
-def criterion_score(c: Criterion, probs: Sequence[float], digits: int | None = None) -> Score:
+def criterion_score(c: Criterion, probs: Sequence[float], digits: int | None = None,
+                    raw: float | None = None) -> Score:
     """One criterion's Score from its levels' probabilities (spec order): the most probable level
-    (ties to the first), the probabilities, and for rating scales the score, calibrated where the
-    spec says so (raw_score then keeps the value before it)."""
+    (ties to the first), the probabilities, and for rating scales the score (RAW where a ridge head
+    predicts it, else the probability-weighted mean), calibrated where the spec says so (raw_score
+    then keeps the value before it)."""
     if not all(math.isfinite(q) for q in probs):
         raise ModelError(f"the model gave {c.name} non-finite probabilities ({', '.join(map(str, probs))}): its "
                          f"weights are damaged or it diverged; export or copy the file again")
     best = int(np.argmax(probs))
-    raw = expected_value(c, probs)
+    raw = expected_value(c, probs) if raw is None else raw
     score = calibrate(c, raw) if raw is not None else None
     p: dict[int | float | str, float] = {lv.value: (round(q, digits) if digits is not None else q)
                                          for lv, q in zip(c.scale, probs)}
@@ -182,7 +185,7 @@ _Key = tuple[int, int, tuple[int, ...]]  # (item, criterion, trie prefix)
 
 class _Rows:
     """One decode being assembled: tokens with positions and sequences, and the rows whose logits
-    are read (restricted to a trie node's children, softmaxed)."""
+    are read (restricted to a trie node's children, softmaxed) or whose hidden state is."""
 
     def __init__(self) -> None:
         self.toks: list[int] = []
@@ -190,6 +193,7 @@ class _Rows:
         self.seqs: list[tuple[int, ...]] = []
         self.outputs: dict[int, np.ndarray] = {}
         self.where: dict[_Key, int] = {}
+        self.states: dict[_Key, int] = {}
 
     def add(self, tok: int, pos: int, seqs: tuple[int, ...]) -> None:
         self.toks.append(tok)
@@ -201,10 +205,14 @@ class _Rows:
         self.outputs[len(self.toks) - 1] = np.asarray(kids, dtype=np.int64)
         self.where[key] = len(self.toks) - 1
 
-    def run(self, eng: LlamaEngine) -> dict[_Key, dict[int, float]]:
-        got = eng.decode_rows(self.toks, self.pos, self.seqs, self.outputs) if self.toks else {}
-        return {key: dict(zip(self.outputs[row].tolist(), _softmax(got[row]).tolist()))
-                for key, row in self.where.items()}
+    def ask_hidden(self, key: _Key) -> None:
+        """The final hidden state after the last token added (what a linear head reads)."""
+        self.states[key] = len(self.toks) - 1
+
+    def run(self, eng: LlamaEngine) -> tuple[dict[_Key, dict[int, float]], dict[_Key, np.ndarray]]:
+        got = eng.decode_rows(self.toks, self.pos, self.seqs, self.outputs, self.states.values()) if self.toks else {}
+        return ({key: dict(zip(self.outputs[row].tolist(), _softmax(got[row]).tolist()))
+                 for key, row in self.where.items()}, {key: got[row] for key, row in self.states.items()})
 
 
 def check_context(tokenize: Callable[[str], list[int]], spec: TaskSpec, n_ctx: int) -> None:
@@ -241,6 +249,11 @@ class Annotator:
         self.batch = batch
         self.tries = {c.name: build_trie(engine.tokenize, spec, c, engine.piece) for c in spec.criteria}
         self._deep = [len(self.tries[c.name].branches) - 1 for c in spec.criteria]  # branch nodes below the stem
+        self.heads = {c.name: LinearHead.from_dict(c.head, len(c.scale)) for c in spec.criteria if c.head}
+        for name, h in self.heads.items():
+            if h.dim != engine.n_embd:
+                raise ModelError(f"{engine.path}: criterion {name}'s head reads {h.dim} numbers, this model's hidden "
+                                 f"state has {engine.n_embd}: the head was fitted on another model")
         self._instr_tokens: dict[str, list[int]] = {}
         check_context(engine.tokenize, spec, engine.n_ctx)
         # sequence 0 + per item: one per criterion + one per deeper trie node
@@ -279,7 +292,15 @@ class Annotator:
             out.extend(self._score_group(items[start:start + self.batch]))
         return out
 
-    def _score_group(self, items: Sequence[Mapping[str, Any]]) -> list[dict[str, Score] | Exception]:
+    def features(self, items: Sequence[Mapping[str, Any]]) -> list[np.ndarray | Exception]:
+        """Each item's final hidden state at every criterion's cue row (criteria x n_embd, float32):
+        what a linear head reads (export/heads.py fits one on them), decoded as scoring decodes."""
+        out: list[np.ndarray | Exception] = []
+        for start in range(0, len(items), self.batch):
+            out.extend(self._score_group(items[start:start + self.batch], features=True))
+        return out
+
+    def _score_group(self, items: Sequence[Mapping[str, Any]], features: bool = False) -> list[Any]:
         planned = [self.plan(f) for f in items]
         if not planned:
             return []
@@ -287,18 +308,25 @@ class Annotator:
         plans = [p for _, p in planned]
         live = [j for j, p in enumerate(plans) if p.error is None]
         used: list[int] = []
-        cond = self._decode_cues(plans, live, used)
-        if any(self._deep):  # answers that diverge below their stem
-            cond.update(self._decode_deeper(plans, live, used))
+        cond, states = self._decode_cues(plans, live, used, features)
+        if not features and any(d for d, c in zip(self._deep, self.spec.criteria) if c.name not in self.heads):
+            cond.update(self._decode_deeper(plans, live, used))  # answers that diverge below their stem
         self.engine.drop(used)
-        return [p.error if p.error is not None else self._scores(j, cond) for j, p in enumerate(plans)]
+        if features:
+            C = len(self.spec.criteria)
+            return [p.error if p.error is not None else np.stack([states[(j, c, ())] for c in range(C)])
+                    for j, p in enumerate(plans)]
+        return [p.error if p.error is not None else self._scores(j, cond, states) for j, p in enumerate(plans)]
 
     def _seqs_of(self, j: int) -> int:
         """Item j's first sequence id: then one per criterion, then one per deeper trie node."""
         return 1 + j * (len(self.spec.criteria) + sum(self._deep))
 
-    def _decode_cues(self, plans: list[_Plan], live: list[int], used: list[int]) -> dict[_Key, dict[int, float]]:
-        """Step 2: each live item's tokens once, seen by one sequence per criterion, then each cue."""
+    def _decode_cues(self, plans: list[_Plan], live: list[int], used: list[int], features: bool = False
+                     ) -> tuple[dict[_Key, dict[int, float]], dict[_Key, np.ndarray]]:
+        """Step 2: each live item's tokens once, seen by one sequence per criterion, then each cue:
+        at its end the answers' logits, or the hidden state (a head's criterion; every criterion
+        for `features`, keyed (item, criterion, ()))."""
         eng, batch = self.engine, _Rows()
         for j in live:
             p, base = plans[j], self._seqs_of(j)
@@ -312,8 +340,11 @@ class Annotator:
             for c, crit in enumerate(self.spec.criteria):
                 for k, t in enumerate(p.cues[c]):
                     batch.add(t, at + k, (crit_seqs[c],))
-                stem, kids = self.tries[crit.name].branches[0]
-                batch.ask((j, c, stem), kids)
+                if features or crit.name in self.heads:
+                    batch.ask_hidden((j, c, ()))
+                else:
+                    stem, kids = self.tries[crit.name].branches[0]
+                    batch.ask((j, c, stem), kids)
         return batch.run(eng)
 
     def _decode_deeper(self, plans: list[_Plan], live: list[int], used: list[int]) -> dict[_Key, dict[int, float]]:
@@ -324,6 +355,8 @@ class Annotator:
             extra = base + len(self.spec.criteria)
             at = p.shared + len(p.item)
             for c, crit in enumerate(self.spec.criteria):
+                if crit.name in self.heads:
+                    continue
                 stem = len(self._stem(crit))
                 end = at + len(p.cues[c])
                 for prefix, kids in self.tries[crit.name].branches[1:]:
@@ -333,11 +366,17 @@ class Annotator:
                         batch.add(t, end + k, (extra,))
                     batch.ask((j, c, prefix), kids)
                     extra += 1
-        return batch.run(eng)
+        return batch.run(eng)[0]
 
-    def _scores(self, j: int, cond: dict[_Key, dict[int, float]]) -> dict[str, Score]:
+    def _scores(self, j: int, cond: dict[_Key, dict[int, float]], states: dict[_Key, np.ndarray]) -> dict[str, Score]:
         res = {}
         for c, crit in enumerate(self.spec.criteria):
+            head = self.heads.get(crit.name)
+            if head is not None:
+                values = [float(v) for v in crit.values] if crit.is_numeric else []  # what ridge predicts on
+                probs, raw = head.apply(values, states[(j, c, ())])
+                res[crit.name] = criterion_score(crit, probs, PROB_DIGITS, raw)
+                continue
             probs = level_probs(self.tries[crit.name], lambda prefix: cond.get((j, c, prefix)))  # noqa: B023
             res[crit.name] = criterion_score(crit, probs, PROB_DIGITS)
         return res

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -403,17 +404,23 @@ class LlamaEngine:
         self._decode(tokens, 0, want_logits=False)
 
     def decode_rows(self, tokens: list[int], pos: list[int], seqs: list[tuple[int, ...]],
-                    outputs: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+                    outputs: dict[int, np.ndarray], hidden: Collection[int] = ()) -> dict[int, np.ndarray]:
         """Decode a token tree: row i is token i at position pos[i] in sequences seqs[i].
 
         Rows in several sequences are shared (an item's tokens, read by each criterion's cue).
-        `outputs` maps a row to the token ids whose logits to return for it. Sequences other than 0
-        must be empty or copied from 0 (copy_prefix) before, and are dropped (drop) after.
+        `outputs` maps a row to the token ids whose logits to return for it; a row in `hidden` gets
+        its final hidden state instead (llama.cpp's "result_norm", float32, n_embd: what a linear
+        head reads). Sequences other than 0 must be empty or copied from 0 (copy_prefix) before,
+        and are dropped (drop) after.
         """
         L = _lib()
         b = self._batch
         cap = self._capture
         got: dict[int, np.ndarray] = {}
+        hidden = frozenset(hidden)
+        if hidden and (self._cb is None or (outputs and self.head is None)):
+            raise ModelError(f"{self.path}: hidden states are read with the answer-only output head, which this "
+                             f"engine does not use ({self.head_check.get('reason')}); the head route needs it")
         for start in range(0, len(tokens), self.n_batch):
             end = min(start + self.n_batch, len(tokens))
             b.n_tokens = end - start
@@ -425,12 +432,12 @@ class LlamaEngine:
                 b.n_seq_id[k] = len(seqs[i])
                 for j, sq in enumerate(seqs[i]):
                     b.seq_id[k][j] = sq
-                wanted = i in outputs
+                wanted = i in outputs or i in hidden
                 b.logits[k] = wanted
                 if wanted:
                     out_rows.append(i)
             cap.rows, cap.bad = [], None
-            cap.on = self.head is not None and bool(out_rows)
+            capturing = cap.on = (self.head is not None or bool(hidden)) and bool(out_rows)
             try:
                 rc = L.llama_decode(self._ctx, b)
             finally:
@@ -439,16 +446,20 @@ class LlamaEngine:
                 self.reset()
                 raise RuntimeError(f"llama_decode failed with code {rc}")
             self.n_evaluated += end - start
-            if self.head is not None and out_rows:
-                hidden = np.concatenate(cap.rows) if cap.rows else np.empty(0, np.float32)
-                if cap.bad or hidden.size != len(out_rows) * self.n_embd:
+            if capturing:
+                states = np.concatenate(cap.rows) if cap.rows else np.empty(0, np.float32)
+                if cap.bad or states.size != len(out_rows) * self.n_embd:
                     self.reset()
                     raise RuntimeError(f"{self.path}: expected {len(out_rows)} hidden states of {self.n_embd} "
-                                       f"from llama.cpp, got {hidden.size} values ({cap.bad or 'wrong count'}); "
+                                       f"from llama.cpp, got {states.size} values ({cap.bad or 'wrong count'}); "
                                        f"run with answer_head=False")
-                hidden = hidden.reshape(len(out_rows), self.n_embd)  # outputs come in batch order
+                states = states.reshape(len(out_rows), self.n_embd)  # outputs come in batch order
                 for k, i in enumerate(out_rows):
-                    got[i] = self.head.logits(hidden[k], outputs[i])
+                    if i in hidden:
+                        got[i] = states[k].copy()
+                    else:
+                        assert self.head is not None
+                        got[i] = self.head.logits(states[k], outputs[i])
             else:
                 for i in out_rows:
                     row = np.ctypeslib.as_array(L.llama_get_logits_ith(self._ctx, i - start), shape=(self.n_vocab,))

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import SpecError
+from .linear_head import LinearHead
 from .untrusted import JSONError, loads
 
 Level = Literal["nominal", "ordinal", "interval"]
@@ -63,6 +64,10 @@ class Criterion:
     """A monotone map from the raw score to the human scale, as (raw, calibrated) knots joined by
     straight lines and flat beyond the ends; () is the identity. Fitted after training on the
     validation items (train/calibrate.py); annotate applies it to `scores`."""
+    head: dict[str, Any] | None = None
+    """A linear head on the model's hidden state at this criterion's cue, in place of the answer
+    tokens' logits (runtime/linear_head.py); None for the answer-token route. Fitted on labelled
+    items (export/heads.py)."""
 
     @property
     def values(self) -> list[int | str]:
@@ -107,10 +112,10 @@ class TaskSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """The canonical, JSON-able form; `from_dict(to_dict())` round-trips. A criterion's judges
-        and calibration appear only when set, so specs without them hash as before."""
+        calibration and head appear only when set, so specs without them hash as before."""
         d = asdict(self)
         for c in d["criteria"]:
-            for k in ("judges", "calibration"):
+            for k in ("judges", "calibration", "head"):
                 if not c[k]:
                     del c[k]
             if "calibration" in c:
@@ -130,6 +135,8 @@ MAX_TEXT = 20_000
 """Characters in one template, cue, name, description or anchor: a spec may come from a GGUF file
 anyone could have written, and its text goes into every prompt."""
 MAX_TEMPLATES, MAX_INPUTS, MAX_CRITERIA, MAX_LEVELS = 64, 64, 64, 1000
+MAX_JSON = 64 << 20
+"""Characters of a spec's JSON (a GGUF's edge_annotator.spec): room for a linear head per criterion."""
 
 
 def _placeholders(template: str) -> set[str]:
@@ -242,9 +249,10 @@ def _parse_criteria(raw: dict[str, Any], problems: list[str]) -> tuple[str, list
         else:
             c = {"name": lab.get("name", "label"), "description": lab.get("description", ""),
                  "level": "nominal", "scale": lab.get("classes")}
-            if "judges" in lab:
-                c["judges"] = lab["judges"]
-            for k in sorted(set(lab) - {"name", "description", "classes", "judges"}):
+            for k in ("judges", "head"):
+                if k in lab:
+                    c[k] = lab[k]
+            for k in sorted(set(lab) - {"name", "description", "classes", "judges", "head"}):
                 problems.append(f"labels: unknown key '{k}'")
             crit = _parse_criterion(c, "labels", problems, numeric=False)
             if crit:
@@ -299,7 +307,7 @@ def _parse_criterion(c: Any, where: str, problems: list[str], numeric: bool) -> 
         problems.append(f"{where}: must be a mapping with name, description, level and scale")
         return None
     name = c.get("name")
-    for k in sorted(set(c) - {"name", "description", "level", "scale", "judges", "calibration"}):
+    for k in sorted(set(c) - {"name", "description", "level", "scale", "judges", "calibration", "head"}):
         problems.append(f"{where}: unknown key '{k}'")
     if not isinstance(name, str) or not name.strip() or _too_long(name, f"{where}.name", problems):
         problems.append(f"{where}: needs a non-empty 'name'")
@@ -364,9 +372,28 @@ def _parse_criterion(c: Any, where: str, problems: list[str], numeric: bool) -> 
         problems.append(f"{where}: 'judges' must name an input field")
         judges = ""
     calibration = _parse_calibration(c.get("calibration", []), where, problems, numeric and level != "nominal")
+    head = _parse_head(c.get("head"), where, problems, len(scale), numeric and level != "nominal")
     return Criterion(name=name, description=str(c.get("description") or "").strip(),
                      level=level if level in LEVELS else "nominal", scale=tuple(scale),  # type: ignore[arg-type]
-                     judges=judges, calibration=calibration)
+                     judges=judges, calibration=calibration, head=head)
+
+
+def _parse_head(raw: Any, where: str, problems: list[str], levels: int, scale: bool) -> dict[str, Any] | None:
+    """A criterion's linear head, checked whole (shapes, finite numbers), in its canonical form."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: 'head' must be a mapping (kind, dim, w, b)")
+        return None
+    try:
+        head = LinearHead.from_dict(raw, levels)
+    except ValueError as e:
+        problems.append(f"{where}: head: {e}")
+        return None
+    if head.kind == "ridge" and not scale:
+        problems.append(f"{where}: a ridge head predicts a number: rating scales only")
+        return None
+    return head.to_dict()
 
 
 def _parse_calibration(raw: Any, where: str, problems: list[str], scale: bool) -> tuple[tuple[float, float], ...]:
@@ -413,8 +440,8 @@ def spec_from_json(text: str, source: str = "<embedded spec>") -> TaskSpec:
     untrusted file): any wrong shape is a SpecError, never another exception."""
     if not isinstance(text, str):
         raise SpecError(source, [f"must be JSON text, got {type(text).__name__}"])
-    if len(text) > 64 * MAX_TEXT:
-        raise SpecError(source, [f"{len(text):,} characters of JSON, at most {64 * MAX_TEXT:,}"])
+    if len(text) > MAX_JSON:
+        raise SpecError(source, [f"{len(text):,} characters of JSON, at most {MAX_JSON:,}"])
     try:
         raw = loads(text)
     except JSONError as e:
@@ -427,6 +454,6 @@ def spec_from_json(text: str, source: str = "<embedded spec>") -> TaskSpec:
                                      "list of one mapping"])
         c = crits[0]
         raw = {**raw, "labels": {"name": c.get("name"), "description": c.get("description", ""),
-                                 "classes": c.get("scale"), **({"judges": c["judges"]} if c.get("judges") else {})}}
+                                 "classes": c.get("scale"), **{k: c[k] for k in ("judges", "head") if c.get(k)}}}
         raw.pop("criteria", None)
     return parse_spec(raw, source)

@@ -304,3 +304,18 @@ def test_messages_name_only_options_that_exist() -> None:
     named = {(m.group(0), f.name) for stage in ("runtime", "train", "export", "hf")
              for f in (ROOT / stage).glob("*.py") for m in re.finditer(r"(?<![\w-])--[a-z][a-z0-9-]+", f.read_text())}
     assert not sorted((o, f) for o, f in named if o not in options | outside)
+
+
+def test_every_command_keeps_the_one_error_boundary_on_its_own() -> None:
+    """Every annotate-cli command, the stages' plugins included, is a runtime.options.Command: run
+    through annotate-cli or invoked alone (scripts and tests do), a UserError is one line."""
+    import click
+
+    from edge_annotator.runtime.options import Command
+
+    def walk(cmd: click.Command, path: str) -> list[str]:
+        if isinstance(cmd, click.Group):
+            return [p for name, sub in cmd.commands.items() for p in walk(sub, f"{path} {name}")]
+        return [] if isinstance(cmd, Command) or "not installed" in (cmd.help or "") else [path]
+
+    assert walk(cli, "annotate-cli") == []

@@ -1,0 +1,401 @@
+"""The head route: a linear head per criterion, fitted on the model's own hidden states.
+
+    annotate-cli head base.gguf labels.csv --spec tasks/support.yaml -o support-head.gguf
+
+Every labelled item is read by the GGUF as `annotate` reads it, and the final hidden state at each
+criterion's cue is kept (runtime/annotator.py: Annotator.features): llama.cpp's own numbers, so the
+head is fitted on exactly what the runtime will feed it, on this file. Per criterion, candidates
+are fitted on those states (standardized, the scaling folded into the weights):
+
+    ridge    the raters' mean, least squares with an L2 penalty (rating scales); closed form for
+             every penalty at once from one SVD
+    softmax  the raters' distribution over the levels, cross-entropy with an L2 penalty (every
+             criterion; a label set's only kind); L-BFGS in the states' principal components
+
+each over a grid of penalties, and the one with the best k-fold cross-validated alpha wins (a
+rating scale's score against the raters' mean, interval; a label set's label against the
+majority, nominal). It is refitted on every item and written into the spec (runtime/linear_head.py),
+which goes into a copy of the GGUF. Nothing is random but the folds, which are seeded.
+
+Fitting is numpy only (no torch): the command runs on a runtime install.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from edge_annotator.runtime.data import Item
+from edge_annotator.runtime.errors import UserError
+from edge_annotator.runtime.linear_head import LinearHead
+from edge_annotator.runtime.metrics import _alpha, _code, consensus
+from edge_annotator.runtime.options import Command
+from edge_annotator.runtime.spec import Criterion, TaskSpec
+
+FOLDS = 5
+RIDGE = (1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
+"""Ridge penalties, times the items: the penalty's scale follows the data (standardized states)."""
+SOFTMAX = (1e-3, 1e-2, 0.1, 1.0)
+"""Softmax penalties on the mean cross-entropy, (alpha / 2) |W|^2."""
+MIN_ITEMS = 2 * FOLDS
+
+
+@dataclass(frozen=True)
+class Candidate:
+    kind: str
+    penalty: float
+
+
+@dataclass(frozen=True)
+class HeadFit:
+    """One criterion's chosen head and what cross-validation measured for every candidate."""
+
+    criterion: str
+    head: LinearHead | None
+    chosen: Candidate | None
+    cv: dict[str, float | None]
+    items: int
+
+
+def _folds(ids: Sequence[str], seed: int) -> np.ndarray:
+    """Fold of each item: ids ordered by a seeded hash, then dealt round-robin (no RNG state)."""
+    order = sorted(range(len(ids)), key=lambda i: hashlib.sha256(f"{seed}\0{ids[i]}".encode()).hexdigest())
+    folds = np.empty(len(ids), dtype=np.int64)
+    folds[order] = np.arange(len(ids)) % FOLDS
+    return folds
+
+
+def _targets(c: Criterion, ratings: Sequence[Sequence[Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per item: the raters' mean (NaN for a label set) and their distribution over the levels (a
+    rating between two levels of an interval scale is shared between them)."""
+    values = [float(v) for v in c.values] if c.is_numeric else None
+    dist = np.zeros((len(ratings), len(c.scale)))
+    mean = np.full(len(ratings), np.nan)
+    for i, rs in enumerate(ratings):
+        for r in rs:
+            if values is None:
+                dist[i, c.values.index(r)] += 1
+                continue
+            x = float(r)
+            k = int(np.searchsorted(values, x))
+            if k < len(values) and values[k] == x:
+                dist[i, k] += 1
+            else:  # between values[k-1] and values[k]
+                t = (x - values[k - 1]) / (values[k] - values[k - 1])
+                dist[i, k - 1] += 1 - t
+                dist[i, k] += t
+        dist[i] /= dist[i].sum()
+        if values is not None:
+            mean[i] = float(np.mean([float(r) for r in rs]))
+    return mean, dist
+
+
+def _standardize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    mu = x.mean(axis=0)
+    sd = x.std(axis=0)
+    sd[sd < 1e-8] = 1.0
+    return (x - mu) / sd, mu, sd
+
+
+def _ridge_all(z: np.ndarray, y: np.ndarray, penalties: Sequence[float]) -> list[tuple[np.ndarray, float]]:
+    """(w, b) on standardized states Z for each penalty (times n), from one SVD."""
+    ym = float(y.mean())
+    u, s, vt = np.linalg.svd(z, full_matrices=False)
+    uy = u.T @ (y - ym)
+    n = len(y)
+    return [(vt.T @ (s / (s ** 2 + a * n) * uy), ym) for a in penalties]
+
+
+def _lbfgs(f: Callable[[np.ndarray], tuple[float, np.ndarray]], x0: np.ndarray, iters: int = 300,
+           memory: int = 10, tol: float = 1e-7) -> np.ndarray:
+    """Minimize a smooth convex f (value, gradient) by L-BFGS with a backtracking line search."""
+    x = x0.copy()
+    fx, g = f(x)
+    ss: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    for _ in range(iters):
+        if float(np.abs(g).max()) < tol:
+            break
+        q = g.copy()
+        alphas = []
+        for s_, y_ in zip(reversed(ss), reversed(ys)):
+            a = float(s_ @ q) / float(y_ @ s_)
+            alphas.append(a)
+            q -= a * y_
+        if ys:
+            q *= float(ss[-1] @ ys[-1]) / float(ys[-1] @ ys[-1])
+        for (s_, y_), a in zip(zip(ss, ys), reversed(alphas)):
+            q += (a - float(y_ @ q) / float(y_ @ s_)) * s_
+        d = -q
+        slope = float(g @ d)
+        if slope >= 0:  # not a descent direction: start the memory again
+            d, slope, ss, ys = -g, -float(g @ g), [], []
+        step = 1.0
+        while True:
+            xn = x + step * d
+            fn, gn = f(xn)
+            if fn <= fx + 1e-4 * step * slope or step < 1e-10:
+                break
+            step *= 0.5
+        s_, y_ = xn - x, gn - g
+        if float(s_ @ y_) > 1e-12:
+            ss.append(s_)
+            ys.append(y_)
+            if len(ss) > memory:
+                ss.pop(0)
+                ys.pop(0)
+        if fx - fn < tol * max(1.0, abs(fx)):
+            x, fx, g = xn, fn, gn
+            break
+        x, fx, g = xn, fn, gn
+    return x
+
+
+def _softmax_fit(z: np.ndarray, t: np.ndarray, penalty: float) -> tuple[np.ndarray, np.ndarray]:
+    """(W, b) minimizing mean cross-entropy to the soft targets T + (penalty / 2) |W|^2, on
+    standardized states Z, solved in Z's principal components (the optimum lies in their span)."""
+    n, k = t.shape
+    u, s, vt = np.linalg.svd(z, full_matrices=False)
+    keep = s > 1e-8 * s[0]
+    f_ = u[:, keep] * s[keep]  # n x r: the states in their components
+    r = f_.shape[1]
+
+    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        beta, b = theta[: r * k].reshape(r, k), theta[r * k:]
+        logits = f_ @ beta + b
+        logits -= logits.max(axis=1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        p = np.exp(logp)
+        val = -float((t * logp).sum()) / n + 0.5 * penalty * float((beta ** 2).sum())
+        d = (p - t) / n
+        return val, np.concatenate([(f_.T @ d + penalty * beta).ravel(), d.sum(axis=0)])
+
+    theta = _lbfgs(loss, np.zeros(r * k + k))
+    beta, b = theta[: r * k].reshape(r, k), theta[r * k:]
+    return (vt[keep].T @ beta).T, b  # W: k x d on the standardized states
+
+
+def _fit_one(kind: str, penalty: float, x: np.ndarray, mean: np.ndarray, dist: np.ndarray) -> LinearHead:
+    """A head on raw states X (standardization folded in)."""
+    z, mu, sd = _standardize(x)
+    if kind == "ridge":
+        ((w, b),) = _ridge_all(z, mean, [penalty])
+        w_raw = w / sd
+        return LinearHead("ridge", x.shape[1], w_raw.astype(np.float32),
+                          np.array([b - float(w_raw @ mu)], dtype=np.float32))
+    wz, bz = _softmax_fit(z, dist, penalty)
+    w_raw = wz / sd
+    return LinearHead("softmax", x.shape[1], w_raw.astype(np.float32), (bz - w_raw @ mu).astype(np.float32))
+
+
+def _predict(c: Criterion, head: LinearHead, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (rating scales) and label indexes of each row, as the runtime gives them."""
+    values = [float(v) for v in c.values] if c.is_numeric else []
+    scores, labels = np.empty(len(x)), np.empty(len(x), dtype=np.int64)
+    for i, h in enumerate(x):
+        probs, raw = head.apply(values, h)
+        labels[i] = int(np.argmax(probs))
+        scores[i] = raw if raw is not None else (sum(v * p for v, p in zip(values, probs)) if values else np.nan)
+    return scores, labels
+
+
+def _cv_alpha(c: Criterion, scores: np.ndarray, labels: np.ndarray, mean: np.ndarray,
+              ratings: Sequence[Sequence[Any]]) -> float | None:
+    """What the candidates are compared by: a rating scale's score (interval alpha against the
+    raters' mean), a label set's label (nominal alpha against the raters' majority)."""
+    if c.is_numeric:
+        return _alpha([scores.tolist(), mean.tolist()], "interval")
+    gold = [_code(c, consensus(c, rs)) for rs in ratings]
+    return _alpha([labels.astype(float).tolist(), gold], "nominal")
+
+
+def fit_criterion(c: Criterion, x: np.ndarray, ratings: Sequence[Sequence[Any]], ids: Sequence[str],
+                  seed: int = 0) -> HeadFit:
+    """Choose and fit one criterion's head by k-fold cross-validation over the candidates."""
+    n = len(ids)
+    if n < MIN_ITEMS:
+        return HeadFit(c.name, None, None, {}, n)
+    mean, dist = _targets(c, ratings)
+    folds = _folds(ids, seed)
+    cands = ([Candidate("ridge", a) for a in RIDGE] if c.is_numeric else []) + \
+        [Candidate("softmax", a) for a in SOFTMAX]
+    pred_s = {cd: np.empty(n) for cd in cands}
+    pred_l = {cd: np.empty(n, dtype=np.int64) for cd in cands}
+    values = [float(v) for v in c.values] if c.is_numeric else []
+    for k in range(FOLDS):
+        tr, te = folds != k, folds == k
+        z, mu, sd = _standardize(x[tr])
+        zt = (x[te] - mu) / sd
+        if c.is_numeric:
+            for cd, (w, b) in zip(cands, _ridge_all(z, mean[tr], RIDGE)):
+                s = np.clip(zt @ w + b, values[0], values[-1])
+                pred_s[cd][te] = s
+                pred_l[cd][te] = [int(np.argmin([abs(v - x_) for v in values])) for x_ in s]
+        for cd in cands:
+            if cd.kind != "softmax":
+                continue
+            wz, bz = _softmax_fit(z, dist[tr], cd.penalty)
+            logits = zt @ wz.T + bz
+            p = np.exp(logits - logits.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            pred_l[cd][te] = p.argmax(axis=1)
+            pred_s[cd][te] = p @ np.asarray(values) if values else np.nan
+    cv = {f"{cd.kind} {cd.penalty:g}": _cv_alpha(c, pred_s[cd], pred_l[cd], mean, ratings) for cd in cands}
+    best = max(cands, key=lambda cd: (-math.inf if cv[f"{cd.kind} {cd.penalty:g}"] is None
+                                      else cv[f"{cd.kind} {cd.penalty:g}"], cd.kind == "softmax"))
+    head = _fit_one(best.kind, best.penalty, x, mean, dist)
+    if best.kind == "ridge":  # the probabilities spread by the out-of-fold residual sd
+        resid = pred_s[best] - mean
+        head = replace(head, sigma=max(float(np.sqrt(np.mean(resid ** 2))), 0.05))
+    info = {"penalty": best.penalty, "items": n, "folds": FOLDS, "seed": seed,
+            "cv_alpha": cv[f"{best.kind} {best.penalty:g}"]}
+    return HeadFit(c.name, replace(head, info=info), best, cv, n)
+
+
+def fit_heads(spec: TaskSpec, items: Sequence[Item], states: np.ndarray, seed: int = 0) -> list[HeadFit]:
+    """Per criterion, its head from the items that rate it; STATES: items x criteria x n_embd."""
+    out = []
+    for ci, c in enumerate(spec.criteria):
+        rows = [i for i, it in enumerate(items) if any(c.name in r for r in it.ratings)]
+        ratings = [[r[c.name] for r in items[i].ratings if c.name in r] for i in rows]
+        out.append(fit_criterion(c, states[rows, ci, :].astype(np.float64), ratings, [items[i].id for i in rows],
+                                 seed))
+    return out
+
+
+def with_heads(spec: TaskSpec, fits: Sequence[HeadFit]) -> TaskSpec:
+    """The spec with each criterion's head (a criterion without one keeps the answer tokens) and no
+    calibration where a head replaces the answer tokens (the map was fitted on their scores)."""
+    by = {f.criterion: f.head for f in fits if f.head is not None}
+    return replace(spec, criteria=tuple(
+        replace(c, head=by[c.name].to_dict(), calibration=()) if c.name in by else c for c in spec.criteria))
+
+
+def states_of(model: str | Path, spec: TaskSpec, items: Sequence[Item], threads: int | None = None,
+              progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Every item's hidden states at the criteria's cues, read by MODEL as annotate reads (items x
+    criteria x n_embd, float32); an item too long for the context stops it, naming the item."""
+    from edge_annotator.runtime.annotator import Annotator
+    from edge_annotator.runtime.engine import LlamaEngine
+
+    plain = replace(spec, criteria=tuple(replace(c, head=None) for c in spec.criteria))
+    with LlamaEngine(model, n_threads=threads) as eng:
+        ann = Annotator(eng, plain)
+        out = []
+        for start in range(0, len(items), 16):
+            chunk = items[start:start + 16]
+            for it, got in zip(chunk, ann.features([it.fields for it in chunk])):
+                if isinstance(got, Exception):
+                    raise UserError(f"{it.path}:{it.line}: item {it.id}: {got}")
+                out.append(got)
+            if progress:
+                progress(len(chunk))
+    return np.stack(out).astype(np.float32)
+
+
+def summary(fits: Sequence[HeadFit]) -> dict[str, Any]:
+    """What goes into provenance and the command's table: per criterion the chosen kind and
+    penalty, the items, and every candidate's cross-validated alpha."""
+    return {f.criterion: {"kind": f.chosen.kind if f.chosen else None,
+                          "penalty": f.chosen.penalty if f.chosen else None, "items": f.items,
+                          "cv_alpha": (f.head.info or {}).get("cv_alpha") if f.head else None,
+                          "candidates": f.cv} for f in fits}
+
+
+def provenance_of(model: Path, labels: Path, fits: Sequence[HeadFit], seconds: dict[str, float]) -> dict[str, Any]:
+    from edge_annotator.runtime.gguf_meta import read_model_info
+
+    base = read_model_info(model).provenance or {}
+    return {**base, "heads": {"fitted_on": labels.name, "labels_sha256": hashlib.sha256(labels.read_bytes())
+                              .hexdigest(), "model": model.name, "seconds": seconds, "criteria": summary(fits)}}
+
+
+def timed(f: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    return f(), round(time.perf_counter() - t0, 2)
+
+
+def write_annotator(model: Path, out: Path, spec: TaskSpec, provenance: dict[str, Any]) -> Path:
+    """MODEL copied to OUT with SPEC (its heads) embedded; a LoRA adapter file stays one, naming the
+    same base (which must then be beside OUT, or at ANNOTATE_BASE_MODEL)."""
+    from edge_annotator.runtime.adapter import BASE_FILE, BASE_SHA256, adapter_fields
+
+    from .metadata import embed_spec
+
+    kv = adapter_fields(model)
+    extra = {k: kv[k] for k in (BASE_FILE, BASE_SHA256) if kv and kv.get(k)}
+    return embed_spec(model, out, spec, provenance, extra=extra or None)
+
+
+@click.command("head", cls=Command)
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("labels", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The annotator GGUF to write: MODEL with the spec and its heads embedded.")
+@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Task spec YAML [default: the one MODEL embeds].")
+@click.option("--threads", type=click.IntRange(min=1), default=None, envvar="ANNOTATE_THREADS", show_envvar=True,
+              help="CPU threads reading the items [default: all cores].")
+@click.option("--seed", type=int, default=0, show_default=True, help="The cross-validation folds' seed.")
+@click.option("--force", is_flag=True, help="Replace an existing output file (never MODEL or LABELS).")
+def head_command(model: Path, labels: Path, out: Path, spec_path: Path | None, threads: int | None, seed: int,
+                 force: bool) -> None:
+    """Fit a linear head per criterion on MODEL's own hidden states for the items of LABELS (human
+    ratings, any layout `fit` reads), and write MODEL with them as OUT: an annotator in minutes, on
+    a base model or a fine-tuned one, with no training of the model.
+
+    Each criterion gets the candidate (ridge on the raters' mean, or softmax over the levels, at a
+    grid of penalties) with the best 5-fold cross-validated alpha, which the table shows. `annotate`,
+    `serve` and the rest then score that criterion with its head.
+
+    \b
+    Examples:
+      annotate-cli head models/gemma-3-270m-q4_k_m.gguf ratings.csv --spec tasks/support.yaml -o support.gguf
+      annotate-cli head support-finetuned.gguf ratings.csv -o support-head.gguf --threads 2
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from edge_annotator.runtime.files import check_output
+    from edge_annotator.runtime.gguf_meta import read_model_info, resolve_spec
+    from edge_annotator.runtime.labels import read_labelled
+    from edge_annotator.runtime.spec import load_spec
+
+    err = Console(stderr=True)
+    check_output(out, [model, labels, spec_path], force)
+    spec = resolve_spec(read_model_info(model), load_spec(spec_path) if spec_path else None)
+    items = [it for it in read_labelled(labels, spec, strict=False).items if it.ratings]
+    if len(items) < MIN_ITEMS:
+        raise UserError(f"{labels}: {len(items)} rated items; a head needs at least {MIN_ITEMS}")
+    t0 = time.perf_counter()
+    with Progress(TextColumn("[bold]reading items"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err) as bar:
+        task = bar.add_task("states", total=len(items))
+        states = states_of(model, spec, items, threads, lambda n: bar.advance(task, n))
+    read_s = time.perf_counter() - t0
+    fits, fit_s = timed(lambda: fit_heads(spec, items, states, seed))
+    seconds = {"states": round(read_s, 1), "fit": fit_s}
+    write_annotator(model, out, with_heads(spec, fits), provenance_of(model, labels, fits, seconds))
+    from rich.table import Table
+
+    t = Table(title=f"{out.name}: a head per criterion, {len(items)} items ({read_s:.0f} s reading them, "
+                    f"{fit_s:.0f} s fitting)")
+    for col in ("criterion", "head", "penalty", "items", "5-fold alpha", "best ridge", "best softmax"):
+        t.add_column(col, justify="left" if col in ("criterion", "head") else "right")
+    for f in fits:
+        best = {k: max((v for c, v in f.cv.items() if c.startswith(k) and v is not None), default=None)
+                for k in ("ridge", "softmax")}
+        t.add_row(f.criterion, f.chosen.kind if f.chosen else "none (too few items)",
+                  f"{f.chosen.penalty:g}" if f.chosen else "", str(f.items),
+                  *(f"{v:.3f}" if v is not None else "n/a" for v in
+                    ((f.head.info or {}).get("cv_alpha") if f.head else None, best["ridge"], best["softmax"])))
+    err.print(t)
+    click.echo(out)

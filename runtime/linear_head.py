@@ -1,0 +1,113 @@
+"""A linear head per criterion on the model's own hidden state: the head route.
+
+At each criterion's cue the runtime already reads the final hidden state h (llama.cpp's
+"result_norm", the output layer's input: runtime/engine.py). The answer-token route scores the
+levels with the output layer's rows for the answers' tokens; the head route replaces them with a
+linear map fitted on the labelled items' own hidden states (export/heads.py fits it):
+
+    softmax   probs = softmax(W h + b) over the levels; label the likeliest; score the
+              probability-weighted mean of the levels (as the answer-token route's)
+    ridge     s = w . h + b, the raters' mean predicted directly (rating scales); probs a normal of
+              the cross-validated residual sd around s over the levels; label the likeliest (the
+              level nearest s); score s, clipped to the scale
+
+The head travels in the spec, beside the criterion's calibration (`Criterion.head`), so every
+path that carries the spec carries it, and the spec's sha256 names it. Its numbers are float32
+little-endian, base64 in the JSON: exact, and a tenth of the size of decimal text.
+
+    head = LinearHead.from_dict(criterion.head)
+    probs, score = head.apply(criterion, hidden)      # hidden: float32 (n_embd,)
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+KINDS = ("softmax", "ridge")
+MAX_DIM = 1 << 16
+
+
+def pack(a: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(a, dtype="<f4").tobytes()).decode("ascii")
+
+
+def unpack(s: str, n: int) -> np.ndarray:
+    """N float32s from base64 text; ValueError where it is not exactly that."""
+    try:
+        raw = base64.b64decode(s.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError) as e:
+        raise ValueError(f"not base64 ({e})") from None
+    if len(raw) != 4 * n:
+        raise ValueError(f"{len(raw) // 4} numbers where {n} belong")
+    a = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    if not np.isfinite(a).all():
+        raise ValueError("holds a number that is not finite")
+    return a
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    kind: str
+    dim: int
+    w: np.ndarray
+    """softmax: (levels, dim); ridge: (dim,)."""
+    b: np.ndarray
+    """softmax: (levels,); ridge: (1,)."""
+    sigma: float = 1.0
+    """ridge: the residual sd the probabilities spread by."""
+    info: Mapping[str, Any] | None = None
+    """How it was fitted (method, lambda, items, cross-validated alpha): carried, never read."""
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], levels: int) -> LinearHead:
+        """The head a spec holds; ValueError naming what is wrong (spec.py turns it into a SpecError)."""
+        kind, dim = d.get("kind"), d.get("dim")
+        if kind not in KINDS:
+            raise ValueError(f"'kind' must be one of {', '.join(KINDS)}, got {kind!r}")
+        if not isinstance(dim, int) or isinstance(dim, bool) or not 1 <= dim <= MAX_DIM:
+            raise ValueError(f"'dim' must be a whole number from 1 to {MAX_DIM}, got {dim!r}")
+        rows = levels if kind == "softmax" else 1
+        if not isinstance(d.get("w"), str) or not isinstance(d.get("b"), str):
+            raise ValueError("'w' and 'b' must be base64 text of float32 numbers")
+        try:
+            w, b = unpack(d["w"], rows * dim), unpack(d["b"], rows)
+        except ValueError as e:
+            raise ValueError(f"'w' or 'b': {e}") from None
+        sigma = d.get("sigma", 1.0)
+        if not isinstance(sigma, int | float) or isinstance(sigma, bool) or not 0 < sigma < math.inf:
+            raise ValueError(f"'sigma' must be a positive number, got {sigma!r}")
+        info = d.get("info")
+        if info is not None and not isinstance(info, dict):
+            raise ValueError("'info' must be a mapping")
+        return cls(kind, dim, w.reshape(rows, dim) if kind == "softmax" else w, b, float(sigma), info)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": self.kind, "dim": self.dim, "w": pack(self.w), "b": pack(self.b)}
+        if self.kind == "ridge":
+            d["sigma"] = self.sigma
+        if self.info:
+            d["info"] = dict(self.info)
+        return d
+
+    def apply(self, values: list[float], hidden: np.ndarray) -> tuple[list[float], float | None]:
+        """The levels' probabilities and, for ridge, the score (None: the caller takes the
+        probability-weighted mean). VALUES: the criterion's levels as numbers (ridge's scale; a
+        softmax head does not read them)."""
+        h = np.asarray(hidden, dtype=np.float64)
+        if h.shape != (self.dim,):
+            raise ValueError(f"a hidden state of {h.shape[0]} numbers; this head reads {self.dim}")
+        if self.kind == "softmax":
+            z = self.w.astype(np.float64) @ h + self.b.astype(np.float64)
+            e = np.exp(z - z.max())
+            return (e / e.sum()).tolist(), None
+        s = float(self.w.astype(np.float64) @ h + float(self.b[0]))
+        s = min(max(s, values[0]), values[-1])
+        z = -0.5 * ((np.asarray(values, dtype=np.float64) - s) / self.sigma) ** 2
+        e = np.exp(z - z.max())
+        return (e / e.sum()).tolist(), s

@@ -1,0 +1,177 @@
+"""The head route: a linear head per criterion on the model's own hidden states (export/heads.py,
+runtime/linear_head.py). Fitting recovers what synthetic states carry and is deterministic; a
+spec holds a head checked whole; on the real model, `annotate-cli head` writes an annotator whose
+records are the head applied to llama.cpp's states, byte-identical across threads, workers and
+--resume."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import DATA, TASKS
+
+from edge_annotator.export.heads import _targets, fit_criterion, fit_heads, with_heads
+from edge_annotator.runtime.data import Item
+from edge_annotator.runtime.errors import SpecError
+from edge_annotator.runtime.linear_head import LinearHead, pack
+from edge_annotator.runtime.spec import load_spec, spec_from_json
+
+SPEC = load_spec(TASKS / "emobank.yaml")
+LABELS_SPEC = load_spec(TASKS / "goemotions.yaml")
+
+
+def _synthetic(n: int = 300, d: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """States whose first direction carries a 1..5 rating (three raters around it), and noise."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)) * 3.0 + 1.5
+    truth = 3.0 + 1.2 * np.tanh(x[:, 0] / 3.0) + 0.5 * np.tanh(x[:, 1] / 3.0)
+    return x, truth
+
+
+def test_fitting_recovers_a_rating_from_the_states_and_is_deterministic() -> None:
+    x, truth = _synthetic()
+    rng = np.random.default_rng(1)
+    ratings = [[int(np.clip(round(t + rng.normal(0, 0.4)), 1, 5)) for _ in range(3)] for t in truth]
+    ids = [f"s{i}" for i in range(len(x))]
+    c = SPEC.criteria[0]
+    a = fit_criterion(c, x, ratings, ids, seed=0)
+    b = fit_criterion(c, x, ratings, ids, seed=0)
+    assert a.head is not None and a.head.to_dict() == b.head.to_dict() and a.cv == b.cv
+    assert a.head.info and a.head.info["cv_alpha"] > 0.8, a.cv  # the raters themselves are at about 0.85
+    # shuffled ratings carry nothing: cross-validation says so
+    shuffled = [ratings[i] for i in np.random.default_rng(2).permutation(len(ratings))]
+    nothing = fit_criterion(c, x, shuffled, ids, seed=0)
+    assert nothing.head is not None and (nothing.head.info or {})["cv_alpha"] < 0.2, nothing.cv
+    # the head predicts as it was scored: the mean of ratings, on the scale
+    probs, score = a.head.apply([1, 2, 3, 4, 5], x[0])
+    assert abs(sum(probs) - 1) < 1e-9 and (score is None or 1 <= score <= 5)
+
+
+def test_a_label_set_gets_a_softmax_head_that_finds_the_classes() -> None:
+    c = LABELS_SPEC.criteria[0]
+    k = 4
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(k, 32)) * 4
+    cls = rng.integers(0, k, 400)
+    x = centers[cls] + rng.normal(size=(400, 32))
+    ratings = [[c.values[int(y)]] for y in cls]
+    fit = fit_criterion(c, x, ratings, [str(i) for i in range(400)])
+    assert fit.chosen is not None and fit.chosen.kind == "softmax"
+    assert fit.head is not None and (fit.head.info or {})["cv_alpha"] > 0.9, fit.cv
+    assert not any(k.startswith("ridge") for k in fit.cv)
+
+
+def test_targets_share_a_rating_between_two_levels() -> None:
+    c = load_spec(TASKS / "emobank.yaml").criteria[0]  # interval 1..5
+    mean, dist = _targets(c, [[3, 4], [3.25]])
+    assert mean.tolist() == [3.5, 3.25]
+    assert dist[0].tolist() == [0, 0, 0.5, 0.5, 0] and np.allclose(dist[1], [0, 0, 0.75, 0.25, 0])
+
+
+def test_a_spec_holds_a_head_checked_whole() -> None:
+    c = SPEC.criteria[0]
+    head = LinearHead("softmax", 8, np.ones((5, 8), np.float32), np.zeros(5, np.float32), info={"items": 3})
+    spec = replace(SPEC, criteria=(replace(c, head=head.to_dict()), *SPEC.criteria[1:]))
+    back = spec_from_json(spec.to_json())
+    assert back == spec and back.sha256 == spec.sha256 != SPEC.sha256
+    assert "head" not in json.loads(SPEC.to_json())["criteria"][0]  # specs without heads hash as before
+    bad = {
+        "kind": ({**head.to_dict(), "kind": "cubic"}, "'kind' must be one of"),
+        "shape": ({**head.to_dict(), "dim": 9}, "45 belong"),
+        "base64": ({**head.to_dict(), "w": "@@@"}, "not base64"),
+        "nan": ({**head.to_dict(), "b": pack(np.array([np.nan] * 5))}, "not finite"),
+        "sigma": ({**LinearHead("ridge", 8, np.ones(8), np.zeros(1)).to_dict(), "sigma": -1}, "'sigma'"),
+    }
+    for name, (h, needle) in bad.items():
+        d = json.loads(spec.to_json())
+        d["criteria"][0]["head"] = h
+        with pytest.raises(SpecError, match=needle):
+            spec_from_json(json.dumps(d))
+    k = len(LABELS_SPEC.criteria[0].scale)  # a label set's head survives its round trip through 'labels'
+    soft = LinearHead("softmax", 4, np.ones((k, 4), np.float32), np.zeros(k, np.float32)).to_dict()
+    labelled = replace(LABELS_SPEC, criteria=(replace(LABELS_SPEC.criteria[0], head=soft),))
+    assert spec_from_json(labelled.to_json()) == labelled
+    d = json.loads(LABELS_SPEC.to_json())
+    d["criteria"][0]["head"] = LinearHead("ridge", 8, np.ones(8), np.zeros(1)).to_dict()
+    with pytest.raises(SpecError, match="rating scales only"):
+        spec_from_json(json.dumps(d))
+
+
+def test_with_heads_replaces_the_answer_tokens_and_their_calibration() -> None:
+    x, truth = _synthetic(60, 16)
+    items = [Item(f"s{i}", {"text": "x"}, "f", i, [{"Valence": int(round(t))}]) for i, t in enumerate(truth)]
+    states = np.stack([x, x, x], axis=1)
+    calibrated = replace(SPEC, criteria=tuple(replace(c, calibration=((1.0, 1.5), (5.0, 4.5)))
+                                              for c in SPEC.criteria))
+    fits = fit_heads(calibrated, items, states)
+    spec = with_heads(calibrated, fits)
+    got = {c.name: (c.head is not None, c.calibration) for c in spec.criteria}
+    assert got == {"Valence": (True, ()), "Arousal": (False, ((1.0, 1.5), (5.0, 4.5))),
+                   "Dominance": (False, ((1.0, 1.5), (5.0, 4.5)))}  # no rating of those: no head
+
+
+# -- on the real model ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def head_gguf(gemma_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("heads") / "emobank-head.gguf"
+    r = CliRunner().invoke(_cli(), ["head", str(gemma_path), str(DATA / "emobank-train-64.jsonl"), "--spec",
+                                    str(TASKS / "emobank.yaml"), "-o", str(out), "--threads", "2"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _cli():  # type: ignore[no-untyped-def]
+    from edge_annotator.runtime.cli import cli
+
+    return cli
+
+
+@pytest.mark.slow
+def test_the_head_annotator_scores_with_the_head_on_llama_cpps_own_states(head_gguf: Path) -> None:
+    from edge_annotator.runtime.annotator import Annotator
+    from edge_annotator.runtime.engine import LlamaEngine
+    from edge_annotator.runtime.gguf_meta import read_model_info
+
+    spec = read_model_info(head_gguf).spec
+    assert spec is not None and all(c.head for c in spec.criteria)
+    items = [json.loads(line) for line in (DATA / "emobank-test-50.jsonl").read_text().splitlines()[:6]]
+    with LlamaEngine(head_gguf, n_threads=2) as eng:
+        ann = Annotator(eng, spec)
+        scored = ann.score_many([{"text": it["text"]} for it in items])
+        states = ann.features([{"text": it["text"]} for it in items])
+    for sc, st in zip(scored, states):
+        assert not isinstance(sc, Exception) and not isinstance(st, Exception)
+        for ci, c in enumerate(spec.criteria):
+            head = LinearHead.from_dict(c.head or {}, len(c.scale))
+            probs, raw = head.apply([float(v) for v in c.values], st[ci])
+            assert [round(p, 6) for p in probs] == list(sc[c.name].probs.values())
+            want = raw if raw is not None else sum(float(v) * p for v, p in zip(c.values, probs))
+            assert abs(sc[c.name].score - want) < 1e-9 and sc[c.name].label == c.values[int(np.argmax(probs))]
+
+
+@pytest.mark.slow
+def test_a_head_annotator_is_byte_identical_across_threads_workers_and_resume(head_gguf: Path,
+                                                                              tmp_path: Path) -> None:
+    cli = _cli()
+    items = DATA / "emobank-test-50.jsonl"
+    outs = {}
+    for name, args in {"1 thread": ["--threads", "1"], "2 threads": ["--threads", "2"],
+                       "2 workers": ["--workers", "2", "--threads", "2"]}.items():
+        r = CliRunner().invoke(cli, ["annotate", str(head_gguf), str(items), *args])
+        assert r.exit_code == 0, r.output
+        outs[name] = r.stdout
+    part = tmp_path / "part.jsonl"
+    part.write_text("".join(outs["1 thread"].splitlines(keepends=True)[:20]))
+    r = CliRunner().invoke(cli, ["annotate", str(head_gguf), str(items), "-o", str(part), "--resume", "--threads", "2"])
+    assert r.exit_code == 0, r.output
+    outs["resumed"] = part.read_text()
+    assert len(set(outs.values())) == 1, {k: v[:200] for k, v in outs.items()}
+    rec = json.loads(outs["1 thread"].splitlines()[0])
+    assert set(rec) == {"id", "labels", "scores", "probs", "model_sha256", "spec_sha256"}
+    assert all(abs(sum(p.values()) - 1) < 1e-5 for p in rec["probs"].values())
