@@ -2,10 +2,13 @@
 
     annotate-cli head base.gguf labels.csv --spec tasks/support.yaml -o support-head.gguf
 
-Every labelled item is read by the GGUF as `annotate` reads it, and the final hidden state at each
-criterion's cue is kept (runtime/annotator.py: Annotator.features): llama.cpp's own numbers, so the
-head is fitted on exactly what the runtime will feed it, on this file. Per criterion, candidates
-are fitted on those states (standardized, the scaling folded into the weights):
+Every labelled item is read by the GGUF as `annotate` reads it, and its states are kept at the
+candidate taps (runtime/annotator.py: Annotator.features; runtime/linear_head.py: Tap): the final
+hidden state at each criterion's cue, and the residual stream at the cue, the item's last token
+and averaged over the item, after layers a third, half and two thirds of the way up. They are
+llama.cpp's own numbers, so the head is fitted on exactly what the runtime will feed it, on this
+file. Per criterion and tap, candidates are fitted on those states (standardized, the scaling
+folded into the weights):
 
     ridge    the raters' mean, least squares with an L2 penalty (rating scales); closed form for
              every penalty at once from one SVD
@@ -14,8 +17,9 @@ are fitted on those states (standardized, the scaling folded into the weights):
 
 each over a grid of penalties, and the one with the best k-fold cross-validated alpha wins (a
 rating scale's score against the raters' mean, interval; a label set's label against the
-majority, nominal). It is refitted on every item and written into the spec (runtime/linear_head.py),
-which goes into a copy of the GGUF. Nothing is random but the folds, which are seeded.
+majority, nominal). Items that share a context (the fields before the last) stay in one fold.
+It is refitted on every item and written into the spec (runtime/linear_head.py), which goes into
+a copy of the GGUF. Nothing is random but the folds, which are seeded.
 
 Fitting is numpy only (no torch): the command runs on a runtime install.
 """
@@ -23,6 +27,7 @@ Fitting is numpy only (no torch): the command runs on a runtime install.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -35,7 +40,7 @@ import numpy as np
 
 from edge_annotator.runtime.data import Item
 from edge_annotator.runtime.errors import UserError
-from edge_annotator.runtime.linear_head import LinearHead
+from edge_annotator.runtime.linear_head import LinearHead, Tap
 from edge_annotator.runtime.metrics import _alpha, _code, consensus
 from edge_annotator.runtime.options import Command
 from edge_annotator.runtime.spec import Criterion, TaskSpec
@@ -50,8 +55,20 @@ MIN_ITEMS = 2 * FOLDS
 
 @dataclass(frozen=True)
 class Candidate:
+    tap: Tap
     kind: str
     penalty: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.tap.name} {self.kind} {self.penalty:g}"
+
+
+def candidate_taps(n_layer: int) -> list[Tap]:
+    """The final state at the cue, and at the cue, the item's last token and its mean after the
+    layers a third, half and two thirds of the way up (Gemma 3 270M: 5, 8 and 11 of 0..17)."""
+    mids = sorted({max(0, min(n_layer - 2, round(n_layer * f) - 1)) for f in (1 / 3, 1 / 2, 2 / 3)})
+    return [Tap("cue", -1)] + [Tap(at, layer) for layer in mids for at in ("cue", "last", "mean")]
 
 
 @dataclass(frozen=True)
@@ -65,12 +82,13 @@ class HeadFit:
     items: int
 
 
-def _folds(ids: Sequence[str], seed: int) -> np.ndarray:
-    """Fold of each item: ids ordered by a seeded hash, then dealt round-robin (no RNG state)."""
-    order = sorted(range(len(ids)), key=lambda i: hashlib.sha256(f"{seed}\0{ids[i]}".encode()).hexdigest())
-    folds = np.empty(len(ids), dtype=np.int64)
-    folds[order] = np.arange(len(ids)) % FOLDS
-    return folds
+def _folds(groups: Sequence[str], seed: int) -> np.ndarray:
+    """Fold of each item: its group (its id, or the context it shares with other items) ordered by
+    a seeded hash among the groups, which are dealt round-robin: items of one context are never
+    on both sides of a fold (no RNG state)."""
+    keys = sorted(set(groups), key=lambda g: hashlib.sha256(f"{seed}\0{g}".encode()).hexdigest())
+    fold_of = {g: k % FOLDS for k, g in enumerate(keys)}
+    return np.array([fold_of[g] for g in groups], dtype=np.int64)
 
 
 def _targets(c: Criterion, ratings: Sequence[Sequence[Any]]) -> tuple[np.ndarray, np.ndarray]:
@@ -183,17 +201,17 @@ def _softmax_fit(z: np.ndarray, t: np.ndarray, penalty: float) -> tuple[np.ndarr
     return (vt[keep].T @ beta).T, b  # W: k x d on the standardized states
 
 
-def _fit_one(kind: str, penalty: float, x: np.ndarray, mean: np.ndarray, dist: np.ndarray) -> LinearHead:
+def _fit_one(cd: Candidate, x: np.ndarray, mean: np.ndarray, dist: np.ndarray) -> LinearHead:
     """A head on raw states X (standardization folded in)."""
     z, mu, sd = _standardize(x)
-    if kind == "ridge":
-        ((w, b),) = _ridge_all(z, mean, [penalty])
+    if cd.kind == "ridge":
+        ((w, b),) = _ridge_all(z, mean, [cd.penalty])
         w_raw = w / sd
-        return LinearHead("ridge", x.shape[1], w_raw.astype(np.float32),
+        return LinearHead("ridge", cd.tap, x.shape[1], w_raw.astype(np.float32),
                           np.array([b - float(w_raw @ mu)], dtype=np.float32))
-    wz, bz = _softmax_fit(z, dist, penalty)
+    wz, bz = _softmax_fit(z, dist, cd.penalty)
     w_raw = wz / sd
-    return LinearHead("softmax", x.shape[1], w_raw.astype(np.float32), (bz - w_raw @ mu).astype(np.float32))
+    return LinearHead("softmax", cd.tap, x.shape[1], w_raw.astype(np.float32), (bz - w_raw @ mu).astype(np.float32))
 
 
 def _predict(c: Criterion, head: LinearHead, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -217,57 +235,71 @@ def _cv_alpha(c: Criterion, scores: np.ndarray, labels: np.ndarray, mean: np.nda
     return _alpha([labels.astype(float).tolist(), gold], "nominal")
 
 
-def fit_criterion(c: Criterion, x: np.ndarray, ratings: Sequence[Sequence[Any]], ids: Sequence[str],
-                  seed: int = 0) -> HeadFit:
-    """Choose and fit one criterion's head by k-fold cross-validation over the candidates."""
-    n = len(ids)
-    if n < MIN_ITEMS:
+def fit_criterion(c: Criterion, states: dict[Tap, np.ndarray], ratings: Sequence[Sequence[Any]],
+                  groups: Sequence[str], seed: int = 0) -> HeadFit:
+    """Choose and fit one criterion's head by k-fold cross-validation over the candidates: every tap
+    in STATES (items x n_embd each) with every kind and penalty. GROUPS: each item's id, or the
+    context it shares with others (kept in one fold)."""
+    n = len(groups)
+    if n < MIN_ITEMS or len(set(groups)) < FOLDS:
         return HeadFit(c.name, None, None, {}, n)
     mean, dist = _targets(c, ratings)
-    folds = _folds(ids, seed)
-    cands = ([Candidate("ridge", a) for a in RIDGE] if c.is_numeric else []) + \
-        [Candidate("softmax", a) for a in SOFTMAX]
+    folds = _folds(groups, seed)
+    values = [float(v) for v in c.values] if c.is_numeric else []
+    cands = [Candidate(t, k, a) for t in states for k, grid in (("ridge", RIDGE), ("softmax", SOFTMAX))
+             if k == "softmax" or c.is_numeric for a in grid]
     pred_s = {cd: np.empty(n) for cd in cands}
     pred_l = {cd: np.empty(n, dtype=np.int64) for cd in cands}
-    values = [float(v) for v in c.values] if c.is_numeric else []
     for k in range(FOLDS):
         tr, te = folds != k, folds == k
-        z, mu, sd = _standardize(x[tr])
-        zt = (x[te] - mu) / sd
-        if c.is_numeric:
-            for cd, (w, b) in zip(cands, _ridge_all(z, mean[tr], RIDGE)):
-                s = np.clip(zt @ w + b, values[0], values[-1])
-                pred_s[cd][te] = s
-                pred_l[cd][te] = [int(np.argmin([abs(v - x_) for v in values])) for x_ in s]
-        for cd in cands:
-            if cd.kind != "softmax":
-                continue
-            wz, bz = _softmax_fit(z, dist[tr], cd.penalty)
-            logits = zt @ wz.T + bz
-            p = np.exp(logits - logits.max(axis=1, keepdims=True))
-            p /= p.sum(axis=1, keepdims=True)
-            pred_l[cd][te] = p.argmax(axis=1)
-            pred_s[cd][te] = p @ np.asarray(values) if values else np.nan
-    cv = {f"{cd.kind} {cd.penalty:g}": _cv_alpha(c, pred_s[cd], pred_l[cd], mean, ratings) for cd in cands}
-    best = max(cands, key=lambda cd: (-math.inf if cv[f"{cd.kind} {cd.penalty:g}"] is None
-                                      else cv[f"{cd.kind} {cd.penalty:g}"], cd.kind == "softmax"))
-    head = _fit_one(best.kind, best.penalty, x, mean, dist)
+        for tap, x in states.items():
+            z, mu, sd = _standardize(x[tr])
+            zt = (x[te] - mu) / sd
+            if c.is_numeric:
+                for a, (w, b) in zip(RIDGE, _ridge_all(z, mean[tr], RIDGE)):
+                    cd = Candidate(tap, "ridge", a)
+                    sc = np.clip(zt @ w + b, values[0], values[-1])
+                    pred_s[cd][te] = sc
+                    pred_l[cd][te] = [int(np.argmin([abs(v - x_) for v in values])) for x_ in sc]
+            for a in SOFTMAX:
+                cd = Candidate(tap, "softmax", a)
+                wz, bz = _softmax_fit(z, dist[tr], a)
+                logits = zt @ wz.T + bz
+                p = np.exp(logits - logits.max(axis=1, keepdims=True))
+                p /= p.sum(axis=1, keepdims=True)
+                pred_l[cd][te] = p.argmax(axis=1)
+                pred_s[cd][te] = p @ np.asarray(values) if values else np.nan
+    cv = {cd.name: _cv_alpha(c, pred_s[cd], pred_l[cd], mean, ratings) for cd in cands}
+    best = max(cands, key=lambda cd: (-math.inf if cv[cd.name] is None else cv[cd.name], cd.kind == "softmax"))
+    head = _fit_one(best, states[best.tap], mean, dist)
     if best.kind == "ridge":  # the probabilities spread by the out-of-fold residual sd
         resid = pred_s[best] - mean
         head = replace(head, sigma=max(float(np.sqrt(np.mean(resid ** 2))), 0.05))
-    info = {"penalty": best.penalty, "items": n, "folds": FOLDS, "seed": seed,
-            "cv_alpha": cv[f"{best.kind} {best.penalty:g}"]}
+    info = {"penalty": best.penalty, "items": n, "groups": len(set(groups)), "folds": FOLDS, "seed": seed,
+            "cv_alpha": cv[best.name]}
     return HeadFit(c.name, replace(head, info=info), best, cv, n)
 
 
-def fit_heads(spec: TaskSpec, items: Sequence[Item], states: np.ndarray, seed: int = 0) -> list[HeadFit]:
-    """Per criterion, its head from the items that rate it; STATES: items x criteria x n_embd."""
+def context_groups(spec: TaskSpec, items: Sequence[Item]) -> list[str]:
+    """Each item's cross-validation group: the fields before the last (several responses to one
+    dialogue, several answers to one question) where items share them, two or more a context on
+    average; else its own id."""
+    if len(spec.inputs) < 2:
+        return [it.id for it in items]
+    keys = [json.dumps([it.fields[f.name] for f in spec.inputs[:-1]], ensure_ascii=False) for it in items]
+    return keys if len(keys) >= 2 * len(set(keys)) else [it.id for it in items]
+
+
+def fit_heads(spec: TaskSpec, items: Sequence[Item], states: dict[Tap, np.ndarray], seed: int = 0) -> list[HeadFit]:
+    """Per criterion, its head from the items that rate it; STATES: per tap, items x criteria x
+    n_embd at a cue, items x n_embd at the item."""
     out = []
+    groups = context_groups(spec, items)
     for ci, c in enumerate(spec.criteria):
         rows = [i for i, it in enumerate(items) if any(c.name in r for r in it.ratings)]
         ratings = [[r[c.name] for r in items[i].ratings if c.name in r] for i in rows]
-        out.append(fit_criterion(c, states[rows, ci, :].astype(np.float64), ratings, [items[i].id for i in rows],
-                                 seed))
+        mine = {t: (x[rows, ci] if t.per_criterion else x[rows]).astype(np.float64) for t, x in states.items()}
+        out.append(fit_criterion(c, mine, ratings, [groups[i] for i in rows], seed))
     return out
 
 
@@ -280,31 +312,35 @@ def with_heads(spec: TaskSpec, fits: Sequence[HeadFit]) -> TaskSpec:
 
 
 def states_of(model: str | Path, spec: TaskSpec, items: Sequence[Item], threads: int | None = None,
-              progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Every item's hidden states at the criteria's cues, read by MODEL as annotate reads (items x
-    criteria x n_embd, float32); an item too long for the context stops it, naming the item."""
+              progress: Callable[[int], None] | None = None,
+              taps: Sequence[Tap] | None = None) -> dict[Tap, np.ndarray]:
+    """Every item's states at TAPS (default: candidate_taps), read by MODEL as annotate reads: per
+    tap items x criteria x n_embd at a cue, items x n_embd at the item (float32); an item too long
+    for the context stops it, naming the item."""
     from edge_annotator.runtime.annotator import Annotator
     from edge_annotator.runtime.engine import LlamaEngine
 
     plain = replace(spec, criteria=tuple(replace(c, head=None) for c in spec.criteria))
     with LlamaEngine(model, n_threads=threads) as eng:
         ann = Annotator(eng, plain)
-        out = []
+        taps = list(taps or candidate_taps(eng.n_layer))
+        out: dict[Tap, list[np.ndarray]] = {t: [] for t in taps}
         for start in range(0, len(items), 16):
             chunk = items[start:start + 16]
-            for it, got in zip(chunk, ann.features([it.fields for it in chunk])):
+            for it, got in zip(chunk, ann.features([it.fields for it in chunk], taps)):
                 if isinstance(got, Exception):
                     raise UserError(f"{it.path}:{it.line}: item {it.id}: {got}")
-                out.append(got)
+                for t in taps:
+                    out[t].append(got[t])
             if progress:
                 progress(len(chunk))
-    return np.stack(out).astype(np.float32)
+    return {t: np.stack(v).astype(np.float32) for t, v in out.items()}
 
 
 def summary(fits: Sequence[HeadFit]) -> dict[str, Any]:
     """What goes into provenance and the command's table: per criterion the chosen kind and
     penalty, the items, and every candidate's cross-validated alpha."""
-    return {f.criterion: {"kind": f.chosen.kind if f.chosen else None,
+    return {f.criterion: {"kind": f.chosen.kind if f.chosen else None, "tap": f.chosen.tap.name if f.chosen else None,
                           "penalty": f.chosen.penalty if f.chosen else None, "items": f.items,
                           "cv_alpha": (f.head.info or {}).get("cv_alpha") if f.head else None,
                           "candidates": f.cv} for f in fits}
@@ -388,14 +424,13 @@ def head_command(model: Path, labels: Path, out: Path, spec_path: Path | None, t
 
     t = Table(title=f"{out.name}: a head per criterion, {len(items)} items ({read_s:.0f} s reading them, "
                     f"{fit_s:.0f} s fitting)")
-    for col in ("criterion", "head", "penalty", "items", "5-fold alpha", "best ridge", "best softmax"):
-        t.add_column(col, justify="left" if col in ("criterion", "head") else "right")
+    for col in ("criterion", "head", "tap", "penalty", "items", "5-fold alpha", "final state at the cue"):
+        t.add_column(col, justify="left" if col in ("criterion", "head", "tap") else "right")
     for f in fits:
-        best = {k: max((v for c, v in f.cv.items() if c.startswith(k) and v is not None), default=None)
-                for k in ("ridge", "softmax")}
+        final = max((v for c, v in f.cv.items() if c.startswith("cue@-1 ") and v is not None), default=None)
         t.add_row(f.criterion, f.chosen.kind if f.chosen else "none (too few items)",
-                  f"{f.chosen.penalty:g}" if f.chosen else "", str(f.items),
+                  f.chosen.tap.name if f.chosen else "", f"{f.chosen.penalty:g}" if f.chosen else "", str(f.items),
                   *(f"{v:.3f}" if v is not None else "n/a" for v in
-                    ((f.head.info or {}).get("cv_alpha") if f.head else None, best["ridge"], best["softmax"])))
+                    ((f.head.info or {}).get("cv_alpha") if f.head else None, final)))
     err.print(t)
     click.echo(out)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .engine import ContextOverflow, LlamaEngine, ModelError
-from .linear_head import LinearHead
+from .linear_head import LinearHead, Tap
 from .prompt import ANSWER_SEP, prompt_segments, render_prompt
 from .records import PROB_DIGITS, Score, result_record
 from .spec import Criterion, SpecError, TaskSpec
@@ -194,6 +194,7 @@ class _Rows:
         self.outputs: dict[int, np.ndarray] = {}
         self.where: dict[_Key, int] = {}
         self.states: dict[_Key, int] = {}
+        self.taps: dict[int, set[int]] = {}  # layer -> rows whose residual stream after it is read
 
     def add(self, tok: int, pos: int, seqs: tuple[int, ...]) -> None:
         self.toks.append(tok)
@@ -209,10 +210,15 @@ class _Rows:
         """The final hidden state after the last token added (what a linear head reads)."""
         self.states[key] = len(self.toks) - 1
 
-    def run(self, eng: LlamaEngine) -> tuple[dict[_Key, dict[int, float]], dict[_Key, np.ndarray]]:
-        got = eng.decode_rows(self.toks, self.pos, self.seqs, self.outputs, self.states.values()) if self.toks else {}
+    def tap(self, layer: int, rows: Sequence[int]) -> None:
+        self.taps.setdefault(layer, set()).update(rows)
+
+    def run(self, eng: LlamaEngine) -> tuple[dict[_Key, dict[int, float]], dict[_Key, np.ndarray],
+                                             dict[tuple[int, int], np.ndarray]]:
+        got, tapped = eng.decode_tree(self.toks, self.pos, self.seqs, self.outputs, self.states.values(),
+                                      self.taps) if self.toks else ({}, {})
         return ({key: dict(zip(self.outputs[row].tolist(), _softmax(got[row]).tolist()))
-                 for key, row in self.where.items()}, {key: got[row] for key, row in self.states.items()})
+                 for key, row in self.where.items()}, {key: got[row] for key, row in self.states.items()}, tapped)
 
 
 def check_context(tokenize: Callable[[str], list[int]], spec: TaskSpec, n_ctx: int) -> None:
@@ -251,9 +257,10 @@ class Annotator:
         self._deep = [len(self.tries[c.name].branches) - 1 for c in spec.criteria]  # branch nodes below the stem
         self.heads = {c.name: LinearHead.from_dict(c.head, len(c.scale)) for c in spec.criteria if c.head}
         for name, h in self.heads.items():
-            if h.dim != engine.n_embd:
-                raise ModelError(f"{engine.path}: criterion {name}'s head reads {h.dim} numbers, this model's hidden "
-                                 f"state has {engine.n_embd}: the head was fitted on another model")
+            if h.dim != engine.n_embd or h.tap.layer >= engine.n_layer - 1:
+                raise ModelError(f"{engine.path}: criterion {name}'s head reads {h.dim} numbers at {h.tap.name}; this "
+                                 f"model's states have {engine.n_embd} numbers and its layers run to "
+                                 f"{engine.n_layer - 2}: the head was fitted on another model")
         self._instr_tokens: dict[str, list[int]] = {}
         check_context(engine.tokenize, spec, engine.n_ctx)
         # sequence 0 + per item: one per criterion + one per deeper trie node
@@ -292,15 +299,17 @@ class Annotator:
             out.extend(self._score_group(items[start:start + self.batch]))
         return out
 
-    def features(self, items: Sequence[Mapping[str, Any]]) -> list[np.ndarray | Exception]:
-        """Each item's final hidden state at every criterion's cue row (criteria x n_embd, float32):
-        what a linear head reads (export/heads.py fits one on them), decoded as scoring decodes."""
-        out: list[np.ndarray | Exception] = []
+    def features(self, items: Sequence[Mapping[str, Any]], taps: Sequence[Tap]
+                 ) -> list[dict[Tap, np.ndarray] | Exception]:
+        """Each item's states at TAPS (float32; criteria x n_embd at a cue, n_embd at the item), decoded
+        as scoring decodes: what a linear head reads (export/heads.py fits one on them)."""
+        out: list[dict[Tap, np.ndarray] | Exception] = []
         for start in range(0, len(items), self.batch):
-            out.extend(self._score_group(items[start:start + self.batch], features=True))
+            out.extend(self._score_group(items[start:start + self.batch], taps=tuple(taps)))
         return out
 
-    def _score_group(self, items: Sequence[Mapping[str, Any]], features: bool = False) -> list[Any]:
+    def _score_group(self, items: Sequence[Mapping[str, Any]], taps: tuple[Tap, ...] | None = None) -> list[Any]:
+        """Each item's scores, or with TAPS its states there (features)."""
         planned = [self.plan(f) for f in items]
         if not planned:
             return []
@@ -308,44 +317,68 @@ class Annotator:
         plans = [p for _, p in planned]
         live = [j for j, p in enumerate(plans) if p.error is None]
         used: list[int] = []
-        cond, states = self._decode_cues(plans, live, used, features)
-        if not features and any(d for d, c in zip(self._deep, self.spec.criteria) if c.name not in self.heads):
+        wanted = taps if taps is not None else tuple(sorted({h.tap for h in self.heads.values()}))
+        cond, states = self._decode_cues(plans, live, used, wanted, logits=taps is None)
+        if taps is None and any(d for d, c in zip(self._deep, self.spec.criteria) if c.name not in self.heads):
             cond.update(self._decode_deeper(plans, live, used))  # answers that diverge below their stem
         self.engine.drop(used)
-        if features:
-            C = len(self.spec.criteria)
-            return [p.error if p.error is not None else np.stack([states[(j, c, ())] for c in range(C)])
-                    for j, p in enumerate(plans)]
+        if taps is not None:
+            return [p.error if p.error is not None else {t: states[(j, t)] for t in taps} for j, p in enumerate(plans)]
         return [p.error if p.error is not None else self._scores(j, cond, states) for j, p in enumerate(plans)]
 
     def _seqs_of(self, j: int) -> int:
         """Item j's first sequence id: then one per criterion, then one per deeper trie node."""
         return 1 + j * (len(self.spec.criteria) + sum(self._deep))
 
-    def _decode_cues(self, plans: list[_Plan], live: list[int], used: list[int], features: bool = False
-                     ) -> tuple[dict[_Key, dict[int, float]], dict[_Key, np.ndarray]]:
+    def _decode_cues(self, plans: list[_Plan], live: list[int], used: list[int], taps: tuple[Tap, ...],
+                     logits: bool = True) -> tuple[dict[_Key, dict[int, float]], dict[Any, np.ndarray]]:
         """Step 2: each live item's tokens once, seen by one sequence per criterion, then each cue:
-        at its end the answers' logits, or the hidden state (a head's criterion; every criterion
-        for `features`, keyed (item, criterion, ()))."""
+        at its end the answers' logits (LOGITS, criteria without a head), and the states at TAPS,
+        keyed (item, tap): criteria x n_embd at a cue, n_embd at the item."""
         eng, batch = self.engine, _Rows()
+        item_rows: dict[int, list[int]] = {}
+        cue_rows: dict[int, list[int]] = {}
+        final = any(t.layer == -1 for t in taps)
         for j in live:
             p, base = plans[j], self._seqs_of(j)
             crit_seqs = tuple(base + c for c in range(len(self.spec.criteria)))
             for sq in crit_seqs:
                 eng.copy_prefix(sq, p.shared)
             used.extend(crit_seqs)
+            first = len(batch.toks)
             for k, t in enumerate(p.item):
                 batch.add(t, p.shared + k, crit_seqs)
+            item_rows[j] = list(range(first, len(batch.toks)))
             at = p.shared + len(p.item)
+            cue_rows[j] = []
             for c, crit in enumerate(self.spec.criteria):
                 for k, t in enumerate(p.cues[c]):
                     batch.add(t, at + k, (crit_seqs[c],))
-                if features or crit.name in self.heads:
+                cue_rows[j].append(len(batch.toks) - 1)
+                if final:
                     batch.ask_hidden((j, c, ()))
-                else:
+                if logits and crit.name not in self.heads:
                     stem, kids = self.tries[crit.name].branches[0]
                     batch.ask((j, c, stem), kids)
-        return batch.run(eng)
+            for tp in taps:
+                if tp.layer >= 0:
+                    batch.tap(tp.layer, cue_rows[j] if tp.at == "cue" else item_rows[j][-1:] if tp.at == "last"
+                              else item_rows[j])
+        cond, finals, tapped = batch.run(eng)
+        states: dict[Any, np.ndarray] = {}
+        C = len(self.spec.criteria)
+        for j in live:
+            for tp in taps:
+                if tp.layer == -1:
+                    states[(j, tp)] = np.stack([finals[(j, c, ())] for c in range(C)])
+                elif tp.at == "cue":
+                    states[(j, tp)] = np.stack([tapped[(tp.layer, r)] for r in cue_rows[j]])
+                elif tp.at == "last":
+                    states[(j, tp)] = tapped[(tp.layer, item_rows[j][-1])]
+                else:
+                    rows = np.stack([tapped[(tp.layer, r)] for r in item_rows[j]]).astype(np.float64)
+                    states[(j, tp)] = rows.mean(axis=0).astype(np.float32)
+        return cond, states
 
     def _decode_deeper(self, plans: list[_Plan], live: list[int], used: list[int]) -> dict[_Key, dict[int, float]]:
         """Step 3: every trie node below a criterion's stem, in a sequence of its own."""
@@ -368,13 +401,14 @@ class Annotator:
                     extra += 1
         return batch.run(eng)[0]
 
-    def _scores(self, j: int, cond: dict[_Key, dict[int, float]], states: dict[_Key, np.ndarray]) -> dict[str, Score]:
+    def _scores(self, j: int, cond: dict[_Key, dict[int, float]], states: dict[Any, np.ndarray]) -> dict[str, Score]:
         res = {}
         for c, crit in enumerate(self.spec.criteria):
             head = self.heads.get(crit.name)
             if head is not None:
                 values = [float(v) for v in crit.values] if crit.is_numeric else []  # what ridge predicts on
-                probs, raw = head.apply(values, states[(j, c, ())])
+                st = states[(j, head.tap)]
+                probs, raw = head.apply(values, st[c] if head.tap.per_criterion else st)
                 res[crit.name] = criterion_score(crit, probs, PROB_DIGITS, raw)
                 continue
             probs = level_probs(self.tries[crit.name], lambda prefix: cond.get((j, c, prefix)))  # noqa: B023

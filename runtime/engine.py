@@ -24,7 +24,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -98,14 +98,18 @@ def _ggml_lib() -> ctypes.CDLL:
 
 
 class _Capture:
-    """What the eval callback collects: llama.cpp's final hidden states ("result_norm", the output
-    layer's input) for a decode's output rows, one array per micro-batch."""
+    """What the eval callback collects in one micro-batch: llama.cpp's final hidden states
+    ("result_norm", the output layer's input) of the output rows, and the residual stream after
+    layers the decode taps ("l_out-N", every token of the micro-batch: N below the last layer,
+    whose l_out holds the output rows only)."""
 
     NODE = b"result_norm"  # the name every llama.cpp model graph gives the output layer's input
 
     def __init__(self) -> None:
         self.on = False
         self.rows: list[np.ndarray] = []
+        self.layers: dict[bytes, int] = {}
+        self.taps: dict[int, np.ndarray] = {}
         self.bad: str | None = None
 
     def callback(self) -> Any:
@@ -113,14 +117,18 @@ class _Capture:
 
         @L.ggml_backend_sched_eval_callback
         def cb(t: int, ask: bool, _user: int) -> bool:
+            name = G.ggml_get_name(t)
             if ask:  # asked for every node: is this one we want to read?
-                return self.on and G.ggml_get_name(t) == self.NODE
+                return (self.on and name == self.NODE) or name in self.layers
             n = G.ggml_nelements(t)
             if G.ggml_nbytes(t) != 4 * n:
-                self.bad = f"{self.NODE.decode()} is not float32"
+                self.bad = f"{name.decode()} is not float32"
                 return True  # let llama.cpp finish; decode_rows reports it
             buf = np.empty(n, dtype=np.float32)
             G.ggml_backend_tensor_get(t, buf.ctypes.data, 0, 4 * n)
+            if name != self.NODE:
+                self.taps[self.layers[name]] = buf
+                return True  # a layer's output: the graph goes on
             self.rows.append(buf)
             return False  # stop the graph here: what is left is the output layer
 
@@ -293,6 +301,7 @@ class LlamaEngine:
         self.n_seq = 0
         self.n_cells = 0
         self.n_embd = _lib().llama_model_n_embd(self.model.ptr)
+        self.n_layer = _lib().llama_model_n_layer(self.model.ptr)
         self._capture = _Capture()
         # one callback for every context this engine makes; None: llama.cpp's plain path
         self._cb: Any = self._capture.callback() if answer_head else None
@@ -413,14 +422,28 @@ class LlamaEngine:
         head reads). Sequences other than 0 must be empty or copied from 0 (copy_prefix) before,
         and are dropped (drop) after.
         """
+        return self.decode_tree(tokens, pos, seqs, outputs, hidden)[0]
+
+    def decode_tree(self, tokens: list[int], pos: list[int], seqs: list[tuple[int, ...]],
+                    outputs: dict[int, np.ndarray], hidden: Collection[int] = (),
+                    taps: Mapping[int, Collection[int]] | None = None
+                    ) -> tuple[dict[int, np.ndarray], dict[tuple[int, int], np.ndarray]]:
+        """decode_rows, and with `taps` (layer -> rows) the residual stream after each such layer at
+        those rows ((layer, row) -> float32 n_embd; any row, not only output rows; a layer from 0 to
+        n_layer - 2)."""
         L = _lib()
         b = self._batch
         cap = self._capture
         got: dict[int, np.ndarray] = {}
+        tapped: dict[tuple[int, int], np.ndarray] = {}
         hidden = frozenset(hidden)
-        if hidden and (self._cb is None or (outputs and self.head is None)):
+        taps = {layer: frozenset(rows) for layer, rows in (taps or {}).items() if rows}
+        if (hidden or taps) and (self._cb is None or (outputs and self.head is None)):
             raise ModelError(f"{self.path}: hidden states are read with the answer-only output head, which this "
                              f"engine does not use ({self.head_check.get('reason')}); the head route needs it")
+        if any(not 0 <= layer < self.n_layer - 1 for layer in taps):
+            raise ModelError(f"{self.path}: layers {sorted(taps)} tapped; this model's run from 0 to "
+                             f"{self.n_layer - 2} (the last layer's output is the final hidden state)")
         for start in range(0, len(tokens), self.n_batch):
             end = min(start + self.n_batch, len(tokens))
             b.n_tokens = end - start
@@ -436,16 +459,29 @@ class LlamaEngine:
                 b.logits[k] = wanted
                 if wanted:
                     out_rows.append(i)
-            cap.rows, cap.bad = [], None
+            cap.rows, cap.bad, cap.taps = [], None, {}
             capturing = cap.on = (self.head is not None or bool(hidden)) and bool(out_rows)
+            here = {layer: [i for i in rows if start <= i < end] for layer, rows in taps.items()}
+            cap.layers = {f"l_out-{layer}".encode(): layer for layer, rows in here.items() if rows}
             try:
                 rc = L.llama_decode(self._ctx, b)
             finally:
-                cap.on = False
+                cap.on, cap.layers = False, {}
             if rc != 0:
                 self.reset()
                 raise RuntimeError(f"llama_decode failed with code {rc}")
             self.n_evaluated += end - start
+            for layer, rows in here.items():
+                if not rows:
+                    continue
+                arr = cap.taps.get(layer)
+                if cap.bad or arr is None or arr.size != (end - start) * self.n_embd:
+                    self.reset()
+                    raise RuntimeError(f"{self.path}: layer {layer}'s output was not read whole from llama.cpp "
+                                       f"({cap.bad or 'no such node, or of another size'})")
+                arr = arr.reshape(end - start, self.n_embd)  # ggml: n_embd contiguous, a row a token
+                for i in rows:
+                    tapped[(layer, i)] = arr[i - start].copy()
             if capturing:
                 states = np.concatenate(cap.rows) if cap.rows else np.empty(0, np.float32)
                 if cap.bad or states.size != len(out_rows) * self.n_embd:
@@ -464,7 +500,7 @@ class LlamaEngine:
                 for i in out_rows:
                     row = np.ctypeslib.as_array(L.llama_get_logits_ith(self._ctx, i - start), shape=(self.n_vocab,))
                     got[i] = row[outputs[i]].copy()
-        return got
+        return got, tapped
 
     # a fixed probe: the check must not depend on which item a job happens to start with
     _PROBE = ("The committee reviewed every answer twice, and the scores it gave were written down "

@@ -1,9 +1,17 @@
 """A linear head per criterion on the model's own hidden state: the head route.
 
-At each criterion's cue the runtime already reads the final hidden state h (llama.cpp's
-"result_norm", the output layer's input: runtime/engine.py). The answer-token route scores the
-levels with the output layer's rows for the answers' tokens; the head route replaces them with a
-linear map fitted on the labelled items' own hidden states (export/heads.py fits it):
+The answer-token route scores the levels with the output layer's rows for the answers' tokens,
+applied to the final hidden state at the criterion's cue. The head route replaces them with a
+linear map, fitted on the labelled items' own states (export/heads.py), read at one of these taps
+(runtime/engine.py: decode_tree reads llama.cpp's tensors as it decodes):
+
+    cue@-1    the final hidden state at the criterion's cue ("result_norm", what the answer tokens read)
+    cue@N     the residual stream after layer N at the cue
+    last@N    ... at the item's last token (before any cue: one state for every criterion)
+    mean@N    ... averaged over the item's tokens
+
+Middle layers carry more of a rater's judgement than the last (measured on USR PersonaChat and
+EmoBank: docs/recipes.md); which tap a criterion reads is chosen by cross-validation. The map:
 
     softmax   probs = softmax(W h + b) over the levels; label the likeliest; score the
               probability-weighted mean of the levels (as the answer-token route's)
@@ -15,8 +23,8 @@ The head travels in the spec, beside the criterion's calibration (`Criterion.hea
 path that carries the spec carries it, and the spec's sha256 names it. Its numbers are float32
 little-endian, base64 in the JSON: exact, and a tenth of the size of decimal text.
 
-    head = LinearHead.from_dict(criterion.head)
-    probs, score = head.apply(criterion, hidden)      # hidden: float32 (n_embd,)
+    head = LinearHead.from_dict(criterion.head, len(criterion.scale))
+    probs, score = head.apply(levels, state)           # state: float32 (n_embd,), read at head.tap
 """
 
 from __future__ import annotations
@@ -31,6 +39,34 @@ import numpy as np
 
 KINDS = ("softmax", "ridge")
 MAX_DIM = 1 << 16
+TAP_AT = ("cue", "last", "mean")
+
+
+@dataclass(frozen=True, order=True)
+class Tap:
+    """Where a head reads the model: at the criterion's cue, the item's last token or its mean, after
+    layer `layer` (-1: the final hidden state, at the cue only)."""
+
+    at: str
+    layer: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.at}@{self.layer}"
+
+    @classmethod
+    def parse(cls, text: Any) -> Tap:
+        at, _, layer = str(text).partition("@")
+        if at not in TAP_AT or not layer.lstrip("-").isdigit() or len(layer) > 4:
+            raise ValueError(f"'tap' must be one of {', '.join(a + '@N' for a in TAP_AT)}, got {text!r}")
+        tap = cls(at, int(layer))
+        if tap.layer < -1 or (tap.layer == -1 and at != "cue"):
+            raise ValueError(f"'tap' {text!r}: layer -1 (the final state) is read at the cue only")
+        return tap
+
+    @property
+    def per_criterion(self) -> bool:
+        return self.at == "cue"
 
 
 def pack(a: np.ndarray) -> str:
@@ -54,6 +90,7 @@ def unpack(s: str, n: int) -> np.ndarray:
 @dataclass(frozen=True)
 class LinearHead:
     kind: str
+    tap: Tap
     dim: int
     w: np.ndarray
     """softmax: (levels, dim); ridge: (dim,)."""
@@ -70,6 +107,7 @@ class LinearHead:
         kind, dim = d.get("kind"), d.get("dim")
         if kind not in KINDS:
             raise ValueError(f"'kind' must be one of {', '.join(KINDS)}, got {kind!r}")
+        tap = Tap.parse(d.get("tap"))
         if not isinstance(dim, int) or isinstance(dim, bool) or not 1 <= dim <= MAX_DIM:
             raise ValueError(f"'dim' must be a whole number from 1 to {MAX_DIM}, got {dim!r}")
         rows = levels if kind == "softmax" else 1
@@ -85,10 +123,11 @@ class LinearHead:
         info = d.get("info")
         if info is not None and not isinstance(info, dict):
             raise ValueError("'info' must be a mapping")
-        return cls(kind, dim, w.reshape(rows, dim) if kind == "softmax" else w, b, float(sigma), info)
+        return cls(kind, tap, dim, w.reshape(rows, dim) if kind == "softmax" else w, b, float(sigma), info)
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"kind": self.kind, "dim": self.dim, "w": pack(self.w), "b": pack(self.b)}
+        d: dict[str, Any] = {"kind": self.kind, "tap": self.tap.name, "dim": self.dim, "w": pack(self.w),
+                             "b": pack(self.b)}
         if self.kind == "ridge":
             d["sigma"] = self.sigma
         if self.info:
