@@ -1,7 +1,7 @@
 """Each part installed alone into a fresh virtualenv runs its own commands: `--help` and one real
 call each (the export extra's own test: test_export.py::test_the_export_extra_alone_runs_export_and_parity).
 
-    pip install edge-annotator             annotate, agree, convert, inspect, embed-spec; no torch
+    pip install edge-annotator             annotate, agree, convert, inspect, embed-spec, head; no torch
     pip install 'edge-annotator[report]'   + agree --report
     pip install 'edge-annotator[train]'    + train (and merge), from-gguf
 """
@@ -38,7 +38,7 @@ def test_the_runtime_alone_annotates_and_the_report_extra_adds_the_report(tmp_pa
         assert r.returncode != 0, f"{mod} is in the runtime-only environment"
     cmds = _commands(bin_, tmp_path)
     absent = {k for k, v in cmds.items() if "not installed" in v}
-    runtime_only = {"annotate", "agree", "convert", "inspect", "embed-spec", "data", "doctor", "select"}
+    runtime_only = {"annotate", "agree", "convert", "inspect", "embed-spec", "data", "doctor", "select", "head"}
     assert set(cmds) - absent == runtime_only, cmds
     assert absent == {"train", "export", "parity", "bench", "from-gguf", "fit", "base", "serve"}, cmds
     assert "pip install 'edge-annotator[train]'" in cmds["train"]
@@ -53,6 +53,12 @@ def test_the_runtime_alone_annotates_and_the_report_extra_adds_the_report(tmp_pa
     assert r.returncode == 0 and len(pred.read_text().splitlines()) == 8, r.stderr[-3000:]
     r = _run(bin_, "agree", str(pred), str(few), "--spec", str(TASKS / "emobank.yaml"), "--json", cwd=tmp_path)
     assert r.returncode == 0 and json.loads(r.stdout)["items_with_humans"] == 8, r.stderr[-3000:]
+    # the head route needs no torch either: numpy on the GGUF's own states
+    few12 = tmp_path / "few12.jsonl"
+    few12.write_text("".join(ITEMS.read_text().splitlines(keepends=True)[:12]))
+    r = _run(bin_, "head", str(gemma_path), str(few12), "--spec", str(TASKS / "emobank.yaml"), "-o",
+             str(tmp_path / "head.gguf"), "--threads", "2", cwd=tmp_path)
+    assert r.returncode == 0 and (tmp_path / "head.gguf").is_file(), r.stderr[-3000:]
     report = ["agree", str(pred), str(few), "--spec", str(TASKS / "emobank.yaml"), "--report", str(tmp_path / "rep")]
     r = _run(bin_, *report, cwd=tmp_path)
     assert r.returncode == 1 and "pip install 'edge-annotator[report]'" in r.stderr, r.stderr[-3000:]

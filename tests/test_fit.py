@@ -113,3 +113,25 @@ def test_readme_quickstart_runs_as_written_and_ends_with_a_report(tmp_path: Path
     assert (run / "train" / "log.jsonl").stat().st_mtime_ns == log_mtime
     r = subprocess.run(fit_line, shell=True, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and "holds an earlier fit; pass --resume" in r.stderr
+
+
+def test_fit_route_head_trains_nothing_and_publishes_a_tested_annotator_in_minutes(tmp_path: Path,
+                                                                                   gemma_hf: Path) -> None:
+    """--route head: the split, then a head per criterion on the base GGUF's states for the train and
+    validation items, then the test and its report; no recipe, training or export stage runs, and
+    the published file is the base with the heads in its spec."""
+    from edge_annotator.runtime.gguf_meta import read_model_info
+
+    out = tmp_path / "emo-head.gguf"
+    r = _fit(str(TASKS / "emobank.yaml"), str(DATA / "emobank-train-400.jsonl"), "-o", str(out), "--base",
+             str(gemma_hf), "--threads", "2", "--route", "head")
+    assert r.exit_code == 0, r.output
+    run = tmp_path / "emo-head.run"
+    state = json.loads((run / "fit.json").read_text())
+    assert state["heads"]["items"] == 320 and set(state["heads"]["criteria"]) == {"Valence", "Arousal", "Dominance"}
+    assert not any((run / x).exists() for x in ("config.yaml", "train", "parity.json"))
+    assert (run / "report" / "report.json").is_file() and set(state["test"]["criteria"]) == {"Valence", "Arousal",
+                                                                                             "Dominance"}
+    spec = read_model_info(out).spec
+    assert spec is not None and all(c.head for c in spec.criteria)
+    assert "head Valence:" in r.stderr and "heads fitted" in r.stderr

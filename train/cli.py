@@ -140,20 +140,25 @@ def _duration(text: str) -> float:
 @click.option("--qat", is_flag=True,
               help="Train on the base GGUF's own 4-bit grid: the annotator is one file (the base's blocks with "
                    "the trained codes) instead of the base and an adapter beside it (docs/export.md).")
+@click.option("--route", type=click.Choice(["lora", "head"]), default="lora", show_default=True,
+              help="lora: fine-tune for --budget; head: no training, a linear head per criterion on the base's own "
+                   "states, in minutes (docs/recipes.md compares them).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None)
 @click.option("--resume", is_flag=True, help="Continue the run folder's stages where they stopped.")
 @click.option("--tiny", is_flag=True, help="A 2-layer model built from scratch with the base's tokenizer: smoke "
                                            "runs and tests only (it learns little).")
 def fit(spec: Path, labels: Path, output: Path, budget: str, base: str, test: float, val: float, group: str | None,
-        quant: str, augment: str, select_by: str, qat: bool, seed: int, threads: int | None, resume: bool,
+        quant: str, augment: str, select_by: str, qat: bool, route: str, seed: int, threads: int | None, resume: bool,
         tiny: bool) -> None:
     """From human ratings to a parity-checked annotator and its agreement report, in one command.
 
     Splits LABELS by item (train / validation / test, seeded), sizes the recipe from the item count,
     their lengths and a timed step (cut to --budget), trains, merges, calibrates, exports, checks
     parity on the validation items, annotates the test items and writes the agreement report
-    (beside the leave-one-rater-out human figure). OUTPUT appears only when parity passes.
+    (beside the leave-one-rater-out human figure). OUTPUT appears only when parity passes. With
+    --route head nothing is trained: a linear head per criterion on the base's own states, fitted
+    on the train and validation items, in minutes.
 
     \b
     Examples:
@@ -161,6 +166,7 @@ def fit(spec: Path, labels: Path, output: Path, budget: str, base: str, test: fl
       annotate-cli fit tasks/support.yaml ratings.jsonl -o support.gguf --budget 40m --group ticket_id
       annotate-cli fit tasks/support.yaml ratings.csv -o support.gguf --resume    # after an interrupt
       annotate-cli fit tasks/support.yaml ratings.csv -o support.gguf --qat       # one 4-bit file
+      annotate-cli fit tasks/support.yaml ratings.csv -o support.gguf --route head   # minutes, no training
     """
 
     from .fit import FitOptions, run_dir
@@ -168,7 +174,7 @@ def fit(spec: Path, labels: Path, output: Path, budget: str, base: str, test: fl
     from .job import calibration_lines
 
     opts = FitOptions(base=base, budget_s=_duration(budget), test=test, val=val, seed=seed, group=group, quant=quant,
-                      threads=threads, augment=augment, tiny=tiny, select_by=select_by, qat=qat)
+                      threads=threads, augment=augment, tiny=tiny, select_by=select_by, qat=qat, route=route)
     if not Path(base, "config.json").is_file():
         raise click.ClickException(f"{base}: no HF base folder; make one with annotate-cli base gemma3-270m {base}")
     t0 = time.perf_counter()
@@ -179,6 +185,9 @@ def fit(spec: Path, labels: Path, output: Path, budget: str, base: str, test: fl
     with _progress_bar() as on_log:
         state = run_fit(spec, labels, output, opts, resume=resume, stage=say, progress=on_log)
     run = run_dir(output)
+    for name, h in (state.get("heads") or {}).get("criteria", {}).items():
+        err.print(f"head {name}: {h['kind'] or 'none'} at {h['tap']}, 5-fold alpha {_r3(h['cv_alpha'])} on "
+                  f"{h['items']} items")
     tr = state.get("train", {})
     if tr.get("calibration"):
         err.print("calibration:")
@@ -191,5 +200,5 @@ def fit(spec: Path, labels: Path, output: Path, budget: str, base: str, test: fl
         err.print(f"test {name}: {kind} alpha {_r3(fig)}, label alpha {_r3(c.get('alpha'))}"
                   + (f"; one human vs the rest {loo['human_alpha']:.3f}, the model's {loo['model_figure']} "
                      f"{loo['model_alpha']:.3f}: {loo.get('verdict', 'n/a')}" if loo else ""))
-    err.print(f"{output}: parity passed; run folder {run}/ (fit.json, report/report.html) in "
-              f"{time.perf_counter() - t0:.0f}s")
+    what = "heads fitted" if route == "head" else "parity passed"
+    err.print(f"{output}: {what}; run folder {run}/ (fit.json, report/report.html) in {time.perf_counter() - t0:.0f}s")

@@ -16,6 +16,15 @@ The stages, each leaving its output in the run folder (OUT without .gguf, plus .
 OUT appears only once parity passes. Every choice (steps, lr, epochs, augmentation, max_length,
 the split's sizes, the budget and the estimate) goes into RUN/fit.json and into the GGUF's
 provenance.
+
+With route "head" nothing is trained: after the split, one stage replaces recipe to parity,
+
+    heads      RUN/annotator.gguf                              the base GGUF with a linear head per
+                                                               criterion, fitted on its own states for
+                                                               the train and validation items (5-fold
+                                                               cross-validated: export/heads.py)
+
+and the test stage follows. Minutes, where training takes the budget (docs/recipes.md compares them).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from edge_annotator.runtime.errors import OutputError, UserError
 log = logging.getLogger(__name__)
 
 STAGES = ("split", "recipe", "estimate", "train", "export", "parity", "test")
+ROUTES = ("lora", "head")
 
 
 class FitError(UserError, RuntimeError):
@@ -68,6 +78,9 @@ class FitOptions:
     tiny: bool = False
     """A 2-layer model built from scratch with the base folder's tokenizer instead of its weights:
     smoke runs and tests (it learns little)."""
+    route: str = "lora"
+    """lora: fine-tune, merge, export, parity (the annotator reads its answer tokens); head: no
+    training, a linear head per criterion on the base GGUF's own states (export/heads.py)."""
 
 
 def run_dir(out: Path) -> Path:
@@ -107,6 +120,11 @@ def fit(spec_path: str | Path, labels: str | Path, out: str | Path, opts: FitOpt
     if sizes["train"]["items"] < 10 or sizes["val"]["items"] < 5:
         raise FitError(f"{labels}: {sizes['train']['items']} training and {sizes['val']['items']} validation items "
                        f"after the split; a fit needs at least 10 and 5 (label more items, or lower --test)")
+    if opts.route == "head":
+        _heads(spec, split, run, opts, state, say)
+        save()
+        shutil.copyfile(run / "annotator.gguf", out)
+        return _tested(out, split, run, spec, opts, state, save, say)
 
     cfg_f = run / "config.yaml"
     if not cfg_f.exists():
@@ -165,12 +183,47 @@ def fit(spec_path: str | Path, labels: str | Path, out: str | Path, opts: FitOpt
 
         place_base(Path(exported["base_file"]), out)
 
-    pred = run / "test-predictions.jsonl"
-    if sizes["test"]["items"] and not (run / "report" / "report.json").exists():
-        say("test", f"annotating {sizes['test']['items']} held-out test items, then the agreement report")
-        state["test"] = _test(out, split / "test.jsonl", pred, run / "report", spec, opts)
+    return _tested(out, split, run, spec, opts, state, save, say)
+
+
+def _tested(out: Path, split: Path, run: Path, spec: Any, opts: FitOptions, state: dict[str, Any],
+            save: Callable[[], None], say: Callable[[str, str], None]) -> dict[str, Any]:
+    """The test stage: OUT annotates the held-out test items, then the agreement report."""
+    n = state["split"]["test"]["items"]
+    if n and not (run / "report" / "report.json").exists():
+        say("test", f"annotating {n} held-out test items, then the agreement report")
+        state["test"] = _test(out, split / "test.jsonl", run / "test-predictions.jsonl", run / "report", spec, opts)
         save()
     return state
+
+
+def _heads(spec: Any, split: Path, run: Path, opts: FitOptions, state: dict[str, Any],
+           say: Callable[[str, str], None]) -> None:
+    """Route head: RUN/annotator.gguf, the base GGUF with a head per criterion fitted on its states
+    for the train and validation items (their 5-fold cross-validation makes the choices)."""
+    from edge_annotator.export.heads import fit_heads, provenance_of, states_of, summary, with_heads, write_annotator
+    from edge_annotator.hf.grid import gguf_of
+    from edge_annotator.runtime.labels import read_labelled
+
+    gguf = run / "annotator.gguf"
+    if gguf.exists():
+        return
+    base = gguf_of(opts.base)
+    if base is None:
+        raise FitError(f"{opts.base}: the GGUF this base folder was made from is not beside it; the head route reads "
+                       f"that file (annotate-cli base gemma3-270m DIR makes both)")
+    items = [it for f in ("train.jsonl", "val.jsonl") for it in read_labelled(split / f, spec, strict=False).items
+             if it.ratings]
+    say("heads", f"reading {len(items)} train and validation items with {base.name}, then a head per criterion")
+    t0 = time.perf_counter()
+    states = states_of(base, spec, items, opts.threads)
+    read_s = time.perf_counter() - t0
+    fits = fit_heads(spec, items, states, opts.seed)
+    seconds = {"states": round(read_s, 1), "fit": round(time.perf_counter() - t0 - read_s, 1)}
+    prov = provenance_of(base, split / "train.jsonl", fits, seconds) | {
+        "fit": {k: state.get(k) for k in ("options", "split")}}
+    write_annotator(base, gguf, with_heads(spec, fits), prov)
+    state["heads"] = {"base": base.name, "items": len(items), "seconds": seconds, "criteria": summary(fits)}
 
 
 def _load(cfg_f: Path) -> Any:
