@@ -131,7 +131,7 @@ lint: install  ## ruff and mypy over the package and tests
 # held-out EmoBank sentences; fine-tuned with LoRA on CPU on the shipped EmoBank subset; exported
 # to Q4_K_M with the spec embedded; parity between the fine-tuned HF model and the file; then the
 # held-out items annotated with the file (1 and 2 threads, byte-identical). One table at the end.
-demo: install $(GEMMA) $(GEMMA_HF)  ## the whole job: zero-shot, fine-tune, export, parity, annotate (~25 min)
+demo: install $(GEMMA) $(GEMMA_HF)  ## the whole job: zero-shot, fine-tune (16-26 min of it on 2 cores), export, parity, annotate
 	$(PY) scripts/demo.py --config configs/gemma3-270m-lora-cpu-emobank.yaml \
 		--base-gguf $(GEMMA) --test data/emobank-test-200.jsonl --out $(DEMO) --threads $(THREADS)
 
@@ -199,10 +199,10 @@ learning-curve: install $(GEMMA_HF)  ## the small-data recipe at 100 / 300 / 1,0
 # Does choosing what experts label next pay? 100 starting items of EmoBank and ConvAbuse, then 3 rounds
 # of 100 picked from a pool by the annotator's uncertainty (spread, entropy) or at random, the recipe
 # retrained each round on the same time budget and scored on the full test split; a paired interval
-# for each strategy's gain over random. The table goes to README.md, the plot to docs/. About 2 hours; resumable.
+# for each strategy's gain over random. The table and the plot go to docs/. About 2 hours; resumable.
 active-learning: install $(GEMMA_HF)  ## the expert loop simulated: uncertainty vs random picks, 100 -> 400 items (~2 h)
 	$(PY) scripts/active_learning.py --shared $(DATA_SRC) --out $(MODELS)/active --threads $(THREADS) \
-		--markdown README.md
+		--markdown docs/active-learning.md
 
 # The export routes side by side (Q8_0/Q6_K/Q5_K-adapted, all Q4_K_M with and without an imatrix, base +
 # adapter, and the grid route: the same recipe trained again with qat: true, its codes written into the base

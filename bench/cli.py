@@ -19,8 +19,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from edge_annotator.bench.markdown import write_section
 from edge_annotator.runtime.cpu import cpu_name
-from edge_annotator.runtime.files import write_section
 from edge_annotator.runtime.options import Command, gpu_layers_option
 
 err = Console(stderr=True)

@@ -278,7 +278,7 @@ def main(base: str, config: str, data: str, steps: int, items: int, prep_data: s
     if json_path:
         json_path.write_text(json.dumps(res, indent=2))
     if md_path:
-        from edge_annotator.runtime.files import write_section
+        from edge_annotator.bench.markdown import write_section
 
         from .cli import cpu_name
 

@@ -67,17 +67,3 @@ def check_output(out: Path, inputs: Iterable[str | Path | None] = (), force: boo
     if out.exists() and not force:
         raise OutputError(f"{out} exists; pass --force to replace it, or give another file")
     return out
-
-
-def write_section(path: Path, name: str, text: str, title: str = "# Benchmarks") -> None:
-    """Put `text` between `<!-- begin NAME -->` and `<!-- end NAME -->` in a Markdown file, keeping
-    the rest: `make bench`, `make bench-train`, `make eval` and `make learning-curve` each rewrite
-    only their own section of a page."""
-    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
-    old = path.read_text() if path.exists() else title + "\n"
-    block = f"{begin}\n{text.rstrip()}\n{end}"
-    if begin in old and end in old:
-        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    path.write_text(new)

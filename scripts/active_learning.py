@@ -272,7 +272,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
               help="Seconds of training (steps, validations, merge) per round, the same for every round.")
 @click.option("--threads", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--markdown", "md_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the table and the plot (--plot) into this page's active section (README.md).")
+              help="Write the table and the plot (--plot) into this page's active section (docs/active-learning.md).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("docs/active-learning.png"), show_default=True, help="Where --markdown's plot goes.")
 def main(shared: Path, out: Path, datasets: tuple[str, ...], extra: tuple[str, ...], pool_n: int, budget_s: float,
@@ -296,7 +296,7 @@ def main(shared: Path, out: Path, datasets: tuple[str, ...], extra: tuple[str, .
     plot(results, out / "active.png")
     md = markdown(results)
     if md_path:
-        from edge_annotator.runtime.files import write_section
+        from edge_annotator.bench.markdown import write_section
 
         plot(results, plot_path)
         link = os.path.relpath(plot_path, md_path.parent)

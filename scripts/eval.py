@@ -331,7 +331,7 @@ def main(shared: Path, out: Path, base_gguf: Path, threads: int, recipes: tuple[
     md = markdown(results)
     (out / "eval.md").write_text(md)
     if md_path:
-        from edge_annotator.runtime.files import write_section
+        from edge_annotator.bench.markdown import write_section
 
         write_section(md_path, "eval", md)
     done_f.write_text(json.dumps(results, indent=2))

@@ -162,19 +162,20 @@ def markdown(results: list[dict[str, Any]], record: list[dict[str, Any]], usr_lo
                                                      "[default: the three sets at 300 and 1000, and usr].")
 @click.option("--usr-lora", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="A JSON file {quality: figure} of the LoRA fit on the same USR split, for the table.")
+@click.option("--table-only", is_flag=True, help="Run no cell: the table from OUT/heads.json as it stands.")
 @click.option("--markdown", "md_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the table into this page's heads section (docs/recipes.md).")
 def main(shared: Path, out: Path, base: Path, threads: int, cells: tuple[str, ...], usr_lora: Path | None,
-         md_path: Path | None) -> None:
+         table_only: bool, md_path: Path | None) -> None:
     """Fit the head route per cell and score it on the full test split.
 
     \b
     Examples:
       python scripts/head_route.py --cell emobank-300 --cell usr
-      python scripts/head_route.py --markdown docs/recipes.md
+      python scripts/head_route.py --table-only --usr-lora models/heads/usr-lora.json --markdown docs/recipes.md
     """
     data_dir = Path("models/data")
-    todo = list(cells) or [f"{d}-{n}" for d in DATASETS for n in (300, 1000)] + ["usr"]
+    todo = [] if table_only else list(cells) or [f"{d}-{n}" for d in DATASETS for n in (300, 1000)] + ["usr"]
     out.mkdir(parents=True, exist_ok=True)
     done_f = out / "heads.json"
     results = {(r["dataset"], r["train_items"]): r for r in (json.loads(done_f.read_text()) if done_f.exists() else [])}
@@ -194,7 +195,7 @@ def main(shared: Path, out: Path, base: Path, threads: int, cells: tuple[str, ..
     record = json.loads(record_f.read_text()) if record_f.exists() else []
     md = markdown(list(results.values()), record, json.loads(usr_lora.read_text()) if usr_lora else None)
     if md_path:
-        from edge_annotator.runtime.files import write_section
+        from edge_annotator.bench.markdown import write_section
 
         write_section(md_path, "heads", md)
     print(md)

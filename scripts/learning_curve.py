@@ -274,7 +274,7 @@ def main(shared: Path, out: Path, threads: int, md_path: Path | None, cells: tup
     shown = kept + [recorded(r) for r in results]
     md = markdown(shown)
     if md_path and record_f:
-        from edge_annotator.runtime.files import write_section
+        from edge_annotator.bench.markdown import write_section
 
         plot(shown, md_path.parent / "learning-curve.png")
         write_section(md_path, "curve", md + "\n![learning curves](learning-curve.png)\n")

@@ -319,3 +319,19 @@ def test_scripts_and_docs_name_only_commands_and_modules_that_exist() -> None:
             assert importlib.util.find_spec(mod) is not None, f"{path.name}: python -m {mod} does not exist"
             seen += 1
     assert seen > 15, seen  # the patterns still match what the files say
+
+
+def test_readme_is_a_user_guide_and_its_measurements_live_in_docs() -> None:
+    """README.md: at most 200 lines, and no measurement table but the headline one (spliced by
+    `make eval`); the CLI table is the one other table. Every page it links to exists."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 200, len(text.splitlines())
+    headline = text.split("<!-- begin headline -->", 1)[1].split("<!-- end headline -->", 1)[0]
+    rest = text.replace(headline, "")
+    headers = [ln for ln in rest.splitlines() if re.match(r"\|.*\|$", ln) and not ln.startswith("|---")]
+    tables = [h for h, nxt in zip(rest.splitlines(), rest.splitlines()[1:]) if h in headers and nxt.startswith("|---")]
+    assert tables == ["| command | what it does |"], tables
+    for link in re.findall(r"\]\(((?:docs|data)/[^)#]+)\)", text):
+        assert (ROOT / link).is_file(), f"README links to {link}, which does not exist"
