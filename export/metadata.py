@@ -34,7 +34,7 @@ def embed_spec(src: str | Path, dst: str | Path, spec: TaskSpec, provenance: dic
 
     `extra` string keys (e.g. tokenizer.chat_template) are set too, replacing any of the same name.
     `tensors` replaces the stored bytes of the tensors it names, each the same shape and type as the
-    one it replaces (export/grid.py: the trained codes in the base's blocks)."""
+    one it replaces (export/grid_route.py: the trained codes in the base's blocks)."""
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise OutputError(f"{dst}: write to a new file, not over the source")

@@ -5,15 +5,15 @@
 - **adapter** (the default where it applies): the run's base was made from a GGUF
   (`annotate-cli base` / `from-gguf`: the base folder names it in edge_annotator_tokenizer.json) and
   that file is found beside the base folder (or given as `base_gguf`). The annotator is then the
-  untouched base GGUF + the run's LoRA as llama.cpp's adapter file (export/adapter.py): the blocks
+  untouched base GGUF + the run's LoRA as llama.cpp's adapter file (export/lora_gguf.py): the blocks
   keep llama.cpp's own Q4_K_M types, and base + adapter is the trained model, as the base was
   dequantized from that very file. The base is placed beside the adapter (a hard link where the
   file system allows, else a copy), where `annotate` looks for it.
 - **grid** (the default for runs trained with `qat: true`, at Q4_K_M): the run's weights were
   trained on the base GGUF's own grid (train/qat.py), so the annotator is that file with the
-  trained codes written into its blocks (export/grid.py): one file, the base's types and size.
+  trained codes written into its blocks (export/grid_route.py): one file, the base's types and size.
 - **merged**: one file, the merged model quantized by llama.cpp, the LoRA-adapted tensors kept at
-  `adapted_type` (export/convert.py). Used for other --quant types, for bases that did not come from
+  `adapted_type` (export/hf_to_gguf.py). Used for other --quant types, for bases that did not come from
   a GGUF (an HF folder brought as it is), and when asked for.
 
 docs/export.md has the measurements behind the choice (`make quant-routes`).
@@ -27,10 +27,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from edge_annotator.hf.grid import gguf_of
+from edge_annotator.hf.quant_grid import gguf_of
 
-from .convert import Export, ExportError
-from .convert import export as export_merged
+from .hf_to_gguf import Export, ExportError
+from .hf_to_gguf import export as export_merged
 
 ROUTES = ("auto", "adapter", "grid", "merged")
 ADAPTER_QUANTS = ("Q4_K_M",)
@@ -60,7 +60,7 @@ def place_base(base: Path, output: Path) -> Path:
         if dst.resolve() == base.resolve() or os.path.samefile(dst, base):
             return dst
         if dst.stat().st_size == base.stat().st_size:
-            from edge_annotator.runtime.gguf_meta import sha256_file
+            from edge_annotator.runtime.gguf_file import sha256_file
 
             if sha256_file(dst) == sha256_file(base):
                 return dst
@@ -105,8 +105,8 @@ def export_annotator(merged: str | Path, output: str | Path, quant: str = "Q4_K_
                      adapted_type: str = "Q8_0", imatrix: str | Path | None = None, imatrix_items: int = 32,
                      route: str = "auto", base_gguf: str | Path | None = None, adapter_type: str = "F16") -> Export:
     """Export MERGED by ROUTE (see the module's docstring); job.info["route"] says which was taken."""
-    from .adapter import export_adapter
-    from .grid import export_grid
+    from .grid_route import export_grid
+    from .lora_gguf import export_adapter
 
     merged, output = Path(merged), Path(output)
     taken, base = choose(merged, quant, route, Path(base_gguf) if base_gguf else None)

@@ -213,7 +213,7 @@ def _print_summary(stats: JobStats, dt: float) -> None:
 
 def _annotate_ray(model: Path, inputs: list[str], output: str | None, options: JobOptions, resume: bool,
                   ray_address: str | None, actors: int, out_format: str, shard_records: int) -> None:
-    from .gguf_meta import sha256_file
+    from .gguf_file import sha256_file
     from .jobs import open_model
     from .ray_job import RayJobError, run_ray_job
 
@@ -330,7 +330,7 @@ def convert(pred: Path, fmt: str, spec_path: Path | None, model: Path | None, it
     import csv
     import io
 
-    from . import convert as cv
+    from . import tool_formats as cv
     from .files import atomic_write
     from .records import read_predictions
 
@@ -407,7 +407,7 @@ def select_cmd(pred: Path, count: int, strategy: str, human: Path | None, spec_p
     import csv
     import io
 
-    from . import convert as cv
+    from . import tool_formats as cv
     from .data import iter_rows, read_human, record_id
     from .files import atomic_write
     from .records import jsonl_line, read_predictions
@@ -560,7 +560,8 @@ def inspect(model: Path, as_json: bool, no_hash: bool) -> None:
       annotate-cli inspect annotator.gguf --json | jq .spec.criteria
     """
     from .engine import backend_info
-    from .gguf_meta import read_model_info, sha256_file
+    from .gguf_file import sha256_file
+    from .gguf_meta import read_model_info
 
     info = read_model_info(model)
     d = info.to_dict(None if no_hash else sha256_file(model))
@@ -605,7 +606,7 @@ def inspect(model: Path, as_json: bool, no_hash: bool) -> None:
 def _block_info(model: Path) -> dict[str, Any]:
     """The blocks' matrices (types, bits/weight) of MODEL, or for a LoRA adapter file, of its factors
     and of the base beside it (where it is there)."""
-    from .adapter import BASE_SHA256, adapter_fields, base_name
+    from .adapter_file import BASE_SHA256, adapter_fields, base_name
     from .gguf_meta import block_matrices
 
     kv = adapter_fields(model)
@@ -769,10 +770,10 @@ def data_import(export: Path, tool: str, spec_path: Path | None, model: Path | N
       annotate-cli data import project-export.json --from label-studio --model annotator.gguf -o labels.jsonl
       annotate-cli data import records.json --from argilla --spec tasks/emobank.yaml --items items.jsonl -o labels.jsonl
     """
-    from .convert import read_inputs
     from .feedback import from_argilla, from_label_studio
     from .files import atomic_write
     from .records import jsonl_line
+    from .tool_formats import read_inputs
 
     _outputs([export, spec_path, model, items_path], force, out)
     spec = _spec_for(spec_path, model)

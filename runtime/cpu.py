@@ -30,9 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
-
 from .errors import UserError
+from .llama_lib import llama_backend
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +47,6 @@ BUFFERS_ENV = "EDGE_ANNOTATOR_EXTRA_BUFFERS"
 
 def system_info() -> str:
     """llama.cpp's own feature line, e.g. 'CPU : SSE3 = 1 | ... | AVX512 = 1 | REPACK = 1'."""
-    from .engine import llama_backend
-
     return llama_backend().llama_print_system_info().decode(errors="replace").strip().rstrip("|").strip()
 
 
@@ -138,7 +135,7 @@ class Probe:
 def probe(model: str | Path, timeout: float = 300) -> Probe:
     """Load `model` with llama.cpp's default buffers in a child process and decode one batch."""
     cmd = json.loads(os.environ[PROBE_ENV]) if os.environ.get(PROBE_ENV) else \
-        [sys.executable, "-m", "edge_annotator.runtime.cpu", str(model)]
+        [sys.executable, "-m", "edge_annotator.runtime.probe", str(model)]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -202,18 +199,6 @@ def extra_buffers_safe(model: str | Path, amx: bool | None = None) -> bool:
     return safe
 
 
-def _decode(model: str) -> None:
-    """The child's work: load with the defaults and decode one batch of 32 tokens."""
-    import numpy as np
-
-    from .engine import LlamaEngine
-
-    with LlamaEngine(model, n_ctx=256, answer_head=False, extra_buffers=True) as eng:
-        toks = eng.tokenize("The committee reviewed every answer twice before anyone compared the scores.")
-        toks = (toks * 4)[:32]
-        eng.decode_rows(toks, list(range(len(toks))), [(0,)] * len(toks), {len(toks) - 1: np.arange(2)})
-
-
 def check(model: str | Path, *, expect_no_amx: bool = False) -> tuple[bool, str]:
     """What `make install` runs after the build: one real decode in a child process. Returns
     (ok, one line naming the cause and the remedy where it is not)."""
@@ -229,7 +214,7 @@ def check(model: str | Path, *, expect_no_amx: bool = False) -> tuple[bool, str]
     if got.ok:
         return True, f"llama.cpp decode check passed on {cpu}: {on}; AMX {'on' if amx else 'off'}"
     cause = ("in llama.cpp's AMX kernels (llama.cpp PR #26954)" if amx else
-             "in llama.cpp (run `python -m edge_annotator.runtime.cpu MODEL` to see it)")
+             "in llama.cpp (run `python -m edge_annotator.runtime.probe MODEL` to see it)")
     return False, f"llama.cpp crashed {cause}: {got.describe()} on {cpu}. Rebuild: {REBUILD}"
 
 
@@ -238,19 +223,3 @@ def describe_build() -> dict[str, Any]:
     feats = features()
     return {"cpu": cpu_name(), "cpu_advertises_amx": cpu_has_amx(), "amx": uses_amx(feats),
             "features": [k for k, v in feats.items() if v]}
-
-
-@click.command()
-@click.argument("model", type=click.Path(exists=True, dir_okay=False))
-def decode(model: str) -> None:
-    """The probe's child: load MODEL with llama.cpp's default buffers and decode one batch.
-
-    \b
-    Example:
-      python -m edge_annotator.runtime.cpu models/gemma-3-270m-q4_k_m.gguf && echo decoded
-    """
-    _decode(model)
-
-
-if __name__ == "__main__":
-    decode()

@@ -30,8 +30,13 @@ from typing import Any
 
 import numpy as np
 
+from . import cpu
+from .adapter_file import resolve_base
 from .errors import ModelError
-from .head import GGUFFormatError, OutputHead
+from .gguf_file import GGUFFormatError
+from .head import OutputHead
+from .llama_lib import ggml_lib as _ggml_lib
+from .llama_lib import lib as _lib
 
 log = logging.getLogger(__name__)
 
@@ -44,57 +49,6 @@ class ContextOverflow(ValueError):
 
     def __reduce__(self) -> tuple[type, tuple[int, int]]:  # crosses process boundaries (--workers)
         return (ContextOverflow, (self.n_tokens, self.n_ctx))
-
-
-_llama = None
-_log_cb = None  # keep the ctypes callback alive for as long as llama.cpp may call it
-_ggml = None
-
-
-def _lib():
-    """Import llama_cpp once, route its logging to Python's, and initialise the backend."""
-    global _llama, _log_cb
-    if _llama is None:
-        import llama_cpp
-
-        @llama_cpp.llama_log_callback
-        def _cb(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-            msg = text.decode("utf-8", errors="replace").rstrip()
-            if msg:
-                # ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continuation. Its warnings are
-                # about model quirks a user cannot act on (they show with -vv); errors surface.
-                log.log(logging.WARNING if level == 4 else logging.DEBUG, "llama.cpp: %s", msg)
-
-        _log_cb = _cb
-        llama_cpp.llama_log_set(_log_cb, ctypes.c_void_p(0))
-        llama_cpp.llama_backend_init()
-        _llama = llama_cpp
-    return _llama
-
-
-def llama_backend() -> Any:
-    """The llama_cpp module with its backend initialised and its logging routed to Python's, for
-    calls the engine does not wrap (export's quantizer)."""
-    return _lib()
-
-
-def _ggml_lib() -> ctypes.CDLL:
-    """ggml's tensor accessors, through libllama (dlsym searches the libraries it links)."""
-    global _ggml
-    if _ggml is None:
-        import llama_cpp.llama_cpp as ll
-
-        g = ctypes.CDLL(ll._lib._name)  # a handle of our own: argtypes set here stay ours
-        g.ggml_get_name.restype = ctypes.c_char_p
-        g.ggml_get_name.argtypes = [ctypes.c_void_p]
-        g.ggml_nelements.restype = ctypes.c_int64
-        g.ggml_nelements.argtypes = [ctypes.c_void_p]
-        g.ggml_nbytes.restype = ctypes.c_size_t
-        g.ggml_nbytes.argtypes = [ctypes.c_void_p]
-        g.ggml_backend_tensor_get.restype = None
-        g.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
-        _ggml = g
-    return _ggml
 
 
 class _Capture:
@@ -139,19 +93,12 @@ GPU_ALL = -1
 """n_gpu_layers for every layer, the output layer included (llama.cpp: a negative value means all)."""
 
 
-def gpu_offload_supported() -> bool:
-    """Whether this llama-cpp-python build has a GPU backend (CUDA, Metal, Vulkan, ...)."""
-    return bool(_lib().llama_supports_gpu_offload())
-
-
 def backend_info() -> dict[str, Any]:
     """What this llama-cpp-python build runs on: GPU offload or not, llama.cpp's own feature line, and
     the CPU features its kernels use (AMX among them: runtime/cpu.py)."""
-    from .cpu import describe_build, system_info
-
     L = _lib()
     return {"gpu_offload": bool(L.llama_supports_gpu_offload()), "llama_cpp_python": _version(),
-            "system": system_info(), "cpu": describe_build()}
+            "system": cpu.system_info(), "cpu": cpu.describe_build()}
 
 
 def _version() -> str:
@@ -188,9 +135,7 @@ class LlamaModel:
             raise ModelError(f"--gpu-layers {'all' if n_gpu_layers < 0 else n_gpu_layers}: this llama-cpp-python "
                              f"build runs on the CPU only (llama.cpp would ignore the flag); install a GPU build "
                              f"(make install-cuda; docs/install.md) or leave --gpu-layers at 0")
-        from .adapter import resolve_base
-
-        # an annotator may be a LoRA adapter file over an untouched base GGUF (runtime/adapter.py):
+        # an annotator may be a LoRA adapter file over an untouched base GGUF (runtime/adapter_file.py):
         # the weights (and the output rows the answer head reads) are the base's
         self.weights_path = resolve_base(self.path, base) if not vocab_only else self.path
         self.adapter: Any = None
@@ -198,10 +143,8 @@ class LlamaModel:
         mp.n_gpu_layers = n_gpu_layers  # set always: llama.cpp's own default has changed between versions
         mp.vocab_only = vocab_only  # the tokenizer alone: no weights read (checks of HF tokenizers)
         if not vocab_only:
-            from .cpu import extra_buffers_safe
-
             mp.use_extra_bufts = extra_buffers if extra_buffers is not None else \
-                extra_buffers_safe(self.weights_path)
+                cpu.extra_buffers_safe(self.weights_path)
         self.extra_buffers = bool(mp.use_extra_bufts)
         self.ptr = L.llama_model_load_from_file(str(self.weights_path).encode(), mp)
         if not self.ptr:

@@ -6,7 +6,6 @@ weights, tokenizer (llama.cpp's own keys), task spec and provenance (ours).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +30,6 @@ class Keys:
 
 
 FORMAT_VERSION = 1
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass

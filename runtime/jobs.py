@@ -478,7 +478,7 @@ def annotate_file(model: str | Path, input_path: str | Path, output: str | None 
     then, before the first record. With `estimated`, the job's Estimate (a timed sample of its
     first items) is handed to it first; with `dry_run`, only that: nothing is opened or written.
     Returns the job's counts; raises InputError on the first bad record with on_error="fail"."""
-    from .gguf_meta import sha256_file
+    from .gguf_file import sha256_file
 
     llm, spec = open_model(model, options.spec, options.gpu_layers)
     try:

@@ -20,10 +20,11 @@ answers until the command exits 0 with its file written, then the new one does.
 Listens on 127.0.0.1 unless --host says otherwise; another address needs --token, which every
 request must then carry (`Authorization: Bearer TOKEN`, or HTTP basic auth with TOKEN as the
 password, as Label Studio's "Basic auth" sends it). Who else is refused, and why, is in
-runtime/serve_app.py and docs/serve.md's threat model.
+runtime/serve_gate.py and docs/serve.md's threat model.
 
     runtime/serve_scorer.py   options, the loaded model and its workers, a task read and answered
-    runtime/serve_app.py      the gate (token, Host, Origin), the request body, the routes
+    runtime/serve_gate.py     the gate (token, Host, Origin) and the request body (type, size, JSON)
+    runtime/serve_app.py      the routes and the app that puts them behind the gate
     runtime/retrain.py        the webhook's label file and the retrain rounds
 """
 
@@ -34,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .serve_app import Gate, is_loopback, make_app
+from .serve_app import make_app
+from .serve_gate import Gate, is_loopback
 from .serve_scorer import DEFAULT_RETRAIN, Scorer, ServeOptions
 
 

@@ -17,11 +17,11 @@ from typing import Any
 from xml.etree import ElementTree
 
 from .annotator import Annotator, check_context
-from .convert import label_studio_prediction
 from .data import InputError, Row, check_item
 from .engine import LlamaEngine, default_threads
 from .records import Prediction, jsonl_line, result_record
 from .spec import TaskSpec
+from .tool_formats import label_studio_prediction
 
 DEFAULT_RETRAIN = "annotate-cli fit {spec} {labels} -o {output}"
 """--retrain-command's default: fit publishes its file only after parity passes (train/fit.py)."""
@@ -54,7 +54,7 @@ class Scorer:
     """The loaded model and `workers` threads, each with its own context and Annotator (batch 1)."""
 
     def __init__(self, model_path: Path, opts: ServeOptions):
-        from .gguf_meta import sha256_file
+        from .gguf_file import sha256_file
         from .jobs import open_model
 
         self.path = Path(model_path)

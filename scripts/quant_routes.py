@@ -5,7 +5,7 @@ on a full test split against the merged HF model (scored once).
     python scripts/quant_routes.py --run models/runs/gemma3-270m-lora-cpu-emobank \\
         --test models/data/emobank-test.jsonl --calib data/emobank-train-400.jsonl --out models/routes/emobank
 
-Routes (export/convert.py and export/adapter.py):
+Routes (export/hf_to_gguf.py and export/lora_gguf.py):
   q8-adapted      Q4_K_M with the LoRA-adapted tensors kept at Q8_0 (--adapted-type Q8_0)
   q6-adapted      the same at Q6_K, q5-adapted at Q5_K
   q4              Q4_K_M throughout (--adapted-type same)
@@ -13,7 +13,7 @@ Routes (export/convert.py and export/adapter.py):
   adapter         the untouched base GGUF + the run's LoRA as llama.cpp's adapter file (--adapter-on)
   grid            the same recipe trained again with qat: true (OUT/qat-run, from the run's own config:
                   the same items, steps and seed), its codes written into the base GGUF's blocks
-                  (export/grid.py); parity against its own merged model
+                  (export/grid_route.py); parity against its own merged model
 
 Per route: file size, bits/weight of the blocks' matrices (gguf-py), mean and max |score change|
 and decisive label flips against the HF model, alpha with the raters before and after (score
@@ -34,9 +34,9 @@ from typing import Any
 
 import click
 
-from edge_annotator.export.adapter import block_bits, export_adapter
-from edge_annotator.export.convert import export
-from edge_annotator.export.grid import export_grid
+from edge_annotator.export.grid_route import export_grid
+from edge_annotator.export.hf_to_gguf import export
+from edge_annotator.export.lora_gguf import block_bits, export_adapter
 from edge_annotator.export.parity import parity_many
 
 ROUTES = ["q8-adapted", "q6-adapted", "q5-adapted", "q4", "q4-imatrix", "adapter", "grid"]

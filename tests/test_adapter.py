@@ -1,5 +1,5 @@
 """The adapter route: an annotator as a LoRA adapter GGUF applied by llama.cpp to an untouched base
-GGUF (export/adapter.py, runtime/adapter.py), on the tiny recipe."""
+GGUF (export/lora_gguf.py, runtime/adapter_file.py), on the tiny recipe."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def route(tmp_path_factory: pytest.TempPathFactory, gemma_hf: Path) -> dict[str, Path]:
     """The tiny recipe trained and merged; its base (built from scratch) as an F16 GGUF; the adapter."""
-    from edge_annotator.export.adapter import export_adapter
-    from edge_annotator.export.convert import run_converter
+    from edge_annotator.export.hf_to_gguf import run_converter
+    from edge_annotator.export.lora_gguf import export_adapter
     from edge_annotator.train.config import parse_config
     from edge_annotator.train.merge import merge
     from edge_annotator.train.trainer import train
@@ -44,8 +44,8 @@ def route(tmp_path_factory: pytest.TempPathFactory, gemma_hf: Path) -> dict[str,
 def test_the_adapter_file_carries_the_spec_and_names_its_base(route: dict[str, Path]) -> None:
     import gguf
 
-    from edge_annotator.runtime.adapter import BASE_FILE, BASE_SHA256
-    from edge_annotator.runtime.gguf_meta import sha256_file
+    from edge_annotator.runtime.adapter_file import BASE_FILE, BASE_SHA256
+    from edge_annotator.runtime.gguf_file import sha256_file
 
     r = gguf.GGUFReader(route["adapter"])
     assert r.fields["general.type"].contents() == "adapter" and r.fields["adapter.type"].contents() == "lora"

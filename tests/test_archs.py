@@ -30,7 +30,7 @@ def arch(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     dimensions, its logits reach about 15 and rounding it to 8 bits moved scores by 0.019 (kept at
     F16: 0.0005), over Q8_0's 0.01 bound; a real tied model's does not (Gemma 3 270M: 0.004). So
     the tied tiny model draws its embedding at std 0.1, a head of a real model's scale."""
-    from edge_annotator.export.convert import export
+    from edge_annotator.export.hf_to_gguf import export
     from edge_annotator.train.config import parse_config
     from edge_annotator.train.job import train_and_merge
     from edge_annotator.train.tiny import tiny_base

@@ -165,8 +165,8 @@ def test_label_studio_controls_point_at_the_field_each_criterion_judges(tmp_path
     """qa-rubric's criteria judge the answer (its last input) unless the spec names another field."""
     import yaml
 
-    from edge_annotator.runtime.convert import label_studio_config
     from edge_annotator.runtime.spec import parse_spec
+    from edge_annotator.runtime.tool_formats import label_studio_config
 
     raw = yaml.safe_load((TASKS / "qa-rubric.yaml").read_text())
     xml = label_studio_config(parse_spec(raw))

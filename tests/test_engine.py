@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_annotator.runtime.engine import LlamaEngine, LlamaModel, ModelError, backend_info, gpu_offload_supported
+from edge_annotator.runtime.engine import LlamaEngine, LlamaModel, ModelError, backend_info
+from edge_annotator.runtime.llama_lib import gpu_offload_supported
 
 pytestmark = pytest.mark.slow
 

@@ -34,7 +34,7 @@ def merged(tmp_path_factory: pytest.TempPathFactory, gemma_hf: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(merged: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from edge_annotator.export.convert import export
+    from edge_annotator.export.hf_to_gguf import export
 
     out = tmp_path_factory.mktemp("gguf")
     return {q: export(merged, out / f"tiny-{q}.gguf", q).output for q in ("F16", "Q8_0", "Q4_0")}
@@ -113,7 +113,7 @@ def test_export_refuses_a_folder_that_is_not_a_merged_annotator(tmp_path: Path) 
 
 
 def test_a_failed_export_leaves_no_gguf(merged: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from edge_annotator.export import convert
+    from edge_annotator.export import hf_to_gguf as convert
 
     monkeypatch.setenv("EDGE_ANNOTATOR_CONVERTER", str(tmp_path / "nowhere"))
     with pytest.raises(convert.ExportError, match="converter is not installed"):
@@ -151,7 +151,7 @@ def test_the_export_extra_alone_runs_export_and_parity(merged: Path, tmp_path: P
 
     from test_packaging import install_alone
 
-    from edge_annotator.export.convert import converter_dir
+    from edge_annotator.export.hf_to_gguf import converter_dir
 
     bin_ = install_alone(tmp_path, "export")
     r = subprocess.run([str(bin_ / "python"), "-c", "import peft"], capture_output=True, text=True)

@@ -19,10 +19,10 @@ from conftest import DATA, ROOT, TASKS
 from test_convert import FORMATS_PY, needs_sdks
 
 from edge_annotator.runtime.cli import cli
-from edge_annotator.runtime.convert import read_inputs
 from edge_annotator.runtime.data import InputError, read_human
 from edge_annotator.runtime.feedback import from_label_studio
 from edge_annotator.runtime.spec import load_spec
+from edge_annotator.runtime.tool_formats import read_inputs
 
 GOLDEN = ROOT / "tests" / "golden"
 EXPORT = GOLDEN / "label-studio-export.json"

@@ -254,11 +254,11 @@ def test_fuzz_human_labels_as_agree_train_and_data_read_them(tmp_path: Path) -> 
 
 
 def test_fuzz_predictions_as_convert_select_and_agree_read_them(tmp_path: Path) -> None:
-    from edge_annotator.runtime.convert import argilla_records, csv_rows, label_studio_tasks
     from edge_annotator.runtime.data import iter_rows
     from edge_annotator.runtime.metrics import agreement
     from edge_annotator.runtime.records import by_id, prediction_of, read_predictions
     from edge_annotator.runtime.selection import STRATEGIES, rank
+    from edge_annotator.runtime.tool_formats import argilla_records, csv_rows, label_studio_tasks
 
     spec = _spec()
     humans = {f"s{i}": [{"Valence": 3, "Arousal": 2}, {"Valence": 4}] for i in range(3)}

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from conftest import DATA, TASKS
 
 from edge_annotator.runtime.cli import cli
-from edge_annotator.runtime.engine import GPU_ALL, gpu_offload_supported
+from edge_annotator.runtime.engine import GPU_ALL
+from edge_annotator.runtime.llama_lib import gpu_offload_supported
 
 SPEC = TASKS / "emobank.yaml"
 

@@ -1,5 +1,5 @@
-"""Quantization-aware training on the base GGUF's grid and the grid route (hf/grid.py, train/qat.py,
-export/grid.py): the block codec against gguf-py, the straight-through snap, and a tiny Llama 3
+"""Quantization-aware training on the base GGUF's grid and the grid route (hf/quant_grid.py, train/qat.py,
+export/grid_route.py): the block codec against gguf-py, the straight-through snap, and a tiny Llama 3
 made from its own Q4_K_M file trained with qat: true, exported into that file's blocks, parity."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from conftest import DATA, ROOT, TASKS
 from gguf import GGMLQuantizationType as T
 
-from edge_annotator.hf.grid import LAYOUTS, GridError, read_grid, snap, torch_grid
+from edge_annotator.hf.quant_grid import LAYOUTS, GridError, read_grid, snap, torch_grid
 from edge_annotator.runtime.cli import cli
 
 
@@ -165,7 +165,7 @@ def qat_config(base: Path, out: Path, **kw: object):
 def qat_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny Llama 3 (256 wide: K-quant rows), quantized to Q4_K_M by llama.cpp and made a base from
     that file as annotate-cli base does; a qat run on it and a plain LoRA run beside it."""
-    from edge_annotator.export.convert import quantize, run_converter
+    from edge_annotator.export.hf_to_gguf import quantize, run_converter
     from edge_annotator.train.from_gguf import gguf_to_hf
     from edge_annotator.train.job import train_and_merge
     from edge_annotator.train.tiny import tiny_base
@@ -261,7 +261,7 @@ def test_a_qat_run_resumes_exactly_and_its_file_annotates_deterministically(qat_
     and workers."""
     from safetensors.torch import load_file
 
-    from edge_annotator.export.grid import export_grid
+    from edge_annotator.export.grid_route import export_grid
     from edge_annotator.train.trainer import train
 
     cfg = qat_config(qat_run["base"], tmp_path / "run")

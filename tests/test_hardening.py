@@ -197,7 +197,7 @@ def test_an_adapters_base_file_is_only_ever_a_name_beside_it(tmp_path: Path) -> 
     so in one line that names only options that exist."""
     import gguf
 
-    from edge_annotator.runtime.adapter import BASE_FILE, BASE_SHA256
+    from edge_annotator.runtime.adapter_file import BASE_FILE, BASE_SHA256
 
     outside = tmp_path / "outside"
     outside.mkdir()

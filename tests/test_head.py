@@ -12,7 +12,8 @@ from gguf.quants import quantize
 
 from edge_annotator.runtime.annotator import Annotator
 from edge_annotator.runtime.engine import LlamaEngine, LlamaModel
-from edge_annotator.runtime.head import GGUFFormatError, OutputHead, read_tensor_infos
+from edge_annotator.runtime.gguf_file import GGUFFormatError, read_tensor_infos
+from edge_annotator.runtime.head import OutputHead
 from edge_annotator.runtime.spec import load_spec
 
 EMO = load_spec(TASKS / "emobank.yaml")

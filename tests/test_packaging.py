@@ -172,7 +172,7 @@ COMMANDS = ("annotate", "agree", "inspect", "doctor", "convert", "train", "expor
 # what runs as `python -m MODULE` or `python scripts/X.py`: each a click command with --help
 MODULES = ("edge_annotator.runtime.cli", "edge_annotator.train.from_gguf", "edge_annotator.export.metadata",
            "edge_annotator.bench.train", "edge_annotator.bench.determinism", "edge_annotator.bench.arms",
-           "edge_annotator.runtime.cpu")
+           "edge_annotator.runtime.probe")
 SCRIPTS = ("demo.py", "eval.py", "prepare_data.py", "gpu_check.py", "label_studio_check.py")
 
 
@@ -335,3 +335,77 @@ def test_readme_is_a_user_guide_and_its_measurements_live_in_docs() -> None:
     assert tables == ["| command | what it does |"], tables
     for link in re.findall(r"\]\(((?:docs|data)/[^)#]+)\)", text):
         assert (ROOT / link).is_file(), f"README links to {link}, which does not exist"
+
+
+def test_no_stage_writes_the_process_environment() -> None:
+    """The base model of an adapter file is a parameter (LlamaModel(path, base=...)), never handed
+    over through os.environ: no module of runtime/, export/, train/, hf/ or bench/ assigns, pops,
+    updates or sets a variable of the environment (the CLI only reads ANNOTATE_BASE_MODEL)."""
+    writes = {"pop", "update", "setdefault", "clear", "__setitem__", "__delitem__"}
+    for part in ("runtime", "export", "train", "hf", "bench"):
+        for path in (ROOT / part).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.Assign, ast.AugAssign, ast.Delete)):
+                    targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+                    for t in targets:
+                        if isinstance(t, ast.Subscript) and getattr(t.value, "attr", "") == "environ":
+                            raise AssertionError(f"{path}:{node.lineno}: writes os.environ")
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                    owner = node.func.value
+                    if node.func.attr in writes and getattr(owner, "attr", "") == "environ":
+                        raise AssertionError(f"{path}:{node.lineno}: os.environ.{node.func.attr}")
+                    if node.func.attr in ("putenv", "unsetenv") and getattr(owner, "id", "") == "os":
+                        raise AssertionError(f"{path}:{node.lineno}: os.{node.func.attr}")
+
+
+def test_runtime_has_no_import_circle() -> None:
+    """runtime/'s modules import one another in one direction: every `from .x import` and `from
+    edge_annotator.runtime.x import`, at the top or inside a function, is an edge, and the graph
+    has no cycle (the leaves: errors, untrusted, gguf_file, llama_lib; engine builds on them)."""
+    mods = {p.stem: p for p in (ROOT / "runtime").glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("edge_annotator.runtime."):
+                deps.add((node.module or "").split(".")[2])
+        graph[name] = deps & set(mods) - {name}
+    done: set[str] = set()
+
+    def visit(mod: str, path: list[str]) -> None:
+        if mod in path:
+            raise AssertionError("runtime/ import circle: " + " -> ".join(path[path.index(mod):] + [mod]))
+        if mod not in done:
+            for dep in sorted(graph[mod]):
+                visit(dep, [*path, mod])
+            done.add(mod)
+
+    for mod in sorted(graph):
+        visit(mod, [])
+    assert {"errors", "untrusted", "gguf_file", "llama_lib"} <= {m for m, d in graph.items() if d <= {"errors"}}
+
+
+def test_design_layout_names_every_module() -> None:
+    """docs/design.md's layout names every module of the package (a module added without a place in
+    the map fails here)."""
+    text = (ROOT / "docs" / "design.md").read_text()
+    layout = text.split("## Layout", 1)[1].split("```", 2)[1]
+    for part in ("runtime", "hf", "train", "export", "bench"):
+        block = layout.split(f"\n{part}/", 1)[1]
+        block = block[: min((block.find(f"\n{o}/") for o in ("runtime", "hf", "train", "export", "bench", "configs")
+                             if block.find(f"\n{o}/") > 0), default=len(block))]
+        for path in sorted((ROOT / part).glob("*.py")):
+            if path.name != "__init__.py":
+                assert path.name in block.split(), f"docs/design.md's layout does not name {part}/{path.name}"
+
+
+def test_no_two_modules_share_a_file_name() -> None:
+    """One name, one meaning: no module file name repeats across the package's parts (each part's
+    __init__.py and cli.py aside)."""
+    from collections import Counter
+
+    names = Counter(p.name for part in ("runtime", "hf", "train", "export", "bench") for p in (ROOT / part).glob("*.py")
+                    if p.name not in ("__init__.py", "cli.py"))
+    assert not [n for n, k in names.items() if k > 1], [n for n, k in names.items() if k > 1]

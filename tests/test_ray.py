@@ -112,7 +112,8 @@ def _actor_pids() -> list[int]:
 
 def test_actor_killed_mid_job_is_retried_without_loss_or_duplicates(local_ray, annotator_gguf: Path,
                                                                     tmp_path: Path) -> None:
-    from edge_annotator.runtime.gguf_meta import read_model_info, sha256_file
+    from edge_annotator.runtime.gguf_file import sha256_file
+    from edge_annotator.runtime.gguf_meta import read_model_info
     from edge_annotator.runtime.ray_job import run_ray_job
 
     inp = tmp_path / "items.jsonl"

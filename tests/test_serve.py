@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 from conftest import DATA, TASKS
 
-from edge_annotator.runtime.convert import label_studio_config, label_studio_tasks
 from edge_annotator.runtime.records import read_predictions
 from edge_annotator.runtime.spec import load_spec
+from edge_annotator.runtime.tool_formats import label_studio_config, label_studio_tasks
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "edge_annotator.runtime.cli"]
@@ -478,7 +478,8 @@ def test_an_unexpected_error_answers_500_with_an_id_not_its_text(gemma_path: Pat
 
     import uvicorn
 
-    from edge_annotator.runtime.serve_app import Gate, make_app
+    from edge_annotator.runtime.serve_app import make_app
+    from edge_annotator.runtime.serve_gate import Gate
     from edge_annotator.runtime.serve_scorer import Scorer, ServeOptions
 
     scorer = Scorer(gemma_path, ServeOptions(spec=SPEC, workers=1, threads=1))

@@ -202,7 +202,7 @@ def _heads(spec: Any, split: Path, run: Path, opts: FitOptions, state: dict[str,
     """Route head: RUN/annotator.gguf, the base GGUF with a head per criterion fitted on its states
     for the train and validation items (their 5-fold cross-validation makes the choices)."""
     from edge_annotator.export.heads import fit_heads, provenance_of, states_of, summary, with_heads, write_annotator
-    from edge_annotator.hf.grid import gguf_of
+    from edge_annotator.hf.quant_grid import gguf_of
     from edge_annotator.runtime.labels import read_labelled
 
     gguf = run / "annotator.gguf"

@@ -5,13 +5,13 @@
     merged = bake(peft_model, grids)               # merge: the snapped weights, the LoRA layers gone
 
 The base this project trains is dequantized from a llama.cpp GGUF (`annotate-cli base`), so each
-of its weights is one point of the grid its block was quantized to (hf/grid.py). Quantizing
+of its weights is one point of the grid its block was quantized to (hf/quant_grid.py). Quantizing
 base + LoRA update again rounds most of the update away: a LoRA step is mostly smaller than half a
 4-bit step (docs/export.md). Here the forward pass of each adapted matrix computes W0 + s * B @ A,
 snaps it to that grid (the base file's scales kept, each weight's code chosen) and multiplies
 with the result; the gradient passes straight through to A and B (`_forward` says how). What is
 validated during training is then exactly what the export
-writes into the base file's blocks (export/grid.py): one file with the base's types and size,
+writes into the base file's blocks (export/grid_route.py): one file with the base's types and size,
 and no rounding after training.
 
 LoRA dropout is not allowed with it: the dropped-out input reaches only the LoRA branch, which
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_annotator.hf.grid import LAYOUTS, Grid, gguf_of, gguf_row_order, read_grid, snap, torch_grid
+from edge_annotator.hf.quant_grid import LAYOUTS, Grid, gguf_of, gguf_row_order, read_grid, snap, torch_grid
 from edge_annotator.runtime.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ The base this project trains is dequantized from such a file (train/from_gguf.py
 weight is exactly one point of its block's grid. Quantization-aware training (`qat: true`) keeps
 the grid of every adapted matrix fixed, with the base file's scales, and lets the forward pass see
 base + LoRA update snapped to it (a straight-through gradient, `snap`); the export then writes the
-trained codes into the base file's blocks (export/grid.py). The annotator is one file with the
+trained codes into the base file's blocks (export/grid_route.py). The annotator is one file with the
 base's tensor types and size, and it is exactly the model that was trained and validated.
 
 Layouts (ggml-quants.c, gguf-py's quants.py; block size / bytes, codes):

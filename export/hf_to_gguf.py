@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from edge_annotator.runtime.errors import UserError
-from edge_annotator.runtime.gguf_meta import block_matrices, sha256_file
+from edge_annotator.runtime.gguf_file import sha256_file
+from edge_annotator.runtime.gguf_meta import block_matrices
 from edge_annotator.runtime.spec import TaskSpec, spec_from_json
 
 from . import mix
@@ -96,7 +97,7 @@ def run_converter(merged: Path, out: Path, outtype: str) -> None:
 def quantize(src: Path, dst: Path, quant: str, threads: int | None = None, keep: list[str] | None = None,
              keep_type: str = "Q8_0", imatrix: dict[str, Any] | None = None) -> None:
     """llama.cpp's quantizer; KEEP (GGUF tensor names) stay at KEEP_TYPE; IMATRIX weights the error."""
-    from edge_annotator.runtime.engine import llama_backend
+    from edge_annotator.runtime.llama_lib import llama_backend
 
     llama_cpp = llama_backend()
     params = llama_cpp.llama_model_quantize_default_params()
@@ -115,15 +116,16 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None, keep:
         raise ExportError(f"llama.cpp's quantizer failed ({rc}) making {quant} from {src}")
 
 
-def verify(path: Path, merged: Path, spec: TaskSpec) -> dict[str, Any]:
-    """llama.cpp loads it, and tokenizes as the HF tokenizer did in training (BOS included)."""
+def verify(path: Path, merged: Path, spec: TaskSpec, base: Path | None = None) -> dict[str, Any]:
+    """llama.cpp loads it (an adapter file over BASE), and tokenizes as the HF tokenizer did in
+    training (BOS included)."""
     from transformers import AutoTokenizer
 
     from edge_annotator.runtime.engine import LlamaEngine, LlamaModel
     from edge_annotator.runtime.gguf_meta import model_info
     from edge_annotator.runtime.prompt import render_prompt
 
-    model = LlamaModel(path)
+    model = LlamaModel(path, base=base)
     try:
         info = model_info(model)
         if info.spec is None or info.spec.sha256 != spec.sha256:

@@ -1,4 +1,4 @@
-"""The annotator as a LoRA adapter GGUF over the untouched base GGUF (runtime/adapter.py reads it).
+"""The annotator as a LoRA adapter GGUF over the untouched base GGUF (runtime/adapter_file.py reads it).
 
     job = export_adapter("RUN/merged", "annotator.gguf", "models/gemma-3-270m-q4_k_m.gguf")
 
@@ -22,12 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from edge_annotator.hf.grid import gguf_row_order
-from edge_annotator.runtime.adapter import BASE_FILE, BASE_SHA256
-from edge_annotator.runtime.gguf_meta import FORMAT_VERSION, Keys, sha256_file
+from edge_annotator.hf.quant_grid import gguf_row_order
+from edge_annotator.runtime.adapter_file import BASE_FILE, BASE_SHA256
+from edge_annotator.runtime.gguf_file import sha256_file
+from edge_annotator.runtime.gguf_meta import FORMAT_VERSION, Keys
 
 from . import mix
-from .convert import Export, ExportError, check_merged, verify
+from .hf_to_gguf import Export, ExportError, check_merged, verify
 
 TYPES = {"F32": np.float32, "F16": np.float16}
 
@@ -110,16 +111,7 @@ def export_adapter(merged: str | Path, output: str | Path, base_gguf: str | Path
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        # llama.cpp finds the base beside the adapter, or where ANNOTATE_BASE_MODEL says
-        env = os.environ.get("ANNOTATE_BASE_MODEL")
-        os.environ["ANNOTATE_BASE_MODEL"] = str(base)
-        try:
-            job.info["verify"] = verify(tmp, job.merged, spec)
-        finally:
-            if env is None:
-                os.environ.pop("ANNOTATE_BASE_MODEL", None)
-            else:
-                os.environ["ANNOTATE_BASE_MODEL"] = env
+        job.info["verify"] = verify(tmp, job.merged, spec, base=base)  # the base is not beside tmp yet
         os.replace(tmp, job.output)
     finally:
         tmp.unlink(missing_ok=True)

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from .errors import ModelError
-from .head import GGUFFormatError, read_strings
+from .gguf_file import GGUFFormatError, read_strings, sha256_file
 
 BASE_FILE = "edge_annotator.base_file"
 BASE_SHA256 = "edge_annotator.base_sha256"
@@ -47,8 +47,6 @@ def base_name(kv: dict[str, str]) -> str | None:
 
 
 def _sha256(path: Path) -> str:
-    from .gguf_meta import sha256_file
-
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _checked:

@@ -5,7 +5,7 @@
 Such a run's merged weights lie on the grid of the GGUF its base was dequantized from
 (train/qat.py): every block matrix is the base file's, with the same scales, and only the codes
 of the weights training moved differ. So the annotator is that file with those codes replaced
-(hf/grid.py), the spec and provenance embedded: one file, the base's tensor types and size
+(hf/quant_grid.py), the spec and provenance embedded: one file, the base's tensor types and size
 (llama.cpp's Q4_K_M: 5.43 bits a weight for Gemma 3 270M), nothing rounded after training. Each
 merged matrix is checked to lie on the grid, weight by weight, before anything is written; a run
 trained without qat is refused with the routes that fit it.
@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from edge_annotator.hf.grid import LAYOUTS, gguf_row_order, read_grid
-from edge_annotator.runtime.gguf_meta import sha256_file
+from edge_annotator.hf.quant_grid import LAYOUTS, gguf_row_order, read_grid
+from edge_annotator.runtime.gguf_file import sha256_file
 
 from . import mix
-from .adapter import block_bits
-from .convert import Export, ExportError, check_merged, verify
+from .hf_to_gguf import Export, ExportError, check_merged, verify
+from .lora_gguf import block_bits
 from .metadata import embed_spec
 
 ON_GRID = 1e-3
