@@ -43,6 +43,7 @@ from edge_annotator.runtime.errors import UserError
 from edge_annotator.runtime.linear_head import LinearHead, Tap
 from edge_annotator.runtime.metrics import _alpha, _code, consensus
 from edge_annotator.runtime.options import Command
+from edge_annotator.runtime.prompt import leading_inputs, shared_groups
 from edge_annotator.runtime.spec import Criterion, TaskSpec
 
 FOLDS = 5
@@ -282,12 +283,12 @@ def fit_criterion(c: Criterion, states: dict[Tap, np.ndarray], ratings: Sequence
 
 def context_groups(spec: TaskSpec, items: Sequence[Item]) -> list[str]:
     """Each item's cross-validation group: the fields before the last (several responses to one
-    dialogue, several answers to one question) where items share them, two or more a context on
-    average; else its own id."""
-    if len(spec.inputs) < 2:
+    dialogue, several answers to one question) where items share them as training does
+    (runtime/prompt.py: leading_inputs, shared_groups); else its own id."""
+    keys = [leading_inputs(spec, it.fields) for it in items]
+    if not spec.inputs[:-1] or shared_groups(keys) is None:
         return [it.id for it in items]
-    keys = [json.dumps([it.fields[f.name] for f in spec.inputs[:-1]], ensure_ascii=False) for it in items]
-    return keys if len(keys) >= 2 * len(set(keys)) else [it.id for it in items]
+    return [json.dumps(k, ensure_ascii=False) for k in keys]
 
 
 def fit_heads(spec: TaskSpec, items: Sequence[Item], states: dict[Tap, np.ndarray], seed: int = 0) -> list[HeadFit]:
@@ -359,6 +360,21 @@ def timed(f: Callable[[], Any]) -> tuple[Any, float]:
     return f(), round(time.perf_counter() - t0, 2)
 
 
+def head_annotator(model: Path, spec: TaskSpec, items: Sequence[Item], out: Path, labels: Path,
+                   threads: int | None = None, seed: int = 0, progress: Callable[[int], None] | None = None,
+                   provenance: dict[str, Any] | None = None) -> tuple[list[HeadFit], dict[str, float]]:
+    """The head route whole: ITEMS read by MODEL, a head per criterion fitted on their states, and
+    OUT written (MODEL with the heads in SPEC, PROVENANCE added to the command's own). Returns the
+    fits and the seconds spent reading and fitting. `head`, `fit --route head` and
+    scripts/head_route.py all take this one path."""
+    states, read_s = timed(lambda: states_of(model, spec, items, threads, progress))
+    fits, fit_s = timed(lambda: fit_heads(spec, items, states, seed))
+    seconds = {"states": read_s, "fit": fit_s}
+    prov = provenance_of(model, labels, fits, seconds) | (provenance or {})
+    write_annotator(model, out, with_heads(spec, fits), prov)
+    return fits, seconds
+
+
 def write_annotator(model: Path, out: Path, spec: TaskSpec, provenance: dict[str, Any]) -> Path:
     """MODEL copied to OUT with SPEC (its heads) embedded; a LoRA adapter file stays one, naming the
     same base (which must then be beside OUT, or at ANNOTATE_BASE_MODEL)."""
@@ -411,19 +427,14 @@ def head_command(model: Path, labels: Path, out: Path, spec_path: Path | None, t
     items = [it for it in read_labelled(labels, spec, strict=False).items if it.ratings]
     if len(items) < MIN_ITEMS:
         raise UserError(f"{labels}: {len(items)} rated items; a head needs at least {MIN_ITEMS}")
-    t0 = time.perf_counter()
     with Progress(TextColumn("[bold]reading items"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err) as bar:
         task = bar.add_task("states", total=len(items))
-        states = states_of(model, spec, items, threads, lambda n: bar.advance(task, n))
-    read_s = time.perf_counter() - t0
-    fits, fit_s = timed(lambda: fit_heads(spec, items, states, seed))
-    seconds = {"states": round(read_s, 1), "fit": fit_s}
-    write_annotator(model, out, with_heads(spec, fits), provenance_of(model, labels, fits, seconds))
+        fits, seconds = head_annotator(model, spec, items, out, labels, threads, seed, lambda n: bar.advance(task, n))
     from rich.table import Table
 
-    t = Table(title=f"{out.name}: a head per criterion, {len(items)} items ({read_s:.0f} s reading them, "
-                    f"{fit_s:.0f} s fitting)")
+    t = Table(title=f"{out.name}: a head per criterion, {len(items)} items ({seconds['states']:.0f} s reading them, "
+                    f"{seconds['fit']:.0f} s fitting)")
     for col in ("criterion", "head", "tap", "penalty", "items", "5-fold alpha", "final state at the cue"):
         t.add_column(col, justify="left" if col in ("criterion", "head", "tap") else "right")
     for f in fits:

@@ -21,10 +21,10 @@ import torch
 from edge_annotator.runtime.annotator import AnswerTrie, Score, build_trie, criterion_score
 from edge_annotator.runtime.data import Item
 from edge_annotator.runtime.metrics import agreement
-from edge_annotator.runtime.prompt import CANONICAL
+from edge_annotator.runtime.prompt import CANONICAL, leading_inputs, shared_groups
 from edge_annotator.runtime.spec import TaskSpec
 
-from .tree import Tokens, Unit, build_tree, leading_inputs, level_logprobs, shared_groups, tree_attention
+from .tree import Tokens, Unit, build_tree, level_logprobs, tree_attention
 
 
 def hf_tokenize(tokenizer: Any) -> Tokens:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from edge_annotator.runtime.annotator import AnswerTrie, common_prefix_len, segment_bounds
-from edge_annotator.runtime.prompt import RenderOptions, prompt_segments
+from edge_annotator.runtime.prompt import RenderOptions, leading_inputs, prompt_segments
 from edge_annotator.runtime.spec import TaskSpec
 
 Tokenize = Callable[[str], list[int]]
@@ -208,25 +208,6 @@ class Blocks:
     """(B, n, n) which slots of its block each slot sees (padding sees nothing)."""
     pre: torch.Tensor | None
     """(B, n, Lp) which prefix tokens each slot sees; None: all (no sliding window reaches back)."""
-
-
-def leading_inputs(spec: TaskSpec, fields: Mapping[str, Any]) -> tuple[str, ...]:
-    """The values of all input fields but the last, in the spec's order: what items share when
-    they are several answers to one context (USR PersonaChat's five responses to each dialogue,
-    a QA rubric's answers to one question). Items with equal leading inputs, packed into one tree
-    with the spec's input order, share those tokens in the tree's prefix."""
-    return tuple(str(fields.get(f.name, "")) for f in spec.inputs[:-1])
-
-
-def shared_groups(keys: Sequence[Any]) -> list[list[int]] | None:
-    """The indices grouped by key (groups in order of first appearance, members in order), or None
-    when items share too little for grouping to pay: fewer than two items per key on average."""
-    groups: dict[Any, list[int]] = {}
-    for i, k in enumerate(keys):
-        groups.setdefault(k, []).append(i)
-    if len(groups) < 2 or 2 * len(groups) > len(keys):
-        return None
-    return list(groups.values())
 
 
 def runs_by_key(keys: Sequence[Any]) -> list[list[int]]:

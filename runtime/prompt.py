@@ -15,8 +15,9 @@ label order. Training varies them (paraphrased templates, permuted inputs, shuff
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .spec import Criterion, TaskSpec
 
@@ -95,3 +96,21 @@ def render_example(spec: TaskSpec, item: Mapping[str, object], criterion: Criter
             return render_prompt(spec, item, criterion, opts), ANSWER_SEP + lv.answer
     raise ValueError(f"{value!r} is not a level of criterion {criterion.name!r}: {criterion.values}")
 
+
+def leading_inputs(spec: TaskSpec, fields: Mapping[str, Any]) -> tuple[str, ...]:
+    """The values of all input fields but the last, in the spec's order: what items share when
+    they are several answers to one context (USR PersonaChat's five responses to each dialogue,
+    a QA rubric's answers to one question). Items with equal leading inputs, packed into one tree
+    with the spec's input order, share those tokens in the tree's prefix."""
+    return tuple(str(fields.get(f.name, "")) for f in spec.inputs[:-1])
+
+
+def shared_groups(keys: Sequence[Any]) -> list[list[int]] | None:
+    """The indices grouped by key (groups in order of first appearance, members in order), or None
+    when items share too little for grouping to pay: fewer than two items per key on average."""
+    groups: dict[Any, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    if len(groups) < 2 or 2 * len(groups) > len(keys):
+        return None
+    return list(groups.values())

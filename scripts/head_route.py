@@ -28,7 +28,7 @@ from eval import convert_splits, evaluate
 from learning_curve import DATASETS, HEADLINE, cell_data
 from prepare_data import convert, write_items
 
-from edge_annotator.export.heads import fit_heads, provenance_of, states_of, summary, with_heads, write_annotator
+from edge_annotator.export.heads import head_annotator, summary
 from edge_annotator.runtime.jobs import JobOptions, annotate_file
 from edge_annotator.runtime.labels import read_labelled, split_labels
 from edge_annotator.runtime.spec import load_spec
@@ -44,14 +44,7 @@ def head_cell(cell: Path, spec_path: str, labelled: list[Path], test: Path, base
     timing_f = cell / "head.json"
     if not gguf.exists():
         items = [it for f in labelled for it in read_labelled(f, spec, strict=False).items if it.ratings]
-        t0 = time.perf_counter()
-        states = states_of(base, spec, items, threads)
-        read_s = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        fits = fit_heads(spec, items, states)
-        fit_s = time.perf_counter() - t1
-        seconds = {"states": round(read_s, 1), "fit": round(fit_s, 1)}
-        write_annotator(base, gguf, with_heads(spec, fits), provenance_of(base, labelled[0], fits, seconds))
+        fits, seconds = head_annotator(base, spec, items, gguf, labelled[0], threads)
         timing_f.write_text(json.dumps({"items": len(items), "seconds": seconds, "heads": summary(fits)}, indent=1))
     pred = cell / "test.jsonl"
     t0 = time.perf_counter()

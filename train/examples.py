@@ -113,7 +113,7 @@ class ExampleStream:
     examples an uninterrupted one does; each epoch's permutation is drawn once, not per example."""
 
     def __init__(self, n: int, seed: int, groups: list[list[int]] | None = None):
-        """groups: the example indices that share a context (hf/tree.py: shared_groups); an epoch
+        """groups: the example indices that share a context (runtime/prompt.py: shared_groups); an epoch
         then visits the groups in a shuffled order, each group's examples together and shuffled,
         so consecutive examples share their context and a tree holds it once."""
         self.n, self.seed, self.groups = n, seed, groups

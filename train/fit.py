@@ -201,7 +201,7 @@ def _heads(spec: Any, split: Path, run: Path, opts: FitOptions, state: dict[str,
            say: Callable[[str, str], None]) -> None:
     """Route head: RUN/annotator.gguf, the base GGUF with a head per criterion fitted on its states
     for the train and validation items (their 5-fold cross-validation makes the choices)."""
-    from edge_annotator.export.heads import fit_heads, provenance_of, states_of, summary, with_heads, write_annotator
+    from edge_annotator.export.heads import head_annotator, summary
     from edge_annotator.hf.quant_grid import gguf_of
     from edge_annotator.runtime.labels import read_labelled
 
@@ -215,14 +215,8 @@ def _heads(spec: Any, split: Path, run: Path, opts: FitOptions, state: dict[str,
     items = [it for f in ("train.jsonl", "val.jsonl") for it in read_labelled(split / f, spec, strict=False).items
              if it.ratings]
     say("heads", f"reading {len(items)} train and validation items with {base.name}, then a head per criterion")
-    t0 = time.perf_counter()
-    states = states_of(base, spec, items, opts.threads)
-    read_s = time.perf_counter() - t0
-    fits = fit_heads(spec, items, states, opts.seed)
-    seconds = {"states": round(read_s, 1), "fit": round(time.perf_counter() - t0 - read_s, 1)}
-    prov = provenance_of(base, split / "train.jsonl", fits, seconds) | {
-        "fit": {k: state.get(k) for k in ("options", "split")}}
-    write_annotator(base, gguf, with_heads(spec, fits), prov)
+    fits, seconds = head_annotator(base, spec, items, gguf, split / "train.jsonl", opts.threads, opts.seed,
+                                   provenance={"fit": {k: state.get(k) for k in ("options", "split")}})
     state["heads"] = {"base": base.name, "items": len(items), "seconds": seconds, "criteria": summary(fits)}
 
 
@@ -235,7 +229,7 @@ def _load(cfg_f: Path) -> Any:
 def _recipe(spec_path: str | Path, split: Path, run: Path, opts: FitOptions) -> dict[str, Any]:
     """The small-data recipe for these items (train/recipe.py), max_length from their own lengths."""
     from edge_annotator.hf.score import hf_tokenize
-    from edge_annotator.hf.tree import leading_inputs, shared_groups
+    from edge_annotator.runtime.prompt import leading_inputs, shared_groups
     from edge_annotator.runtime.spec import load_spec
 
     from .config import Augment, TokenDropout

@@ -41,16 +41,14 @@ from edge_annotator.hf.tree import (
     TreeBatch,
     build_tree,
     item_texts,
-    leading_inputs,
     level_logprobs,
     runs_by_key,
-    shared_groups,
     soft_cross_entropy,
     tree_attention,
 )
 from edge_annotator.runtime.errors import UserError
 from edge_annotator.runtime.files import atomic_dir
-from edge_annotator.runtime.prompt import CANONICAL, RenderOptions, render_instruction
+from edge_annotator.runtime.prompt import CANONICAL, RenderOptions, leading_inputs, render_instruction, shared_groups
 from edge_annotator.runtime.spec import TaskSpec, load_spec
 
 from .config import TrainConfig
@@ -237,7 +235,7 @@ def resume_state(ckpt: Path, model: Any, opt: Any, sched: Any, logf: Path) -> Tr
 def context_groups(cfg: TrainConfig, data: Data, examples: list[Example], tok: Tokens) -> list[list[int]] | None:
     """The examples grouped by their item's leading inputs, for a stream that keeps each group
     together (ExampleStream), or None: when cfg.share_contexts is off, when the items share too
-    little (hf/tree.py: shared_groups), when an augmentation makes items that share a context
+    little (runtime/prompt.py: shared_groups), when an augmentation makes items that share a context
     render it differently (permuted fields, token dropout), so that no tree could hold it once, or
     when it would not pay: a group's tree repeats the instruction, so grouping is kept only where
     the context tokens it saves, (items - 1) x context per group on average, outnumber the
