@@ -11,8 +11,6 @@ import json
 import os
 import random
 import signal
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -124,26 +122,19 @@ def test_actor_killed_mid_job_is_retried_without_loss_or_duplicates(local_ray, a
     assert spec is not None
     seen = [0]
     killed: list[tuple[int, int]] = []  # (pid, records received when it was killed)
-    delay = random.Random(os.getpid()).uniform(0.0, 1.5)  # a different point each run
-
-    def killer() -> None:
-        while seen[0] == 0:  # the job is under way: one batch is back
-            time.sleep(0.05)
-        time.sleep(delay)
-        pids = _actor_pids()
-        if pids and seen[0] < 40:
-            os.kill(pids[0], signal.SIGKILL)
-            killed.append((pids[0], seen[0]))
+    at = random.Random(os.getpid()).randint(2, 30)  # a different point each run, always mid-job
 
     def progress(n: int) -> None:
         seen[0] += n
+        if seen[0] >= at and not killed:  # on the driver, while records are still to come back
+            pids = _actor_pids()
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append((pids[0], seen[0]))
 
-    t = threading.Thread(target=killer, daemon=True)
-    t.start()
     man = run_ray_job(annotator_gguf, [str(inp)], tmp_path / "out", spec_json=spec.to_json(),
                       model_sha256=sha256_file(annotator_gguf), actors=2, threads=1, rows_per_batch=2,
                       progress=progress)
-    t.join(timeout=5)
     assert killed, "the actor was not killed before the job ended; nothing was tested"
     assert killed[0][1] < 40
     assert man["records"] == 40
