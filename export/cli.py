@@ -1,5 +1,5 @@
-"""`annotate-cli export` and `annotate-cli parity`, registered through the edge_annotator.commands
-entry-point group (they need the export extra: transformers, and llama.cpp's converter)."""
+"""`annotate-cli export` and `annotate-cli parity`, rows of runtime/commands.py's table (they need the
+export extra: transformers, and llama.cpp's converter)."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def export(merged: Path, output: Path, quant: str, adapted_type: str, imatrix: P
                   f"over {i['base_file']} ({i['base_size_bytes'] / 1e6:.1f} MB, its blocks at "
                   f"{i['block_bits_per_weight']:.2f} bits/weight, {i['block_bits_per_weight_with_adapter']:.2f} "
                   f"with the adapter); keep the two files together (annotate finds the base beside the adapter, "
-                  f"or at ANNOTATE_BASE_MODEL); manifest {i['file']}.manifest.json")
+                  f"or where --base-model says); manifest {i['file']}.manifest.json")
         return
     if i["route"] == "grid":
         err.print(f"{i['file']}: one file, {Path(i['base_file']).name}'s blocks with the trained codes "

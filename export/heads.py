@@ -42,7 +42,7 @@ from edge_annotator.runtime.data import Item
 from edge_annotator.runtime.errors import UserError
 from edge_annotator.runtime.linear_head import LinearHead, Tap
 from edge_annotator.runtime.metrics import _alpha, _code, consensus
-from edge_annotator.runtime.options import Command
+from edge_annotator.runtime.options import Command, base_model_option
 from edge_annotator.runtime.prompt import leading_inputs, shared_groups
 from edge_annotator.runtime.spec import Criterion, TaskSpec
 
@@ -314,15 +314,16 @@ def with_heads(spec: TaskSpec, fits: Sequence[HeadFit]) -> TaskSpec:
 
 def states_of(model: str | Path, spec: TaskSpec, items: Sequence[Item], threads: int | None = None,
               progress: Callable[[int], None] | None = None,
-              taps: Sequence[Tap] | None = None) -> dict[Tap, np.ndarray]:
+              taps: Sequence[Tap] | None = None, base: Path | None = None) -> dict[Tap, np.ndarray]:
     """Every item's states at TAPS (default: candidate_taps), read by MODEL as annotate reads: per
     tap items x criteria x n_embd at a cue, items x n_embd at the item (float32); an item too long
-    for the context stops it, naming the item."""
+    for the context stops it, naming the item. BASE: an adapter MODEL's base GGUF where it is not
+    beside it."""
     from edge_annotator.runtime.annotator import Annotator
     from edge_annotator.runtime.engine import LlamaEngine
 
     plain = replace(spec, criteria=tuple(replace(c, head=None) for c in spec.criteria))
-    with LlamaEngine(model, n_threads=threads) as eng:
+    with LlamaEngine(model, n_threads=threads, base=base) as eng:
         ann = Annotator(eng, plain)
         taps = list(taps or candidate_taps(eng.n_layer))
         out: dict[Tap, list[np.ndarray]] = {t: [] for t in taps}
@@ -347,11 +348,12 @@ def summary(fits: Sequence[HeadFit]) -> dict[str, Any]:
                           "candidates": f.cv} for f in fits}
 
 
-def provenance_of(model: Path, labels: Path, fits: Sequence[HeadFit], seconds: dict[str, float]) -> dict[str, Any]:
+def provenance_of(model: Path, labels: Path, fits: Sequence[HeadFit], seconds: dict[str, float],
+                  base: Path | None = None) -> dict[str, Any]:
     from edge_annotator.runtime.gguf_meta import read_model_info
 
-    base = read_model_info(model).provenance or {}
-    return {**base, "heads": {"fitted_on": labels.name, "labels_sha256": hashlib.sha256(labels.read_bytes())
+    before = read_model_info(model, base).provenance or {}
+    return {**before, "heads": {"fitted_on": labels.name, "labels_sha256": hashlib.sha256(labels.read_bytes())
                               .hexdigest(), "model": model.name, "seconds": seconds, "criteria": summary(fits)}}
 
 
@@ -362,22 +364,24 @@ def timed(f: Callable[[], Any]) -> tuple[Any, float]:
 
 def head_annotator(model: Path, spec: TaskSpec, items: Sequence[Item], out: Path, labels: Path,
                    threads: int | None = None, seed: int = 0, progress: Callable[[int], None] | None = None,
-                   provenance: dict[str, Any] | None = None) -> tuple[list[HeadFit], dict[str, float]]:
+                   provenance: dict[str, Any] | None = None, base: Path | None = None
+                   ) -> tuple[list[HeadFit], dict[str, float]]:
     """The head route whole: ITEMS read by MODEL, a head per criterion fitted on their states, and
     OUT written (MODEL with the heads in SPEC, PROVENANCE added to the command's own). Returns the
-    fits and the seconds spent reading and fitting. `head`, `fit --route head` and
+    fits and the seconds spent reading and fitting (BASE: an adapter MODEL's base GGUF where it is
+    not beside it). `head`, `fit --route head` and
     scripts/head_route.py all take this one path."""
-    states, read_s = timed(lambda: states_of(model, spec, items, threads, progress))
+    states, read_s = timed(lambda: states_of(model, spec, items, threads, progress, base=base))
     fits, fit_s = timed(lambda: fit_heads(spec, items, states, seed))
     seconds = {"states": read_s, "fit": fit_s}
-    prov = provenance_of(model, labels, fits, seconds) | (provenance or {})
+    prov = provenance_of(model, labels, fits, seconds, base) | (provenance or {})
     write_annotator(model, out, with_heads(spec, fits), prov)
     return fits, seconds
 
 
 def write_annotator(model: Path, out: Path, spec: TaskSpec, provenance: dict[str, Any]) -> Path:
     """MODEL copied to OUT with SPEC (its heads) embedded; a LoRA adapter file stays one, naming the
-    same base (which must then be beside OUT, or at ANNOTATE_BASE_MODEL)."""
+    same base (which must then be beside OUT, or given with --base-model)."""
     from edge_annotator.runtime.adapter_file import BASE_FILE, BASE_SHA256, adapter_fields
 
     from .metadata import embed_spec
@@ -397,9 +401,10 @@ def write_annotator(model: Path, out: Path, spec: TaskSpec, provenance: dict[str
 @click.option("--threads", type=click.IntRange(min=1), default=None, envvar="ANNOTATE_THREADS", show_envvar=True,
               help="CPU threads reading the items [default: all cores].")
 @click.option("--seed", type=int, default=0, show_default=True, help="The cross-validation folds' seed.")
+@base_model_option
 @click.option("--force", is_flag=True, help="Replace an existing output file (never MODEL or LABELS).")
 def head_command(model: Path, labels: Path, out: Path, spec_path: Path | None, threads: int | None, seed: int,
-                 force: bool) -> None:
+                 base_model: Path | None, force: bool) -> None:
     """Fit a linear head per criterion on MODEL's own hidden states for the items of LABELS (human
     ratings, any layout `fit` reads), and write MODEL with them as OUT: an annotator in minutes, on
     a base model or a fine-tuned one, with no training of the model.
@@ -423,14 +428,15 @@ def head_command(model: Path, labels: Path, out: Path, spec_path: Path | None, t
 
     err = Console(stderr=True)
     check_output(out, [model, labels, spec_path], force)
-    spec = resolve_spec(read_model_info(model), load_spec(spec_path) if spec_path else None)
+    spec = resolve_spec(read_model_info(model, base_model), load_spec(spec_path) if spec_path else None)
     items = [it for it in read_labelled(labels, spec, strict=False).items if it.ratings]
     if len(items) < MIN_ITEMS:
         raise UserError(f"{labels}: {len(items)} rated items; a head needs at least {MIN_ITEMS}")
     with Progress(TextColumn("[bold]reading items"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err) as bar:
         task = bar.add_task("states", total=len(items))
-        fits, seconds = head_annotator(model, spec, items, out, labels, threads, seed, lambda n: bar.advance(task, n))
+        fits, seconds = head_annotator(model, spec, items, out, labels, threads, seed, lambda n: bar.advance(task, n),
+                                       base=base_model)
     from rich.table import Table
 
     t = Table(title=f"{out.name}: a head per criterion, {len(items)} items ({seconds['states']:.0f} s reading them, "

@@ -8,15 +8,15 @@ task spec and provenance like any annotator, and names its base by file name and
     edge_annotator.base_file     gemma-3-270m-q4_k_m.gguf
     edge_annotator.base_sha256   a5fd3b62...
 
-The runtime looks for the base beside the adapter, or at ANNOTATE_BASE_MODEL, and refuses a file
-whose sha256 differs. The recorded name is metadata from a file that may come from anyone, so it
+The runtime looks for the base where the caller says (annotate-cli's --base-model, or
+ANNOTATE_BASE_MODEL, which only the CLI reads), else beside the adapter, and refuses a file whose
+sha256 differs. The recorded name is metadata from a file that may come from anyone, so it
 is only ever a name: a path in it (`../../etc/x`, `/abs/x`) is cut to its last part, and nothing
 outside the adapter's folder is opened because of it.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from .errors import ModelError
@@ -24,7 +24,6 @@ from .gguf_file import GGUFFormatError, read_strings, sha256_file
 
 BASE_FILE = "edge_annotator.base_file"
 BASE_SHA256 = "edge_annotator.base_sha256"
-BASE_ENV = "ANNOTATE_BASE_MODEL"
 
 _checked: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256, per process
 
@@ -56,7 +55,8 @@ def _sha256(path: Path) -> str:
 
 def resolve_base(path: Path, base: str | Path | None = None) -> Path:
     """PATH itself for a whole model; for an adapter file, its base GGUF, checked by sha256: BASE
-    where given, else ANNOTATE_BASE_MODEL, else the recorded file name beside the adapter."""
+    where given (the CLI's --base-model or ANNOTATE_BASE_MODEL), else the recorded file name beside
+    the adapter."""
     kv = adapter_fields(path)
     if kv is None:
         return path
@@ -64,13 +64,12 @@ def resolve_base(path: Path, base: str | Path | None = None) -> Path:
     if not name or not want:
         raise ModelError(f"{path}: a LoRA adapter that does not name its base ({BASE_FILE}, {BASE_SHA256}); "
                          f"export it with annotate-cli export --adapter-on BASE.gguf")
-    given = base or os.environ.get(BASE_ENV)
-    candidate = Path(given) if given else path.parent / name
+    candidate = Path(base) if base else path.parent / name
     if candidate.is_file():
         got = _sha256(candidate)
         if got != want:
             raise ModelError(f"{path}: its base {candidate} has sha256 {got[:16]}..., the adapter was trained on "
-                             f"{name} with sha256 {want[:16]}...; give that file ({BASE_ENV}=PATH)")
+                             f"{name} with sha256 {want[:16]}...; give that file (--base-model PATH)")
         return candidate
     raise ModelError(f"{path}: its base model {name} (sha256 {want[:16]}...) is not at {candidate}; put it "
-                     f"beside the adapter, or give its path ({BASE_ENV}=PATH)")
+                     f"beside the adapter, or give its path (--base-model PATH)")

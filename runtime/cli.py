@@ -7,9 +7,9 @@ and exit code 1, never a traceback.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,8 +30,9 @@ from rich.progress import (
 from rich.table import Table
 
 from . import __version__
+from .commands import CLI_MODULE, COMMANDS, load
 from .data import InputError
-from .options import Command, gpu_layers_option, one_line
+from .options import Command, base_model_option, gpu_layers_option, one_line
 from .records import Prediction
 from .spec import TaskSpec, load_spec
 
@@ -92,7 +93,7 @@ def _ticker(bar: Progress, task: TaskID, t0: float) -> Callable[[int], None]:
     return tick
 
 
-@cli.command()
+@click.command(cls=Command)
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("inputs", metavar="INPUT...", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "output", type=click.Path(), default=None,
@@ -104,6 +105,7 @@ def _ticker(bar: Progress, task: TaskID, t0: float) -> Callable[[int], None]:
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=64), default=2048, show_default=True,
               help="Context window in tokens; longer prompts are rejected per item.")
 @gpu_layers_option
+@base_model_option
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help="fail: stop at the first bad record, naming file, line and field. "
                    "skip: write an error record for it and go on.")
@@ -129,7 +131,8 @@ def _ticker(bar: Progress, task: TaskID, t0: float) -> Callable[[int], None]:
 @click.option("--dry-run", is_flag=True, help="Print the items, tokens and estimated time (from a timed "
                                               "sample of the first items) and stop; nothing is written.")
 def annotate(model: Path, inputs: tuple[str, ...], output: str | None, spec_path: Path | None, threads: int | None,
-             n_ctx: int, gpu_layers: int, on_error: str, resume: bool, batch: int, workers: int,
+             n_ctx: int, gpu_layers: int, base_model: Path | None, on_error: str, resume: bool, batch: int,
+             workers: int,
              max_chars: int | None, engine_kind: str, ray_address: str | None, actors: int, out_format: str,
              shard_records: int, dry_run: bool) -> None:
     """Label every item of INPUT (JSONL, CSV or Parquet) with MODEL (.gguf).
@@ -160,8 +163,8 @@ def annotate(model: Path, inputs: tuple[str, ...], output: str | None, spec_path
     for p in inputs:  # on Ray, a URI (s3://...) is read by the cluster
         if not Path(p).exists() and not (engine_kind == "ray" and "://" in p):
             raise click.ClickException(f"{p}: input file not found")
-    options = JobOptions(spec=spec_path, threads=threads, n_ctx=n_ctx, gpu_layers=gpu_layers, batch=batch,
-                         workers=workers, on_error=on_error, max_chars=max_chars)  # type: ignore[arg-type]
+    options = JobOptions(spec=spec_path, base=base_model, threads=threads, n_ctx=n_ctx, gpu_layers=gpu_layers,
+                         batch=batch, workers=workers, on_error=on_error, max_chars=max_chars)  # type: ignore[arg-type]
     if engine_kind == "ray":
         _annotate_ray(model, list(inputs), output, options, resume, ray_address, actors, out_format, shard_records)
         return
@@ -222,7 +225,8 @@ def _annotate_ray(model: Path, inputs: list[str], output: str | None, options: J
     if resume or options.batch != 1 or options.workers != 1:
         raise click.UsageError("--engine ray runs the exact path with Ray's own retries: "
                                "--resume, --batch and --workers do not apply")
-    llm, spec = open_model(model, options.spec)  # the spec and every model check, on the driver, before Ray starts
+    # the spec and every model check, on the driver, before Ray starts
+    llm, spec = open_model(model, options.spec, base=options.base)
     llm.close()
     t0 = time.perf_counter()
     with _progress() as bar:
@@ -232,7 +236,7 @@ def _annotate_ray(model: Path, inputs: list[str], output: str | None, options: J
                               model_sha256=sha256_file(model), actors=actors, threads=options.threads or 1,
                               n_ctx=options.n_ctx, on_error=options.on_error, max_chars=options.max_chars,
                               ray_address=ray_address, fmt=out_format, per_shard=shard_records, progress=tick,
-                              gpu_layers=options.gpu_layers)
+                              gpu_layers=options.gpu_layers, base=options.base)
         except (RayJobError, InputError) as e:
             raise click.ClickException(str(e)) from None
     err.print(f"{man['records']} records ({man['error_records']} errors) in {man['seconds']:.1f}s "
@@ -265,9 +269,9 @@ def _spec_for(spec_path: Path | None, model: Path | None) -> TaskSpec:
     if spec_path:
         return load_spec(spec_path)
     if model:
-        from .gguf_meta import read_model_info, resolve_spec
+        from .gguf_meta import embedded_spec
 
-        return resolve_spec(read_model_info(model), None)
+        return embedded_spec(model)
     raise click.UsageError("give --spec SPEC.yaml or --model MODEL.gguf: "
                            "agreement needs the spec's levels of measurement")
 
@@ -298,7 +302,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-@cli.command()
+@click.command(cls=Command)
 @click.argument("pred", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--to", "fmt", type=click.Choice(["label-studio", "argilla", "csv"]), required=True,
               help="The tool to import into.")
@@ -361,7 +365,7 @@ def convert(pred: Path, fmt: str, spec_path: Path | None, model: Path | None, it
     err.print(f"{len(preds)} records ({errors} error records, flagged) -> {output} ({fmt})")
 
 
-@cli.command("select")
+@click.command("select", cls=Command)
 @click.argument("pred", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-n", "--count", type=click.IntRange(1), required=True, help="How many items to pick.")
 @click.option("--strategy", type=click.Choice(["entropy", "margin", "spread", "random"]), default="entropy",
@@ -458,7 +462,7 @@ def select_cmd(pred: Path, count: int, strategy: str, human: Path | None, spec_p
     err.print(f"{len(picks)} of {pool} items picked by {strategy}" + (f" -> {output}" if output else ""))
 
 
-@cli.command()
+@click.command(cls=Command)
 @click.argument("pred", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("human", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @spec_options("predictions")
@@ -546,11 +550,12 @@ def _agreement_table(name: str, report: dict[str, Any], with_scores: bool) -> Ta
     return t
 
 
-@cli.command()
+@click.command(cls=Command)
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 @click.option("--no-hash", is_flag=True, help="Skip the sha256 (slow on multi-GB files).")
-def inspect(model: Path, as_json: bool, no_hash: bool) -> None:
+@base_model_option
+def inspect(model: Path, as_json: bool, no_hash: bool, base_model: Path | None) -> None:
     """Show a GGUF annotator: architecture, quantization, size, sha256, embedded spec, provenance,
     and what this installation's llama.cpp runs it on (CPU only, or with GPU offload).
 
@@ -563,7 +568,7 @@ def inspect(model: Path, as_json: bool, no_hash: bool) -> None:
     from .gguf_file import sha256_file
     from .gguf_meta import read_model_info
 
-    info = read_model_info(model)
+    info = read_model_info(model, base_model)
     d = info.to_dict(None if no_hash else sha256_file(model))
     d |= _block_info(model)
     d["backend"] = backend_info()  # this installation's llama.cpp, not the file's
@@ -635,7 +640,7 @@ def _blocks(model: Path, d: dict[str, Any]) -> dict[str, str]:
     return rows
 
 
-@cli.group()
+@click.group(cls=Group)
 def data() -> None:
     """Human-label files: what one holds, a split by item, one column per rater made rows.
 
@@ -790,7 +795,7 @@ def data_import(export: Path, tool: str, spec_path: Path | None, model: Path | N
               f"{len(raters)} rater{'' if len(raters) == 1 else 's'}" + (f"; dropped: {dropped}" if dropped else ""))
 
 
-@cli.command()
+@click.command(cls=Command)
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--expect-no-amx", is_flag=True,
               help="Fail if the build uses AMX (what make install builds it without).")
@@ -814,61 +819,14 @@ def doctor(model: Path, expect_no_amx: bool) -> None:
     click.echo(line)
 
 
-def _load_plugins() -> None:
-    """Commands that other installed parts register (entry-point group edge_annotator.commands).
-    One whose extra is not installed is listed as such and, run, says what to pip install."""
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group="edge_annotator.commands"):
-        if ep.name in cli.commands:
-            continue
-        for extra in ep.extras:
-            if lacking := _missing(extra):
-                cli.add_command(_not_installed(ep.name, extra, f"{lacking[0]} is missing"), ep.name)
-                break
-        else:
-            try:
-                cli.add_command(ep.load(), ep.name)
-            except ImportError as e:  # a broken install: say so where the command would be
-                cli.add_command(_not_installed(ep.name, ep.extras[0] if ep.extras else "", str(e)), ep.name)
+def _build() -> None:
+    """annotate-cli's commands: runtime/commands.py's table, each loaded, or a stand-in saying what to
+    install."""
+    for entry in COMMANDS:
+        cli.add_command(load(entry, {CLI_MODULE: sys.modules[__name__]}), entry.name)
 
 
-@functools.cache
-def _missing(extra: str) -> list[str]:
-    """The distributions extra EXTRA of this project requires that are not installed (looked up once
-    per extra: four commands share the export extra)."""
-    import re
-    from importlib.metadata import PackageNotFoundError, distribution, requires
-
-    try:
-        reqs = requires("edge-annotator") or []
-    except PackageNotFoundError:  # run from a checkout without installing: nothing to check against
-        return []
-    out = []
-    for r in reqs:
-        spec, _, marker = r.partition(";")
-        if re.search(r"""extra\s*==\s*['"]""" + re.escape(extra) + """['"]""", marker):
-            name = re.match(r"[A-Za-z0-9._-]+", spec.strip())
-            try:
-                distribution(name.group(0) if name else spec)
-            except PackageNotFoundError:
-                out.append(spec.strip())
-    return out
-
-
-def _not_installed(name: str, extra: str, why: str) -> click.Command:
-    """A stand-in for a command whose extra is missing: listed as such, and run, one line, exit 1."""
-    hint = f"pip install 'edge-annotator[{extra}]'" if extra else "reinstall edge-annotator"
-
-    def run(**_: Any) -> None:
-        raise click.ClickException(f"annotate-cli {name} is not installed here ({why}): {hint}")
-
-    return click.Command(name, callback=run, help=f"(not installed: {hint})", short_help=f"(not installed: {hint})",
-                         context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-                         add_help_option=False)
-
-
-_load_plugins()
+_build()
 
 
 def main() -> None:

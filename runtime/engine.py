@@ -121,7 +121,7 @@ class LlamaModel:
                  extra_buffers: bool | None = None, base: str | Path | None = None):
         """extra_buffers: llama.cpp's extra buffer types (repacked and AMX weights); None: on unless
         this build uses AMX and a probe decode crashed on this CPU (runtime/cpu.py). base: the base
-        GGUF of an adapter file, where it is not beside it (ANNOTATE_BASE_MODEL)."""
+        GGUF of an adapter file, where it is not beside it (the CLI's --base-model)."""
         L = _lib()
         self.path = Path(path)
         if not self.path.is_file():
@@ -226,10 +226,10 @@ class LlamaEngine:
 
     def __init__(self, model: LlamaModel | str | Path, *, n_ctx: int = 2048, n_threads: int | None = None,
                  n_batch: int = 512, n_gpu_layers: int = 0, answer_head: bool = True,
-                 extra_buffers: bool | None = None):
+                 extra_buffers: bool | None = None, base: str | Path | None = None):
         self._owns_model = not isinstance(model, LlamaModel)  # a model handed in is its owner's to free
         self.model = model if isinstance(model, LlamaModel) else \
-            LlamaModel(model, n_gpu_layers=n_gpu_layers, extra_buffers=extra_buffers)
+            LlamaModel(model, n_gpu_layers=n_gpu_layers, extra_buffers=extra_buffers, base=base)
         self.path = self.model.path
         self._vocab = self.model.vocab
         self.n_vocab = self.model.n_vocab

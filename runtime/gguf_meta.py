@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine import LlamaModel, ModelError
+from .gguf_file import read_strings
 from .spec import SpecError, TaskSpec, spec_from_json
 from .untrusted import JSONError, loads
 
@@ -90,13 +91,27 @@ def model_info(model: LlamaModel) -> ModelInfo:
                      n_params=model.n_params, spec=spec, spec_error=spec_error, provenance=provenance)
 
 
-def read_model_info(path: str | Path) -> ModelInfo:
-    """Load a model file (checking it is a whole, loadable GGUF) and describe it."""
-    model = LlamaModel(path)
+def read_model_info(path: str | Path, base: str | Path | None = None) -> ModelInfo:
+    """Load a model file (checking it is a whole, loadable GGUF) and describe it; BASE: an adapter
+    file's base GGUF where it is not beside it."""
+    model = LlamaModel(path, base=base)
     try:
         return model_info(model)
     finally:
         model.close()
+
+
+def embedded_spec(path: str | Path) -> TaskSpec:
+    """The task spec a GGUF embeds, read from its metadata alone: no weights are loaded, so an
+    adapter annotator's base need not be at hand (convert, select, agree and data import read only
+    the spec)."""
+    p = Path(path)
+    if not p.is_file() or p.stat().st_size < 4:
+        raise ModelError(f"{p}: not a GGUF file" if p.is_file() else f"{p}: model file not found")
+    raw = read_strings(p, {Keys.SPEC}).get(Keys.SPEC)
+    if raw is None:
+        raise ModelError(f"{p}: this GGUF has no embedded task spec ({Keys.SPEC}); give --spec SPEC.yaml")
+    return spec_from_json(raw, f"{p} [{Keys.SPEC}]")
 
 
 def resolve_spec(info: ModelInfo, override: TaskSpec | None) -> TaskSpec:

@@ -308,11 +308,12 @@ def plan(input_path: str | Path, spec: TaskSpec, batch: int, on_error: OnError, 
 _worker: Annotator | None = None
 
 
-def _worker_init(model: str, spec_json: str, n_ctx: int, threads: int, batch: int, gpu_layers: int) -> None:
+def _worker_init(model: str, spec_json: str, n_ctx: int, threads: int, batch: int, gpu_layers: int,
+                 base: str | None) -> None:
     global _worker
     from .spec import spec_from_json
 
-    _worker = Annotator(LlamaEngine(model, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers),
+    _worker = Annotator(LlamaEngine(model, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers, base=base),
                         spec_from_json(spec_json), batch=batch)
 
 
@@ -325,7 +326,7 @@ class WorkerPool:
     """N processes, each with its own copy of the model, scoring groups in a bounded ordered window."""
 
     def __init__(self, workers: int, model: str | Path, annotator: Annotator, threads_per_worker: int,
-                 gpu_layers: int = 0):
+                 gpu_layers: int = 0, base: str | Path | None = None):
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
@@ -333,7 +334,7 @@ class WorkerPool:
         self._ex = ProcessPoolExecutor(
             workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
             initargs=(str(model), annotator.spec.to_json(), annotator.engine.n_ctx, threads_per_worker,
-                      annotator.batch, gpu_layers))
+                      annotator.batch, gpu_layers, str(base) if base else None))
 
     def ordered(self, chunks: Iterator[list[Event]],
                 fields_of: Callable[[list[Event]], list[dict[str, str]] | None]
@@ -443,6 +444,8 @@ class JobOptions:
 
     spec: Path | None = None
     """A spec YAML for a model with none embedded (zero-shot); None: the model's own."""
+    base: Path | None = None
+    """An adapter annotator's base GGUF where it is not beside the adapter (--base-model)."""
     threads: int | None = None
     n_ctx: int = 2048
     gpu_layers: int = 0
@@ -452,14 +455,15 @@ class JobOptions:
     max_chars: int | None = None
 
 
-def open_model(model: str | Path, spec_path: str | Path | None = None, gpu_layers: int = 0
-               ) -> tuple[LlamaModel, TaskSpec]:
+def open_model(model: str | Path, spec_path: str | Path | None = None, gpu_layers: int = 0,
+               base: str | Path | None = None) -> tuple[LlamaModel, TaskSpec]:
     """Load a GGUF and resolve the spec it annotates with: the embedded one, or SPEC_PATH's for a
-    model without one (gguf_meta.resolve_spec says which wins and refuses a mismatch)."""
+    model without one (gguf_meta.resolve_spec says which wins and refuses a mismatch). BASE: an
+    adapter file's base GGUF where it is not beside it."""
     from .gguf_meta import model_info, resolve_spec
     from .spec import load_spec
 
-    llm = LlamaModel(model, n_gpu_layers=gpu_layers)
+    llm = LlamaModel(model, n_gpu_layers=gpu_layers, base=base)
     try:
         return llm, resolve_spec(model_info(llm), load_spec(spec_path) if spec_path else None)
     except BaseException:
@@ -480,7 +484,7 @@ def annotate_file(model: str | Path, input_path: str | Path, output: str | None 
     Returns the job's counts; raises InputError on the first bad record with on_error="fail"."""
     from .gguf_file import sha256_file
 
-    llm, spec = open_model(model, options.spec, options.gpu_layers)
+    llm, spec = open_model(model, options.spec, options.gpu_layers, options.base)
     try:
         model_sha = sha256_file(model)
         with LlamaEngine(llm, n_ctx=options.n_ctx, n_threads=options.threads) as engine:
@@ -502,7 +506,7 @@ def annotate_file(model: str | Path, input_path: str | Path, output: str | None 
                     started()
                 if options.workers > 1:
                     per_worker = max(1, (options.threads or default_threads()) // options.workers)
-                    pool = WorkerPool(options.workers, model, annotator, per_worker, options.gpu_layers)
+                    pool = WorkerPool(options.workers, model, annotator, per_worker, options.gpu_layers, options.base)
                 return run_job(annotator, input_path, out, model_sha256=model_sha, on_error=options.on_error,
                                resume=state, max_chars=options.max_chars, progress=progress, pool=pool)
             finally:

@@ -1,13 +1,14 @@
 """What annotate-cli's commands share: the one error boundary, and click options several take.
 
 A module of its own, not runtime/cli.py: the stages' command modules import these while
-runtime/cli.py is loading them as plugins.
+runtime/cli.py is loading them from runtime/commands.py's table.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import click
@@ -53,6 +54,15 @@ class GpuLayers(click.ParamType):
         if text.isdigit():
             return int(text)
         self.fail(f"{value!r} is neither a count of layers (0, 1, 2, ...) nor 'all'", param, ctx)
+
+
+def base_model_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--base-model: the base GGUF of an adapter annotator (annotate-cli export --adapter-on), where it
+    is not beside the adapter; the one place ANNOTATE_BASE_MODEL is read."""
+    return click.option("--base-model", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                        envvar="ANNOTATE_BASE_MODEL", show_envvar=True,
+                        help="An adapter annotator's base GGUF, where it is not beside the adapter (checked by "
+                             "sha256) [default: the file the adapter names, beside it].")(f)
 
 
 def gpu_layers_option(f: Callable[..., Any]) -> Callable[..., Any]:

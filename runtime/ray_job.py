@@ -100,12 +100,13 @@ class _Scorer:
     """The actor: one model load, the local path's Annotator, one output line per row."""
 
     def __init__(self, model: str, spec_json: str, n_ctx: int, threads: int, stamp: dict[str, str],
-                 on_error: OnError, gpu_layers: int = 0):
+                 on_error: OnError, gpu_layers: int = 0, base: str | None = None):
         from .annotator import Annotator
         from .engine import LlamaEngine
         from .spec import spec_from_json
 
-        self.annotator = Annotator(LlamaEngine(model, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers),
+        self.annotator = Annotator(LlamaEngine(model, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers,
+                                               base=base),
                                    spec_from_json(spec_json))
         self.stamp, self.on_error = stamp, on_error
 
@@ -180,8 +181,10 @@ def run_ray_job(model: str | Path, inputs: list[str], out_dir: str | Path, *, sp
                 actors: int, threads: int, n_ctx: int = 2048, on_error: OnError = "fail",
                 max_chars: int | None = None, ray_address: str | None = None, fmt: str = "jsonl",
                 per_shard: int = 100_000, rows_per_batch: int = 16,
-                progress: Callable[[int], None] | None = None, gpu_layers: int = 0) -> dict[str, Any]:
-    """Annotate INPUTS on Ray into OUT_DIR; returns the manifest it writes there."""
+                progress: Callable[[int], None] | None = None, gpu_layers: int = 0,
+                base: str | Path | None = None) -> dict[str, Any]:
+    """Annotate INPUTS on Ray into OUT_DIR; returns the manifest it writes there. BASE: an adapter
+    file's base GGUF where it is not beside it (a path every node can read)."""
     try:
         import ray
     except ImportError:
@@ -231,7 +234,8 @@ def run_ray_job(model: str | Path, inputs: list[str], out_dir: str | Path, *, sp
         compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs={"model": str(Path(model).resolve()) if Path(model).exists() else str(model),
                                "spec_json": spec_json, "n_ctx": n_ctx, "threads": threads, "stamp": stamp,
-                               "on_error": on_error, "gpu_layers": gpu_layers})
+                               "on_error": on_error, "gpu_layers": gpu_layers,
+                               "base": str(Path(base).resolve()) if base else None})
     # Ray Data's actor pool defaults to max_restarts=-1 and max_task_retries=-1: a dead actor is
     # restarted and its batch re-run. An exception raised by our own code is not retried.
     writer = ShardWriter(out, fmt, per_shard, [c.name for c in spec.criteria])

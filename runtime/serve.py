@@ -88,7 +88,7 @@ def run(model: Path, opts: ServeOptions, host: str, port: int, started: Any = No
 def _serve_command() -> Any:
     import click
 
-    from .options import Command, gpu_layers_option
+    from .options import Command, base_model_option, gpu_layers_option
 
     @click.command("serve", cls=Command)
     @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -112,6 +112,7 @@ def _serve_command() -> Any:
     @click.option("--ctx", "n_ctx", type=click.IntRange(min=64), default=2048, show_default=True,
                   help="Context window in tokens; a longer task gets an error in its place.")
     @gpu_layers_option
+    @base_model_option
     @click.option("--max-chars", type=click.IntRange(min=1), default=None,
                   help="Refuse task fields longer than this many characters.")
     @click.option("--queue", type=click.IntRange(min=1), default=1024, show_default=True,
@@ -133,7 +134,8 @@ def _serve_command() -> Any:
                   help="Where each round's labels, log and model go [default: beside --labels-out].")
     def serve(model: Path, spec_path: Path | None, host: str, port: int, token: str | None,
               allow_origins: tuple[str, ...], allow_hosts: tuple[str, ...], workers: int,
-              threads: int | None, n_ctx: int, gpu_layers: int, max_chars: int | None, queue: int, max_body: int,
+              threads: int | None, n_ctx: int, gpu_layers: int, base_model: Path | None, max_chars: int | None,
+              queue: int, max_body: int,
               labels_out: Path | None, retrain_after: int | None, retrain_with: Path | None, retrain_command: str,
               retrain_dir: Path | None) -> None:
         """Serve MODEL as a Label Studio ML backend (/health, /setup, /predict, /webhook).
@@ -153,8 +155,8 @@ def _serve_command() -> Any:
           curl -s localhost:9090/predict -H 'Content-Type: application/json' \\
               -d '{"tasks": [{"data": {"id": "s1", "text": "What a day!"}}]}'
         """
-        opts = ServeOptions(spec=spec_path, threads=threads, workers=workers, n_ctx=n_ctx, gpu_layers=gpu_layers,
-                            max_chars=max_chars, queue=queue, max_body=max_body, token=token,
+        opts = ServeOptions(spec=spec_path, base=base_model, threads=threads, workers=workers, n_ctx=n_ctx,
+                            gpu_layers=gpu_layers, max_chars=max_chars, queue=queue, max_body=max_body, token=token,
                             allow_origins=allow_origins, allow_hosts=allow_hosts, labels_out=labels_out,
                             retrain_after=retrain_after, retrain_with=retrain_with, retrain_command=retrain_command,
                             retrain_dir=retrain_dir)

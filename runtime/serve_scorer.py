@@ -34,6 +34,8 @@ class ServeOptions:
     workers: int = 2
     n_ctx: int = 2048
     gpu_layers: int = 0
+    base: Path | None = None
+    """An adapter annotator's base GGUF where it is not beside the adapter (--base-model)."""
     max_chars: int | None = None
     queue: int = 1024
     max_body: int = 32 << 20
@@ -58,7 +60,7 @@ class Scorer:
         from .jobs import open_model
 
         self.path = Path(model_path)
-        self.llm, self.spec = open_model(model_path, opts.spec, opts.gpu_layers)
+        self.llm, self.spec = open_model(model_path, opts.spec, opts.gpu_layers, opts.base)
         try:
             check_context(self.llm.tokenize, self.spec, self.llm.window(opts.n_ctx))  # each worker's window
             self.sha256 = sha256_file(model_path)

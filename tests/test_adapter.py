@@ -97,14 +97,28 @@ def test_a_missing_or_different_base_is_refused_in_one_line(route: dict[str, Pat
     shutil.copy(route["adapter"], alone)
     items = DATA / "emobank-test-50.jsonl"
     r = CliRunner().invoke(cli, ["annotate", str(alone), str(items)])
-    assert r.exit_code == 1 and "is not at" in r.output and "ANNOTATE_BASE_MODEL" in r.output, r.output
+    assert r.exit_code == 1 and "is not at" in r.output and "--base-model PATH" in r.output, r.output
+    # what reads only the spec needs no base: the adapter's metadata holds it
+    pred = tmp_path / "pred.jsonl"
+    pred.write_bytes(b"".join(CliRunner().invoke(cli, ["annotate", str(route["adapter"]), str(items)])
+                              .stdout_bytes.splitlines(keepends=True)[:3]))
+    r = CliRunner().invoke(cli, ["convert", str(pred), "--to", "csv", "--model", str(alone),
+                                 "-o", str(tmp_path / "p.csv")])
+    assert r.exit_code == 0 and len((tmp_path / "p.csv").read_text().splitlines()) == 4, r.output
+    # --base-model names it, for every command that loads the model
+    r = CliRunner().invoke(cli, ["annotate", str(alone), str(items), "--base-model", str(route["base"]),
+                                 "-o", str(tmp_path / "by-option.jsonl")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["inspect", str(alone), "--no-hash", "--json", "--base-model", str(route["base"])])
+    assert r.exit_code == 0 and json.loads(r.stdout)["spec"] is not None, r.output
     other = tmp_path / route["base"].name
     other.write_bytes(route["base"].read_bytes()[:-16] + b"\0" * 16)  # same name, other bytes
     r = CliRunner().invoke(cli, ["annotate", str(alone), str(items)])
     assert r.exit_code == 1 and "has sha256" in r.output and "the adapter was trained on" in r.output, r.output
-    monkeypatch.setenv("ANNOTATE_BASE_MODEL", str(route["base"]))
+    monkeypatch.setenv("ANNOTATE_BASE_MODEL", str(route["base"]))  # the option's variable
     r = CliRunner().invoke(cli, ["annotate", str(alone), str(items), "-o", str(tmp_path / "ok.jsonl")])
     assert r.exit_code == 0, r.output
+    assert (tmp_path / "ok.jsonl").read_bytes() == (tmp_path / "by-option.jsonl").read_bytes()
 
 
 def test_export_takes_the_adapter_route_by_default_where_the_base_came_from_a_gguf(route: dict[str, Path],

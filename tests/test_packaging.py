@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import os
 import shutil
@@ -167,8 +168,6 @@ print('OK')
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-COMMANDS = ("annotate", "agree", "inspect", "doctor", "convert", "train", "export", "parity", "bench", "from-gguf",
-            "embed-spec")
 # what runs as `python -m MODULE` or `python scripts/X.py`: each a click command with --help
 MODULES = ("edge_annotator.runtime.cli", "edge_annotator.train.from_gguf", "edge_annotator.export.metadata",
            "edge_annotator.bench.train", "edge_annotator.bench.determinism", "edge_annotator.bench.arms",
@@ -177,15 +176,39 @@ SCRIPTS = ("demo.py", "eval.py", "prepare_data.py", "gpu_check.py", "label_studi
 
 
 def test_cli_help_lists_commands_with_examples() -> None:
+    from edge_annotator.runtime.commands import COMMANDS
+
     exe = Path(sys.executable).with_name("annotate-cli")
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True).stdout
-    for cmd in COMMANDS:
-        assert f"  {cmd} " in out, cmd
+    for entry in COMMANDS:
+        assert f"  {entry.name} " in out, entry
     assert "Examples:" in out
     runner = CliRunner()
-    for cmd in COMMANDS:
-        r = runner.invoke(cli, [cmd, "--help"])
-        assert r.exit_code == 0 and "Examples:" in r.output, cmd
+    for entry in COMMANDS:
+        r = runner.invoke(cli, [entry.name, "--help"])
+        assert r.exit_code == 0 and "Examples:" in r.output, entry
+
+
+def test_one_table_lists_every_command_and_its_extra() -> None:
+    """runtime/commands.py is the one list: annotate-cli holds exactly its commands, each the click
+    command its row names; each extra named is one of pyproject's; pyproject lists no commands of its
+    own (one console script, annotate-cli); and a requirement's extra is read from its marker."""
+    import tomllib
+
+    from edge_annotator.runtime.commands import COMMANDS, missing
+
+    assert sorted(cli.commands) == sorted(e.name for e in COMMANDS)
+    assert len({e.name for e in COMMANDS}) == len(COMMANDS)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    for entry in COMMANDS:
+        assert entry.extra is None or entry.extra in extras, entry
+        module, _, attribute = entry.target.partition(":")
+        assert cli.commands[entry.name] is getattr(importlib.import_module(module), attribute), entry
+    assert project["scripts"] == {"annotate-cli": "edge_annotator.runtime.cli:main"}
+    assert "entry-points" not in project
+    # this environment has every extra: nothing is missing, and a name that is no extra requires nothing
+    assert [missing(x) for x in ("train", "export", "serve", "no-such-extra")] == [[], [], [], []]
 
 
 def test_every_entry_point_is_a_click_command() -> None:

@@ -1,6 +1,6 @@
 """`annotate-cli train CONFIG.yaml`: fine-tune, validate, keep the best adapter, merge.
 
-Registered through the edge_annotator.commands entry-point group; needs the train extra.
+Rows of runtime/commands.py's table; they need the train extra.
 """
 
 from __future__ import annotations
