@@ -388,10 +388,12 @@ def convert(pred: Path, fmt: str, spec_path: Path | None, model: Path | None, it
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write here [default: stdout].")
 @click.option("--seed", type=int, default=0, show_default=True, help="--strategy random's seed.")
+@click.option("--unaccepted", is_flag=True, help="Only items with a label the annotator's trust rule did not accept "
+                                                 "(annotate-cli trust): the ones for the experts.")
 @force_option
 def select_cmd(pred: Path, count: int, strategy: str, human: Path | None, spec_path: Path | None, model: Path | None,
                criteria: tuple[str, ...], excludes: tuple[Path, ...], items_path: Path | None, diverse: bool,
-               overlap: float, fmt: str, output: Path | None, seed: int, force: bool) -> None:
+               overlap: float, fmt: str, output: Path | None, seed: int, unaccepted: bool, force: bool) -> None:
     """Which of PRED's items (annotate output) an expert should rate next, most useful first.
 
     Strategies read the annotator's per-level probabilities: entropy (of the label distribution,
@@ -407,6 +409,7 @@ def select_cmd(pred: Path, count: int, strategy: str, human: Path | None, spec_p
       annotate-cli select pool-labels.jsonl -n 100 --model annotator.gguf --as predictions -o next-pred.jsonl
       annotate-cli convert next-pred.jsonl --to label-studio --model annotator.gguf --items pool.jsonl -o tasks.json
       annotate-cli select labels.jsonl -n 50 --model annotator.gguf --suspect humans.jsonl --as csv -o review.csv
+      annotate-cli select labels.jsonl -n 100000 --model annotator.gguf --unaccepted --as items --items pool.jsonl
     """
     import csv
     import io
@@ -427,12 +430,14 @@ def select_cmd(pred: Path, count: int, strategy: str, human: Path | None, spec_p
     for path in excludes:
         for row in iter_rows(path):
             skip.add(record_id(row, "--exclude reads every record's 'id'"))
+    if human is not None and unaccepted:
+        raise click.UsageError("--suspect ranks labelled items; --unaccepted picks unlabelled ones: give one")
     if human is not None:
         picks = suspects(preds, read_human(human, spec), spec, count, criteria=criteria or None)
         strategy = "suspect"
     else:
         picks = rank(preds, spec, strategy, count, criteria=criteria or None, exclude=skip, seed=seed,
-                     inputs=inputs, diverse=overlap if diverse else None)
+                     inputs=inputs, diverse=overlap if diverse else None, unaccepted=unaccepted)
     if fmt in ("predictions", "items"):
         src = pred if fmt == "predictions" else items_path
         assert src is not None

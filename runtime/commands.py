@@ -43,6 +43,7 @@ COMMANDS: tuple[Entry, ...] = (
     Entry("doctor", f"{CLI_MODULE}:doctor"),
     Entry("embed-spec", "edge_annotator.export.metadata:embed_spec_command"),
     Entry("head", "edge_annotator.export.heads:head_command"),
+    Entry("trust", "edge_annotator.export.trust_rule:trust_command"),
     Entry("serve", "edge_annotator.runtime.serve:serve", "serve"),
     # training and export: torch and transformers
     Entry("base", "edge_annotator.train.from_gguf:base", "train"),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,9 @@ class Score:
     score: float | None = None
     raw_score: float | None = None
     """The probability-weighted mean before the spec's calibration; None where the criterion has none."""
+    accept: bool | None = None
+    """Whether the criterion's trust rule accepts this label without review (runtime/trust.py);
+    None where the spec has no rule for it."""
 
 
 def jsonl_line(record: dict[str, Any]) -> str:
@@ -57,6 +60,9 @@ def result_record(item_id: str, scores: Mapping[str, Score], stamp: Mapping[str,
     if raw:  # criteria with a calibration: the score before it
         rec["raw_scores"] = raw
     rec["probs"] = {k: {str(v): p for v, p in s.probs.items()} for k, s in scores.items()}
+    accept = {k: s.accept for k, s in scores.items() if s.accept is not None}
+    if accept:  # criteria with a trust rule: whether it accepts the label without review
+        rec["accept"] = accept
     return {**rec, **(stamp or {})}
 
 
@@ -75,6 +81,8 @@ class Prediction:
     probs: dict[str, dict[str, float]]
     model_sha256: str
     error: dict[str, Any] | None = None
+    accept: dict[str, bool] = field(default_factory=dict)
+    """Per criterion with a trust rule: whether it accepted the label without review."""
 
     def confidence(self, criterion: str) -> float:
         """The chosen label's probability."""
@@ -139,7 +147,10 @@ def prediction_of(row: Row, spec: TaskSpec, need_probs: bool = True) -> Predicti
             _check_probs(probs[c.name], c, row, item_id)
     if not isinstance(scores, dict) or not all(k in names and _finite(v) for k, v in scores.items()):
         raise InputError(row.path, row.line, "must map criteria to finite numbers", "scores", item_id)
-    return Prediction(item_id, row.line, labels, {k: float(v) for k, v in scores.items()}, probs, sha)
+    accept = d.get("accept", {})
+    if not isinstance(accept, dict) or not all(k in names and isinstance(v, bool) for k, v in accept.items()):
+        raise InputError(row.path, row.line, "must map criteria to true or false", "accept", item_id)
+    return Prediction(item_id, row.line, labels, {k: float(v) for k, v in scores.items()}, probs, sha, None, accept)
 
 
 def _finite(v: Any) -> bool:

@@ -134,14 +134,22 @@ def _ordered(scored: Iterable[tuple[str, float, dict[str, float], dict[str, Any]
 
 def rank(preds: Sequence[Prediction], spec: TaskSpec, strategy: str, n: int, *,
          criteria: Sequence[str] | None = None, exclude: Iterable[str] = (), seed: int = 0,
-         inputs: Mapping[str, Mapping[str, str]] | None = None, diverse: float | None = None) -> list[Pick]:
+         inputs: Mapping[str, Mapping[str, str]] | None = None, diverse: float | None = None,
+         unaccepted: bool = False) -> list[Pick]:
     """The N result records (error records and EXCLUDE's ids left out) an expert should rate next,
-    most uncertain first. `diverse` (a Jaccard share in (0, 1]) needs `inputs`, the items' fields."""
+    most uncertain first. `diverse` (a Jaccard share in (0, 1]) needs `inputs`, the items' fields.
+    `unaccepted`: only items with a criterion whose label the trust rule did not accept (annotate's
+    `accept`; a criterion without a rule is never accepted): what goes to the experts."""
     if diverse is not None and inputs is None:
         raise UserError("diverse picks compare the items' texts: give the items file (--items)")
     cs, skip = _criteria(spec, criteria), set(exclude)
+    if unaccepted and not any(p.accept for p in preds if p.error is None):
+        raise UserError("the predictions carry no 'accept' marks: annotate with an annotator that holds a trust "
+                        "rule (annotate-cli trust)")
     scored = []
     for p in preds:
+        if unaccepted and all(p.accept.get(c.name, False) for c in cs):
+            continue
         if p.error is None and p.id not in skip:
             per = uncertainty(p, cs, strategy, seed)
             scored.append((p.id, sum(per.values()) / len(per), per, None))

@@ -126,7 +126,8 @@ def prediction(item_id: str, scores: Any, spec: TaskSpec, sha256: str) -> dict[s
     the record is written and read back as annotate writes it, so the two agree to the byte."""
     rec = json.loads(jsonl_line(result_record(item_id, scores, {"model_sha256": sha256,
                                                                 "spec_sha256": spec.sha256})))
-    p = Prediction(item_id, 0, rec["labels"], rec.get("scores") or {}, rec["probs"], sha256)
+    p = Prediction(item_id, 0, rec["labels"], rec.get("scores") or {}, rec["probs"], sha256, None,
+                   rec.get("accept", {}))
     return label_studio_prediction(p, spec)
 
 

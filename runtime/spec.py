@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import string
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,6 +69,10 @@ class Criterion:
     """A linear head on the model's hidden state at this criterion's cue, in place of the answer
     tokens' logits (runtime/linear_head.py); None for the answer-token route. Fitted on labelled
     items (export/heads.py)."""
+    trust: dict[str, Any] | None = None
+    """Which of this criterion's labels to accept without review: a threshold on the annotator's
+    confidence with a bound on the accepted labels' disagreement with the experts, fitted on
+    held-out items (runtime/trust.py); annotate marks each record's `accept` with it."""
 
     @property
     def values(self) -> list[int | str]:
@@ -112,10 +117,10 @@ class TaskSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """The canonical, JSON-able form; `from_dict(to_dict())` round-trips. A criterion's judges
-        calibration and head appear only when set, so specs without them hash as before."""
+        calibration, head and trust appear only when set, so specs without them hash as before."""
         d = asdict(self)
         for c in d["criteria"]:
-            for k in ("judges", "calibration", "head"):
+            for k in ("judges", "calibration", "head", "trust"):
                 if not c[k]:
                     del c[k]
             if "calibration" in c:
@@ -249,10 +254,10 @@ def _parse_criteria(raw: dict[str, Any], problems: list[str]) -> tuple[str, list
         else:
             c = {"name": lab.get("name", "label"), "description": lab.get("description", ""),
                  "level": "nominal", "scale": lab.get("classes")}
-            for k in ("judges", "head"):
+            for k in ("judges", "head", "trust"):
                 if k in lab:
                     c[k] = lab[k]
-            for k in sorted(set(lab) - {"name", "description", "classes", "judges", "head"}):
+            for k in sorted(set(lab) - {"name", "description", "classes", "judges", "head", "trust"}):
                 problems.append(f"labels: unknown key '{k}'")
             crit = _parse_criterion(c, "labels", problems, numeric=False)
             if crit:
@@ -307,7 +312,7 @@ def _parse_criterion(c: Any, where: str, problems: list[str], numeric: bool) -> 
         problems.append(f"{where}: must be a mapping with name, description, level and scale")
         return None
     name = c.get("name")
-    for k in sorted(set(c) - {"name", "description", "level", "scale", "judges", "calibration", "head"}):
+    for k in sorted(set(c) - {"name", "description", "level", "scale", "judges", "calibration", "head", "trust"}):
         problems.append(f"{where}: unknown key '{k}'")
     if not isinstance(name, str) or not name.strip() or _too_long(name, f"{where}.name", problems):
         problems.append(f"{where}: needs a non-empty 'name'")
@@ -373,9 +378,46 @@ def _parse_criterion(c: Any, where: str, problems: list[str], numeric: bool) -> 
         judges = ""
     calibration = _parse_calibration(c.get("calibration", []), where, problems, numeric and level != "nominal")
     head = _parse_head(c.get("head"), where, problems, len(scale), numeric and level != "nominal")
+    trust = _parse_trust(c.get("trust"), where, problems)
     return Criterion(name=name, description=str(c.get("description") or "").strip(),
                      level=level if level in LEVELS else "nominal", scale=tuple(scale),  # type: ignore[arg-type]
-                     judges=judges, calibration=calibration, head=head)
+                     judges=judges, calibration=calibration, head=head, trust=trust)
+
+
+TRUST_NUMBERS = {"target": (0, 1), "delta": (0, 1), "tolerance": (0, 1e9), "threshold": (0, 1), "items": (0, 1e9),
+                 "accepted": (0, 1e9), "disagree": (0, 1e9), "bound": (0, 1), "best_threshold": (0, 1),
+                 "best_accepted": (0, 1e9), "best_disagree": (0, 1e9), "items_needed": (0, 1e12)}
+"""A trust rule's numbers and their ranges (runtime/trust.py writes them); threshold and
+items_needed may be null (the rule promises nothing)."""
+
+
+def _parse_trust(raw: Any, where: str, problems: list[str]) -> dict[str, Any] | None:
+    """A criterion's trust rule: the keys runtime/trust.py writes, numbers finite and in range."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
+        problems.append(f"{where}: 'trust' must be a mapping (method, target, delta, threshold, ...)")
+        return None
+    ok = True
+    for k in sorted(set(raw) - set(TRUST_NUMBERS) - {"method", "items_sha256"}):
+        problems.append(f"{where}: trust: unknown key '{k}'")
+        ok = False
+    for k in ("method", "target", "delta", "tolerance", "threshold", "items", "bound"):
+        if k not in raw:
+            problems.append(f"{where}: trust: needs '{k}'")
+            ok = False
+    for k in ("method", "items_sha256"):
+        if k in raw and (not isinstance(raw[k], str) or len(raw[k]) > 200):
+            problems.append(f"{where}: trust: '{k}' must be a short string")
+            ok = False
+    for k, (lo, hi) in TRUST_NUMBERS.items():
+        v = raw.get(k)
+        if v is None and k in ("threshold", "items_needed") or k not in raw:
+            continue
+        if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or not lo <= v <= hi:
+            problems.append(f"{where}: trust: '{k}' must be a number in [{lo:g}, {hi:g}], got {v!r}")
+            ok = False
+    return dict(raw) if ok else None
 
 
 def _parse_head(raw: Any, where: str, problems: list[str], levels: int, scale: bool) -> dict[str, Any] | None:
@@ -454,6 +496,7 @@ def spec_from_json(text: str, source: str = "<embedded spec>") -> TaskSpec:
                                      "list of one mapping"])
         c = crits[0]
         raw = {**raw, "labels": {"name": c.get("name"), "description": c.get("description", ""),
-                                 "classes": c.get("scale"), **{k: c[k] for k in ("judges", "head") if c.get(k)}}}
+                                 "classes": c.get("scale"),
+                                 **{k: c[k] for k in ("judges", "head", "trust") if c.get(k)}}}
         raw.pop("criteria", None)
     return parse_spec(raw, source)

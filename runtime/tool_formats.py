@@ -179,10 +179,13 @@ def argilla_records(preds: list[Prediction], spec: TaskSpec, inputs: dict[str, d
 def csv_rows(preds: list[Prediction], spec: TaskSpec,
              inputs: dict[str, dict[str, str]] | None = None) -> tuple[list[str], list[list[Any]]]:
     """One row per record: id, the inputs (with --items), per criterion its label, score and the
-    label's probability, and an error column (empty, or the error record's message)."""
+    label's probability (and, where the records carry a trust rule's marks, whether it accepted the
+    label: true or false), and an error column (empty, or the error record's message)."""
     header = ["id"] + ([f.name for f in spec.inputs] if inputs is not None else [])
+    marked = [c.name for c in spec.criteria if any(c.name in p.accept for p in preds)]
     for c in spec.criteria:
         header += [f"{c.name}_label", f"{c.name}_score", f"{c.name}_p_max"]
+        header += [f"{c.name}_accept"] if c.name in marked else []
     header.append("error")
     rows = []
     for p in preds:
@@ -194,6 +197,8 @@ def csv_rows(preds: list[Prediction], spec: TaskSpec,
             else:
                 score = p.scores.get(c.name)
                 row += [p.labels[c.name], "" if score is None else score, p.confidence(c.name)]
+            if c.name in marked:
+                row.append("" if c.name not in p.accept else str(p.accept[c.name]).lower())
         row.append("" if p.error is None else p.error.get("message", "error"))
         rows.append(row)
     return header, rows

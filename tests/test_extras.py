@@ -38,7 +38,8 @@ def test_the_runtime_alone_annotates_and_the_report_extra_adds_the_report(tmp_pa
         assert r.returncode != 0, f"{mod} is in the runtime-only environment"
     cmds = _commands(bin_, tmp_path)
     absent = {k for k, v in cmds.items() if "not installed" in v}
-    runtime_only = {"annotate", "agree", "convert", "inspect", "embed-spec", "data", "doctor", "select", "head"}
+    runtime_only = {"annotate", "agree", "convert", "inspect", "embed-spec", "data", "doctor", "select", "head",
+                    "trust"}
     assert set(cmds) - absent == runtime_only, cmds
     assert absent == {"train", "export", "parity", "bench", "from-gguf", "fit", "base", "serve"}, cmds
     assert "pip install 'edge-annotator[train]'" in cmds["train"]

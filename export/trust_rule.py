@@ -1,0 +1,124 @@
+"""`annotate-cli trust`: fit the trust rule (runtime/trust.py) on held-out items and write it into
+the annotator.
+
+    annotate-cli annotate support.gguf heldout.jsonl -o heldout-pred.jsonl
+    annotate-cli trust support.gguf heldout-pred.jsonl heldout-ratings.csv --target 0.1 -o support-trust.gguf
+    annotate-cli annotate support-trust.gguf new.jsonl -o new-pred.jsonl    # records carry "accept"
+    annotate-cli select new-pred.jsonl --unaccepted -n 500 --as items -o to-review.jsonl
+
+The held-out items must be ones the annotator did not learn from (fit's test split, or items rated
+since): the guarantee is about items like them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edge_annotator.runtime.errors import UserError
+from edge_annotator.runtime.options import Command
+from edge_annotator.runtime.records import Prediction
+from edge_annotator.runtime.spec import TaskSpec
+from edge_annotator.runtime.trust import confidence, describe, disagrees, fit_rule, tolerance_of
+
+
+def fit_rules(spec: TaskSpec, preds: list[Prediction], ratings: dict[str, list[dict[str, Any]]], target: float,
+              delta: float, tolerance: float | None = None) -> dict[str, dict[str, Any]]:
+    """Per criterion, the rule fitted on the predictions of the items that have human ratings for
+    it (each item once, in id order, so the rule does not depend on the files' order)."""
+    by_id = {p.id: p for p in preds if p.error is None}
+    rules = {}
+    for c in spec.criteria:
+        tol = tolerance_of(c, tolerance)
+        conf, wrong, ids = [], [], []
+        for item_id in sorted(set(by_id) & set(ratings)):
+            got = [r[c.name] for r in ratings[item_id] if r.get(c.name) is not None]
+            if not got:
+                continue
+            p = by_id[item_id]
+            score = p.scores.get(c.name)
+            conf.append(confidence(c, tol, p.labels[c.name], score, p.probs.get(c.name, {})))
+            wrong.append(disagrees(c, tol, p.labels[c.name], score, got))
+            ids.append(item_id)
+        if not ids:
+            raise UserError(f"no item has both a prediction and a human rating for {c.name}: the ids of the "
+                            f"predictions and of the ratings must match")
+        rules[c.name] = fit_rule(conf, wrong, target, delta, tol, ids)
+    return rules
+
+
+def with_rules(spec: TaskSpec, rules: dict[str, dict[str, Any]]) -> TaskSpec:
+    return replace(spec, criteria=tuple(replace(c, trust=rules.get(c.name, c.trust)) for c in spec.criteria))
+
+
+@click.command("trust", cls=Command)
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("pred", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("human", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The annotator GGUF to write: MODEL with the rule in its spec.")
+@click.option("--target", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1, show_default=True,
+              help="The most disagreement with the raters allowed among accepted labels.")
+@click.option("--delta", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1, show_default=True,
+              help="The chance, over the held-out items drawn, that the promise fails.")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=None,
+              help="Rating scales: how far a score may be from the raters' mean and agree [default: half a "
+                   "scale step].")
+@click.option("--json", "as_json", is_flag=True, help="Print the rules as JSON on stdout.")
+@click.option("--force", is_flag=True, help="Replace an existing output file (never MODEL, PRED or HUMAN).")
+def trust_command(model: Path, pred: Path, human: Path, out: Path, target: float, delta: float,
+                  tolerance: float | None, as_json: bool, force: bool) -> None:
+    """Fit, per criterion, which labels MODEL may give without review: the confidence threshold above
+    which its labels disagree with the raters at most --target of the time, promised with
+    probability 1 - --delta. PRED is annotate's output on held-out items MODEL did not learn from;
+    HUMAN their ratings (any layout `fit` reads). Writes MODEL with the rule as OUT; annotate then
+    marks each record's "accept", and `select --unaccepted` picks the rest for the experts.
+
+    How the rule is fitted and what it promises: runtime/trust.py (Learn then Test over a fixed grid
+    of thresholds, exact binomial tests). Where it cannot promise the target, it accepts nothing and
+    says how many held-out items would do.
+
+    \b
+    Examples:
+      annotate-cli annotate support.gguf heldout.jsonl -o heldout-pred.jsonl
+      annotate-cli trust support.gguf heldout-pred.jsonl heldout.csv -o support-trust.gguf
+      annotate-cli trust support.gguf heldout-pred.jsonl heldout.csv --target 0.05 --delta 0.05 -o s.gguf
+    """
+    from edge_annotator.runtime.files import check_output
+    from edge_annotator.runtime.gguf_file import read_strings, sha256_file
+    from edge_annotator.runtime.gguf_meta import Keys, embedded_spec
+    from edge_annotator.runtime.labels import read_labelled
+    from edge_annotator.runtime.records import read_predictions
+    from edge_annotator.runtime.untrusted import JSONError, loads
+
+    from .heads import write_annotator
+
+    check_output(out, [model, pred, human], force)
+    spec = embedded_spec(model)
+    preds = read_predictions(pred, spec)
+    sha = sha256_file(model)
+    other = next((p for p in preds if p.error is None and p.model_sha256 != sha), None)
+    if other is not None:
+        raise UserError(f"{pred}:{other.line}: made by model {other.model_sha256[:16]}..., not {model.name} "
+                        f"({sha[:16]}...): annotate the held-out items with {model.name}")
+    labelled = read_labelled(human, spec, strict=False)
+    ratings = {it.id: it.ratings for it in labelled.items if it.ratings}
+    rules = fit_rules(spec, preds, ratings, target, delta, tolerance)
+    for name, rule in rules.items():
+        click.echo(describe(name, rule), err=True)
+    try:  # the model's own provenance, read without loading it (an adapter's base need not be at hand)
+        before = loads(read_strings(model, {Keys.PROVENANCE}).get(Keys.PROVENANCE) or "{}")
+    except JSONError:
+        before = {}
+    provenance = (before if isinstance(before, dict) else {}) | {"trust": {
+        "predictions": pred.name, "predictions_sha256": hashlib.sha256(pred.read_bytes()).hexdigest(),
+        "ratings": human.name, "ratings_sha256": hashlib.sha256(human.read_bytes()).hexdigest()}}
+    write_annotator(model, out, with_rules(spec, rules), provenance)
+    if as_json:
+        click.echo(json.dumps(rules, indent=2, sort_keys=True))
+    click.echo(f"wrote {out}", err=True)

@@ -1,0 +1,207 @@
+"""Which labels to trust without review: a rule per criterion, fitted on held-out items, that
+accepts a label only where the annotator is confident enough, with a stated bound on how often the
+accepted labels disagree with the experts.
+
+What is controlled. For a criterion, each labelled item gets a confidence c (below) and a verdict:
+it *disagrees* when its label is not one the raters chose most often (labels), or when its score is
+further than `tolerance` from the raters' mean (rating scales; default half a scale step). A
+threshold t accepts the items with c >= t. The rule picks t so that, with probability at least
+1 - delta over the draw of the held-out items, the disagreement rate among accepted items of the
+same kind is at most `target`:
+
+    P( P(disagree | c >= t) <= target ) >= 1 - delta
+
+How: Learn then Test (Angelopoulos, Bates, Candes, Jordan, Lei, 2021) over a grid of K thresholds
+fixed before any data is seen (GRID). For each t, the n accepted held-out items and their k
+disagreements give the exact binomial p-value of "the rate exceeds target",
+P(Binomial(n, target) <= k): given how many are accepted, the accepted items are an i.i.d. sample
+of accepted items, so this holds without any model of the confidences. The thresholds are tested
+strictest first by the fallback procedure (Wiens, 2003): each at delta / K, plus the level of the
+one before it where that one was shown safe; all K together hold with probability 1 - delta
+(family-wise), and the rule takes the safe t that accepts the most. Not the plain fixed sequence
+LTT also allows: the strictest thresholds accept a handful of items, can never be shown safe, and
+would stop it before it reached the useful ones; the fallback passes them by and still gives a run
+of safe thresholds more level than Bonferroni's delta / K each.
+Nothing here assumes the confidences are calibrated; a better-ranked confidence only accepts more.
+
+The confidence: for labels, the chosen label's probability; for rating scales, the probability the
+model puts on levels within `tolerance` of its score (how much of its belief lies where it would
+count as agreeing).
+
+Where it cannot promise (too few held-out items, or an annotator that disagrees too often
+everywhere), the rule accepts nothing and says so: the best bound it can state, and about how many
+held-out items at the observed rate would reach the target.
+
+    rule = fit_rule(confidences, disagrees, target=0.1, delta=0.1)
+    accepted = accepts(rule, confidence(criterion, rule["tolerance"], label, score, probs))
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .spec import Criterion
+
+GRID: tuple[float, ...] = (0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.9, 0.88, 0.86, 0.84, 0.82,
+                           0.8, 0.775, 0.75, 0.725, 0.7, 0.675, 0.65, 0.625, 0.6, 0.575, 0.55, 0.525, 0.5,
+                           0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.1, 0.0)
+"""The thresholds tested, strictest first; 0.0 accepts every item. Fixed, so the guarantee holds."""
+METHOD = "learn-then-test: fallback procedure over a fixed grid of thresholds, exact binomial p-values"
+KEYS = ("method", "target", "delta", "tolerance", "threshold", "items", "accepted", "disagree", "bound",
+        "items_sha256")
+
+
+def tolerance_of(c: Criterion, given: float | None = None) -> float:
+    """How far a score may be from the raters' mean and still agree: GIVEN, else half the smallest
+    step between two levels of the scale (0 for labels: only the same label agrees)."""
+    if given is not None:
+        return float(given)
+    if not c.is_numeric:
+        return 0.0
+    values = [float(v) for v in c.values]
+    steps = [b - a for a, b in zip(values, values[1:]) if b > a]
+    return min(steps) / 2 if steps else 0.5
+
+
+def confidence(c: Criterion, tolerance: float, label: Any, score: float | None,
+               probs: Mapping[str, float]) -> float:
+    """How sure the annotator is of this criterion's label: the chosen label's probability (labels),
+    or the probability on levels within TOLERANCE of the score (rating scales)."""
+    if not c.is_numeric or score is None:
+        return float(probs.get(str(label), 0.0))
+    return float(sum(p for v, p in probs.items() if abs(float(v) - score) <= tolerance + 1e-12))
+
+
+def disagrees(c: Criterion, tolerance: float, label: Any, score: float | None, ratings: Sequence[Any]) -> bool:
+    """Whether a prediction disagrees with the raters: a label none of the most frequent human labels
+    (labels), or a score further than TOLERANCE from their mean (rating scales)."""
+    if not c.is_numeric or score is None:
+        counts = Counter(str(r) for r in ratings)
+        top = max(counts.values())
+        return str(label) not in {k for k, n in counts.items() if n == top}
+    mean = sum(float(r) for r in ratings) / len(ratings)
+    return abs(score - mean) > tolerance + 1e-12
+
+
+def binom_cdf(k: int, n: int, p: float) -> float:
+    """P(Binomial(n, p) <= k), summed exactly in log space."""
+    if k >= n:
+        return 1.0
+    if k < 0:
+        return 0.0
+    if p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 0.0
+    lp, lq = math.log(p), math.log1p(-p)
+    i = np.arange(1, k + 1, dtype=np.float64)
+    # log P(X = i) for i = 0..k, each from the one before: P(i) = P(i-1) (n-i+1)/i p/(1-p)
+    terms = n * lq + np.concatenate(([0.0], np.cumsum(np.log((n - i + 1) / i) + (lp - lq))))
+    top = float(terms.max())
+    return min(1.0, math.exp(top) * float(np.exp(terms - top).sum()))
+
+
+def upper_bound(k: int, n: int, level: float) -> float:
+    """The smallest rate r with P(Binomial(n, r) <= k) <= LEVEL: a one-sided (1 - LEVEL) upper
+    confidence bound on the rate behind k of n (Clopper-Pearson); 1.0 for n = 0."""
+    if n == 0 or k >= n:
+        return 1.0
+    lo, hi = k / n, 1.0
+    for _ in range(45):  # to within 3e-14
+        mid = (lo + hi) / 2
+        if binom_cdf(k, n, mid) > level:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def items_needed(rate: float, target: float, level: float, limit: int = 1_000_000) -> int | None:
+    """About how many accepted held-out items at RATE disagreeing would show a rate below TARGET at
+    LEVEL; None where RATE is not below TARGET (no count would)."""
+    if rate >= target:
+        return None
+    n = 1
+    while n <= limit:
+        if binom_cdf(int(math.floor(rate * n)), n, target) <= level:
+            return n
+        n *= 2
+    return None
+
+
+def fit_rule(conf: Sequence[float], wrong: Sequence[bool], target: float, delta: float, tolerance: float,
+             item_ids: Sequence[str] = ()) -> dict[str, Any]:
+    """The rule for one criterion from its held-out items' confidences and disagreements: the
+    threshold that accepts the most items among those shown safe at TARGET with confidence
+    1 - DELTA (None: none is), and what it rests on. Deterministic: the same items give the same
+    rule, byte for byte."""
+    if not 0 < target < 1 or not 0 < delta < 1:
+        raise ValueError(f"target {target} and delta {delta} must lie strictly between 0 and 1")
+    if len(conf) != len(wrong):
+        raise ValueError("one disagreement per confidence")
+    level = delta / len(GRID)
+    # accepted and disagreeing counts at every threshold, from the items sorted by confidence
+    order = sorted(range(len(conf)), key=lambda i: -conf[i])
+    ranked = [-conf[i] for i in order]
+    wrong_before = [0]
+    for i in order:
+        wrong_before.append(wrong_before[-1] + bool(wrong[i]))
+    counts = []
+    for t in GRID:
+        n = bisect.bisect_right(ranked, -t)  # items with confidence >= t
+        counts.append((t, n, wrong_before[n]))
+    best: tuple[float, int, int, float] | None = None
+    carried = 0.0
+    for t, n, k in counts:  # the fallback procedure: a threshold shown safe hands its level on to the next
+        if n and binom_cdf(k, n, target) <= level + carried:
+            best, carried = (t, n, k, level + carried), level + carried  # strictest first: a later t accepts more
+        else:
+            carried = 0.0
+    ids = hashlib.sha256("\n".join(sorted(map(str, item_ids))).encode()).hexdigest()
+    rule: dict[str, Any] = {"method": METHOD, "target": target, "delta": delta, "tolerance": round(tolerance, 6),
+                            "items": len(conf), "items_sha256": ids}
+    if best is not None:
+        t, n, k, tested = best  # the bound at the level its test had: at most the target
+        return rule | {"threshold": t, "accepted": n, "disagree": k, "bound": round(upper_bound(k, n, tested), 6)}
+    # nothing is safe: the best that can be said, at the threshold with the lowest bound (a bound is
+    # at least k / n, so a threshold whose rate is already above the best bound so far is passed by)
+    bound, t, n, k = 1.0, GRID[-1], counts[-1][1], counts[-1][2]
+    for t_, n_, k_ in counts:
+        if n_ and k_ / n_ < bound and (b_ := upper_bound(k_, n_, level)) < bound:
+            bound, t, n, k = b_, t_, n_, k_
+    return rule | {"threshold": None, "accepted": 0, "disagree": 0, "bound": round(bound, 6),
+                   "best_threshold": t, "best_accepted": n, "best_disagree": k,
+                   "items_needed": items_needed(k / n, target, level) if n else None}
+
+
+def accepts(rule: Mapping[str, Any] | None, conf: float) -> bool:
+    """Whether RULE accepts a label of this confidence (no rule, or a rule that could promise
+    nothing: never)."""
+    if not rule or rule.get("threshold") is None:
+        return False
+    return conf >= float(rule["threshold"])
+
+
+def describe(name: str, rule: Mapping[str, Any]) -> str:
+    """One line a user reads: what the rule accepts and what it promises, or why it promises nothing."""
+    head = (f"{name}: at most {rule['target']:.0%} disagreement among accepted labels "
+            f"(confidence {1 - rule['delta']:.0%}, tolerance {rule['tolerance']:g}), "
+            f"from {rule['items']} held-out items: ")
+    if rule.get("threshold") is not None:
+        return head + (f"accept confidence >= {rule['threshold']:g}: {rule['accepted']} of {rule['items']} "
+                       f"({rule['accepted'] / max(rule['items'], 1):.0%}) accepted, {rule['disagree']} of them "
+                       f"disagree, bound {rule['bound']:.3f}")
+    need = rule.get("items_needed")
+    more = (f"at its observed rate, about {need} accepted held-out items would reach the target" if need else
+            "its disagreement rate is at or above the target at every threshold")
+    return head + (f"nothing is accepted: the lowest bound is {rule['bound']:.3f} (confidence >= "
+                   f"{rule.get('best_threshold')}, {rule.get('best_accepted')} items, {rule.get('best_disagree')} "
+                   f"disagree); {more}")

@@ -1,0 +1,161 @@
+"""The trust rule (runtime/trust.py): it keeps its promise on items with known error rates, says so
+when it cannot promise, is the same rule byte for byte, and travels in the spec to annotate's
+records, select and the command that writes it."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import DATA, TASKS
+
+from edge_annotator.runtime.cli import cli
+from edge_annotator.runtime.errors import SpecError
+from edge_annotator.runtime.spec import load_spec, spec_from_json
+from edge_annotator.runtime.trust import GRID, binom_cdf, fit_rule, upper_bound
+
+SLOPE = 0.6
+"""The synthetic items' error: P(disagree | confidence c) = SLOPE * (1 - c), c uniform on [0, 1], so
+the rate among items with c >= t is SLOPE * (1 - t) / 2, known exactly."""
+
+
+def _items(n: int, rng: random.Random) -> tuple[list[float], list[bool]]:
+    conf = [rng.random() for _ in range(n)]
+    return conf, [rng.random() < SLOPE * (1 - c) for c in conf]
+
+
+def test_binomial_tail_and_bound_match_the_direct_sums() -> None:
+    for n, k, p in [(10, 3, 0.2), (50, 0, 0.1), (200, 17, 0.1), (7, 7, 0.5), (1000, 80, 0.1)]:
+        direct = sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k + 1))
+        assert binom_cdf(k, n, p) == pytest.approx(direct, rel=1e-9, abs=1e-300)
+    # the upper bound is the rate at which k of n is as unlikely as the level allows
+    u = upper_bound(5, 100, 0.01)
+    assert binom_cdf(5, 100, u) == pytest.approx(0.01, rel=1e-6) and 0.05 < u < 0.2
+    assert upper_bound(0, 0, 0.01) == 1.0
+
+
+@pytest.mark.parametrize("target,delta,n", [(0.2, 0.1, 400), (0.1, 0.1, 2000), (0.05, 0.05, 5000), (0.3, 0.2, 150)])
+def test_the_rule_keeps_its_promise_over_many_draws_of_held_out_items(target: float, delta: float, n: int) -> None:
+    """Over 400 draws of N held-out items, the accepted items' true disagreement rate exceeds the
+    target in at most a delta share of the draws (Monte Carlo slack aside), and the rule accepts a
+    useful share: a rule that accepted nothing would keep the promise and fail here. Its stated
+    bound is never above the target."""
+    rng = random.Random(1234)
+    fails, shares = 0, []
+    for _ in range(400):
+        conf, wrong = _items(n, rng)
+        rule = fit_rule(conf, wrong, target, delta, 0.5)
+        t = rule["threshold"]
+        if t is None:
+            shares.append(0.0)
+            continue
+        assert rule["bound"] <= target and rule["disagree"] <= rule["accepted"] * target
+        fails += SLOPE * (1 - t) / 2 > target
+        shares.append(1 - t)
+    assert fails / 400 <= delta + 3 * math.sqrt(delta * (1 - delta) / 400), fails
+    oracle = 2 * target / SLOPE  # the share of items with confidence >= the loosest threshold at the target
+    assert sum(shares) / 400 >= 0.25 * oracle, (sum(shares) / 400, oracle)
+
+
+def test_the_rule_is_the_same_byte_for_byte_and_does_not_depend_on_the_items_order() -> None:
+    conf, wrong = _items(300, random.Random(7))
+    ids = [f"i{k}" for k in range(300)]
+    a = fit_rule(conf, wrong, 0.2, 0.1, 0.5, ids)
+    order = list(range(300))
+    random.Random(8).shuffle(order)
+    b = fit_rule([conf[i] for i in order], [wrong[i] for i in order], 0.2, 0.1, 0.5, [ids[i] for i in order])
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    assert a["threshold"] in GRID
+
+
+def test_too_few_items_accept_nothing_and_say_how_many_would_do() -> None:
+    conf, wrong = _items(40, random.Random(3))
+    rule = fit_rule(conf, wrong, 0.05, 0.1, 0.5)
+    assert rule["threshold"] is None and rule["accepted"] == 0
+    assert rule["bound"] > 0.05 and rule["items_needed"] is None or rule["items_needed"] > rule["best_accepted"]
+    with pytest.raises(ValueError):
+        fit_rule(conf, wrong, 1.5, 0.1, 0.5)
+
+
+def test_a_rule_travels_in_the_spec_and_a_bad_one_is_refused() -> None:
+    from dataclasses import replace
+
+    spec = load_spec(TASKS / "emobank.yaml")
+    conf, wrong = _items(300, random.Random(5))
+    rule = fit_rule(conf, wrong, 0.1, 0.1, 0.5, [str(i) for i in range(300)])
+    with_rule = replace(spec, criteria=(replace(spec.criteria[0], trust=rule), *spec.criteria[1:]))
+    back = spec_from_json(with_rule.to_json())
+    assert back == with_rule and back.sha256 != spec.sha256
+    assert spec_from_json(spec.to_json()).sha256 == spec.sha256  # no rule: the hash as before
+    raw = json.loads(with_rule.to_json())
+    for bad in ({**rule, "threshold": 2}, {**rule, "nonsense": 1}, {k: v for k, v in rule.items() if k != "target"},
+                {**rule, "bound": float("nan")}, "accept everything"):
+        raw["criteria"][0]["trust"] = bad
+        with pytest.raises(SpecError):
+            spec_from_json(json.dumps(raw))
+
+
+@pytest.mark.slow
+def test_trust_writes_the_rule_and_annotate_select_and_the_rule_agree(annotator_gguf: Path, tmp_path: Path) -> None:
+    """On the held-out items themselves, annotate with the written annotator accepts exactly the
+    items the rule counted (the confidence is read from the record's own values), changes nothing
+    else of the record, and select --unaccepted picks exactly the others. The raters here are made
+    to agree with the zero-shot model on all but every fifth item (the rule's promise itself is
+    tested on items with known error rates above): what is tested is the path."""
+    items = DATA / "emobank-test-50.jsonl"
+    pred = tmp_path / "pred.jsonl"
+    runner = CliRunner()
+    r = runner.invoke(cli, ["annotate", str(annotator_gguf), str(items), "--threads", "2", "-o", str(pred)])
+    assert r.exit_code == 0, r.output
+    human = tmp_path / "human.jsonl"
+    with human.open("w") as f:
+        recs = [json.loads(x) for x in pred.read_text().splitlines()]
+        for k, (line, rec) in enumerate(zip(items.read_text().splitlines(), recs, strict=True)):
+            near = {c: min(5, max(1, round(v))) for c, v in rec["scores"].items()}
+            far = {c: 1 if v >= 3 else 5 for c, v in rec["scores"].items()}
+            f.write(json.dumps({**json.loads(line), "ratings": [{"labels": far if k % 5 == 0 else near}]}) + "\n")
+    out = tmp_path / "trusted.gguf"
+    r = runner.invoke(cli, ["trust", str(annotator_gguf), str(pred), str(human), "--target", "0.4", "--delta", "0.2",
+                            "--json", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    rules = json.loads(r.stdout)
+    assert set(rules) == {"Valence", "Arousal", "Dominance"}
+    assert any(x["threshold"] is not None and x["accepted"] > 0 for x in rules.values()), rules
+    again = tmp_path / "again.jsonl"
+    r = runner.invoke(cli, ["annotate", str(out), str(items), "--threads", "2", "-o", str(again)])
+    assert r.exit_code == 0, r.output
+    before = [json.loads(x) for x in pred.read_text().splitlines()]
+    after = [json.loads(x) for x in again.read_text().splitlines()]
+    for a, b in zip(before, after, strict=True):
+        assert {k: v for k, v in b.items() if k not in ("accept", "model_sha256", "spec_sha256")} == \
+               {k: v for k, v in a.items() if k not in ("model_sha256", "spec_sha256")}
+        assert set(b["accept"]) == set(rules)
+    for name, rule in rules.items():
+        assert sum(b["accept"][name] for b in after) == rule["accepted"], name
+    # the same rule from the same files: byte-identical annotator
+    out2 = tmp_path / "trusted2.gguf"
+    r = runner.invoke(cli, ["trust", str(annotator_gguf), str(pred), str(human), "--target", "0.4", "--delta", "0.2",
+                            "-o", str(out2)])
+    assert r.exit_code == 0 and out2.read_bytes() == out.read_bytes(), r.output
+    # the rest goes to the experts
+    picks = tmp_path / "review.jsonl"
+    r = runner.invoke(cli, ["select", str(again), "--model", str(out), "--unaccepted", "-n", "1000", "-o", str(picks)])
+    assert r.exit_code == 0, r.output
+    unaccepted = {b["id"] for b in after if not all(b["accept"].values())}
+    assert {json.loads(x)["id"] for x in picks.read_text().splitlines()} == unaccepted
+    # the CSV says which labels were accepted
+    csv_out = tmp_path / "again.csv"
+    r = runner.invoke(cli, ["convert", str(again), "--to", "csv", "--model", str(out), "-o", str(csv_out)])
+    assert r.exit_code == 0, r.output
+    header, *rows = csv_out.read_text().splitlines()
+    col = header.split(",").index("Valence_accept")
+    assert [row.split(",")[col] for row in rows] == [str(b["accept"]["Valence"]).lower() for b in after]
+    # predictions from another model are refused, naming the line
+    r = runner.invoke(cli, ["trust", str(out), str(pred), str(human), "-o", str(tmp_path / "x.gguf")])
+    assert r.exit_code == 1 and f"{pred}:1:" in r.output and "not trusted.gguf" in r.output, r.output
+    r = runner.invoke(cli, ["select", str(pred), "--model", str(annotator_gguf), "--unaccepted", "-n", "5"])
+    assert r.exit_code == 1 and "no 'accept' marks" in r.output, r.output
