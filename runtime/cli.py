@@ -315,9 +315,12 @@ def _fmt(v: Any) -> str:
               help="label-studio: also write the labelling interface (<View> XML) here.")
 @click.option("--settings", "settings_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="argilla: also write the dataset settings (fields, questions) as JSON here.")
+@click.option("--accepted-only", is_flag=True, help="Pre-annotate only the labels the annotator's trust rule "
+                                                    "accepted (annotate-cli trust); experts fill in the rest.")
 @force_option
 def convert(pred: Path, fmt: str, spec_path: Path | None, model: Path | None, items_path: Path | None,
-            output: Path, label_config: Path | None, settings_path: Path | None, force: bool) -> None:
+            output: Path, label_config: Path | None, settings_path: Path | None, accepted_only: bool,
+            force: bool) -> None:
     """Turn annotate's output (PRED) into pre-annotations for Label Studio or Argilla, or a CSV.
 
     Every record of PRED becomes one task, record or row; error records are kept, flagged with
@@ -330,6 +333,8 @@ def convert(pred: Path, fmt: str, spec_path: Path | None, model: Path | None, it
       annotate-cli convert labels.jsonl --to argilla --model annotator.gguf --items items.jsonl \\
           -o records.json --settings settings.json
       annotate-cli convert labels.jsonl --to csv --spec tasks/emobank.yaml -o labels.csv
+      annotate-cli convert labels.jsonl --to label-studio --model trusted.gguf --items items.jsonl \
+          -o tasks.json --accepted-only   # pre-select only what the trust rule accepted
     """
     import csv
     import io
@@ -342,6 +347,9 @@ def convert(pred: Path, fmt: str, spec_path: Path | None, model: Path | None, it
              settings_path if fmt == "argilla" else None)
     spec = _spec_for(spec_path, model)
     preds = read_predictions(pred, spec)
+    if accepted_only and (fmt == "csv" or not any(p.accept for p in preds)):
+        raise click.UsageError("--accepted-only pre-annotates for Label Studio or Argilla the labels a trust rule "
+                               "accepted: PRED's records must carry 'accept' (annotate with annotate-cli trust's file)")
     inputs = cv.read_inputs(items_path, spec) if items_path else None
     if fmt == "csv":
         header, rows = cv.csv_rows(preds, spec, inputs)
@@ -351,14 +359,16 @@ def convert(pred: Path, fmt: str, spec_path: Path | None, model: Path | None, it
         w.writerows(rows)
         atomic_write(output, buf.getvalue())
     elif fmt == "label-studio":
-        atomic_write(output, json.dumps(cv.label_studio_tasks(preds, spec, inputs), indent=1, ensure_ascii=False))
+        atomic_write(output, json.dumps(cv.label_studio_tasks(preds, spec, inputs, accepted_only), indent=1,
+                                        ensure_ascii=False))
         if label_config:
             atomic_write(label_config, cv.label_studio_config(spec))
     else:
         name = model.stem if model else spec.name
         shas = {p.model_sha256 for p in preds if p.model_sha256}
         agent = f"edge-annotator/{name}" + (f"@{sorted(shas)[0][:12]}" if len(shas) == 1 else "")
-        atomic_write(output, json.dumps(cv.argilla_records(preds, spec, inputs, agent), indent=1, ensure_ascii=False))
+        atomic_write(output, json.dumps(cv.argilla_records(preds, spec, inputs, agent, accepted_only), indent=1,
+                                        ensure_ascii=False))
         if settings_path:
             atomic_write(settings_path, json.dumps(cv.argilla_settings(spec), indent=1, ensure_ascii=False))
     errors = sum(p.error is not None for p in preds)

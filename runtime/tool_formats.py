@@ -42,6 +42,9 @@ def _fields(p: Prediction, spec: TaskSpec, inputs: dict[str, dict[str, str]] | N
 
 # -- Label Studio ------------------------------------------------------------------------------
 
+REVIEW_KEY = "edge_annotator_review"
+"""Argilla metadata, where the records carry a trust rule's marks: the criteria whose label the rule
+did not accept ("none": every label accepted)."""
 MODEL_KEY = "edge_annotator_model"
 """Task data: the model's labels, scores and confidences in words, shown above the controls."""
 
@@ -80,22 +83,25 @@ def label_studio_config(spec: TaskSpec) -> str:
 
 
 def _suggestion_text(p: Prediction, spec: TaskSpec) -> str:
-    """E.g. "Valence 4 (score 3.91, p 0.60); Arousal 3 (score 3.02, p 0.71)"."""
+    """E.g. "Valence 4 (score 3.91, p 0.60); Arousal 3 (score 3.02, p 0.71)"; with a trust rule's
+    marks, each label says "accepted" or "to review"."""
     parts = []
     for c in spec.criteria:
         score = p.scores.get(c.name)
         extra = f"score {score:.2f}, " if score is not None else ""
-        parts.append(f"{c.name} {p.labels[c.name]} ({extra}p {p.confidence(c.name):.2f})")
+        mark = "" if c.name not in p.accept else ", accepted" if p.accept[c.name] else ", to review"
+        parts.append(f"{c.name} {p.labels[c.name]} ({extra}p {p.confidence(c.name):.2f}{mark})")
     return "; ".join(parts)
 
 
-def label_studio_tasks(preds: list[Prediction], spec: TaskSpec,
-                       inputs: dict[str, dict[str, str]] | None = None) -> list[dict[str, Any]]:
+def label_studio_tasks(preds: list[Prediction], spec: TaskSpec, inputs: dict[str, dict[str, str]] | None = None,
+                       accepted_only: bool = False) -> list[dict[str, Any]]:
     """Tasks to import (Label Studio's "import pre-annotated data"): `data` holds the inputs, the id,
     the suggestion in words and, under "edge_annotator", every level's probability and the scores;
     one prediction per task whose `result` pre-selects each criterion's label (a rating or a choice),
     `model_version` the model file's sha256 prefix and `score` the mean confidence. An error record
-    is a task with no prediction and the error in data."""
+    is a task with no prediction and the error in data. ACCEPTED_ONLY: pre-select only the labels a
+    trust rule accepted (the rest are left for the expert)."""
     tasks: list[dict[str, Any]] = []
     for p in preds:
         data: dict[str, Any] = {**_fields(p, spec, inputs), "id": p.id}
@@ -106,16 +112,19 @@ def label_studio_tasks(preds: list[Prediction], spec: TaskSpec,
             continue
         data[PROBS_KEY] = {"probs": p.probs, "scores": p.scores}
         data[MODEL_KEY] = _suggestion_text(p, spec)
-        tasks.append({"data": data, "predictions": [label_studio_prediction(p, spec)]})
+        tasks.append({"data": data, "predictions": [label_studio_prediction(p, spec, accepted_only)]})
     return tasks
 
 
-def label_studio_prediction(p: Prediction, spec: TaskSpec) -> dict[str, Any]:
+def label_studio_prediction(p: Prediction, spec: TaskSpec, accepted_only: bool = False) -> dict[str, Any]:
     """One result record's Label Studio prediction: `result` pre-selects each criterion's label (a
-    rating or a choice, with its confidence as `score`), `model_version` is the model file's sha256
-    prefix and `score` the mean confidence (annotate-cli serve answers /predict with these)."""
+    rating or a choice, with its confidence as `score`; with ACCEPTED_ONLY only the labels a trust
+    rule accepted), `model_version` is the model file's sha256 prefix and `score` the mean
+    confidence (annotate-cli serve answers /predict with these)."""
     result: list[dict[str, Any]] = []
     for c in spec.criteria:
+        if accepted_only and not p.accept.get(c.name, False):
+            continue
         value: dict[str, Any]
         if _ls_rating(c) is not None:
             kind, value = "rating", {"rating": int(p.labels[c.name])}
@@ -148,16 +157,19 @@ def argilla_settings(spec: TaskSpec) -> dict[str, Any]:
         else:
             questions.append({"type": "label_selection", "name": c.name, "title": c.name,
                               "labels": [str(v) for v in c.values]})
+    metadata = [{"type": "terms", "name": ERROR_KEY, "title": "annotate-cli error"}]
+    if any(c.trust for c in spec.criteria):
+        metadata.append({"type": "terms", "name": REVIEW_KEY, "title": "annotate-cli: labels to review"})
     return {"fields": [{"type": "text", "name": f.name, "title": f.title} for f in spec.inputs],
-            "questions": questions, "metadata": [{"type": "terms", "name": ERROR_KEY, "title": "annotate-cli error"}],
-            "guidelines": spec.description or spec.name}
+            "questions": questions, "metadata": metadata, "guidelines": spec.description or spec.name}
 
 
 def argilla_records(preds: list[Prediction], spec: TaskSpec, inputs: dict[str, dict[str, str]] | None,
-                    agent: str) -> list[dict[str, Any]]:
+                    agent: str, accepted_only: bool = False) -> list[dict[str, Any]]:
     """Records as `rg.Record` takes them: the inputs, one model suggestion per question (`value`,
-    `score` the label's probability, `agent`, type "model"); an error record has no suggestions
-    and its message as metadata."""
+    `score` the label's probability, `agent`, type "model"; with ACCEPTED_ONLY only for the labels
+    a trust rule accepted); an error record has no suggestions and its message as metadata. Where
+    the records carry a trust rule's marks, metadata names the criteria to review."""
     out = []
     for p in preds:
         rec: dict[str, Any] = {"id": p.id, "fields": _fields(p, spec, inputs)}
@@ -169,7 +181,10 @@ def argilla_records(preds: list[Prediction], spec: TaskSpec, inputs: dict[str, d
         rec["suggestions"] = [
             {"question_name": c.name,
              "value": int(p.labels[c.name]) if _rating_values(c) is not None else str(p.labels[c.name]),
-             "score": p.confidence(c.name), "agent": agent, "type": "model"} for c in spec.criteria]
+             "score": p.confidence(c.name), "agent": agent, "type": "model"} for c in spec.criteria
+            if not accepted_only or p.accept.get(c.name, False)]
+        if p.accept:
+            rec["metadata"] = {REVIEW_KEY: [c.name for c in spec.criteria if not p.accept.get(c.name, False)] or "none"}
         out.append(rec)
     return out
 

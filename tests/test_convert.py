@@ -180,3 +180,49 @@ def test_label_studio_controls_point_at_the_field_each_criterion_judges(tmp_path
 
     with pytest.raises(SpecError, match="judges 'nowhere', which is not an input"):
         parse_spec(raw)
+
+
+@needs_sdks
+def test_a_trust_rules_marks_reach_the_labelling_tools(tmp_path: Path) -> None:
+    """Records with `accept` marks: Label Studio's header says "accepted" or "to review" for each
+    label, Argilla's metadata names the criteria to review (and the settings declare it), and
+    --accepted-only pre-selects only the accepted labels; both tools' SDKs take the result."""
+    import yaml
+
+    pred, items = _predictions(tmp_path, "emobank")
+    spec = load_spec(TASKS / "emobank.yaml")
+    rule = {"method": "test", "target": 0.1, "delta": 0.1, "tolerance": 0.5, "threshold": 0.5, "items": 100,
+            "accepted": 40, "disagree": 2, "bound": 0.09}
+    raw = spec.to_dict()
+    for c in raw["criteria"]:
+        c["trust"] = rule
+    spec_path = tmp_path / "trusted.yaml"
+    spec_path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    recs = [json.loads(x) for x in pred.read_text().splitlines()]
+    for k, rec in enumerate(recs):
+        if "error" not in rec:
+            rec["accept"] = {"Valence": k % 2 == 0, "Arousal": True, "Dominance": k % 3 != 0}
+    pred.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    common = ["--spec", str(spec_path), "--items", str(items)]
+    tasks, config = tmp_path / "tasks.json", tmp_path / "config.xml"
+    r = _convert(str(pred), "--to", "label-studio", *common, "-o", str(tasks), "--label-config", str(config),
+                 "--accepted-only")
+    assert r.exit_code == 0, r.output
+    got = _sdk_check("label-studio", config, tasks)
+    assert (got["tasks"], got["invalid"]) == (50, 0), got
+    t = json.loads(tasks.read_text())
+    assert [x["from_name"] for x in t[0]["predictions"][0]["result"]] == ["Valence", "Arousal"]
+    assert [x["from_name"] for x in t[1]["predictions"][0]["result"]] == ["Arousal", "Dominance"]
+    assert "(score" in t[1]["data"]["edge_annotator_model"] and "to review)" in t[1]["data"]["edge_annotator_model"]
+    records, settings = tmp_path / "records.json", tmp_path / "settings.json"
+    r = _convert(str(pred), "--to", "argilla", *common, "-o", str(records), "--settings", str(settings))
+    assert r.exit_code == 0, r.output
+    got = _sdk_check("argilla", settings, records)
+    assert (got["records"], got["suggestions"], got["invalid"]) == (50, 49 * 3, 0), got
+    out = json.loads(records.read_text())
+    assert out[0]["metadata"] == {"edge_annotator_review": ["Dominance"]}
+    assert out[4]["metadata"] == {"edge_annotator_review": "none"}
+    assert "edge_annotator_review" in [m["name"] for m in json.loads(settings.read_text())["metadata"]]
+    r = _convert(str(pred), "--to", "csv", "--spec", str(TASKS / "emobank.yaml"), "-o", str(tmp_path / "x.csv"),
+                 "--accepted-only")
+    assert r.exit_code == 2 and "--accepted-only" in r.output
