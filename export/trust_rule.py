@@ -24,31 +24,21 @@ from edge_annotator.runtime.errors import UserError
 from edge_annotator.runtime.options import Command
 from edge_annotator.runtime.records import Prediction
 from edge_annotator.runtime.spec import TaskSpec
-from edge_annotator.runtime.trust import confidence, describe, disagrees, fit_rule, tolerance_of
+from edge_annotator.runtime.trust import describe, fit_rule, held_out, tolerance_of
 
 
 def fit_rules(spec: TaskSpec, preds: list[Prediction], ratings: dict[str, list[dict[str, Any]]], target: float,
               delta: float, tolerance: float | None = None) -> dict[str, dict[str, Any]]:
     """Per criterion, the rule fitted on the predictions of the items that have human ratings for
     it (each item once, in id order, so the rule does not depend on the files' order)."""
-    by_id = {p.id: p for p in preds if p.error is None}
     rules = {}
     for c in spec.criteria:
         tol = tolerance_of(c, tolerance)
-        conf, wrong, ids = [], [], []
-        for item_id in sorted(set(by_id) & set(ratings)):
-            got = [r[c.name] for r in ratings[item_id] if r.get(c.name) is not None]
-            if not got:
-                continue
-            p = by_id[item_id]
-            score = p.scores.get(c.name)
-            conf.append(confidence(c, tol, p.labels[c.name], score, p.probs.get(c.name, {})))
-            wrong.append(disagrees(c, tol, p.labels[c.name], score, got))
-            ids.append(item_id)
-        if not ids:
+        rows = held_out(c, tol, preds, ratings)
+        if not rows:
             raise UserError(f"no item has both a prediction and a human rating for {c.name}: the ids of the "
                             f"predictions and of the ratings must match")
-        rules[c.name] = fit_rule(conf, wrong, target, delta, tol, ids)
+        rules[c.name] = fit_rule([x[1] for x in rows], [x[2] for x in rows], target, delta, tol, [x[0] for x in rows])
     return rules
 
 

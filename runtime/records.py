@@ -84,6 +84,10 @@ class Prediction:
     accept: dict[str, bool] = field(default_factory=dict)
     """Per criterion with a trust rule: whether it accepted the label without review."""
 
+    def accepted(self, criterion: str) -> bool:
+        """Whether a trust rule accepted this criterion's label (False where none marked it)."""
+        return self.accept.get(criterion, False)
+
     def confidence(self, criterion: str) -> float:
         """The chosen label's probability."""
         return float(self.probs.get(criterion, {}).get(str(self.labels.get(criterion)), math.nan))

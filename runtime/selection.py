@@ -148,7 +148,7 @@ def rank(preds: Sequence[Prediction], spec: TaskSpec, strategy: str, n: int, *,
                         "rule (annotate-cli trust)")
     scored = []
     for p in preds:
-        if unaccepted and all(p.accept.get(c.name, False) for c in cs):
+        if unaccepted and all(p.accepted(c.name) for c in cs):
             continue
         if p.error is None and p.id not in skip:
             per = uncertainty(p, cs, strategy, seed)

@@ -123,7 +123,7 @@ def label_studio_prediction(p: Prediction, spec: TaskSpec, accepted_only: bool =
     confidence (annotate-cli serve answers /predict with these)."""
     result: list[dict[str, Any]] = []
     for c in spec.criteria:
-        if accepted_only and not p.accept.get(c.name, False):
+        if accepted_only and not p.accepted(c.name):
             continue
         value: dict[str, Any]
         if _ls_rating(c) is not None:
@@ -182,9 +182,9 @@ def argilla_records(preds: list[Prediction], spec: TaskSpec, inputs: dict[str, d
             {"question_name": c.name,
              "value": int(p.labels[c.name]) if _rating_values(c) is not None else str(p.labels[c.name]),
              "score": p.confidence(c.name), "agent": agent, "type": "model"} for c in spec.criteria
-            if not accepted_only or p.accept.get(c.name, False)]
+            if not accepted_only or p.accepted(c.name)]
         if p.accept:
-            rec["metadata"] = {REVIEW_KEY: [c.name for c in spec.criteria if not p.accept.get(c.name, False)] or "none"}
+            rec["metadata"] = {REVIEW_KEY: [c.name for c in spec.criteria if not p.accepted(c.name)] or "none"}
         out.append(rec)
     return out
 

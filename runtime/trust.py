@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from .records import Prediction
     from .spec import Criterion
 
 GRID: tuple[float, ...] = (0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.9, 0.88, 0.86, 0.84, 0.82,
@@ -55,8 +56,6 @@ GRID: tuple[float, ...] = (0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91,
                            0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.1, 0.0)
 """The thresholds tested, strictest first; 0.0 accepts every item. Fixed, so the guarantee holds."""
 METHOD = "learn-then-test: fallback procedure over a fixed grid of thresholds, exact binomial p-values"
-KEYS = ("method", "target", "delta", "tolerance", "threshold", "items", "accepted", "disagree", "bound",
-        "items_sha256")
 
 
 def tolerance_of(c: Criterion, given: float | None = None) -> float:
@@ -89,6 +88,22 @@ def disagrees(c: Criterion, tolerance: float, label: Any, score: float | None, r
         return str(label) not in {k for k, n in counts.items() if n == top}
     mean = sum(float(r) for r in ratings) / len(ratings)
     return abs(score - mean) > tolerance + 1e-12
+
+
+def held_out(c: Criterion, tolerance: float, preds: Sequence[Prediction],
+             ratings: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[tuple[str, float, bool]]:
+    """(id, confidence, disagrees) of every item that has a prediction and a human rating for C, in
+    id order, so what is fitted on them does not depend on the files' order."""
+    by_id = {p.id: p for p in preds if p.error is None}
+    rows = []
+    for item_id in sorted(set(by_id) & set(ratings)):
+        got = [r[c.name] for r in ratings[item_id] if r.get(c.name) is not None]
+        if got:
+            p = by_id[item_id]
+            label, score = p.labels[c.name], p.scores.get(c.name)
+            rows.append((item_id, confidence(c, tolerance, label, score, p.probs.get(c.name, {})),
+                         disagrees(c, tolerance, label, score, got)))
+    return rows
 
 
 def binom_cdf(k: int, n: int, p: float) -> float:

@@ -30,7 +30,7 @@ from edge_annotator.bench.markdown import write_section
 from edge_annotator.runtime.gguf_meta import embedded_spec
 from edge_annotator.runtime.labels import read_labelled
 from edge_annotator.runtime.records import read_predictions
-from edge_annotator.runtime.trust import confidence, disagrees, fit_rule, tolerance_of
+from edge_annotator.runtime.trust import fit_rule, held_out, tolerance_of
 
 TARGETS = (0.05, 0.1, 0.2)
 
@@ -39,20 +39,9 @@ def per_item(model: Path, pred: Path, human: Path) -> dict[str, tuple[float, lis
     """Per criterion: its tolerance, and (id, confidence, disagrees) of every item with a prediction
     and ratings."""
     spec = embedded_spec(model)
-    preds = {p.id: p for p in read_predictions(pred, spec) if p.error is None}
+    preds = read_predictions(pred, spec)
     ratings = {it.id: it.ratings for it in read_labelled(human, spec, strict=False).items if it.ratings}
-    out = {}
-    for c in spec.criteria:
-        tol, rows = tolerance_of(c), []
-        for item_id in sorted(set(preds) & set(ratings)):
-            got = [r[c.name] for r in ratings[item_id] if r.get(c.name) is not None]
-            if got:
-                p = preds[item_id]
-                score = p.scores.get(c.name)
-                rows.append((item_id, confidence(c, tol, p.labels[c.name], score, p.probs.get(c.name, {})),
-                             disagrees(c, tol, p.labels[c.name], score, got)))
-        out[c.name] = (tol, rows)
-    return out
+    return {c.name: (tolerance_of(c), held_out(c, tolerance_of(c), preds, ratings)) for c in spec.criteria}
 
 
 def halvings(rows: list[tuple[str, float, bool]], target: float, delta: float, splits: int, seed: int,
