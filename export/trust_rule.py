@@ -46,6 +46,39 @@ def with_rules(spec: TaskSpec, rules: dict[str, dict[str, Any]]) -> TaskSpec:
     return replace(spec, criteria=tuple(replace(c, trust=rules.get(c.name, c.trust)) for c in spec.criteria))
 
 
+def write_trusted(model: Path, pred: Path, human: Path, out: Path, target: float, delta: float,
+                  tolerance: float | None = None) -> dict[str, dict[str, Any]]:
+    """MODEL with the rules fitted on PRED (annotate's output of MODEL on held-out items) and HUMAN
+    (their ratings) written as OUT; returns the rules. The caller checks OUT may be written."""
+    from edge_annotator.runtime.gguf_file import read_strings, sha256_file
+    from edge_annotator.runtime.gguf_meta import Keys, embedded_spec
+    from edge_annotator.runtime.labels import read_labelled
+    from edge_annotator.runtime.records import read_predictions
+    from edge_annotator.runtime.untrusted import JSONError, loads
+
+    from .heads import write_annotator
+
+    spec = embedded_spec(model)
+    preds = read_predictions(pred, spec)
+    sha = sha256_file(model)
+    other = next((p for p in preds if p.error is None and p.model_sha256 != sha), None)
+    if other is not None:
+        raise UserError(f"{pred}:{other.line}: made by model {other.model_sha256[:16]}..., not {model.name} "
+                        f"({sha[:16]}...): annotate the held-out items with {model.name}")
+    labelled = read_labelled(human, spec, strict=False)
+    ratings = {it.id: it.ratings for it in labelled.items if it.ratings}
+    rules = fit_rules(spec, preds, ratings, target, delta, tolerance)
+    try:  # the model's own provenance, read without loading it (an adapter's base need not be at hand)
+        before = loads(read_strings(model, {Keys.PROVENANCE}).get(Keys.PROVENANCE) or "{}")
+    except JSONError:
+        before = {}
+    provenance = (before if isinstance(before, dict) else {}) | {"trust": {
+        "predictions": pred.name, "predictions_sha256": hashlib.sha256(pred.read_bytes()).hexdigest(),
+        "ratings": human.name, "ratings_sha256": hashlib.sha256(human.read_bytes()).hexdigest()}}
+    write_annotator(model, out, with_rules(spec, rules), provenance)
+    return rules
+
+
 @click.command("trust", cls=Command)
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("pred", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -80,35 +113,11 @@ def trust_command(model: Path, pred: Path, human: Path, out: Path, target: float
       annotate-cli trust support.gguf heldout-pred.jsonl heldout.csv --target 0.05 --delta 0.05 -o s.gguf
     """
     from edge_annotator.runtime.files import check_output
-    from edge_annotator.runtime.gguf_file import read_strings, sha256_file
-    from edge_annotator.runtime.gguf_meta import Keys, embedded_spec
-    from edge_annotator.runtime.labels import read_labelled
-    from edge_annotator.runtime.records import read_predictions
-    from edge_annotator.runtime.untrusted import JSONError, loads
-
-    from .heads import write_annotator
 
     check_output(out, [model, pred, human], force)
-    spec = embedded_spec(model)
-    preds = read_predictions(pred, spec)
-    sha = sha256_file(model)
-    other = next((p for p in preds if p.error is None and p.model_sha256 != sha), None)
-    if other is not None:
-        raise UserError(f"{pred}:{other.line}: made by model {other.model_sha256[:16]}..., not {model.name} "
-                        f"({sha[:16]}...): annotate the held-out items with {model.name}")
-    labelled = read_labelled(human, spec, strict=False)
-    ratings = {it.id: it.ratings for it in labelled.items if it.ratings}
-    rules = fit_rules(spec, preds, ratings, target, delta, tolerance)
+    rules = write_trusted(model, pred, human, out, target, delta, tolerance)
     for name, rule in rules.items():
         click.echo(describe(name, rule), err=True)
-    try:  # the model's own provenance, read without loading it (an adapter's base need not be at hand)
-        before = loads(read_strings(model, {Keys.PROVENANCE}).get(Keys.PROVENANCE) or "{}")
-    except JSONError:
-        before = {}
-    provenance = (before if isinstance(before, dict) else {}) | {"trust": {
-        "predictions": pred.name, "predictions_sha256": hashlib.sha256(pred.read_bytes()).hexdigest(),
-        "ratings": human.name, "ratings_sha256": hashlib.sha256(human.read_bytes()).hexdigest()}}
-    write_annotator(model, out, with_rules(spec, rules), provenance)
     if as_json:
         click.echo(json.dumps(rules, indent=2, sort_keys=True))
     click.echo(f"wrote {out}", err=True)

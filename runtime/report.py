@@ -9,7 +9,10 @@ the humans' own alpha and alpha with the model as one more rater, with intervals
 matrix (model label against the consensus); a reliability diagram with its expected calibration
 error (the top label's probability for label sets; every level's probability against "the
 consensus is this level" for rating scales); for rating scales the score against the consensus;
-and the 10 items where model and consensus disagree most, with their text.
+the 10 items where model and consensus disagree most, with their text; and which labels to trust
+(runtime/trust.py): over confidence thresholds, the share of items the annotator would label alone
+against the disagreement among them, the rule each target (5%, 10%, 20%) would get from these items,
+and, where the annotator carries a rule, what it accepted here beside the bound it promised.
 
 matplotlib and jinja2 (the `report` extra) are imported only here, only when a report is made.
 """
@@ -29,9 +32,13 @@ from .errors import UserError
 from .metrics import _alpha, _code, bootstrap, consensus, leave_one_out, nearest_level
 from .records import Prediction
 from .spec import Criterion, TaskSpec
+from .trust import GRID, fit_rule, held_out, tolerance_of
 
 RESAMPLES = 1000
 BINS = 10
+TARGETS = (0.05, 0.1, 0.2)
+"""The disagreement targets the report shows the trust rule's trade-off at."""
+DELTA = 0.1
 
 
 def missing_extra() -> str | None:
@@ -111,11 +118,62 @@ def criterion_report(c: Criterion, preds: Sequence[Prediction], humans: Mapping[
                         scores if len(scores) == len(rows) else None, resamples=RESAMPLES, seed=seed)
     if loo is not None:
         out["leave_one_out"] = loo | {"sentence": yardstick_sentence(loo)}
+    out["trust"] = trust_report(c, preds, humans)
     worst = np.argsort(-gap, kind="stable")[:10]
     out["disagreements"] = [{"id": rows[i][0].id, "text": texts.get(rows[i][0].id, ""), "model": pred[i],
                              "score": rows[i][0].scores.get(c.name), "consensus": _r(float(cons[i]))
                              if c.level != "nominal" else gold[i], "ratings": [str(v) for v in rows[i][1]],
                              "gap": _r(float(gap[i]))} for i in worst]
+    return out
+
+
+def trust_report(c: Criterion, preds: Sequence[Prediction],
+                 humans: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
+    """Which of these labels the annotator could give alone: "disagree" as the trust rule counts it
+    (off the raters' mean by more than half a scale step; for label sets, not the majority). The
+    curve: per confidence threshold, the share of items at or above it and the disagreement among
+    them. Per target, the rule fitted on these very items (so its rate here is in-sample; its bound
+    is the promise for items like them). Where the records carry a stored rule's marks, what it
+    accepted on these items and how often those disagree, beside the bound it promised."""
+    tol = tolerance_of(c)
+    rows = held_out(c, tol, preds, humans)
+    n = len(rows)
+    conf = np.array([r[1] for r in rows], dtype=float)
+    wrong = np.array([r[2] for r in rows], dtype=bool)
+    out: dict[str, Any] = {"tolerance": _r(tol), "items": n, "disagree_all": _r(float(wrong.mean())) if n else None}
+    curve: list[dict[str, Any]] = []
+    for t in (*GRID, 0.0):
+        m = conf >= t
+        if m.any() and (not curve or int(curve[-1]["accepted"]) < int(m.sum())):
+            curve.append({"threshold": t, "accepted": int(m.sum()), "share": _r(float(m.mean())),
+                          "disagree": _r(float(wrong[m].mean()))})
+    out["curve"] = curve
+    targets = []
+    for target in TARGETS:
+        rule = fit_rule(conf.tolist(), wrong.tolist(), target, DELTA, tol, [r[0] for r in rows]) if n else None
+        if rule is None:
+            continue
+        acc = rule["accepted"]
+        targets.append({"target": target, "threshold": rule["threshold"], "share": _r(acc / n),
+                        "disagree": _r(rule["disagree"] / acc) if acc else None, "bound": rule["bound"],
+                        "items_needed": rule.get("items_needed")})
+    out["targets"] = targets
+    at10 = next((t for t in targets if t["target"] == 0.1), None)
+    if at10 is not None:
+        out["sentence"] = (f"At 10% disagreement (promised at {1 - DELTA:.0%}) the annotator labels "
+                           f"{at10['share']:.0%} of these {n} items alone." if at10["threshold"] is not None else
+                           f"At 10% disagreement the annotator can be promised nothing on these {n} items (lowest "
+                           f"bound {at10['bound']:.3f}); about {at10['items_needed'] or 'many more'} accepted held-out "
+                           f"items at its rate would do.")
+    ids = {r[0] for r in rows}
+    marked = [p for p in preds if p.error is None and p.id in ids and c.name in p.accept]
+    if c.trust and marked:
+        bad = {r[0] for r in rows if r[2]}
+        acc_ids = [p.id for p in marked if p.accept[c.name]]
+        out["stored"] = {"target": c.trust["target"], "delta": c.trust["delta"], "bound": c.trust["bound"],
+                         "threshold": c.trust.get("threshold"), "items": len(marked),
+                         "share": _r(len(acc_ids) / len(marked)),
+                         "disagree": _r(sum(i in bad for i in acc_ids) / len(acc_ids)) if acc_ids else None}
     return out
 
 
@@ -228,6 +286,18 @@ def figures(crit: dict[str, Any]) -> dict[str, str]:
         ax.set_title(f"{crit['criterion']}: score alpha {crit['score_alpha']:.3f}")
         fig.tight_layout()
         out["scatter"] = _png(fig)
+    if (tr := crit.get("trust")) and tr.get("curve"):
+        fig, ax = plt.subplots(figsize=(3.6, 3.4))
+        ax.plot([x["share"] for x in tr["curve"]], [x["disagree"] for x in tr["curve"]], marker=".")
+        for x in tr["targets"]:
+            ax.axhline(x["target"], ls=":", color="grey", lw=1)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, max(0.25, max(x["disagree"] for x in tr["curve"]) * 1.05))
+        ax.set_xlabel("share labelled alone (confidence >= threshold)")
+        ax.set_ylabel("disagreement among them")
+        ax.set_title(f"{crit['criterion']}: which labels to trust")
+        fig.tight_layout()
+        out["trust"] = _png(fig)
     return out
 
 
@@ -255,6 +325,19 @@ td, th { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertic
 <p class="yardstick"><b>Like for like:</b> {{ c.leave_one_out.sentence }}</p>{% endif %}
 <div class="figs">{% for name, src in figs[loop.index0].items() %}
 <img alt="{{ c.criterion }} {{ name }}" src="{{ src }}">{% endfor %}</div>
+{% if c.trust is defined and c.trust["items"] %}{% set t = c.trust %}
+<h3>Which labels to trust without review</h3>
+<p>Disagreeing: off the raters' consensus{% if c.level != "nominal" %} mean by more than {{ t.tolerance }}{% endif %};
+{{ fmt(t.disagree_all) }} of all {{ t["items"] }} items. {% if t.sentence is defined %}{{ t.sentence }}{% endif %}</p>
+<table><tr><th>rule</th><th>confidence &ge;</th><th>items labelled alone</th><th>disagreement among them (here)</th>
+<th>promised bound</th></tr>
+{% if t.stored is defined %}<tr>
+<td>the annotator's rule (target {{ t.stored.target }}, these {{ t.stored["items"] }} items)</td>
+<td>{{ fmt(t.stored.threshold) }}</td><td>{{ pct(t.stored.share) }}</td><td>{{ fmt(t.stored.disagree) }}</td>
+<td>{{ fmt(t.stored.bound) }}</td></tr>{% endif %}
+{% for x in t.targets %}<tr><td>target {{ pct(x.target) }}, fitted on these items</td><td>{{ fmt(x.threshold) }}</td>
+<td>{{ pct(x.share) }}</td><td>{{ fmt(x.disagree) }}</td><td>{{ fmt(x.bound) }}</td></tr>
+{% endfor %}</table>{% endif %}
 {% if c.disagreements %}
 <h3>Where model and consensus disagree most</h3>
 <table><tr><th>id</th><th>text</th><th>model</th><th>score</th><th>consensus</th><th>ratings</th></tr>
@@ -313,6 +396,7 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> Path:
     html = env.from_string(PAGE).render(
         r=report, figs=figs, rows=ROWS,
         fmt=lambda v: "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v),
-        ci=lambda v: "n/a" if not v or v[0] is None else f"[{v[0]:.3f}, {v[1]:.3f}]")
+        ci=lambda v: "n/a" if not v or v[0] is None else f"[{v[0]:.3f}, {v[1]:.3f}]",
+        pct=lambda v: "n/a" if v is None else f"{v:.0%}")
     (out / "report.html").write_text(html)
     return out / "report.html"

@@ -30,7 +30,7 @@ from .feedback import records_from_tasks
 from .jobs import overflow_error
 from .retrain import LabelSink, Retrainer
 from .serve_gate import Gate, Refused, error_response, is_loopback, json_body
-from .serve_scorer import Scorer, ServeOptions, prediction, schema_controls, task_fields
+from .serve_scorer import Scorer, ServeOptions, prediction, schema_controls, shows_review, task_fields
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,7 @@ async def predict(request: Request, body: Any = Depends(json_body)) -> Any:
         scored = await asyncio.gather(*[loop.run_in_executor(scorer.pool, scorer.score, f) for _, f in todo])
     finally:
         stats.pending -= len(todo)
+    review = shows_review(spec, body.get("label_config"))
     it = iter(zip(todo, scored))
     results: list[dict[str, Any]] = []
     for r in read:
@@ -152,7 +153,7 @@ async def predict(request: Request, body: Any = Depends(json_body)) -> Any:
             results.append({"error": _task_error(overflow_error(Item(item_id, fields, "request", 0), res))})
             stats.task_errors += 1
             continue
-        results.append(prediction(item_id, res, spec, scorer.sha256))
+        results.append(prediction(item_id, res, spec, scorer.sha256, review))
         stats.predicted += 1
     return {"results": results, "model_version": scorer.model_version}
 

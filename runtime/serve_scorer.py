@@ -21,7 +21,7 @@ from .data import InputError, Row, check_item
 from .engine import LlamaEngine, default_threads
 from .records import Prediction, jsonl_line, result_record
 from .spec import TaskSpec
-from .tool_formats import label_studio_prediction
+from .tool_formats import REVIEW_KEY, has_trust_rule, label_studio_prediction
 
 DEFAULT_RETRAIN = "annotate-cli fit {spec} {labels} -o {output}"
 """--retrain-command's default: fit publishes its file only after parity passes (train/fit.py)."""
@@ -121,14 +121,28 @@ def task_fields(task: Any, i: int, spec: TaskSpec, max_chars: int | None) -> tup
     return item.id, item.fields
 
 
-def prediction(item_id: str, scores: Any, spec: TaskSpec, sha256: str) -> dict[str, Any]:
+def prediction(item_id: str, scores: Any, spec: TaskSpec, sha256: str, review: bool = False) -> dict[str, Any]:
     """The Label Studio prediction annotate-cli convert makes of annotate's record for this item:
-    the record is written and read back as annotate writes it, so the two agree to the byte."""
+    the record is written and read back as annotate writes it, so the two agree to the byte. With a
+    trust rule in the spec the record carries its marks, and REVIEW (the project's interface has the
+    review control) adds the rule's verdict in words."""
     rec = json.loads(jsonl_line(result_record(item_id, scores, {"model_sha256": sha256,
                                                                 "spec_sha256": spec.sha256})))
     p = Prediction(item_id, 0, rec["labels"], rec.get("scores") or {}, rec["probs"], sha256, None,
                    rec.get("accept", {}))
-    return label_studio_prediction(p, spec)
+    return label_studio_prediction(p, spec, review=review)
+
+
+def shows_review(spec: TaskSpec, schema: Any) -> bool:
+    """Whether predictions for this project carry the trust rule's verdict: the spec has a rule and
+    the project's interface (Label Studio sends it with /predict as `label_config`) has the control
+    annotate-cli convert --label-config makes for it. An interface that cannot be read: no."""
+    if not has_trust_rule(spec) or not isinstance(schema, str):
+        return False
+    try:
+        return REVIEW_KEY in schema_controls(schema)
+    except ElementTree.ParseError:
+        return False
 
 
 def schema_controls(schema: str) -> set[str]:

@@ -43,8 +43,8 @@ def _fields(p: Prediction, spec: TaskSpec, inputs: dict[str, dict[str, str]] | N
 # -- Label Studio ------------------------------------------------------------------------------
 
 REVIEW_KEY = "edge_annotator_review"
-"""Argilla metadata, where the records carry a trust rule's marks: the criteria whose label the rule
-did not accept ("none": every label accepted)."""
+"""Where a trust rule marks the labels: Argilla metadata naming the criteria whose label the rule did
+not accept ("none": every label accepted), and Label Studio's read-only text control that says so."""
 MODEL_KEY = "edge_annotator_model"
 """Task data: the model's labels, scores and confidences in words, shown above the controls."""
 
@@ -57,9 +57,21 @@ def _ls_rating(c: Criterion) -> int | None:
     return None
 
 
+def has_trust_rule(spec: TaskSpec) -> bool:
+    """Whether any criterion carries a trust rule (annotate then marks its labels accepted or not)."""
+    return any(c.trust for c in spec.criteria)
+
+
+def review_text(p: Prediction, spec: TaskSpec) -> str:
+    """The trust rule's verdict in words: "to review: Arousal, Dominance" or "accepted: every label"."""
+    todo = [c.name for c in spec.criteria if not p.accepted(c.name)]
+    return f"to review: {', '.join(todo)}" if todo else "accepted: every label"
+
+
 def label_studio_config(spec: TaskSpec) -> str:
     """The labelling interface (<View> XML) the tasks' predictions belong to: each input as a
-    <Text>, the model's suggestion in words (a <Header> over task data), and per criterion a
+    <Text>, the model's suggestion in words (a <Header> over task data), where a criterion carries a
+    trust rule a read-only <TextArea> the predictions fill with the rule's verdict, and per criterion a
     <Rating> (whole-number 1..N scales, N <= 10) or <Choices> of its levels (label sets and other
     scales), pointed at the field the criterion judges (the spec's `judges`, else the last input)."""
     lines = ["<View>"]
@@ -68,6 +80,9 @@ def label_studio_config(spec: TaskSpec) -> str:
         lines.append(f"  <Text name={quoteattr(f.name)} value={quoteattr('$' + f.name)}/>")
     lines.append('  <Header value="The annotator suggests" size="5"/>')
     lines.append(f"  <Header value={quoteattr('$' + MODEL_KEY)} size=\"6\"/>")
+    if has_trust_rule(spec):  # the predictions say which labels the rule left for review
+        lines.append(f"  <TextArea name={quoteattr(REVIEW_KEY)} toName={quoteattr(spec.inputs[-1].name)} "
+                     'rows="1" editable="false" placeholder="the trust rule: accepted, or to review"/>')
     for c in spec.criteria:
         to = quoteattr(spec.judged_field(c))
         lines.append(f"  <Header value={quoteattr(c.name + (': ' + c.description if c.description else ''))}/>")
@@ -112,15 +127,20 @@ def label_studio_tasks(preds: list[Prediction], spec: TaskSpec, inputs: dict[str
             continue
         data[PROBS_KEY] = {"probs": p.probs, "scores": p.scores}
         data[MODEL_KEY] = _suggestion_text(p, spec)
-        tasks.append({"data": data, "predictions": [label_studio_prediction(p, spec, accepted_only)]})
+        tasks.append({"data": data, "predictions": [
+            label_studio_prediction(p, spec, accepted_only, review=has_trust_rule(spec))]})
     return tasks
 
 
-def label_studio_prediction(p: Prediction, spec: TaskSpec, accepted_only: bool = False) -> dict[str, Any]:
+def label_studio_prediction(p: Prediction, spec: TaskSpec, accepted_only: bool = False,
+                            review: bool = False) -> dict[str, Any]:
     """One result record's Label Studio prediction: `result` pre-selects each criterion's label (a
     rating or a choice, with its confidence as `score`; with ACCEPTED_ONLY only the labels a trust
     rule accepted), `model_version` is the model file's sha256 prefix and `score` the mean
-    confidence (annotate-cli serve answers /predict with these)."""
+    confidence (annotate-cli serve answers /predict with these). Where the record carries a trust
+    rule's marks, `score` is the share of its labels the rule accepted instead (1.0: nothing to
+    review; Label Studio's Data Manager sorts and filters tasks by it), and with REVIEW (the
+    project's interface has label_studio_config's review control) the result says which to review."""
     result: list[dict[str, Any]] = []
     for c in spec.criteria:
         if accepted_only and not p.accepted(c.name):
@@ -132,7 +152,13 @@ def label_studio_prediction(p: Prediction, spec: TaskSpec, accepted_only: bool =
             kind, value = "choices", {"choices": [str(p.labels[c.name])]}
         result.append({"id": f"{p.id}-{c.name}", "from_name": c.name, "to_name": spec.judged_field(c),
                        "type": kind, "value": value, "score": p.confidence(c.name)})
-    score = sum(p.confidence(c.name) for c in spec.criteria) / len(spec.criteria)
+    if p.accept:
+        score = sum(p.accepted(c.name) for c in spec.criteria) / len(spec.criteria)
+        if review:
+            result.append({"id": f"{p.id}-{REVIEW_KEY}", "from_name": REVIEW_KEY, "to_name": spec.inputs[-1].name,
+                           "type": "textarea", "value": {"text": [review_text(p, spec)]}})
+    else:
+        score = sum(p.confidence(c.name) for c in spec.criteria) / len(spec.criteria)
     return {"model_version": p.model_sha256[:12], "score": score, "result": result}
 
 
@@ -158,7 +184,7 @@ def argilla_settings(spec: TaskSpec) -> dict[str, Any]:
             questions.append({"type": "label_selection", "name": c.name, "title": c.name,
                               "labels": [str(v) for v in c.values]})
     metadata = [{"type": "terms", "name": ERROR_KEY, "title": "annotate-cli error"}]
-    if any(c.trust for c in spec.criteria):
+    if has_trust_rule(spec):
         metadata.append({"type": "terms", "name": REVIEW_KEY, "title": "annotate-cli: labels to review"})
     return {"fields": [{"type": "text", "name": f.name, "title": f.title} for f in spec.inputs],
             "questions": questions, "metadata": metadata, "guidelines": spec.description or spec.name}

@@ -25,6 +25,7 @@ from golden import GOLDEN
 from edge_annotator.runtime.annotator import expected_value
 from edge_annotator.runtime.cli import cli
 from edge_annotator.runtime.spec import load_spec
+from edge_annotator.runtime.tool_formats import REVIEW_KEY
 
 FORMATS_PY = Path(os.environ.get("EDGE_ANNOTATOR_FORMATS_PY", ROOT / ".venv-formats" / "bin" / "python"))
 needs_sdks = pytest.mark.skipif(not FORMATS_PY.exists(), reason="label-studio-sdk/argilla virtualenv absent: "
@@ -211,8 +212,12 @@ def test_a_trust_rules_marks_reach_the_labelling_tools(tmp_path: Path) -> None:
     got = _sdk_check("label-studio", config, tasks)
     assert (got["tasks"], got["invalid"]) == (50, 0), got
     t = json.loads(tasks.read_text())
-    assert [x["from_name"] for x in t[0]["predictions"][0]["result"]] == ["Valence", "Arousal"]
-    assert [x["from_name"] for x in t[1]["predictions"][0]["result"]] == ["Arousal", "Dominance"]
+    assert [x["from_name"] for x in t[0]["predictions"][0]["result"]] == ["Valence", "Arousal", REVIEW_KEY]
+    assert [x["from_name"] for x in t[1]["predictions"][0]["result"]] == ["Arousal", "Dominance", REVIEW_KEY]
+    assert t[0]["predictions"][0]["result"][-1]["value"] == {"text": ["to review: Dominance"]}
+    assert [x["predictions"][0]["score"] for x in t[:2]] == [2 / 3, 2 / 3]
+    assert t[4]["predictions"][0]["result"][-1]["value"] == {"text": ["accepted: every label"]}
+    assert f'<TextArea name="{REVIEW_KEY}"' in config.read_text()
     assert "(score" in t[1]["data"]["edge_annotator_model"] and "to review)" in t[1]["data"]["edge_annotator_model"]
     records, settings = tmp_path / "records.json", tmp_path / "settings.json"
     r = _convert(str(pred), "--to", "argilla", *common, "-o", str(records), "--settings", str(settings))

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from conftest import DATA, ROOT, TASKS
 
 from edge_annotator.runtime.cli import cli
+from edge_annotator.runtime.gguf_file import sha256_file
 
 pytestmark = pytest.mark.slow
 
@@ -89,8 +90,9 @@ def test_readme_quickstart_runs_as_written_and_ends_with_a_report(tmp_path: Path
         r = subprocess.run(cmd, shell=True, cwd=work, env=env, capture_output=True, text=True, timeout=1800)
         assert r.returncode == 0, (cmd, r.stderr[-3000:])
         if cmd == fit_line:
-            for stage in ("split", "recipe", "train", "export", "parity", "test"):
+            for stage in ("split", "recipe", "train", "export", "parity", "test", "trust"):
                 assert f"{stage}:" in r.stderr, stage
+            assert "trust severity: at most 10% disagreement" in r.stderr, r.stderr[-3000:]
     assert fit_line is not None
     run = work / "convabuse.run"
     assert (run / "report" / "report.html").is_file()
@@ -103,7 +105,15 @@ def test_readme_quickstart_runs_as_written_and_ends_with_a_report(tmp_path: Path
     assert agree["items_with_humans"] == 60 and "leave_one_out" in agree["criteria"][0]
     info = json.loads(CliRunner().invoke(cli, ["inspect", str(work / "convabuse.gguf"), "--json", "--no-hash"]).stdout)
     assert info["provenance"]["fit"]["split"] == sizes and info["provenance"]["fit"]["recipe"]["max_steps"]
-    assert len((work / "labels.jsonl").read_text().splitlines()) == 50
+    # the trust rule, fitted on the 60 test items, is in the published file and its manifest names it
+    rule = state["trust"]["criteria"]["severity"]
+    assert rule["items"] == 60 and info["spec"]["criteria"][0]["trust"] == rule
+    manifest = json.loads((work / "convabuse.gguf.manifest.json").read_text())
+    assert manifest["sha256"] == state["trust"]["sha256"] == sha256_file(work / "convabuse.gguf")
+    labels = [json.loads(x) for x in (work / "labels.jsonl").read_text().splitlines()]
+    assert len(labels) == 50 and all(set(x["accept"]) == {"severity"} for x in labels)
+    review = [json.loads(x)["id"] for x in (work / "review.jsonl").read_text().splitlines()]
+    assert set(review) == {x["id"] for x in labels if not x["accept"]["severity"]}
     tasks = json.loads((work / "tasks.json").read_text())
     assert len(tasks) == 50 and "<Choices" in (work / "config.xml").read_text()
     log_mtime = (run / "train" / "log.jsonl").stat().st_mtime_ns
@@ -111,6 +121,7 @@ def test_readme_quickstart_runs_as_written_and_ends_with_a_report(tmp_path: Path
                        timeout=1800)
     assert r.returncode == 0 and "train:" not in r.stderr, r.stderr[-3000:]
     assert (run / "train" / "log.jsonl").stat().st_mtime_ns == log_mtime
+    assert sha256_file(work / "convabuse.gguf") == state["trust"]["sha256"]
     r = subprocess.run(fit_line, shell=True, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and "holds an earlier fit; pass --resume" in r.stderr
 

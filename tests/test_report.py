@@ -47,11 +47,18 @@ def test_report_holds_every_figure_with_intervals_and_repeats_byte_for_byte(tmp_
         assert 0 <= c["reliability"]["ece"] <= 1 and sum(b["count"] for b in c["reliability"]["bins"]) == 250
         assert len(c["disagreements"]) == 10 and c["disagreements"][0]["text"]
         assert len(c["scatter"]["score"]) == 50
+        tr = c["trust"]  # the share labelled alone grows as the threshold falls, to every item
+        shares = [x["share"] for x in tr["curve"]]
+        assert shares == sorted(shares) and shares[-1] == 1.0 and tr["curve"][-1]["disagree"] == tr["disagree_all"]
+        assert [x["target"] for x in tr["targets"]] == [0.05, 0.1, 0.2] and "At 10% disagreement" in tr["sentence"]
+        for x in tr["targets"]:  # the rate on the items it was fitted on never exceeds the bound
+            assert x["threshold"] is None or x["disagree"] <= x["bound"] <= x["target"]
     _report(tmp_path / "c", seed=1)
     other = json.loads((tmp_path / "c" / "report.json").read_text())
     assert other["criteria"][0]["label_alpha_ci"] != rep["criteria"][0]["label_alpha_ci"]
     html = (tmp_path / "a" / "report.html").read_text()
-    assert html.count('src="data:image/png;base64,') == 9 and "http" not in html.split("<script>")[0]
+    assert html.count('src="data:image/png;base64,') == 12 and "http" not in html.split("<script>")[0]
+    assert html.count("Which labels to trust without review") == 3
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (Debian: apt-get install chromium)")
@@ -60,7 +67,7 @@ def test_chromium_renders_the_report_and_its_images(tmp_path: Path) -> None:
     page = (tmp_path / "report.html").as_uri()
     flags = ["--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
     dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120)
-    assert 'data-images-rendered="9/9"' in dom.stdout, dom.stdout[-2000:] + dom.stderr[-2000:]
+    assert 'data-images-rendered="12/12"' in dom.stdout, dom.stdout[-2000:] + dom.stderr[-2000:]
     shot = tmp_path / "shot.png"
     subprocess.run([CHROMIUM, *flags, "--window-size=1100,1400", f"--screenshot={shot}", page],
                    capture_output=True, timeout=120)

@@ -39,9 +39,11 @@ def _port() -> int:
 
 
 @contextmanager
-def server(model: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+def server(model: Path, *args: str, spec: Path | None = SPEC) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """annotate-cli serve MODEL on a free loopback port (SPEC None: the model's embedded spec)."""
     port = _port()
-    proc = subprocess.Popen([*CLI, "serve", str(model), "--spec", str(SPEC), "--port", str(port), *args],
+    proc = subprocess.Popen([*CLI, "serve", str(model), *(["--spec", str(spec)] if spec else []),
+                             "--port", str(port), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import DATA, TASKS
+from test_serve import _call, server
 
 from edge_annotator.runtime.cli import cli
 from edge_annotator.runtime.errors import SpecError
@@ -154,6 +155,35 @@ def test_trust_writes_the_rule_and_annotate_select_and_the_rule_agree(annotator_
     header, *rows = csv_out.read_text().splitlines()
     col = header.split(",").index("Valence_accept")
     assert [row.split(",")[col] for row in rows] == [str(b["accept"]["Valence"]).lower() for b in after]
+    # agree --report: what the stored rule accepted on these same items, beside the bound it promised
+    r = runner.invoke(cli, ["agree", str(again), str(human), "--model", str(out), "--report", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    for c in rep["criteria"]:
+        stored, rule = c["trust"]["stored"], rules[c["criterion"]]
+        assert (stored["items"], stored["bound"]) == (rule["items"], rule["bound"])
+        assert stored["share"] == round(rule["accepted"] / rule["items"], 6)
+        assert stored["disagree"] == (round(rule["disagree"] / rule["accepted"], 6) if rule["accepted"] else None)
+    # Label Studio: the tasks convert makes and serve's /predict for the project made from them carry
+    # the same marks (the prediction's score is the share accepted, the review control says which)
+    tasks, config = tmp_path / "tasks.json", tmp_path / "config.xml"
+    r = runner.invoke(cli, ["convert", str(again), "--to", "label-studio", "--model", str(out), "--items", str(items),
+                            "-o", str(tasks), "--label-config", str(config)])
+    assert r.exit_code == 0, r.output
+    made = json.loads(tasks.read_text())
+    for t, b in zip(made, after, strict=True):
+        ls = t["predictions"][0]
+        assert ls["score"] == sum(b["accept"].values()) / 3
+        todo = [c for c in ("Valence", "Arousal", "Dominance") if not b["accept"][c]]
+        assert ls["result"][-1]["value"]["text"] == [f"to review: {', '.join(todo)}" if todo
+                                                       else "accepted: every label"]
+    with server(out, spec=None) as (base, _):
+        code, body, _ = _call(base, "POST", "/predict", {"tasks": [{"id": k, "data": t["data"]}
+                                                                   for k, t in enumerate(made[:12])],
+                                                         "label_config": config.read_text()})
+        plain_code, plain, _ = _call(base, "POST", "/predict", {"tasks": [{"data": made[0]["data"]}]})
+    assert code == 200 and body["results"] == [t["predictions"][0] for t in made[:12]]
+    assert plain_code == 200 and plain["results"][0]["result"] == made[0]["predictions"][0]["result"][:-1]
     # predictions from another model are refused, naming the line
     r = runner.invoke(cli, ["trust", str(out), str(pred), str(human), "-o", str(tmp_path / "x.gguf")])
     assert r.exit_code == 1 and f"{pred}:1:" in r.output and "not trusted.gguf" in r.output, r.output

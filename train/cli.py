@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from edge_annotator.runtime.options import Command
+from edge_annotator.runtime.trust import describe
 
 from .recipe import AUGMENTATIONS
 
@@ -143,20 +144,27 @@ def _duration(text: str) -> float:
 @click.option("--route", type=click.Choice(["lora", "head"]), default="lora", show_default=True,
               help="lora: fine-tune for --budget; head: no training, a linear head per criterion on the base's own "
                    "states, in minutes (docs/recipes.md compares them).")
+@click.option("--trust-target", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
+              help="The trust rule fitted on the test items: at most this disagreement among the labels it "
+                   "accepts without review (annotate-cli trust; 0: no rule).")
+@click.option("--trust-delta", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
+              show_default=True, help="The chance that the trust rule's promise fails.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None)
 @click.option("--resume", is_flag=True, help="Continue the run folder's stages where they stopped.")
 @click.option("--tiny", is_flag=True, help="A 2-layer model built from scratch with the base's tokenizer: smoke "
                                            "runs and tests only (it learns little).")
 def fit(spec: Path, labels: Path, output: Path, budget: str, base: str, test: float, val: float, group: str | None,
-        quant: str, augment: str, select_by: str, qat: bool, route: str, seed: int, threads: int | None, resume: bool,
-        tiny: bool) -> None:
+        quant: str, augment: str, select_by: str, qat: bool, route: str, trust_target: float, trust_delta: float,
+        seed: int, threads: int | None, resume: bool, tiny: bool) -> None:
     """From human ratings to a parity-checked annotator and its agreement report, in one command.
 
     Splits LABELS by item (train / validation / test, seeded), sizes the recipe from the item count,
     their lengths and a timed step (cut to --budget), trains, merges, calibrates, exports, checks
     parity on the validation items, annotates the test items and writes the agreement report
-    (beside the leave-one-rater-out human figure). OUTPUT appears only when parity passes. With
+    (beside the leave-one-rater-out human figure), then fits on those test items the trust rule
+    that marks which labels to accept without review (annotate-cli trust). OUTPUT appears only
+    when parity passes. With
     --route head nothing is trained: a linear head per criterion on the base's own states, fitted
     on the train and validation items, in minutes.
 
@@ -174,7 +182,8 @@ def fit(spec: Path, labels: Path, output: Path, budget: str, base: str, test: fl
     from .job import calibration_lines
 
     opts = FitOptions(base=base, budget_s=_duration(budget), test=test, val=val, seed=seed, group=group, quant=quant,
-                      threads=threads, augment=augment, tiny=tiny, select_by=select_by, qat=qat, route=route)
+                      threads=threads, augment=augment, tiny=tiny, select_by=select_by, qat=qat, route=route,
+                      trust_target=trust_target or None, trust_delta=trust_delta)
     if not Path(base, "config.json").is_file():
         raise click.ClickException(f"{base}: no HF base folder; make one with annotate-cli base gemma3-270m {base}")
     t0 = time.perf_counter()
@@ -200,5 +209,7 @@ def fit(spec: Path, labels: Path, output: Path, budget: str, base: str, test: fl
         err.print(f"test {name}: {kind} alpha {_r3(fig)}, label alpha {_r3(c.get('alpha'))}"
                   + (f"; one human vs the rest {loo['human_alpha']:.3f}, the model's {loo['model_figure']} "
                      f"{loo['model_alpha']:.3f}: {loo.get('verdict', 'n/a')}" if loo else ""))
+    for name, rule in (state.get("trust") or {}).get("criteria", {}).items():
+        err.print(f"trust {describe(name, rule)}", markup=False)
     what = "heads fitted" if route == "head" else "parity passed"
     err.print(f"{output}: {what}; run folder {run}/ (fit.json, report/report.html) in {time.perf_counter() - t0:.0f}s")

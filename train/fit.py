@@ -12,6 +12,9 @@ The stages, each leaving its output in the run folder (OUT without .gguf, plus .
     export     RUN/annotator.gguf                              --quant, the spec and every choice embedded
     parity     RUN/parity.json                                 the GGUF against the merged model, validation items
     test       RUN/test-predictions.jsonl, RUN/report/         annotate the held-out test items, agree --report
+    trust      RUN/annotator-trust.gguf, then OUT              which labels to accept without review: the
+                                                               trust rule fitted on the test items
+                                                               (export/trust_rule.py), written into OUT
 
 OUT appears only once parity passes. Every choice (steps, lr, epochs, augmentation, max_length,
 the split's sizes, the budget and the estimate) goes into RUN/fit.json and into the GGUF's
@@ -46,7 +49,7 @@ from edge_annotator.runtime.errors import OutputError, UserError
 
 log = logging.getLogger(__name__)
 
-STAGES = ("split", "recipe", "estimate", "train", "export", "parity", "test")
+STAGES = ("split", "recipe", "estimate", "train", "export", "parity", "test", "trust")
 ROUTES = ("lora", "head")
 
 
@@ -81,6 +84,10 @@ class FitOptions:
     route: str = "lora"
     """lora: fine-tune, merge, export, parity (the annotator reads its answer tokens); head: no
     training, a linear head per criterion on the base GGUF's own states (export/heads.py)."""
+    trust_target: float | None = 0.1
+    """The trust rule's most disagreement among accepted labels (runtime/trust.py); None: no rule."""
+    trust_delta: float = 0.1
+    """The chance that the rule's promise fails."""
 
 
 def run_dir(out: Path) -> Path:
@@ -194,6 +201,37 @@ def _tested(out: Path, split: Path, run: Path, spec: Any, opts: FitOptions, stat
         say("test", f"annotating {n} held-out test items, then the agreement report")
         state["test"] = _test(out, split / "test.jsonl", run / "test-predictions.jsonl", run / "report", spec, opts)
         save()
+    return _trusted(out, split, run, opts, state, save, say)
+
+
+def _trusted(out: Path, split: Path, run: Path, opts: FitOptions, state: dict[str, Any],
+             save: Callable[[], None], say: Callable[[str, str], None]) -> dict[str, Any]:
+    """The trust stage: the rule fitted on the test items' predictions (items the annotator neither
+    learnt from nor was chosen on) goes into the annotator, and OUT becomes that file. Its promise
+    is about items like those; the agreement report above is unchanged (the labels are the same)."""
+    n = state["split"]["test"]["items"]
+    if not n or opts.trust_target is None:
+        return state
+    ruled = run / "annotator-trust.gguf"
+    if not ruled.exists():
+        say("trust", f"which labels to accept without review: at most {opts.trust_target:.0%} disagreement, "
+                     f"promised at {1 - opts.trust_delta:.0%}, fitted on the {n} test items")
+        from edge_annotator.export.trust_rule import write_trusted
+        from edge_annotator.runtime.gguf_file import sha256_file
+
+        tmp = ruled.with_name(ruled.name + ".part")
+        rules = write_trusted(out, run / "test-predictions.jsonl", split / "test.jsonl", tmp,
+                              opts.trust_target, opts.trust_delta)
+        tmp.replace(ruled)
+        state["trust"] = {"target": opts.trust_target, "delta": opts.trust_delta, "criteria": rules,
+                          "sha256": sha256_file(ruled)}
+        save()
+    shutil.copyfile(ruled, out)
+    man = out.with_name(out.name + ".manifest.json")
+    if man.exists():  # the manifest describes OUT: the export, then the rule written into it
+        info = json.loads(man.read_text())
+        info.update(sha256=state["trust"]["sha256"], trust_rule="fitted on the test items (RUN/fit.json: trust)")
+        man.write_text(json.dumps(info, indent=2))
     return state
 
 
