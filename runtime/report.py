@@ -149,10 +149,8 @@ def trust_report(c: Criterion, preds: Sequence[Prediction],
                           "disagree": _r(float(wrong[m].mean()))})
     out["curve"] = curve
     targets = []
-    for target in TARGETS:
-        rule = fit_rule(conf.tolist(), wrong.tolist(), target, DELTA, tol, [r[0] for r in rows]) if n else None
-        if rule is None:
-            continue
+    for target in TARGETS if n else ():
+        rule = fit_rule(conf.tolist(), wrong.tolist(), target, DELTA, tol, [r[0] for r in rows])
         acc = rule["accepted"]
         targets.append({"target": target, "threshold": rule["threshold"], "share": _r(acc / n),
                         "disagree": _r(rule["disagree"] / acc) if acc else None, "bound": rule["bound"],

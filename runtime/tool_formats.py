@@ -118,6 +118,7 @@ def label_studio_tasks(preds: list[Prediction], spec: TaskSpec, inputs: dict[str
     is a task with no prediction and the error in data. ACCEPTED_ONLY: pre-select only the labels a
     trust rule accepted (the rest are left for the expert)."""
     tasks: list[dict[str, Any]] = []
+    review = has_trust_rule(spec)  # label_studio_config then has the review control
     for p in preds:
         data: dict[str, Any] = {**_fields(p, spec, inputs), "id": p.id}
         if p.error is not None:
@@ -127,8 +128,7 @@ def label_studio_tasks(preds: list[Prediction], spec: TaskSpec, inputs: dict[str
             continue
         data[PROBS_KEY] = {"probs": p.probs, "scores": p.scores}
         data[MODEL_KEY] = _suggestion_text(p, spec)
-        tasks.append({"data": data, "predictions": [
-            label_studio_prediction(p, spec, accepted_only, review=has_trust_rule(spec))]})
+        tasks.append({"data": data, "predictions": [label_studio_prediction(p, spec, accepted_only, review)]})
     return tasks
 
 

@@ -219,10 +219,9 @@ def _trusted(out: Path, split: Path, run: Path, opts: FitOptions, state: dict[st
         from edge_annotator.export.trust_rule import write_trusted
         from edge_annotator.runtime.gguf_file import sha256_file
 
-        tmp = ruled.with_name(ruled.name + ".part")
-        rules = write_trusted(out, run / "test-predictions.jsonl", split / "test.jsonl", tmp,
+        # embed_spec writes RUN/annotator-trust.gguf whole or not at all, so its presence means done
+        rules = write_trusted(out, run / "test-predictions.jsonl", split / "test.jsonl", ruled,
                               opts.trust_target, opts.trust_delta)
-        tmp.replace(ruled)
         state["trust"] = {"target": opts.trust_target, "delta": opts.trust_delta, "criteria": rules,
                           "sha256": sha256_file(ruled)}
         save()
