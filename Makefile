@@ -179,7 +179,7 @@ bench: install $(GEMMA) $(GEMMA_HF)  ## throughput ratios, side by side (about 5
 # Training examples/s of the token-tree step against the step before it (one sequence per example),
 # Gemma 3 270M fp32 on the CPU, the two arms alternating on the same examples in one process; then
 # long two-field items at micro-batches of 3, 12 and 24 items, blocked against dense attention.
-bench-train: install $(GEMMA_HF)  ## training step: token tree vs per-prompt, blocked vs dense attention on long items (~12 minutes)
+bench-train: install $(GEMMA_HF)  ## training step: token tree vs per-prompt, blocked vs dense attention on long items, passes with the frozen layers kept (~14 minutes)
 	$(PY) -m edge_annotator.bench.train --base $(GEMMA_HF) --json $(MODELS)/bench-train.json --markdown docs/benchmarks.md
 
 # The evaluation table: the shipped CPU recipes trained on the full train splits of the datasets in

@@ -24,6 +24,7 @@ the same weights every step); their ratio is the speed-up.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -246,6 +247,82 @@ def measure_shared(model: Any, tok: Any, data: str, steps: int, per_context: int
     return res
 
 
+def measure_passes(base: str, cfg: Any, tok: Any, data: str, top: int, items: int = 300, steps: int = 2,
+                   item_tokens: int = 250, budget_s: float = 1200.0) -> dict[str, Any]:
+    """Passes over `items` long items that a budget buys, with fit's recipe (train/recipe.py: LoRA on
+    every layer, one tree of items_per_tree items a step) against LoRA on the top `top` layers with
+    the frozen layers' states kept (hf/frozen.py), and the same top-layer LoRA without them.
+
+    Each arm times `steps` steps after a warm-up, in turn step by step. The kept arm's first pass
+    runs the frozen layers once per item (its "first" steps, trees it has not seen); its later
+    passes run the top layers alone (the same trees again). Passes in the budget: budget / pass for
+    the whole model; 1 + (budget - first pass) / later pass for the kept states."""
+    from edge_annotator.hf.frozen import FrozenLayers
+    from edge_annotator.hf.score import answer_tries
+    from edge_annotator.hf.tree import build_tree, level_logprobs, soft_cross_entropy, tree_attention
+    from edge_annotator.runtime.spec import parse_spec
+    from edge_annotator.train.examples import build_examples, unit_of
+    from edge_annotator.train.model import add_lora, load_base
+    from edge_annotator.train.recipe import items_per_tree
+
+    spec = parse_spec(LONG_SPEC, "long-two-fields")
+    per_tree = items_per_tree(item_tokens + 200, len(LONG_CRITERIA))
+    long = long_items(data, per_tree * (steps + 1), item_tokens, tok)
+    examples = build_examples(long, spec, "distribution")
+    tries = answer_tries(tok, spec)
+    T = lambda s: list(tok(s)["input_ids"])  # noqa: E731
+    trees = [build_tree(T, spec, tries, [unit_of(ex, long, spec, None, np.random.default_rng(0))
+                                         for ex in examples[k * per_tree:(k + 1) * per_tree]], CANONICAL,
+                        tok.pad_token_id) for k in range(steps + 1)]
+    L = int(json.loads((Path(base) / "config.json").read_text())["num_hidden_layers"])
+    models = {"whole": add_lora(load_base(cfg, torch.device("cpu")), with_lora(cfg, None)),
+              "top": add_lora(load_base(cfg, torch.device("cpu")), with_lora(cfg, list(range(L - top, L))))}
+    for m in models.values():
+        m.train()
+    frozen = FrozenLayers(L - top)
+    secs: dict[str, list[float]] = {"whole": [], "top": [], "first": [], "later": []}
+
+    def run(arm: str, tree: Any) -> float:
+        model = models["whole" if arm == "whole" else "top"]
+        t0 = time.perf_counter()
+        with tree_attention(model):
+            soft_cross_entropy(level_logprobs(model, tree, frozen if arm in ("first", "later") else None),
+                               tree).backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    for k, tree in enumerate(trees):
+        for arm in (("whole", "top") if k % 2 == 0 else ("top", "whole")) + ("first", "later"):
+            dt = run(arm, tree)
+            if k > 0:
+                secs[arm].append(dt)
+    steps_per_pass = math.ceil(items / per_tree)
+    sec = {arm: statistics.median(v) for arm, v in secs.items()}
+    pass_s = {arm: sec[arm] * steps_per_pass for arm in sec}
+    kept_bytes = frozen.bytes / (per_tree * (steps + 1)) * items
+    res = {
+        "items": items, "item_tokens": item_tokens, "items_per_tree": per_tree, "steps_per_pass": steps_per_pass,
+        "layers": L, "top": top, "tokens_per_tree": statistics.median(t.tokens for t in trees),
+        "examples_per_tree": len(examples[:per_tree]) * len(LONG_CRITERIA), "seconds": sec, "pass_s": pass_s,
+        "budget_s": budget_s, "kept_gb_for_items": kept_bytes / 1e9,
+        "passes": {"whole": budget_s / pass_s["whole"], "top": budget_s / pass_s["top"],
+                   "kept": (1 + (budget_s - pass_s["first"]) / pass_s["later"]) if pass_s["first"] < budget_s
+                   else budget_s / pass_s["first"]},
+    }
+    res["ratio"] = res["passes"]["kept"] / res["passes"]["whole"]
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def with_lora(cfg: Any, layers: list[int] | None) -> Any:
+    """cfg with fit's LoRA (train/recipe.py: small_data_config) on `layers` (None: every layer)."""
+    from dataclasses import replace
+
+    from edge_annotator.train.config import LoraSettings
+
+    return replace(cfg, lora=LoraSettings(r=16, alpha=32, dropout=0.0, layers=layers))
+
+
 @click.command()
 @click.option("--base", default="models/gemma-3-270m-hf", show_default=True, help="The HF base folder.")
 @click.option("--config", default="configs/gemma3-270m-lora-cpu-emobank.yaml", show_default=True)
@@ -260,11 +337,13 @@ def measure_shared(model: Any, tok: Any, data: str, steps: int, per_context: int
               help="Micro-batch sizes (items) of the long-input arm; empty to skip it.")
 @click.option("--long-steps", type=click.IntRange(1), default=2, show_default=True,
               help="Timed steps per attention form and size in the long-input arm (after a warm-up).")
+@click.option("--top-layers", type=click.IntRange(0), default=4, show_default=True,
+              help="The passes arm: LoRA on this many top layers with the frozen layers' states kept; 0 skips it.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--markdown", "md_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the training section of this file.")
 def main(base: str, config: str, data: str, steps: int, items: int, prep_data: str, long_micro: str,
-         long_steps: int, json_path: Path | None, md_path: Path | None) -> None:
+         long_steps: int, top_layers: int, json_path: Path | None, md_path: Path | None) -> None:
     """Training examples/s of the token-tree step against the per-prompt step, side by side.
 
     \b
@@ -272,7 +351,7 @@ def main(base: str, config: str, data: str, steps: int, items: int, prep_data: s
       python -m edge_annotator.bench.train --base models/gemma-3-270m-hf --markdown docs/benchmarks.md
     """
     micros = tuple(int(x) for x in long_micro.split(",") if x.strip())
-    a = Args(config, data, steps, items, prep_data, micros, long_steps)
+    a = Args(config, data, steps, items, prep_data, micros, long_steps, top_layers)
     res = measure(base, a)
     print(json.dumps(res, indent=2))
     if json_path:
@@ -296,6 +375,7 @@ class Args:
     prep_data: str
     long_micro: tuple[int, ...] = ()
     long_steps: int = 2
+    top_layers: int = 4
 
 
 def measure(base: str, a: Args) -> dict[str, Any]:
@@ -345,6 +425,9 @@ def measure(base: str, a: Args) -> dict[str, Any]:
     if a.long_micro:
         res["long"] = measure_long(model, tok, a.data, a.long_micro, a.long_steps)
         res["shared"] = measure_shared(model, tok, a.data, a.long_steps)
+    if a.top_layers:
+        del model  # the passes arm loads its own two
+        res["passes"] = measure_passes(base, cfg, tok, a.data, a.top_layers, steps=a.long_steps)
     return res
 
 
@@ -382,6 +465,7 @@ def markdown(res: dict[str, Any], m: dict[str, Any], a: Args) -> str:
         f"| Tokens: the same texts again (an epoch after the first, no augmentation) | {prep['kept']:.0f} |",
         "",
         *long_markdown(res, a),
+        *passes_markdown(res, a),
     ])
 
 
@@ -431,6 +515,38 @@ def long_markdown(res: dict[str, Any], a: Args) -> list[str]:
             f"Ratio {sh['ratio']:.2f}x.",
         ]
     return out + [""]
+
+
+def passes_markdown(res: dict[str, Any], a: Args) -> list[str]:
+    p = res.get("passes")
+    if not p:
+        return []
+    sec, ps, n = p["seconds"], p["pass_s"], p["passes"]
+    return [
+        "### Passes over long items in a budget",
+        "",
+        f"{p['items']} items of the long spec above (a dialogue of about {p['item_tokens']} tokens and a summary, "
+        f"four criteria), {p['items_per_tree']} to a tree ({p['steps_per_pass']} steps a pass, about "
+        f"{p['tokens_per_tree']:.0f} tokens and {p['examples_per_tree']} examples a step): fit's recipe, LoRA r=16 "
+        f"on every projection of all {p['layers']} layers, against the same LoRA on the top {p['top']} layers "
+        "alone, without and with the frozen layers' states kept (`hf/frozen.py`: the layers below the adapter "
+        "run once per token, without gradients; later passes run the top layers from the kept states, with the "
+        "same loss and gradients, `tests/test_frozen.py`). Forward and backward, medians of "
+        f"{a.long_steps} steps after a warm-up, the arms in turn; a pass is a step times {p['steps_per_pass']}, "
+        "validation not counted.",
+        "",
+        f"| step | seconds a step | seconds a pass | passes in {p['budget_s'] / 60:.0f} minutes |",
+        "|---|---|---|---|",
+        f"| LoRA on every layer (fit's recipe) | {sec['whole']:.2f} | {ps['whole']:.0f} | {n['whole']:.1f} |",
+        f"| LoRA on the top {p['top']} layers, the whole model run | {sec['top']:.2f} | {ps['top']:.0f} | "
+        f"{n['top']:.1f} |",
+        f"| the same, frozen states kept: first pass / later passes | {sec['first']:.2f} / {sec['later']:.2f} | "
+        f"{ps['first']:.0f} / {ps['later']:.0f} | {n['kept']:.1f} |",
+        "",
+        f"Ratio {p['ratio']:.2f}x the passes of fit's recipe (target: 8 passes in 20 minutes). The kept states of "
+        f"all {p['items']} items: {p['kept_gb_for_items']:.2f} GB.",
+        "",
+    ]
 
 
 if __name__ == "__main__":

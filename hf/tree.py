@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edge_annotator.hf.frozen import FrozenLayers
 from edge_annotator.runtime.annotator import AnswerTrie, common_prefix_len, segment_bounds
 from edge_annotator.runtime.prompt import RenderOptions, leading_inputs, prompt_segments
 from edge_annotator.runtime.spec import TaskSpec
@@ -477,14 +478,18 @@ def level_logprobs_from_rows(row_logits: torch.Tensor, batch: TreeBatch) -> torc
     return flat.view(Q, L)
 
 
-def level_logprobs(model: Any, batch: TreeBatch) -> torch.Tensor:
-    """One forward over the packed tree (inside `tree_attention(model)`)."""
+def level_logprobs(model: Any, batch: TreeBatch, frozen: FrozenLayers | None = None) -> torch.Tensor:
+    """One forward over the packed tree (inside `tree_attention(model)`); with `frozen`, the layers
+    below the adapter come from its kept states where it has them (hf/frozen.py)."""
     causal = _causal(model)
     dev = next(causal.parameters()).device
     token = _CURRENT.set(batch)
     try:
-        hidden = causal.model(input_ids=batch.input_ids.to(dev), position_ids=batch.position_ids.to(dev),
-                              use_cache=False).last_hidden_state[0]
+        if frozen is not None:
+            hidden = frozen.forward(causal.model, batch, dev)
+        else:
+            hidden = causal.model(input_ids=batch.input_ids.to(dev), position_ids=batch.position_ids.to(dev),
+                                  use_cache=False).last_hidden_state[0]
     finally:
         _CURRENT.reset(token)
     row_logits = restricted_logits(model, hidden[batch.ends.to(dev)], batch.kids.to(dev))

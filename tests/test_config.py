@@ -59,6 +59,12 @@ def test_the_small_data_recipe_is_a_valid_config_cut_to_the_budget() -> None:
         fit_to_budget(raw, 3.3, 4.8, 60)
     enough = int(e.value.args[0].rsplit("--budget ", 1)[1].split("s")[0])
     assert fit_to_budget(raw, 3.3, 4.8, enough)["max_steps"] >= 10
+    # the frozen layers kept: the first pass's steps at 3.3 s, the later ones at 1.1 s buy more steps
+    kept = fit_to_budget(raw, 3.3, 4.8, 600, repeat_s=1.1, pass_steps=19)
+    assert kept["max_steps"] > cut["max_steps"] + 19
+    assert estimate_seconds(kept["max_steps"], kept["eval_every"], 3.3, 4.8, True, 1.1, 19) <= 600
+    assert estimate_seconds(30, 10, 3.3, 0.0, False, 1.1, 19) == pytest.approx(19 * 3.3 + 11 * 1.1 + 15.0)
+    assert estimate_seconds(10, 10, 3.3, 0.0, False, 1.1, 19) == estimate_seconds(10, 10, 3.3, 0.0, False)
     # long three-field items, five sharing each context: a step takes whole contexts (8 -> 10 items)
     usr = {"items": 210, "criteria": 6, "longest": 500}
     assert small_data_config("s", "t", "v", "b", "o", **usr)["batch_size"] == 8 * 6

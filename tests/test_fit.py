@@ -56,6 +56,12 @@ def test_train_check_validates_and_estimates_without_training(tmp_path: Path, ge
     assert r.exit_code == 0, r.output
     assert "valid;" in r.stderr and "s a step" in r.stderr and "estimated" in r.stderr
     assert not (tmp_path / "run").exists()  # nothing trained, nothing written
+    assert "once the frozen layers are kept" not in r.stderr
+    raw["lora"] = {**raw["lora"], "layers": [1]}  # the top layer of two: the bottom one is kept
+    raw["augment"] = {"templates": False, "permute_inputs": False, "shuffle_labels": False}  # prompts that repeat
+    cfg.write_text(yaml.safe_dump(raw))
+    r = CliRunner().invoke(cli, ["train", str(cfg), "--check"], catch_exceptions=False)
+    assert r.exit_code == 0 and "once the frozen layers are kept" in " ".join(r.stderr.split()), r.output
     raw["max_length"] = 64
     cfg.write_text(yaml.safe_dump(raw))
     r = CliRunner().invoke(cli, ["train", str(cfg), "--check"])
@@ -124,6 +130,17 @@ def test_readme_quickstart_runs_as_written_and_ends_with_a_report(tmp_path: Path
     assert sha256_file(work / "convabuse.gguf") == state["trust"]["sha256"]
     r = subprocess.run(fit_line, shell=True, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and "holds an earlier fit; pass --resume" in r.stderr
+    # what parity's failure message advises: --resume at a wider type exports again, and every stage
+    # after the export (parity, the test report, the trust rule) follows the new file; no training
+    r = subprocess.run(fit_line + " --resume --quant Q8_0", shell=True, cwd=work, env=env, capture_output=True,
+                       text=True, timeout=1800)
+    assert r.returncode == 0 and "Q4_K_M -> Q8_0: exporting again" in r.stderr, r.stderr[-3000:]
+    assert "train:" not in r.stderr and all(f"{s}:" in r.stderr for s in ("parity", "test", "trust"))
+    again = json.loads((run / "fit.json").read_text())
+    assert again["export"]["quant"] == "Q8_0" and again["parity"]["pass"] is True
+    assert again["trust"]["sha256"] != state["trust"]["sha256"]
+    assert sha256_file(work / "convabuse.gguf") == again["trust"]["sha256"]
+    assert json.loads((work / "convabuse.gguf.manifest.json").read_text())["sha256"] == again["trust"]["sha256"]
 
 
 def test_fit_route_head_trains_nothing_and_publishes_a_tested_annotator_in_minutes(tmp_path: Path,

@@ -23,10 +23,14 @@ MERGE_S = 15.0
 validation items twice more."""
 
 
-def estimate_seconds(steps: int, eval_every: int, step_s: float, val_s: float, calibrate: bool) -> float:
+def estimate_seconds(steps: int, eval_every: int, step_s: float, val_s: float, calibrate: bool,
+                     repeat_s: float | None = None, pass_steps: int | None = None) -> float:
     """A run's time: its steps, a validation before the first and every eval_every after, the
-    merge, and (calibrate) two more scorings of the validation items."""
-    return steps * step_s + (1 + math.ceil(steps / eval_every)) * val_s + MERGE_S + (2 * val_s if calibrate else 0.0)
+    merge, and (calibrate) two more scorings of the validation items. With the frozen layers kept
+    (hf/frozen.py), the first pass's `pass_steps` steps take step_s and the later ones repeat_s."""
+    first = steps if repeat_s is None or pass_steps is None else min(steps, pass_steps)
+    train_s = first * step_s + (steps - first) * (repeat_s if repeat_s is not None else step_s)
+    return train_s + (1 + math.ceil(steps / eval_every)) * val_s + MERGE_S + (2 * val_s if calibrate else 0.0)
 
 
 def check_run(cfg: TrainConfig, timed_steps: int = 2) -> dict[str, Any]:
@@ -36,6 +40,7 @@ def check_run(cfg: TrainConfig, timed_steps: int = 2) -> dict[str, Any]:
 
     from edge_annotator.hf.score import score_items
 
+    from .examples import steps_per_epoch
     from .trainer import Run, train_step
 
     with tempfile.TemporaryDirectory(prefix="edge-annotator-check-") as tmp:
@@ -44,15 +49,23 @@ def check_run(cfg: TrainConfig, timed_steps: int = 2) -> dict[str, Any]:
         run.setup(resume=False)
         setup_s = time.perf_counter() - t0
         run.model.train()
-        times = []
+        times, again = [], []
+        batches = []
         for k in range(timed_steps + 1):
             t0 = time.perf_counter()
             batch = run.prepare(k)
-            got = train_step(run.model, batch)
+            got = train_step(run.model, batch, run.frozen)
             run.model.zero_grad(set_to_none=True)
             if k:  # the first is a warm-up
                 times.append(time.perf_counter() - t0)
+                batches.append(batch)
+        for batch in batches if run.frozen else []:  # the same items again: a later pass's step
+            t0 = time.perf_counter()
+            train_step(run.model, batch, run.frozen)
+            run.model.zero_grad(set_to_none=True)
+            again.append(time.perf_counter() - t0)
         step_s = sorted(times)[len(times) // 2]
+        repeat_s = sorted(again)[len(again) // 2] if again else step_s
         val = run.data.val_items
         few = val[: min(8, len(val))]
         t0 = time.perf_counter()
@@ -60,11 +73,12 @@ def check_run(cfg: TrainConfig, timed_steps: int = 2) -> dict[str, Any]:
             score_items(run.model, run.tokenizer, run.data.spec, few)
         val_s = (time.perf_counter() - t0) / max(len(few), 1) * len(val)
         n_vals = 1 + math.ceil(run.total / cfg.eval_every)
-        estimate = estimate_seconds(run.total, cfg.eval_every, step_s, val_s, cfg.calibrate)
+        per_pass = steps_per_epoch(len(run.examples), run.data.units_per_step)
+        estimate = estimate_seconds(run.total, cfg.eval_every, step_s, val_s, cfg.calibrate, repeat_s, per_pass)
         return {"steps": run.total, "examples": len(run.examples), "train_items": len(run.data.train_items),
-                "val_items": len(val), "step_s": step_s, "tokens_per_step": got["tokens"],
-                "examples_per_step": got["examples"], "validation_s": val_s, "validations": n_vals,
-                "setup_s": setup_s, "estimate_s": estimate, "max_length": cfg.max_length,
+                "val_items": len(val), "step_s": step_s, "repeat_step_s": repeat_s, "steps_per_pass": per_pass,
+                "tokens_per_step": got["tokens"], "examples_per_step": got["examples"], "validation_s": val_s,
+                "validations": n_vals, "setup_s": setup_s, "estimate_s": estimate, "max_length": cfg.max_length,
                 "longest_example": run.data.longest}
 
 
@@ -73,5 +87,8 @@ def check_lines(cfg: TrainConfig, got: dict[str, Any]) -> list[str]:
     return [f"{cfg.name or 'config'}: valid; {got['train_items']} training items ({got['examples']} examples), "
             f"{got['val_items']} validation items, max_length {got['max_length']} tokens",
             f"{got['steps']} steps of {got['examples_per_step']} examples ({got['tokens_per_step']} tokens): "
-            f"{got['step_s']:.1f} s a step, {got['validations']} validations of {got['validation_s']:.0f} s",
+            f"{got['step_s']:.1f} s a step"
+            + (f" ({got['repeat_step_s']:.1f} s once the frozen layers are kept)"
+               if got["repeat_step_s"] != got["step_s"] else "")
+            + f", {got['validations']} validations of {got['validation_s']:.0f} s",
             f"estimated {got['estimate_s'] / 60:.1f} min on this machine (train, validate, merge)"]

@@ -141,6 +141,10 @@ def _duration(text: str) -> float:
 @click.option("--qat", is_flag=True,
               help="Train on the base GGUF's own 4-bit grid: the annotator is one file (the base's blocks with "
                    "the trained codes) instead of the base and an adapter beside it (docs/export.md).")
+@click.option("--top-layers", type=click.IntRange(1), default=None,
+              help="LoRA on this many top layers only: the layers below run once per token and are kept, so "
+                   "later passes cost the top layers alone (long items: several times the passes in --budget; "
+                   "docs/benchmarks.md).")
 @click.option("--route", type=click.Choice(["lora", "head"]), default="lora", show_default=True,
               help="lora: fine-tune for --budget; head: no training, a linear head per criterion on the base's own "
                    "states, in minutes (docs/recipes.md compares them).")
@@ -155,8 +159,8 @@ def _duration(text: str) -> float:
 @click.option("--tiny", is_flag=True, help="A 2-layer model built from scratch with the base's tokenizer: smoke "
                                            "runs and tests only (it learns little).")
 def fit(spec: Path, labels: Path, output: Path, budget: str, base: str, test: float, val: float, group: str | None,
-        quant: str, augment: str, select_by: str, qat: bool, route: str, trust_target: float, trust_delta: float,
-        seed: int, threads: int | None, resume: bool, tiny: bool) -> None:
+        quant: str, augment: str, select_by: str, qat: bool, top_layers: int | None, route: str, trust_target: float,
+        trust_delta: float, seed: int, threads: int | None, resume: bool, tiny: bool) -> None:
     """From human ratings to a parity-checked annotator and its agreement report, in one command.
 
     Splits LABELS by item (train / validation / test, seeded), sizes the recipe from the item count,
@@ -175,6 +179,7 @@ def fit(spec: Path, labels: Path, output: Path, budget: str, base: str, test: fl
       annotate-cli fit tasks/support.yaml ratings.csv -o support.gguf --resume    # after an interrupt
       annotate-cli fit tasks/support.yaml ratings.csv -o support.gguf --qat       # one 4-bit file
       annotate-cli fit tasks/support.yaml ratings.csv -o support.gguf --route head   # minutes, no training
+      annotate-cli fit tasks/support.yaml ratings.csv -o support.gguf --top-layers 4 # long items: more passes
     """
 
     from .fit import FitOptions, run_dir
@@ -182,7 +187,8 @@ def fit(spec: Path, labels: Path, output: Path, budget: str, base: str, test: fl
     from .job import calibration_lines
 
     opts = FitOptions(base=base, budget_s=_duration(budget), test=test, val=val, seed=seed, group=group, quant=quant,
-                      threads=threads, augment=augment, tiny=tiny, select_by=select_by, qat=qat, route=route,
+                      threads=threads, augment=augment, tiny=tiny, select_by=select_by, qat=qat,
+                      top_layers=top_layers, route=route,
                       trust_target=trust_target or None, trust_delta=trust_delta)
     if not Path(base, "config.json").is_file():
         raise click.ClickException(f"{base}: no HF base folder; make one with annotate-cli base gemma3-270m {base}")

@@ -122,6 +122,11 @@ class TrainConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     quantization: Literal["none", "nf4"] = "none"
     """nf4: QLoRA, the frozen base stored in 4-bit NF4 (bitsandbytes)."""
+    keep_frozen: bool = True
+    """With lora.layers above layer 0 (and no modules_to_save), keep each token's output of the
+    layers below the adapter the first time a tree computes it, and run only the adapted layers
+    from then on (hf/frozen.py): the same loss and gradients, later passes at the adapted layers'
+    cost. False: every step runs the whole model (to measure against)."""
     qat: bool = False
     """Quantization-aware training on the base GGUF's own grid (train/qat.py): the forward pass sees
     each adapted weight, base + LoRA update, snapped to the 4-bit grid its block already has in the

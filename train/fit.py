@@ -81,6 +81,10 @@ class FitOptions:
     tiny: bool = False
     """A 2-layer model built from scratch with the base folder's tokenizer instead of its weights:
     smoke runs and tests (it learns little)."""
+    top_layers: int | None = None
+    """LoRA on this many top layers only (None: every layer). The layers below then run once per
+    token and are kept (hf/frozen.py): later passes cost the top layers alone, so the budget buys
+    several times the passes over long items (docs/benchmarks.md)."""
     route: str = "lora"
     """lora: fine-tune, merge, export, parity (the annotator reads its answer tokens); head: no
     training, a linear head per criterion on the base GGUF's own states (export/heads.py)."""
@@ -147,7 +151,9 @@ def fit(spec_path: str | Path, labels: str | Path, out: str | Path, opts: FitOpt
 
     merged = Path(cfg.output) / "merged"
     if not (merged / "spec.json").exists():
-        say("train", f"{cfg.max_steps} steps, about {state['estimate']['estimate_s'] / 60:.0f} min")
+        est = state["estimate"]
+        say("train", f"{cfg.max_steps} steps ({est.get('epochs', 0):.1f} passes over the items), about "
+                     f"{est['estimate_s'] / 60:.0f} min")
         t0 = time.perf_counter()
         from .job import train_and_merge
 
@@ -160,6 +166,17 @@ def fit(spec_path: str | Path, labels: str | Path, out: str | Path, opts: FitOpt
         save()
 
     gguf = run / "annotator.gguf"
+    par_f = run / "parity.json"
+    if gguf.exists() and (state.get("export") or {}).get("quant", opts.quant) != opts.quant:
+        # --resume --quant Q8_0 after a failed parity: the run's own export at the old type goes,
+        # and with it every stage after it (parity, the test report, the trust rule)
+        say("export", f"{state['export']['quant']} -> {opts.quant}: exporting again")
+        for f in (gguf, gguf.with_name(gguf.name + ".manifest.json"), par_f, run / "agree.json",
+                  run / "test-predictions.jsonl", run / "annotator-trust.gguf"):
+            f.unlink(missing_ok=True)
+        shutil.rmtree(run / "report", ignore_errors=True)
+        for k in ("parity", "test", "trust"):
+            state.pop(k, None)
     if not gguf.exists():
         say("export", f"{opts.quant}, the spec and provenance embedded")
         from edge_annotator.export.route import export_annotator
@@ -167,9 +184,9 @@ def fit(spec_path: str | Path, labels: str | Path, out: str | Path, opts: FitOpt
         job = export_annotator(merged, gguf, opts.quant, opts.threads)
         state["export"] = {k: job.info.get(k) for k in ("route", "size_bytes", "bits_per_weight",
                                                         "block_bits_per_weight", "base_file", "seconds", "sha256")}
+        state["export"]["quant"] = opts.quant
         save()
 
-    par_f = run / "parity.json"
     if not par_f.exists() or not json.loads(par_f.read_text()).get("pass"):
         say("parity", "the GGUF against the merged model on the validation items")
         from edge_annotator.export.parity import parity
@@ -291,6 +308,13 @@ def _recipe(spec_path: str | Path, split: Path, run: Path, opts: FitOptions) -> 
     if opts.tiny:  # as configs/tiny-lora-cpu.yaml builds it
         raw |= {"tiny": {"layers": 2, "hidden": 64, "intermediate": 128, "heads": 2, "head_dim": 32},
                 "lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "lr": 3.0e-3}
+    if opts.top_layers:
+        n = raw["tiny"]["layers"] if opts.tiny else json.loads(Path(opts.base, "config.json").read_text())[
+            "num_hidden_layers"]
+        if not 0 < opts.top_layers < n:
+            raise FitError(f"--top-layers {opts.top_layers}: {opts.base} has {n} layers; give 1 to {n - 1}, "
+                           "or leave it out to adapt every layer")
+        raw["lora"]["layers"] = list(range(n - opts.top_layers, n))
     return raw
 
 
@@ -304,13 +328,14 @@ def _estimated(raw: dict[str, Any], opts: FitOptions, state: dict[str, Any]) -> 
 
     got = check_run(parse_config(raw, "fit recipe"))
     try:
-        sized = fit_to_budget(raw, got["step_s"], got["validation_s"], opts.budget_s)
+        sized = fit_to_budget(raw, got["step_s"], got["validation_s"], opts.budget_s, got["repeat_step_s"],
+                              got["steps_per_pass"])
     except BudgetTooSmall as e:
         raise FitError(f"{e} (add --resume to keep this run's split)") from None
     items_per_step = raw["batch_size"] // len(load_spec(raw["spec"]).criteria)
     got = {**got, "steps": sized["max_steps"], "validations": 1 + math.ceil(sized["max_steps"] / sized["eval_every"]),
            "estimate_s": estimate_seconds(sized["max_steps"], sized["eval_every"], got["step_s"], got["validation_s"],
-                                          True),
+                                          True, got["repeat_step_s"], got["steps_per_pass"]),
            "epochs": round(sized["max_steps"] * items_per_step / max(got["train_items"], 1), 2)}
     state["estimate"] = got
     state["recipe"] = {**state.get("recipe", {}), "max_steps": sized["max_steps"], "eval_every": sized["eval_every"]}

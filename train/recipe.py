@@ -111,7 +111,8 @@ def _eval_every(steps: int) -> int:
     return max(5, math.ceil(steps / 8))
 
 
-def fit_to_budget(raw: dict[str, Any], step_s: float, val_s: float, budget_s: float) -> dict[str, Any]:
+def fit_to_budget(raw: dict[str, Any], step_s: float, val_s: float, budget_s: float, repeat_s: float | None = None,
+                  pass_steps: int | None = None) -> dict[str, Any]:
     """The same config with max_steps cut to what the budget pays for (never more than the epoch cap
     gave), and validations spaced to about 8 in the run: check.estimate_seconds of the result
     (steps, validations, merge, the calibration's two scorings) is within the budget. Raises
@@ -119,7 +120,7 @@ def fit_to_budget(raw: dict[str, Any], step_s: float, val_s: float, budget_s: fl
     from .check import estimate_seconds
 
     def cost(steps: int) -> float:
-        return estimate_seconds(steps, _eval_every(steps), step_s, val_s, True)
+        return estimate_seconds(steps, _eval_every(steps), step_s, val_s, True, repeat_s, pass_steps)
 
     cap = int(raw["max_steps"])
     steps = min(cap, MIN_STEPS)

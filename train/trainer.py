@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edge_annotator.hf.frozen import FrozenLayers, supported
 from edge_annotator.hf.score import answer_tries, hf_tokenize, pad_id, selected_alpha, selection_alpha, validate
 from edge_annotator.hf.tokcheck import check_folder
 from edge_annotator.hf.tree import (
@@ -278,12 +279,28 @@ def prepare_step(cfg: TrainConfig, data: Data, examples: list[Example], stream: 
     return StepBatch(trees, sum(examples[j].queries for _, j in picked))
 
 
-def train_step(model: Any, batch: StepBatch) -> dict[str, float]:
+def frozen_layers(cfg: TrainConfig, model: Any) -> FrozenLayers | None:
+    """The kept states of the layers below the adapter (hf/frozen.py), where nothing there trains
+    and an item's prompt is the same in every pass (augmentation would make every tree new: the
+    layers below the adapter then run without gradients anyway, and keeping them gains nothing)."""
+    layers, aug = cfg.lora.layers, cfg.augment
+    if not cfg.keep_frozen or not layers or min(layers) == 0 or cfg.lora.modules_to_save:
+        return None
+    if aug.templates or aug.shuffle_labels or not aug.keeps_contexts:
+        return None
+    inner = (model.get_base_model() if hasattr(model, "get_base_model") else model).model
+    if not supported(inner):
+        log.info("%s cannot run a part of its layers: every step runs them all", type(inner).__name__)
+        return None
+    return FrozenLayers(min(layers))
+
+
+def train_step(model: Any, batch: StepBatch, frozen: FrozenLayers | None = None) -> dict[str, float]:
     """Forward and backward over one step's micro-batches (no optimizer update); its loss and sizes."""
     loss_sum, tokens = 0.0, 0
     with tree_attention(model):
         for tree in batch.trees:
-            loss = soft_cross_entropy(level_logprobs(model, tree), tree) / batch.queries
+            loss = soft_cross_entropy(level_logprobs(model, tree, frozen), tree) / batch.queries
             loss.backward()
             loss_sum += float(loss.detach())
             tokens += tree.tokens
@@ -325,6 +342,7 @@ class Run:
         self.total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch(len(self.examples),
                                                                              self.data.units_per_step))
         self.params, self.opt, self.sched = setup_optimizer(cfg, self.model, self.total)
+        self.frozen = frozen_layers(cfg, self.model)
         if resume and (self.ckpt / "state.json").exists():
             self.state = resume_state(self.ckpt, self.model, self.opt, self.sched, self.logf)
             log.info("resumed %s at step %d", self.out, self.state.step)
@@ -379,7 +397,7 @@ class Run:
             from .qat import train_on_grid
 
             train_on_grid(self.model, self.state.step >= math.floor(self.cfg.qat_start * self.total))
-        got = train_step(self.model, batch)
+        got = train_step(self.model, batch, self.frozen)
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
         self.sched.step()
