@@ -47,19 +47,24 @@ class FrozenLayers:
         self.first, self.max_bytes = first, max_bytes
         self._node: dict[tuple[int, int], int] = {}  # (parent node or -1, token id) -> node
         self._states: torch.Tensor | None = None  # (capacity, hidden): row n is node n's state
-        self.kept = 0  # nodes with a state
         self.hits = self.misses = 0  # trees run from kept states / trees that ran the frozen layers
+
+    @property
+    def kept(self) -> int:
+        """Nodes with a state: every node is kept by the forward that made it."""
+        return len(self._node)
 
     @property
     def bytes(self) -> int:
         return 0 if self._states is None else self.kept * self._states.shape[1] * self._states.element_size()
 
     def nodes(self, tree: Any, row_bytes: int) -> tuple[torch.Tensor, bool]:
-        """Each packed token's node (-1 where none is kept, or may be), and whether a node is new."""
+        """Each packed token's node (-2 where the memory cap keeps none), and whether the tree
+        needs the frozen layers run (a new node, or one that cannot be kept)."""
         ids = tree.input_ids[0].tolist()
         Lp = tree.prefix_len
         item_of, row_of = tree.item_of.tolist(), tree.row_of.tolist()
-        out = [-1] * len(ids)
+        out = [-2] * len(ids)
         new = False
         room = (self.max_bytes // max(row_bytes, 1)) - self.kept
 
@@ -124,7 +129,6 @@ class FrozenLayers:
                 grown[: self._states.shape[0]] = self._states
             self._states = grown
         self._states[nodes] = h.detach()
-        self.kept = need
 
 
 def supported(inner: Any) -> bool:

@@ -443,8 +443,7 @@ def tree_attention(model: Any, dense: bool = False) -> Iterator[None]:
     """Route the model's attention through the tree while inside; restore its own afterwards.
     dense: the (N - Lp)^2 form instead of the per-item blocks (the same numbers, slower)."""
     _register()
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = causal.config
+    cfg = causal_model(model).config
     old = cfg._attn_implementation
     cfg._attn_implementation = IMPL
     token = _DENSE.set(dense)
@@ -455,13 +454,14 @@ def tree_attention(model: Any, dense: bool = False) -> Iterator[None]:
         cfg._attn_implementation = old
 
 
-def _causal(model: Any) -> Any:
+def causal_model(model: Any) -> Any:
+    """The causal LM under a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def restricted_logits(model: Any, hidden: torch.Tensor, kids: torch.Tensor) -> torch.Tensor:
     """Logits of the answer tokens `kids` (R, K) only, from final hidden states (R, H)."""
-    causal = _causal(model)
+    causal = causal_model(model)
     w = causal.get_output_embeddings().weight[kids]  # (R, K, H)
     logits = torch.einsum("rh,rkh->rk", hidden.to(w.dtype), w).float()
     cap = getattr(causal.config, "final_logit_softcapping", None)
@@ -481,7 +481,7 @@ def level_logprobs_from_rows(row_logits: torch.Tensor, batch: TreeBatch) -> torc
 def level_logprobs(model: Any, batch: TreeBatch, frozen: FrozenLayers | None = None) -> torch.Tensor:
     """One forward over the packed tree (inside `tree_attention(model)`); with `frozen`, the layers
     below the adapter come from its kept states where it has them (hf/frozen.py)."""
-    causal = _causal(model)
+    causal = causal_model(model)
     dev = next(causal.parameters()).device
     token = _CURRENT.set(batch)
     try:
@@ -513,7 +513,7 @@ def unshared_level_logprobs(model: Any, tokenize: Tokenize, spec: TaskSpec, trie
     dropout, which this path does not apply)."""
     from edge_annotator.runtime.prompt import render_prompt
 
-    causal = _causal(model)
+    causal = causal_model(model)
     dev = next(causal.parameters()).device
     seqs: list[list[int]] = []
     for ui, ci in batch.queries:

@@ -28,8 +28,10 @@ def estimate_seconds(steps: int, eval_every: int, step_s: float, val_s: float, c
     """A run's time: its steps, a validation before the first and every eval_every after, the
     merge, and (calibrate) two more scorings of the validation items. With the frozen layers kept
     (hf/frozen.py), the first pass's `pass_steps` steps take step_s and the later ones repeat_s."""
-    first = steps if repeat_s is None or pass_steps is None else min(steps, pass_steps)
-    train_s = first * step_s + (steps - first) * (repeat_s if repeat_s is not None else step_s)
+    if repeat_s is None or pass_steps is None:  # every step costs step_s
+        repeat_s, pass_steps = step_s, steps
+    first = min(steps, pass_steps)
+    train_s = first * step_s + (steps - first) * repeat_s
     return train_s + (1 + math.ceil(steps / eval_every)) * val_s + MERGE_S + (2 * val_s if calibrate else 0.0)
 
 
@@ -65,7 +67,7 @@ def check_run(cfg: TrainConfig, timed_steps: int = 2) -> dict[str, Any]:
             run.model.zero_grad(set_to_none=True)
             again.append(time.perf_counter() - t0)
         step_s = sorted(times)[len(times) // 2]
-        repeat_s = sorted(again)[len(again) // 2] if again else step_s
+        repeat_s = sorted(again)[len(again) // 2] if again else None  # None: nothing kept, every step alike
         val = run.data.val_items
         few = val[: min(8, len(val))]
         t0 = time.perf_counter()
@@ -89,6 +91,6 @@ def check_lines(cfg: TrainConfig, got: dict[str, Any]) -> list[str]:
             f"{got['steps']} steps of {got['examples_per_step']} examples ({got['tokens_per_step']} tokens): "
             f"{got['step_s']:.1f} s a step"
             + (f" ({got['repeat_step_s']:.1f} s once the frozen layers are kept)"
-               if got["repeat_step_s"] != got["step_s"] else "")
+               if got["repeat_step_s"] is not None else "")
             + f", {got['validations']} validations of {got['validation_s']:.0f} s",
             f"estimated {got['estimate_s'] / 60:.1f} min on this machine (train, validate, merge)"]

@@ -41,6 +41,7 @@ from edge_annotator.hf.tree import (
     Tokens,
     TreeBatch,
     build_tree,
+    causal_model,
     item_texts,
     level_logprobs,
     runs_by_key,
@@ -288,7 +289,7 @@ def frozen_layers(cfg: TrainConfig, model: Any) -> FrozenLayers | None:
         return None
     if aug.templates or aug.shuffle_labels or not aug.keeps_contexts:
         return None
-    inner = (model.get_base_model() if hasattr(model, "get_base_model") else model).model
+    inner = causal_model(model).model
     if not supported(inner):
         log.info("%s cannot run a part of its layers: every step runs them all", type(inner).__name__)
         return None
