@@ -132,7 +132,7 @@ lint: install  ## ruff and mypy over the package and tests
 # to Q4_K_M with the spec embedded; parity between the fine-tuned HF model and the file; then the
 # held-out items annotated with the file (1 and 2 threads, byte-identical). One table at the end.
 demo: install $(GEMMA) $(GEMMA_HF)  ## the whole job: zero-shot, fine-tune (16-26 min of it on 2 cores), export, parity, annotate
-	$(PY) scripts/demo.py --config configs/gemma3-270m-lora-cpu-emobank.yaml \
+	$(PY) scripts/demo.py --config configs/gemma3-270m-lora-cpu-emobank.yaml --top-layers 9 \
 		--base-gguf $(GEMMA) --test data/emobank-test-200.jsonl --out $(DEMO) --threads $(THREADS)
 
 # A quick look at the runtime alone: the base model zero-shot on the held-out sample (1 minute).
