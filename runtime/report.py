@@ -219,10 +219,16 @@ def _reliability(c: Criterion, preds: Sequence[Prediction], gold: Sequence[str])
 
 
 def build_report(spec: TaskSpec, preds: Sequence[Prediction], humans: Mapping[str, Sequence[Mapping[str, Any]]],
-                 texts: Mapping[str, str], seed: int = 0) -> dict[str, Any]:
-    return {"spec": spec.name, "seed": seed, "resamples": RESAMPLES, "records": len(preds),
-            "error_records": sum(p.error is not None for p in preds),
-            "criteria": [criterion_report(c, preds, humans, texts, seed) for c in spec.criteria]}
+                 texts: Mapping[str, str], seed: int = 0,
+                 training: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The report's figures; `training` (fit's: items, steps, passes, seconds, ...) becomes a table
+    of how the annotator was made, where the caller knows it."""
+    rep = {"spec": spec.name, "seed": seed, "resamples": RESAMPLES, "records": len(preds),
+           "error_records": sum(p.error is not None for p in preds),
+           "criteria": [criterion_report(c, preds, humans, texts, seed) for c in spec.criteria]}
+    if training:
+        rep["training"] = dict(training)
+    return rep
 
 
 # -- figures and the page ----------------------------------------------------------------------
@@ -311,6 +317,17 @@ td, th { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertic
 <h1>Agreement report: {{ r.spec }}</h1>
 <p>{{ r.records }} records ({{ r.error_records }} error records). Intervals: 95% bootstrap over items,
 {{ r.resamples }} resamples, seed {{ r.seed }}.</p>
+{% if r.training is defined %}{% set t = r.training %}
+<h2>How the annotator was trained</h2>
+<table>
+<tr><td>training items</td><td>{{ t["items"] }}</td></tr>
+<tr><td>steps made (planned for the budget)</td><td>{{ t.steps }} ({{ t.planned_steps }})</td></tr>
+<tr><td>passes over the training items</td><td>{{ t.passes }}</td></tr>
+<tr><td>training time (validation, merge and calibration included)</td>
+<td>{{ t.minutes }} min (budget {{ t.budget_minutes }} min)</td></tr>
+<tr><td>validation alpha, untrained &rarr; best (step {{ t.best_step }})</td>
+<td>{{ fmt(t.val_alpha_untrained) }} &rarr; {{ fmt(t.val_alpha) }}</td></tr>
+</table>{% endif %}
 {% for c in r.criteria %}
 <h2>{{ c.criterion }} ({{ c.level }}, {{ c["items"] }} items)</h2>
 <table>
@@ -364,9 +381,10 @@ class ReportError(UserError, ValueError):
 
 def report_files(pred_path: str | Path, preds: Sequence[Prediction], human_path: str | Path,
                  humans: Mapping[str, Sequence[Mapping[str, Any]]], spec: TaskSpec, out_dir: str | Path,
-                 seed: int = 0) -> Path:
+                 seed: int = 0, training: Mapping[str, Any] | None = None) -> Path:
     """agree --report's whole job: the report of `preds` (read from PRED_PATH) against `humans`
-    (read from HUMAN_PATH, whose rows also give the texts), written to OUT_DIR; its HTML page."""
+    (read from HUMAN_PATH, whose rows also give the texts), written to OUT_DIR; its HTML page.
+    fit passes `training` (build_report)."""
     from .data import iter_rows
 
     if missing := missing_extra():
@@ -378,7 +396,7 @@ def report_files(pred_path: str | Path, preds: Sequence[Prediction], human_path:
     for row in iter_rows(human_path):
         if row.data is not None and "id" in row.data:
             texts[str(row.data["id"])] = " | ".join(str(row.data.get(f.name, "")) for f in spec.inputs)
-    return write_report(build_report(spec, preds, humans, texts, seed), out_dir)
+    return write_report(build_report(spec, preds, humans, texts, seed, training), out_dir)
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> Path:

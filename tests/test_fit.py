@@ -101,9 +101,15 @@ def test_readme_quickstart_runs_as_written_and_ends_with_a_report(tmp_path: Path
             assert "trust severity: at most 10% disagreement" in r.stderr, r.stderr[-3000:]
     assert fit_line is not None
     run = work / "convabuse.run"
-    assert (run / "report" / "report.html").is_file()
     state = json.loads((run / "fit.json").read_text())
     sizes = state["split"]
+    # the report says how the annotator was trained: the steps made and the passes they made
+    trained = json.loads((run / "report" / "report.json").read_text())["training"]
+    assert trained["items"] == 210 and trained["steps"] == state["train"]["steps"] > 0
+    assert trained["planned_steps"] == state["estimate"]["steps"] >= trained["steps"]
+    # one criterion (severity): a step's examples are its items
+    assert trained["passes"] == pytest.approx(trained["steps"] * state["recipe"]["batch_size"] / 210, abs=0.02)
+    assert "passes over the training items" in (run / "report" / "report.html").read_text()
     assert [sizes[k]["items"] for k in ("train", "val", "test")] == [210, 30, 60]
     assert {"max_steps", "epochs", "lr", "max_length", "augment"} <= set(state["recipe"])
     assert state["estimate"]["step_s"] > 0 and state["parity"]["pass"] is True

@@ -216,7 +216,8 @@ def _tested(out: Path, split: Path, run: Path, spec: Any, opts: FitOptions, stat
     n = state["split"]["test"]["items"]
     if n and not (run / "report" / "report.json").exists():
         say("test", f"annotating {n} held-out test items, then the agreement report")
-        state["test"] = _test(out, split / "test.jsonl", run / "test-predictions.jsonl", run / "report", spec, opts)
+        state["test"] = _test(out, split / "test.jsonl", run / "test-predictions.jsonl", run / "report", spec, opts,
+                              _training(state, opts))
         save()
     return _trusted(out, split, run, opts, state, save, say)
 
@@ -350,7 +351,20 @@ def _provenance_add(merged: Path, extra: dict[str, Any]) -> None:
     p.write_text(json.dumps(prov, indent=2, default=str))
 
 
-def _test(model: Path, test: Path, pred: Path, report_dir: Path, spec: Any, opts: FitOptions) -> dict[str, Any]:
+def _training(state: dict[str, Any], opts: FitOptions) -> dict[str, Any] | None:
+    """What the report says of the training: the steps made against those planned, and the passes
+    over the training items they made (None for a run that trained nothing: the head route)."""
+    tr, est = state.get("train"), state.get("estimate")
+    if not tr or not est or not est.get("steps"):
+        return None
+    return {"items": state["split"]["train"]["items"], "steps": tr["steps"], "planned_steps": est["steps"],
+            "passes": round(tr["steps"] * est["epochs"] / est["steps"], 2), "minutes": round(tr["seconds"] / 60, 1),
+            "budget_minutes": round(opts.budget_s / 60, 1), "best_step": tr["best_step"],
+            "val_alpha_untrained": tr["val_alpha_untrained"], "val_alpha": tr["val_alpha"]}
+
+
+def _test(model: Path, test: Path, pred: Path, report_dir: Path, spec: Any, opts: FitOptions,
+          training: dict[str, Any] | None = None) -> dict[str, Any]:
     """Annotate the test items with the published file, then agree and its report."""
     from edge_annotator.runtime.data import read_human
     from edge_annotator.runtime.jobs import JobOptions, annotate_file
@@ -365,7 +379,7 @@ def _test(model: Path, test: Path, pred: Path, report_dir: Path, spec: Any, opts
     humans = read_human(test, spec)
     rep = agreement(spec, labels, humans, {i: s for i, s in scores.items() if s} or None, loo=True, seed=opts.seed)
     (report_dir.parent / "agree.json").write_text(json.dumps(rep, indent=2) + "\n")
-    page = report_files(pred, records, test, humans, spec, report_dir, opts.seed)
+    page = report_files(pred, records, test, humans, spec, report_dir, opts.seed, training)
     return {"report": str(page), "criteria": {c["criterion"]: {k: c.get(k) for k in (
         "alpha", "score_alpha", "alpha_humans")} | {"leave_one_out": c.get("leave_one_out")} for c in rep["criteria"]},
         "mean": rep["mean"]}
