@@ -78,19 +78,31 @@ def gguf_name(tmap: Any, hf_name: str) -> str | None:
 
 def adapted_tensors(merged: Path, sizes: dict[str, int]) -> dict[str, int]:
     """{GGUF name: number of weights} of the weights the LoRA adapter changed (provenance.json's
-    config), given SIZES, the merged model's {HF name: number of weights} (hf_weight_sizes)."""
+    config: its target modules, in the decoder layers `lora.layers` names where it names them, and
+    its modules_to_save), given SIZES, the merged model's {HF name: number of weights}
+    (hf_weight_sizes)."""
     prov_file = merged / "provenance.json"
     if not prov_file.is_file():
         return {}
     lora = json.loads(prov_file.read_text()).get("config", {}).get("lora", {})
-    modules = list(lora.get("target_modules", [])) + list(lora.get("modules_to_save", []))
-    if not modules:
+    targets, saved = set(lora.get("target_modules", [])), set(lora.get("modules_to_save", []))
+    layers = None if lora.get("layers") is None else {str(i) for i in lora["layers"]}
+    if not targets | saved:
         return {}
+
+    def changed(parts: list[str]) -> bool:
+        if parts[-1] in saved:
+            return True
+        if parts[-1] not in targets:
+            return False
+        # model.layers.N.self_attn.q_proj: a target in a layer the adapter left alone kept its weights
+        return layers is None or next((parts[i + 1] for i, p in enumerate(parts[:-1]) if p == "layers"), None) in layers
+
     tmap = name_map(merged)
     out = {}
     for name, n in sizes.items():
         parts = name.removesuffix(".weight").split(".")
-        if name.endswith(".weight") and parts[-1] in modules:
+        if name.endswith(".weight") and changed(parts):
             g = gguf_name(tmap, name)
             if g is None:
                 raise MixError(f"{merged}: no GGUF name for the adapted weight {name}")
