@@ -76,6 +76,9 @@ def gguf_name(tmap: Any, hf_name: str) -> str | None:
     return str(got) if got else None
 
 
+_LAYER = re.compile(r"\blayers\.(\d+)\.")
+
+
 def adapted_tensors(merged: Path, sizes: dict[str, int]) -> dict[str, int]:
     """{GGUF name: number of weights} of the weights the LoRA adapter changed (provenance.json's
     config: its target modules, in the decoder layers `lora.layers` names where it names them, and
@@ -86,23 +89,22 @@ def adapted_tensors(merged: Path, sizes: dict[str, int]) -> dict[str, int]:
         return {}
     lora = json.loads(prov_file.read_text()).get("config", {}).get("lora", {})
     targets, saved = set(lora.get("target_modules", [])), set(lora.get("modules_to_save", []))
-    layers = None if lora.get("layers") is None else {str(i) for i in lora["layers"]}
+    layers = lora.get("layers")  # None: every layer
     if not targets | saved:
         return {}
 
-    def changed(parts: list[str]) -> bool:
-        if parts[-1] in saved:
+    def changed(name: str) -> bool:
+        module = name.removesuffix(".weight").rsplit(".", 1)[-1]
+        if module in saved:
             return True
-        if parts[-1] not in targets:
-            return False
         # model.layers.N.self_attn.q_proj: a target in a layer the adapter left alone kept its weights
-        return layers is None or next((parts[i + 1] for i, p in enumerate(parts[:-1]) if p == "layers"), None) in layers
+        layer = _LAYER.search(name)
+        return module in targets and (layers is None or (layer is not None and int(layer[1]) in layers))
 
     tmap = name_map(merged)
     out = {}
     for name, n in sizes.items():
-        parts = name.removesuffix(".weight").split(".")
-        if name.endswith(".weight") and changed(parts):
+        if name.endswith(".weight") and changed(name):
             g = gguf_name(tmap, name)
             if g is None:
                 raise MixError(f"{merged}: no GGUF name for the adapted weight {name}")

@@ -49,15 +49,16 @@ def run(config: Path, base_gguf: Path, test: Path, out: Path, threads: int, quan
     from edge_annotator.export.parity import parity
     from edge_annotator.export.route import export_annotator
     from edge_annotator.train.config import load_config
+    from edge_annotator.train.config import top_layers as top
     from edge_annotator.train.job import print_validations, train_and_merge
 
     cfg = load_config(config)
     if top_layers:
-        n = json.loads(Path(cfg.base_model, "config.json").read_text())["num_hidden_layers"]
-        if not 0 < top_layers < n:
-            raise click.UsageError(f"--top-layers {top_layers}: {cfg.base_model} has {n} layers; give 1 to {n - 1}")
-        cfg = dataclasses.replace(cfg, output=str(out / "run"),
-                                  lora=dataclasses.replace(cfg.lora, layers=list(range(n - top_layers, n))))
+        try:
+            layers = top(cfg.base_model, top_layers)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+        cfg = dataclasses.replace(cfg, output=str(out / "run"), lora=dataclasses.replace(cfg.lora, layers=layers))
     spec = load_spec(cfg.spec)
     out.mkdir(parents=True, exist_ok=True)
     humans = read_human(test, spec)

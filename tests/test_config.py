@@ -139,3 +139,16 @@ def test_wrong_types_and_unknown_keys_are_one_config_error(tmp_path: Path, gemma
                    "augment.templates: expected true or false, got 'maybe'"):
         assert needle in r.output, r.output
     assert not (tmp_path / "run").exists()
+
+
+def test_top_layers_names_the_upper_layers_and_refuses_a_count_out_of_range(tmp_path: Path) -> None:
+    """fit --top-layers and scripts/demo.py --top-layers: the layer count from the base's config.json
+    (or the caller's, for a tiny model), one line naming the range otherwise."""
+    from edge_annotator.train.config import top_layers
+
+    (tmp_path / "config.json").write_text('{"num_hidden_layers": 18}')
+    assert top_layers(tmp_path, 9) == list(range(9, 18))
+    assert top_layers("tiny", 1, 2) == [1]
+    for k in (0, 18):
+        with pytest.raises(ValueError, match="has 18 layers; give 1 to 17"):
+            top_layers(tmp_path, k)

@@ -10,6 +10,7 @@ QLoRA is a flag on the one LoRA path: `quantization: nf4`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import types
 import typing
@@ -238,6 +239,18 @@ class TrainConfig:
 
 
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def top_layers(base: str | Path, k: int, n: int | None = None) -> list[int]:
+    """lora.layers for the top K decoder layers of BASE, an HF folder (N: its layer count where the
+    caller knows it otherwise, e.g. a tiny model built from scratch). ValueError, naming the range,
+    unless 0 < K < N."""
+    if n is None:
+        n = int(json.loads(Path(base, "config.json").read_text())["num_hidden_layers"])
+    if not 0 < k < n:
+        raise ValueError(f"--top-layers {k}: {base} has {n} layers; give 1 to {n - 1}, "
+                         "or leave it out to adapt every layer")
+    return list(range(n - k, n))
 
 
 def _build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:

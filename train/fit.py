@@ -287,7 +287,7 @@ def _recipe(spec_path: str | Path, split: Path, run: Path, opts: FitOptions) -> 
     from edge_annotator.runtime.prompt import leading_inputs, shared_groups
     from edge_annotator.runtime.spec import load_spec
 
-    from .config import Augment, TokenDropout
+    from .config import Augment, TokenDropout, top_layers
     from .examples import load_items
     from .model import load_tokenizer
     from .recipe import augmentation, small_data_config
@@ -310,12 +310,10 @@ def _recipe(spec_path: str | Path, split: Path, run: Path, opts: FitOptions) -> 
         raw |= {"tiny": {"layers": 2, "hidden": 64, "intermediate": 128, "heads": 2, "head_dim": 32},
                 "lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "lr": 3.0e-3}
     if opts.top_layers:
-        n = raw["tiny"]["layers"] if opts.tiny else json.loads(Path(opts.base, "config.json").read_text())[
-            "num_hidden_layers"]
-        if not 0 < opts.top_layers < n:
-            raise FitError(f"--top-layers {opts.top_layers}: {opts.base} has {n} layers; give 1 to {n - 1}, "
-                           "or leave it out to adapt every layer")
-        raw["lora"]["layers"] = list(range(n - opts.top_layers, n))
+        try:
+            raw["lora"]["layers"] = top_layers(opts.base, opts.top_layers, raw["tiny"]["layers"] if opts.tiny else None)
+        except ValueError as e:
+            raise FitError(str(e)) from None
     return raw
 
 
