@@ -1,5 +1,6 @@
 """The evaluation table: the shipped CPU recipes trained, exported and scored on full test splits,
-and USR PersonaChat through `annotate-cli fit` as a user's own task.
+and two tasks of long items through `annotate-cli fit` as a user's own: USR PersonaChat and
+EmoBank passages (data/emobank_passages-train-400.jsonl).
 
     make eval            # python scripts/eval.py --shared ../shared/data --out models/eval
 
@@ -13,7 +14,8 @@ rater), alpha with the consensus of all raters for the label and (rating scales)
 the raters' own alpha, macro-F1 for label sets, and a 95% bootstrap interval for each (items
 resampled, 1000 times, seed 0). USR PersonaChat (no license: evaluated, never shipped) goes
 through `fit` whole: split by conversation, trained, calibrated, exported, parity-checked and
-scored on its own test items. The table goes to
+scored on its own test items; so do the 400 shipped items of EmoBank passages (a sentence in the
+passage it comes from: scripts/prepare_data.py). The table goes to
 OUT/eval.md and OUT/eval.json. Each step is skipped when its output exists (--fresh redoes all),
 so an interrupted evaluation continues where it stopped.
 """
@@ -28,7 +30,7 @@ from typing import Any, NamedTuple
 import click
 import numpy as np
 import yaml
-from prepare_data import convert, write_items
+from prepare_data import SOURCES, convert, write_items
 
 from edge_annotator.export.route import export_annotator
 from edge_annotator.runtime.data import read_human
@@ -45,8 +47,18 @@ RECIPES = {
     "configs/gemma3-270m-lora-cpu-convabuse.yaml": ("convabuse", "test"),
     "configs/gemma3-270m-lora-cpu-goemotions.yaml": ("goemotions", "test"),
 }
-FIT_TASKS = {"usr_personachat": ("tasks/usr-personachat.yaml", "context_id")}
-"""Tasks evaluated as a user brings them (annotate-cli fit on all their items): spec, the field to split by."""
+class FitTask(NamedTuple):
+    spec: str
+    group: str  # the field fit splits by
+    select_by: str  # what checkpoints are chosen by: label (levels) or score (rating scales)
+    data: str | None  # the labelled items, or None: the release's one split, "all"
+    test_split: str | None = None  # a split of the release to score on, rather than fit's own test items
+
+
+FIT_TASKS = {"usr_personachat": FitTask("tasks/usr-personachat.yaml", "context_id", "label", None),
+             "emobank_passages": FitTask("tasks/emobank-passages.yaml", "context_id", "score",
+                                         "data/emobank_passages-train-400.jsonl", "test")}
+"""Tasks evaluated as a user brings them (annotate-cli fit on all their items)."""
 SPLITS = {"emobank": ("train", "dev", "test"), "convabuse": ("train", "valid", "test"),
           "goemotions": ("train", "dev", "test")}
 
@@ -263,25 +275,31 @@ def markdown(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_fit_task(name: str, spec_path: str, shared: Path, out: Path, base_gguf: Path, threads: int,
-                 group: str) -> dict[str, Any]:
+def run_fit_task(name: str, task: FitTask, shared: Path, out: Path, base_gguf: Path, threads: int) -> dict[str, Any]:
     """A task the way a user brings it: all its labelled items through `annotate-cli fit` (split by
-    GROUP, so no conversation is in both train and test), then the zero-shot base on fit's test items."""
-    from prepare_data import convert
-
+    the task's group, so no conversation is in both train and test), then the zero-shot base on
+    fit's test items."""
     from edge_annotator.train.fit import FitOptions, fit, run_dir
 
-    data = Path("models/data") / f"{name}-all.jsonl"
+    spec_path, group = task.spec, task.group
+    data = Path(task.data) if task.data else Path("models/data") / f"{name}-all.jsonl"
     if not data.exists():
         write_items(convert(name, shared / name, "all"), data)
     gguf = out / f"{name}.gguf"
-    state = fit(spec_path, data, gguf, FitOptions(group=group, threads=threads, select_by="label"),
+    state = fit(spec_path, data, gguf, FitOptions(group=group, threads=threads, select_by=task.select_by),
                 resume=run_dir(gguf).exists(), progress=print_validations)
     spec = load_spec(spec_path)
     test = run_dir(gguf) / "split" / "test.jsonl"
-    res: dict[str, Any] = {"recipe": f"annotate-cli fit {spec_path} (--group {group})", "test": str(test),
+    res: dict[str, Any] = {"recipe": f"annotate-cli fit {spec_path} {data} (--group {group})", "test": str(test),
                            "dataset": name, "fine_tuned": evaluate(spec, run_dir(gguf) / "test-predictions.jsonl",
                                                                    test)}
+    if task.test_split:  # the release's whole test split, annotated by fit's file; fit's own test items kept
+        res["fit_test"], test = res["fine_tuned"], Path("models/data") / f"{name}-{task.test_split}.jsonl"
+        if not test.exists():
+            write_items(convert(name, shared / SOURCES.get(name, name), task.test_split), test)
+        dest = out / f"{name}-fine_tuned.jsonl"
+        annotate_file(gguf, test, str(dest), JobOptions(threads=threads), resume=True)
+        res["test"], res["fine_tuned"] = str(test), evaluate(spec, dest, test)
     dest = out / f"{name}-zero_shot.jsonl"
     annotate_file(base_gguf, test, str(dest), JobOptions(spec=Path(spec_path), threads=threads), resume=True)
     res["zero_shot"] = evaluate(spec, dest, test)
@@ -320,9 +338,9 @@ def main(shared: Path, out: Path, base_gguf: Path, threads: int, recipes: tuple[
     """
     out.mkdir(parents=True, exist_ok=True)
     if not recipes and not tasks:
-        recipes, tasks = tuple(RECIPES), tuple(t for t in FIT_TASKS if (shared / t).is_dir())
+        recipes, tasks = tuple(RECIPES), tuple(t for t in FIT_TASKS if (shared / SOURCES.get(t, t)).is_dir())
     new = [run_recipe(Path(r), shared, out, base_gguf, threads, fresh) for r in recipes]
-    new += [run_fit_task(t, FIT_TASKS[t][0], shared, out, base_gguf, threads, FIT_TASKS[t][1]) for t in tasks]
+    new += [run_fit_task(t, FIT_TASKS[t], shared, out, base_gguf, threads) for t in tasks]
     done_f = out / "eval.json"
     order = [*(d for d, _ in RECIPES.values()), *FIT_TASKS]
     kept = {r["dataset"]: r for r in (json.loads(done_f.read_text()) if done_f.exists() else [])}

@@ -8,6 +8,13 @@ splits `make eval` scores (scripts/eval.py imports `convert`).
 
 - EmoBank (Buechel & Hahn, EACL 2017; CC BY-SA 4.0): one item per sentence, every reader's
   rating of Valence, Arousal and Dominance (1-5) as its own rating. Readers have no ids.
+- EmoBank passages (built here from EmoBank; CC BY-SA 4.0): a long two-field item, the passage of
+  up to 10 consecutive sentences (about 160 words) of the document a sentence comes from, and the
+  sentence, rated as in EmoBank. The readers saw the sentence alone: the passage makes the item
+  long (about 250 tokens) without changing its labels, so the annotator must find what to rate in
+  it. `context_id` names the passage (split by it; fit --group context_id). The splits are new,
+  by passage: a hash of its name puts one in ten in test, one in ten in dev, the rest in train.
+  SemEval's headlines, one sentence each, are left out.
 - GoEmotions (Demszky et al., ACL 2020; CC BY 4.0): the released labels are aggregated and an item
   may carry several; the spec is single-label, so only items with exactly one label are kept.
 - ConvAbuse (Cercas Curry et al., EMNLP 2021; CC BY 4.0): one item per user turn with its
@@ -24,7 +31,9 @@ from __future__ import annotations
 
 import csv
 import random
+import re
 import sys
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,11 +43,14 @@ import click
 from edge_annotator.runtime.files import atomic_write
 from edge_annotator.runtime.records import jsonl_line, write_jsonl_line
 
-DATASETS = ("emobank", "goemotions", "convabuse", "usr_personachat")
-SPLITS = {"emobank": ("train", "dev", "test"), "goemotions": ("train", "dev", "test"),
+DATASETS = ("emobank", "emobank_passages", "goemotions", "convabuse", "usr_personachat")
+SOURCES = {"emobank_passages": "emobank"}  # a dataset built from another's release
+SPLITS = {"emobank": ("train", "dev", "test"), "emobank_passages": ("train", "dev", "test"),
+          "goemotions": ("train", "dev", "test"),
           "convabuse": ("train", "valid", "test"), "usr_personachat": ("all",)}
 LICENSES = {
     "emobank": "EmoBank, Buechel & Hahn (EACL 2017), CC BY-SA 4.0",
+    "emobank_passages": "EmoBank, Buechel & Hahn (EACL 2017), CC BY-SA 4.0: passages built from its documents",
     "goemotions": "GoEmotions, Demszky et al. (ACL 2020), CC BY 4.0",
     "convabuse": "ConvAbuse, Cercas Curry et al. (EMNLP 2021), CC BY 4.0",
     "usr_personachat": "USR PersonaChat, Mehri & Eskenazi (ACL 2020), no license stated: evaluation only",
@@ -56,6 +68,42 @@ def _emobank(src: Path, split: str) -> Iterator[dict[str, Any]]:
         for r in csv.DictReader(fh):
             if r["split"] == split and r["text"].strip() and r["id"] in ratings:
                 yield {"id": r["id"], "text": r["text"], "ratings": ratings[r["id"]]}
+
+
+PASSAGE_WORDS, PASSAGE_SENTENCES = 160, 10
+_SPAN = re.compile(r"(.+)_(\d+)_(\d+)")  # document_start_end: a sentence's characters in its document
+
+
+def _passage_split(name: str) -> str:
+    k = zlib.crc32(name.encode()) % 10
+    return "test" if k == 0 else "dev" if k == 1 else "train"
+
+
+def _emobank_passages(src: Path, split: str) -> Iterator[dict[str, Any]]:
+    rated = {it["id"]: it for s in SPLITS["emobank"] for it in _emobank(src, s)}
+    docs: dict[str, list[tuple[int, str, str]]] = {}
+    with (src / "emobank.csv").open(encoding="utf-8", newline="") as fh:
+        for r in csv.DictReader(fh):
+            m = _SPAN.fullmatch(r["id"])
+            if m and r["text"].strip():
+                docs.setdefault(m[1], []).append((int(m[2]), r["id"], " ".join(r["text"].split())))
+    for doc in sorted(docs):
+        sentences = sorted(docs[doc])
+        passages: list[list[tuple[int, str, str]]] = [[]]
+        for s in sentences:  # greedy: a sentence that would make the passage too long starts the next
+            words = sum(len(t.split()) for _, _, t in passages[-1]) + len(s[2].split())
+            if passages[-1] and (words > PASSAGE_WORDS or len(passages[-1]) == PASSAGE_SENTENCES):
+                passages.append([])
+            passages[-1].append(s)
+        for p in passages:
+            name = f"{doc}@{p[0][0]}"
+            if _passage_split(name) != split:
+                continue
+            text = " ".join(t for _, _, t in p)
+            for _, sid, t in p:
+                if sid in rated:
+                    yield {"id": sid, "context_id": name, "passage": text, "sentence": t,
+                           "ratings": rated[sid]["ratings"]}
 
 
 def _goemotions(src: Path, split: str) -> Iterator[dict[str, Any]]:
@@ -99,7 +147,8 @@ def _usr_personachat(src: Path, split: str) -> Iterator[dict[str, Any]]:
 
 
 def convert(name: str, source: str | Path, split: str, limit: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
-    """Items of one split, shuffled with `seed` and cut to `limit` if given."""
+    """Items of one split, shuffled with `seed` and cut to `limit` if given (items that share a
+    context_id stay together)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if split not in SPLITS[name]:
@@ -108,11 +157,15 @@ def convert(name: str, source: str | Path, split: str, limit: int | None = None,
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: dataset folder not found "
                                 f"(expected the {name} release, e.g. ../shared/data/{name})")
-    items = list({"emobank": _emobank, "goemotions": _goemotions, "convabuse": _convabuse,
+    items = list({"emobank": _emobank, "emobank_passages": _emobank_passages, "goemotions": _goemotions, "convabuse": _convabuse,
                   "usr_personachat": _usr_personachat}[name](src, split))
-    if limit is not None:
-        random.Random(seed).shuffle(items)
-        items = items[:limit]
+    if limit is not None:  # items that share a context (context_id) are drawn together, whole contexts first
+        groups: dict[Any, list[dict[str, Any]]] = {}
+        for k, it in enumerate(items):
+            groups.setdefault(it.get("context_id", k), []).append(it)
+        order = list(groups.values())
+        random.Random(seed).shuffle(order)
+        items = [it for g in order for it in g][:limit]
     return items
 
 
@@ -141,7 +194,7 @@ def write_rating_rows(items: list[dict[str, Any]], out: Path) -> None:
 @click.command()
 @click.argument("dataset", type=click.Choice(DATASETS))
 @click.option("--source", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="The dataset's release folder [default: ../shared/data/DATASET].")
+              help="The dataset's release folder [default: ../shared/data/DATASET; EmoBank's for emobank_passages].")
 @click.option("--split", default="test", show_default=True, help="train, dev/valid or test.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Keep a seeded random subset of this size.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -155,9 +208,10 @@ def main(dataset: str, source: Path | None, split: str, limit: int | None, seed:
     Examples:
       python scripts/prepare_data.py emobank --split test --limit 50 -o emobank-test.jsonl
       python scripts/prepare_data.py convabuse --source /data/convabuse --split valid | head
+      python scripts/prepare_data.py emobank_passages --split train --limit 400 -o passages.jsonl
       python scripts/prepare_data.py convabuse --split train --limit 300 --csv -o data/convabuse-ratings-300.csv
     """
-    src = source or Path("..") / "shared" / "data" / dataset
+    src = source or Path("..") / "shared" / "data" / SOURCES.get(dataset, dataset)
     try:
         items = convert(dataset, src, split, limit, seed)
     except ValueError as e:
