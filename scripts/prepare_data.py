@@ -157,8 +157,8 @@ def convert(name: str, source: str | Path, split: str, limit: int | None = None,
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: dataset folder not found "
                                 f"(expected the {name} release, e.g. ../shared/data/{name})")
-    items = list({"emobank": _emobank, "emobank_passages": _emobank_passages, "goemotions": _goemotions, "convabuse": _convabuse,
-                  "usr_personachat": _usr_personachat}[name](src, split))
+    items = list({"emobank": _emobank, "emobank_passages": _emobank_passages, "goemotions": _goemotions,
+                  "convabuse": _convabuse, "usr_personachat": _usr_personachat}[name](src, split))
     if limit is not None:  # items that share a context (context_id) are drawn together, whole contexts first
         groups: dict[Any, list[dict[str, Any]]] = {}
         for k, it in enumerate(items):

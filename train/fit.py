@@ -123,7 +123,7 @@ def fit(spec_path: str | Path, labels: str | Path, out: str | Path, opts: FitOpt
 
     split = run / "split"
     if not (split / "split.json").exists():
-        say("split", f"by item: test {opts.test:.0%}, validation {opts.val:.0%}, seed {opts.seed}")
+        say("split", f"by {opts.group or 'item'}: test {opts.test:.0%}, validation {opts.val:.0%}, seed {opts.seed}")
         state["split"] = split_labels(labels, spec, split, opts.test, opts.val, opts.seed, opts.group)["sizes"]
         save()
     state.setdefault("split", json.loads((split / "split.json").read_text())["sizes"])
