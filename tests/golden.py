@@ -24,10 +24,12 @@ from typing import Any
 GOLDEN = Path(__file__).parent / "golden"
 KERNELS = GOLDEN / "KERNELS.json"
 # How far numbers may move across kernel sets, by the record key they sit under. Measured on the
-# zero-shot base and the EmoBank sample, the same build with and without llama.cpp's repacked
+# zero-shot base and the EmoBank sample: the same build with and without llama.cpp's repacked
 # kernels (tests/test_cpu.py): probabilities up to 0.086, scores up to 0.30 (near-uniform answers
-# are sensitive), no label of 150; agree's alphas up to 0.02, Pearson r up to 0.043.
-TOLERANCE = {"probs": 0.10, "scores": 0.35}
+# are sensitive), no label of 150; agree's alphas up to 0.02, Pearson r up to 0.043. AVX2 kernels
+# (an AMD EPYC without AVX-512) against the recorded AVX-512 ones: probabilities up to 0.121,
+# scores up to 0.298, no label of 150.
+TOLERANCE = {"probs": 0.15, "scores": 0.35}
 DEFAULT_TOLERANCE = 0.05
 
 
