@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import click
 import numpy as np
 import yaml
-from prepare_data import SOURCES, convert, write_items
+from prepare_data import convert, release, write_items
 
 from edge_annotator.export.route import export_annotator
 from edge_annotator.runtime.data import read_human
@@ -63,13 +63,19 @@ SPLITS = {"emobank": ("train", "dev", "test"), "convabuse": ("train", "valid", "
           "goemotions": ("train", "dev", "test")}
 
 
+def convert_split(shared: Path, data_dir: Path, name: str, split: str) -> Path:
+    """DATA_DIR/NAME-SPLIT.jsonl, converted from the release under SHARED unless it is there."""
+    out = data_dir / f"{name}-{split}.jsonl"
+    if not out.exists():
+        items = convert(name, release(shared, name), split)
+        write_items(items, out)
+        print(f"{len(items)} {name} {split} items -> {out}", file=sys.stderr)
+    return out
+
+
 def convert_splits(shared: Path, data_dir: Path, name: str) -> None:
     for split in SPLITS[name]:
-        out = data_dir / f"{name}-{split}.jsonl"
-        if not out.exists():
-            items = convert(name, shared / name, split)
-            write_items(items, out)
-            print(f"{len(items)} {name} {split} items -> {out}", file=sys.stderr)
+        convert_split(shared, data_dir, name, split)
 
 
 def _ci(stat: Any, n: int) -> dict[str, Any]:
@@ -282,9 +288,7 @@ def run_fit_task(name: str, task: FitTask, shared: Path, out: Path, base_gguf: P
     from edge_annotator.train.fit import FitOptions, fit, run_dir
 
     spec_path, group = task.spec, task.group
-    data = Path(task.data) if task.data else Path("models/data") / f"{name}-all.jsonl"
-    if not data.exists():
-        write_items(convert(name, shared / name, "all"), data)
+    data = Path(task.data) if task.data else convert_split(shared, Path("models/data"), name, "all")
     gguf = out / f"{name}.gguf"
     state = fit(spec_path, data, gguf, FitOptions(group=group, threads=threads, select_by=task.select_by),
                 resume=run_dir(gguf).exists(), progress=print_validations)
@@ -294,9 +298,7 @@ def run_fit_task(name: str, task: FitTask, shared: Path, out: Path, base_gguf: P
                            "dataset": name, "fine_tuned": evaluate(spec, run_dir(gguf) / "test-predictions.jsonl",
                                                                    test)}
     if task.test_split:  # the release's whole test split, annotated by fit's file; fit's own test items kept
-        res["fit_test"], test = res["fine_tuned"], Path("models/data") / f"{name}-{task.test_split}.jsonl"
-        if not test.exists():
-            write_items(convert(name, shared / SOURCES.get(name, name), task.test_split), test)
+        res["fit_test"], test = res["fine_tuned"], convert_split(shared, Path("models/data"), name, task.test_split)
         dest = out / f"{name}-fine_tuned.jsonl"
         annotate_file(gguf, test, str(dest), JobOptions(threads=threads), resume=True)
         res["test"], res["fine_tuned"] = str(test), evaluate(spec, dest, test)
@@ -338,7 +340,7 @@ def main(shared: Path, out: Path, base_gguf: Path, threads: int, recipes: tuple[
     """
     out.mkdir(parents=True, exist_ok=True)
     if not recipes and not tasks:
-        recipes, tasks = tuple(RECIPES), tuple(t for t in FIT_TASKS if (shared / SOURCES.get(t, t)).is_dir())
+        recipes, tasks = tuple(RECIPES), tuple(t for t in FIT_TASKS if release(shared, t).is_dir())
     new = [run_recipe(Path(r), shared, out, base_gguf, threads, fresh) for r in recipes]
     new += [run_fit_task(t, FIT_TASKS[t], shared, out, base_gguf, threads) for t in tasks]
     done_f = out / "eval.json"

@@ -58,12 +58,23 @@ LICENSES = {
 USR_QUALITIES = ("Understandable", "Natural", "Maintains Context", "Engaging", "Uses Knowledge", "Overall")
 
 
-def _emobank(src: Path, split: str) -> Iterator[dict[str, Any]]:
+def release(root: str | Path, name: str) -> Path:
+    """NAME's release folder under ROOT (../shared/data): its own, or the one it is built from."""
+    return Path(root) / SOURCES.get(name, name)
+
+
+def _emobank_ratings(src: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every reader's rating of each sentence, by sentence id."""
     ratings: dict[str, list[dict[str, Any]]] = {}
     with (src / "individual_reader_ratings.csv").open(encoding="utf-8", newline="") as fh:
         for r in csv.DictReader(fh):
             ratings.setdefault(r["id"], []).append(
                 {"labels": {"Valence": int(r["V"]), "Arousal": int(r["A"]), "Dominance": int(r["D"])}})
+    return ratings
+
+
+def _emobank(src: Path, split: str) -> Iterator[dict[str, Any]]:
+    ratings = _emobank_ratings(src)
     with (src / "emobank.csv").open(encoding="utf-8", newline="") as fh:
         for r in csv.DictReader(fh):
             if r["split"] == split and r["text"].strip() and r["id"] in ratings:
@@ -80,7 +91,7 @@ def _passage_split(name: str) -> str:
 
 
 def _emobank_passages(src: Path, split: str) -> Iterator[dict[str, Any]]:
-    rated = {it["id"]: it for s in SPLITS["emobank"] for it in _emobank(src, s)}
+    ratings = _emobank_ratings(src)
     docs: dict[str, list[tuple[int, str, str]]] = {}
     with (src / "emobank.csv").open(encoding="utf-8", newline="") as fh:
         for r in csv.DictReader(fh):
@@ -101,9 +112,8 @@ def _emobank_passages(src: Path, split: str) -> Iterator[dict[str, Any]]:
                 continue
             text = " ".join(t for _, _, t in p)
             for _, sid, t in p:
-                if sid in rated:
-                    yield {"id": sid, "context_id": name, "passage": text, "sentence": t,
-                           "ratings": rated[sid]["ratings"]}
+                if sid in ratings:
+                    yield {"id": sid, "context_id": name, "passage": text, "sentence": t, "ratings": ratings[sid]}
 
 
 def _goemotions(src: Path, split: str) -> Iterator[dict[str, Any]]:
@@ -211,7 +221,7 @@ def main(dataset: str, source: Path | None, split: str, limit: int | None, seed:
       python scripts/prepare_data.py emobank_passages --split train --limit 400 -o passages.jsonl
       python scripts/prepare_data.py convabuse --split train --limit 300 --csv -o data/convabuse-ratings-300.csv
     """
-    src = source or Path("..") / "shared" / "data" / SOURCES.get(dataset, dataset)
+    src = source or release(Path("..") / "shared" / "data", dataset)
     try:
         items = convert(dataset, src, split, limit, seed)
     except ValueError as e:

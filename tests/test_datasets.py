@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from conftest import DATA, SHARED_DATA, TASKS
-from prepare_data import SOURCES, convert  # scripts/
+from prepare_data import convert, release  # scripts/
 
 from edge_annotator.runtime.data import check_item, iter_rows, read_human
 from edge_annotator.runtime.spec import load_spec
@@ -34,7 +34,7 @@ def test_emobank_keeps_every_reader() -> None:
 @pytest.mark.parametrize("name, split", [("emobank", "test"), ("emobank_passages", "test"), ("goemotions", "test"),
                                          ("convabuse", "test")])
 def test_converters_are_seeded_and_valid(name: str, split: str) -> None:
-    src = SHARED_DATA / SOURCES.get(name, name)
+    src = release(SHARED_DATA, name)
     a = convert(name, src, split, limit=20, seed=1)
     b = convert(name, src, split, limit=20, seed=1)
     assert a == b and len(a) == 20
@@ -47,7 +47,7 @@ def test_shipped_subsets_are_reproducible() -> None:
 
     for path in SHIPPED:
         name, split, n = path.stem.split("-")
-        items = convert(name, SHARED_DATA / SOURCES.get(name, name), split, limit=int(n), seed=0)
+        items = convert(name, release(SHARED_DATA, name), split, limit=int(n), seed=0)
         assert [json.loads(line) for line in path.read_text().splitlines()] == items, path.name
 
 
