@@ -24,13 +24,26 @@ from edge_annotator.runtime.errors import UserError
 from edge_annotator.runtime.options import Command
 from edge_annotator.runtime.records import Prediction
 from edge_annotator.runtime.spec import TaskSpec
-from edge_annotator.runtime.trust import describe, fit_rule, held_out, tolerance_of
+from edge_annotator.runtime.trust import (
+    describe,
+    fit_interval,
+    fit_rule,
+    held_out,
+    held_out_scores,
+    interval_floor,
+    tolerance_of,
+)
+
+COVERAGE = 0.9
+"""The score intervals' default coverage: the raters' mean inside at least 90% of the time."""
 
 
 def fit_rules(spec: TaskSpec, preds: list[Prediction], ratings: dict[str, list[dict[str, Any]]], target: float,
-              delta: float, tolerance: float | None = None) -> dict[str, dict[str, Any]]:
+              delta: float, tolerance: float | None = None, coverage: float | None = COVERAGE
+              ) -> dict[str, dict[str, Any]]:
     """Per criterion, the rule fitted on the predictions of the items that have human ratings for
-    it (each item once, in id order, so the rule does not depend on the files' order)."""
+    it (each item once, in id order, so the rule does not depend on the files' order); for rating
+    scales with a COVERAGE, its score interval too (None: no interval)."""
     rules = {}
     for c in spec.criteria:
         tol = tolerance_of(c, tolerance)
@@ -39,6 +52,10 @@ def fit_rules(spec: TaskSpec, preds: list[Prediction], ratings: dict[str, list[d
             raise UserError(f"no item has both a prediction and a human rating for {c.name}: the ids of the "
                             f"predictions and of the ratings must match")
         rules[c.name] = fit_rule([x[1] for x in rows], [x[2] for x in rows], target, delta, tol, [x[0] for x in rows])
+        if c.is_numeric and coverage is not None:
+            sc = held_out_scores(c, preds, ratings)
+            rules[c.name] |= fit_interval([x[1] for x in sc], [x[2] for x in sc], [x[3] for x in sc], coverage,
+                                          interval_floor(c))
     return rules
 
 
@@ -47,7 +64,7 @@ def with_rules(spec: TaskSpec, rules: dict[str, dict[str, Any]]) -> TaskSpec:
 
 
 def write_trusted(model: Path, pred: Path, human: Path, out: Path, target: float, delta: float,
-                  tolerance: float | None = None) -> dict[str, dict[str, Any]]:
+                  tolerance: float | None = None, coverage: float | None = COVERAGE) -> dict[str, dict[str, Any]]:
     """MODEL with the rules fitted on PRED (annotate's output of MODEL on held-out items) and HUMAN
     (their ratings) written as OUT; returns the rules. The caller checks OUT may be written."""
     from edge_annotator.runtime.gguf_file import read_strings, sha256_file
@@ -67,7 +84,7 @@ def write_trusted(model: Path, pred: Path, human: Path, out: Path, target: float
                         f"({sha[:16]}...): annotate the held-out items with {model.name}")
     labelled = read_labelled(human, spec, strict=False)
     ratings = {it.id: it.ratings for it in labelled.items if it.ratings}
-    rules = fit_rules(spec, preds, ratings, target, delta, tolerance)
+    rules = fit_rules(spec, preds, ratings, target, delta, tolerance, coverage)
     try:  # the model's own provenance, read without loading it (an adapter's base need not be at hand)
         before = loads(read_strings(model, {Keys.PROVENANCE}).get(Keys.PROVENANCE) or "{}")
     except JSONError:
@@ -92,19 +109,24 @@ def write_trusted(model: Path, pred: Path, human: Path, out: Path, target: float
 @click.option("--tolerance", type=click.FloatRange(min=0), default=None,
               help="Rating scales: how far a score may be from the raters' mean and agree [default: half a "
                    "scale step].")
+@click.option("--coverage", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=COVERAGE,
+              show_default=True, help="Rating scales: how often the score interval each record carries must hold "
+                                      "the raters' mean.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rules as JSON on stdout.")
 @click.option("--force", is_flag=True, help="Replace an existing output file (never MODEL, PRED or HUMAN).")
 def trust_command(model: Path, pred: Path, human: Path, out: Path, target: float, delta: float,
-                  tolerance: float | None, as_json: bool, force: bool) -> None:
+                  tolerance: float | None, coverage: float, as_json: bool, force: bool) -> None:
     """Fit, per criterion, which labels MODEL may give without review: the confidence threshold above
     which its labels disagree with the raters at most --target of the time, promised with
     probability 1 - --delta. PRED is annotate's output on held-out items MODEL did not learn from;
     HUMAN their ratings (any layout `fit` reads). Writes MODEL with the rule as OUT; annotate then
-    marks each record's "accept", and `select --unaccepted` picks the rest for the experts.
+    marks each record's "accept", and `select --unaccepted` picks the rest for the experts. On rating
+    scales each record also carries "intervals": where the raters' mean lies, at --coverage.
 
     How the rule is fitted and what it promises: runtime/trust.py (Learn then Test over a fixed grid
-    of thresholds, exact binomial tests). Where it cannot promise the target, it accepts nothing and
-    says how many held-out items would do.
+    of thresholds, exact binomial tests; split conformal intervals scaled by the annotator's own
+    spread). Where it cannot promise the target, it accepts nothing and says how many held-out items
+    would do.
 
     \b
     Examples:
@@ -115,7 +137,7 @@ def trust_command(model: Path, pred: Path, human: Path, out: Path, target: float
     from edge_annotator.runtime.files import check_output
 
     check_output(out, [model, pred, human], force)
-    rules = write_trusted(model, pred, human, out, target, delta, tolerance)
+    rules = write_trusted(model, pred, human, out, target, delta, tolerance, coverage)
     for name, rule in rules.items():
         click.echo(describe(name, rule), err=True)
     if as_json:

@@ -22,7 +22,7 @@ from .linear_head import LinearHead, Tap
 from .prompt import ANSWER_SEP, prompt_segments, render_prompt
 from .records import PROB_DIGITS, Score, result_record
 from .spec import Criterion, SpecError, TaskSpec
-from .trust import accepts, confidence
+from .trust import accepts, confidence, interval
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +168,15 @@ def criterion_score(c: Criterion, probs: Sequence[float], digits: int | None = N
     score = calibrate(c, raw) if raw is not None else None
     p: dict[int | float | str, float] = {lv.value: (round(q, digits) if digits is not None else q)
                                          for lv, q in zip(c.scale, probs)}
-    accept = None
+    accept, span = None, None
     if c.trust:  # from the values as the record writes them, as `trust` read them when it fitted the rule
         written = round(score, PROB_DIGITS) if score is not None else None
-        conf = confidence(c, float(c.trust["tolerance"]), c.scale[best].value, written,
-                          {str(k): q for k, q in p.items()})
+        shown = {str(k): q for k, q in p.items()}
+        conf = confidence(c, float(c.trust["tolerance"]), c.scale[best].value, written, shown)
         accept = accepts(c.trust, conf)
-    return Score(c.scale[best].value, p, score, raw if c.calibration and raw is not None else None, accept)
+        if "coverage" in c.trust and written is not None:
+            span = interval(c, c.trust, written, shown)
+    return Score(c.scale[best].value, p, score, raw if c.calibration and raw is not None else None, accept, span)
 
 
 @dataclass

@@ -37,6 +37,9 @@ class Score:
     accept: bool | None = None
     """Whether the criterion's trust rule accepts this label without review (runtime/trust.py);
     None where the spec has no rule for it."""
+    interval: tuple[float, float] | None = None
+    """The trust rule's score interval for the raters' mean (rating scales; runtime/trust.py);
+    None where the rule holds none."""
 
 
 def jsonl_line(record: dict[str, Any]) -> str:
@@ -63,6 +66,9 @@ def result_record(item_id: str, scores: Mapping[str, Score], stamp: Mapping[str,
     accept = {k: s.accept for k, s in scores.items() if s.accept is not None}
     if accept:  # criteria with a trust rule: whether it accepts the label without review
         rec["accept"] = accept
+    intervals = {k: list(s.interval) for k, s in scores.items() if s.interval is not None}
+    if intervals:  # rating criteria whose rule holds a score interval: where the raters' mean lies
+        rec["intervals"] = intervals
     return {**rec, **(stamp or {})}
 
 
@@ -83,6 +89,8 @@ class Prediction:
     error: dict[str, Any] | None = None
     accept: dict[str, bool] = field(default_factory=dict)
     """Per criterion with a trust rule: whether it accepted the label without review."""
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Per rating criterion whose rule holds one: the score interval for the raters' mean."""
 
     def accepted(self, criterion: str) -> bool:
         """Whether a trust rule accepted this criterion's label (False where none marked it)."""
@@ -154,7 +162,14 @@ def prediction_of(row: Row, spec: TaskSpec, need_probs: bool = True) -> Predicti
     accept = d.get("accept", {})
     if not isinstance(accept, dict) or not all(k in names and isinstance(v, bool) for k, v in accept.items()):
         raise InputError(row.path, row.line, "must map criteria to true or false", "accept", item_id)
-    return Prediction(item_id, row.line, labels, {k: float(v) for k, v in scores.items()}, probs, sha, None, accept)
+    intervals = d.get("intervals", {})
+    if not isinstance(intervals, dict) or not all(
+            k in names and isinstance(v, list) and len(v) == 2 and all(_finite(x) for x in v) and v[0] <= v[1]
+            for k, v in intervals.items()):
+        raise InputError(row.path, row.line, "must map criteria to [low, high] (finite numbers, low <= high)",
+                         "intervals", item_id)
+    return Prediction(item_id, row.line, labels, {k: float(v) for k, v in scores.items()}, probs, sha, None, accept,
+                      {k: (float(v[0]), float(v[1])) for k, v in intervals.items()})
 
 
 def _finite(v: Any) -> bool:

@@ -129,7 +129,7 @@ def prediction(item_id: str, scores: Any, spec: TaskSpec, sha256: str, review: b
     rec = json.loads(jsonl_line(result_record(item_id, scores, {"model_sha256": sha256,
                                                                 "spec_sha256": spec.sha256})))
     p = Prediction(item_id, 0, rec["labels"], rec.get("scores") or {}, rec["probs"], sha256, None,
-                   rec.get("accept", {}))
+                   rec.get("accept", {}), {k: (v[0], v[1]) for k, v in rec.get("intervals", {}).items()})
     return label_studio_prediction(p, spec, review=review)
 
 

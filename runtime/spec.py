@@ -378,7 +378,7 @@ def _parse_criterion(c: Any, where: str, problems: list[str], numeric: bool) -> 
         judges = ""
     calibration = _parse_calibration(c.get("calibration", []), where, problems, numeric and level != "nominal")
     head = _parse_head(c.get("head"), where, problems, len(scale), numeric and level != "nominal")
-    trust = _parse_trust(c.get("trust"), where, problems)
+    trust = _parse_trust(c.get("trust"), where, problems, numeric and level != "nominal")
     return Criterion(name=name, description=str(c.get("description") or "").strip(),
                      level=level if level in LEVELS else "nominal", scale=tuple(scale),  # type: ignore[arg-type]
                      judges=judges, calibration=calibration, head=head, trust=trust)
@@ -386,12 +386,16 @@ def _parse_criterion(c: Any, where: str, problems: list[str], numeric: bool) -> 
 
 TRUST_NUMBERS = {"target": (0, 1), "delta": (0, 1), "tolerance": (0, 1e9), "threshold": (0, 1), "items": (0, 1e9),
                  "accepted": (0, 1e9), "disagree": (0, 1e9), "bound": (0, 1), "best_threshold": (0, 1),
-                 "best_accepted": (0, 1e9), "best_disagree": (0, 1e9), "items_needed": (0, 1e12)}
-"""A trust rule's numbers and their ranges (runtime/trust.py writes them); threshold and
-items_needed may be null (the rule promises nothing)."""
+                 "best_accepted": (0, 1e9), "best_disagree": (0, 1e9), "items_needed": (0, 1e12),
+                 "coverage": (0, 1), "interval_q": (0, 1e9), "interval_floor": (0, 1e9),
+                 "interval_items_needed": (0, 1e12)}
+"""A trust rule's numbers and their ranges (runtime/trust.py writes them); threshold,
+items_needed and interval_q may be null (the rule promises nothing, or no interval narrower than
+the scale). The interval keys come together, on rating scales only."""
+INTERVAL_KEYS = ("interval_method", "coverage", "interval_q", "interval_floor", "interval_items_needed")
 
 
-def _parse_trust(raw: Any, where: str, problems: list[str]) -> dict[str, Any] | None:
+def _parse_trust(raw: Any, where: str, problems: list[str], numeric: bool) -> dict[str, Any] | None:
     """A criterion's trust rule: the keys runtime/trust.py writes, numbers finite and in range."""
     if raw is None:
         return None
@@ -399,20 +403,26 @@ def _parse_trust(raw: Any, where: str, problems: list[str]) -> dict[str, Any] | 
         problems.append(f"{where}: 'trust' must be a mapping (method, target, delta, threshold, ...)")
         return None
     ok = True
-    for k in sorted(set(raw) - set(TRUST_NUMBERS) - {"method", "items_sha256"}):
+    for k in sorted(set(raw) - set(TRUST_NUMBERS) - {"method", "items_sha256", "interval_method"}):
         problems.append(f"{where}: trust: unknown key '{k}'")
         ok = False
     for k in ("method", "target", "delta", "tolerance", "threshold", "items", "bound"):
         if k not in raw:
             problems.append(f"{where}: trust: needs '{k}'")
             ok = False
-    for k in ("method", "items_sha256"):
+    if any(k in raw for k in INTERVAL_KEYS) and not all(k in raw for k in INTERVAL_KEYS):
+        problems.append(f"{where}: trust: a score interval needs all of {', '.join(INTERVAL_KEYS)}")
+        ok = False
+    if "coverage" in raw and not numeric:
+        problems.append(f"{where}: trust: score intervals are for rating scales, not labels")
+        ok = False
+    for k in ("method", "items_sha256", "interval_method"):
         if k in raw and (not isinstance(raw[k], str) or len(raw[k]) > 200):
             problems.append(f"{where}: trust: '{k}' must be a short string")
             ok = False
     for k, (lo, hi) in TRUST_NUMBERS.items():
         v = raw.get(k)
-        if v is None and k in ("threshold", "items_needed") or k not in raw:
+        if v is None and k in ("threshold", "items_needed", "interval_q") or k not in raw:
             continue
         if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or not lo <= v <= hi:
             problems.append(f"{where}: trust: '{k}' must be a number in [{lo:g}, {hi:g}], got {v!r}")

@@ -99,11 +99,13 @@ def label_studio_config(spec: TaskSpec) -> str:
 
 def _suggestion_text(p: Prediction, spec: TaskSpec) -> str:
     """E.g. "Valence 4 (score 3.91, p 0.60); Arousal 3 (score 3.02, p 0.71)"; with a trust rule's
-    marks, each label says "accepted" or "to review"."""
+    marks, each label says "accepted" or "to review", and a score its interval ("score 3.91 in
+    [3.40, 4.43]")."""
     parts = []
     for c in spec.criteria:
         score = p.scores.get(c.name)
-        extra = f"score {score:.2f}, " if score is not None else ""
+        span = f" in [{p.intervals[c.name][0]:.2f}, {p.intervals[c.name][1]:.2f}]" if c.name in p.intervals else ""
+        extra = f"score {score:.2f}{span}, " if score is not None else ""
         mark = "" if c.name not in p.accept else ", accepted" if p.accept[c.name] else ", to review"
         parts.append(f"{c.name} {p.labels[c.name]} ({extra}p {p.confidence(c.name):.2f}{mark})")
     return "; ".join(parts)
@@ -221,12 +223,15 @@ def csv_rows(preds: list[Prediction], spec: TaskSpec,
              inputs: dict[str, dict[str, str]] | None = None) -> tuple[list[str], list[list[Any]]]:
     """One row per record: id, the inputs (with --items), per criterion its label, score and the
     label's probability (and, where the records carry a trust rule's marks, whether it accepted the
-    label: true or false), and an error column (empty, or the error record's message)."""
+    label: true or false, and the score interval's ends where they carry one), and an error column
+    (empty, or the error record's message)."""
     header = ["id"] + ([f.name for f in spec.inputs] if inputs is not None else [])
     marked = [c.name for c in spec.criteria if any(c.name in p.accept for p in preds)]
+    spans = [c.name for c in spec.criteria if any(c.name in p.intervals for p in preds)]
     for c in spec.criteria:
         header += [f"{c.name}_label", f"{c.name}_score", f"{c.name}_p_max"]
         header += [f"{c.name}_accept"] if c.name in marked else []
+        header += [f"{c.name}_low", f"{c.name}_high"] if c.name in spans else []
     header.append("error")
     rows = []
     for p in preds:
@@ -240,6 +245,8 @@ def csv_rows(preds: list[Prediction], spec: TaskSpec,
                 row += [p.labels[c.name], "" if score is None else score, p.confidence(c.name)]
             if c.name in marked:
                 row.append("" if c.name not in p.accept else str(p.accept[c.name]).lower())
+            if c.name in spans:
+                row += list(p.intervals.get(c.name, ("", "")))
         row.append("" if p.error is None else p.error.get("message", "error"))
         rows.append(row)
     return header, rows

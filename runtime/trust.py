@@ -34,6 +34,20 @@ held-out items at the observed rate would reach the target.
 
     rule = fit_rule(confidences, disagrees, target=0.1, delta=0.1)
     accepted = accepts(rule, confidence(criterion, rule["tolerance"], label, score, probs))
+
+Score intervals (rating scales). Beside the accept mark, the rule holds a split conformal interval
+(Vovk et al.; Lei et al., 2018) for the raters' mean: on the same held-out items, the residual
+|mean - score| divided by the annotator's own spread (the standard deviation of its probabilities
+over the levels, plus a floor of a quarter step), and q the ceil((n + 1) * coverage)-th smallest of
+those n ratios. A new item's interval is score -+ q * (spread + floor), cut to the scale. For an
+item exchangeable with the held-out ones it holds the raters' mean with probability at least
+`coverage` (at most coverage + 1 / (n + 1) without ties), whatever the model; the spread only
+decides where the interval is wide, so an annotator unsure of an item gets a wider one. With too
+few items for the coverage (ceil((n + 1) * coverage) > n), q is null and the interval the whole
+scale, which is all that can be promised.
+
+    rule |= fit_interval(scores, spreads, means, coverage=0.9)
+    lo, hi = interval(criterion, rule, score, probs)
 """
 
 from __future__ import annotations
@@ -103,6 +117,72 @@ def held_out(c: Criterion, tolerance: float, preds: Sequence[Prediction],
             label, score = p.labels[c.name], p.scores.get(c.name)
             rows.append((item_id, confidence(c, tolerance, label, score, p.probs.get(c.name, {})),
                          disagrees(c, tolerance, label, score, got)))
+    return rows
+
+
+INTERVAL_METHOD = "split conformal: |raters' mean - score| / (the annotator's spread over the levels + floor)"
+
+
+def spread(probs: Mapping[str, float]) -> float:
+    """The standard deviation of a rating scale's level values under PROBS (as a record writes
+    them, keyed by the level's text): how unsure the annotator is of the score."""
+    ps = [(float(v), float(p)) for v, p in probs.items()]
+    total = sum(p for _, p in ps)
+    if total <= 0:
+        return 0.0
+    mean = sum(v * p for v, p in ps) / total
+    return math.sqrt(max(0.0, sum(p * (v - mean) ** 2 for v, p in ps) / total))
+
+
+def interval_floor(c: Criterion) -> float:
+    """Added to every spread, so that a sure but wrong prediction does not make the ratio, and so
+    every interval, unbounded: a quarter of the scale's smallest step (half the default tolerance)."""
+    return tolerance_of(c) / 2
+
+
+def fit_interval(scores: Sequence[float], spreads: Sequence[float], means: Sequence[float], coverage: float,
+                 floor: float) -> dict[str, Any]:
+    """The rule's interval keys for one rating criterion, from its held-out items' written scores,
+    spreads and raters' means: q, the ceil((n + 1) * COVERAGE)-th smallest |mean - score| /
+    (spread + FLOOR); None where there are too few items for COVERAGE."""
+    if not 0 < coverage < 1:
+        raise ValueError(f"coverage {coverage} must lie strictly between 0 and 1")
+    if not len(scores) == len(spreads) == len(means):
+        raise ValueError("one spread and one mean per score")
+    ratios = sorted(abs(m - s) / (d + floor) for s, d, m in zip(scores, spreads, means))
+    k = math.ceil((len(ratios) + 1) * coverage - 1e-9)
+    q = ratios[k - 1] if k <= len(ratios) else None
+    return {"interval_method": INTERVAL_METHOD, "coverage": coverage, "interval_floor": round(floor, 6),
+            "interval_q": None if q is None else math.ceil(q * 1e6) / 1e6,
+            "interval_items_needed": math.ceil(coverage / (1 - coverage) - 1e-9)}
+
+
+def interval(c: Criterion, rule: Mapping[str, Any], score: float, probs: Mapping[str, float]) -> tuple[float, float]:
+    """The score interval RULE gives this prediction (the written score and probabilities): score
+    -+ q * (spread + floor), cut to the scale, rounded outwards to six digits; the whole scale where
+    q is null (too few held-out items to promise the coverage)."""
+    values = [float(v) for v in c.values]
+    lo_end, hi_end = min(values), max(values)
+    q = rule.get("interval_q")
+    if q is None:
+        return lo_end, hi_end
+    half = float(q) * (spread(probs) + float(rule["interval_floor"]))
+    lo, hi = max(lo_end, score - half), min(hi_end, score + half)
+    return math.floor(lo * 1e6) / 1e6, math.ceil(hi * 1e6) / 1e6
+
+
+def held_out_scores(c: Criterion, preds: Sequence[Prediction], ratings: Mapping[str, Sequence[Mapping[str, Any]]]
+                    ) -> list[tuple[str, float, float, float]]:
+    """(id, written score, spread, raters' mean) of every item with a prediction and a human rating
+    for the rating criterion C, in id order: what fit_interval takes."""
+    by_id = {p.id: p for p in preds if p.error is None}
+    rows = []
+    for item_id in sorted(set(by_id) & set(ratings)):
+        got = [float(r[c.name]) for r in ratings[item_id] if r.get(c.name) is not None]
+        p = by_id[item_id]
+        score = p.scores.get(c.name)
+        if got and score is not None:
+            rows.append((item_id, score, spread(p.probs.get(c.name, {})), sum(got) / len(got)))
     return rows
 
 
@@ -206,6 +286,18 @@ def accepts(rule: Mapping[str, Any] | None, conf: float) -> bool:
 
 
 def describe(name: str, rule: Mapping[str, Any]) -> str:
+    """describe_accept, and for rating scales the interval the rule gives."""
+    line = describe_accept(name, rule)
+    if "coverage" not in rule:
+        return line
+    if rule.get("interval_q") is None:
+        return line + (f"; score intervals: too few held-out items for {rule['coverage']:.0%} coverage (at least "
+                       f"{rule['interval_items_needed']}), so each is the whole scale")
+    return line + (f"; {rule['coverage']:.0%} score intervals: score -+ {rule['interval_q']:.3g} x (spread + "
+                   f"{rule['interval_floor']:g})")
+
+
+def describe_accept(name: str, rule: Mapping[str, Any]) -> str:
     """One line a user reads: what the rule accepts and what it promises, or why it promises nothing."""
     head = (f"{name}: at most {rule['target']:.0%} disagreement among accepted labels "
             f"(confidence {1 - rule['delta']:.0%}, tolerance {rule['tolerance']:g}), "

@@ -14,6 +14,11 @@ learn from, and that split's ratings (scripts/head_route.py writes such cells). 
 counts the halvings whose measured rate on the accepted items exceeds the target: the rule
 promises that the *true* rate does so with probability at most delta; the measured rate adds the
 noise of a finite half on top.
+
+The score intervals (rating scales) are measured the same way, in a second table (the section
+<!-- begin intervals -->): fitted at --coverage on one half, the share of the other half's raters'
+means inside their item's interval, and the intervals' mean width beside that of the plain split
+conformal interval (one width for every item) fitted on the same half at the same coverage.
 """
 
 from __future__ import annotations
@@ -30,7 +35,15 @@ from edge_annotator.bench.markdown import write_section
 from edge_annotator.runtime.gguf_meta import embedded_spec
 from edge_annotator.runtime.labels import read_labelled
 from edge_annotator.runtime.records import read_predictions
-from edge_annotator.runtime.trust import fit_rule, held_out, tolerance_of
+from edge_annotator.runtime.trust import (
+    fit_interval,
+    fit_rule,
+    held_out,
+    held_out_scores,
+    interval,
+    interval_floor,
+    tolerance_of,
+)
 
 TARGETS = (0.05, 0.1, 0.2)
 
@@ -42,6 +55,58 @@ def per_item(model: Path, pred: Path, human: Path) -> dict[str, tuple[float, lis
     preds = read_predictions(pred, spec)
     ratings = {it.id: it.ratings for it in read_labelled(human, spec, strict=False).items if it.ratings}
     return {c.name: (tolerance_of(c), held_out(c, tolerance_of(c), preds, ratings)) for c in spec.criteria}
+
+
+def per_item_scores(model: Path, pred: Path, human: Path) -> dict[str, tuple[Any, list[tuple[str, float, float, float]],
+                                                                       dict[str, dict[str, float]]]]:
+    """Per rating criterion: the criterion, (id, score, spread, raters' mean) of every item with a
+    prediction and ratings, and each item's probabilities."""
+    spec = embedded_spec(model)
+    preds = read_predictions(pred, spec)
+    ratings = {it.id: it.ratings for it in read_labelled(human, spec, strict=False).items if it.ratings}
+    return {c.name: (c, held_out_scores(c, preds, ratings), {p.id: p.probs.get(c.name, {}) for p in preds})
+            for c in spec.criteria if c.is_numeric}
+
+
+def interval_halvings(c: Any, rows: list[tuple[str, float, float, float]], probs: dict[str, dict[str, float]],
+                      coverage: float, splits: int, seed: int) -> dict[str, Any]:
+    rng = random.Random(seed)
+    covered, width, plain_covered, plain_width = [], [], [], []
+    values = [float(v) for v in c.values]
+    lo_end, hi_end = min(values), max(values)
+    for _ in range(splits):
+        order = rows[:]
+        rng.shuffle(order)
+        cal, test = order[: len(order) // 2], order[len(order) // 2:]
+        rule = fit_interval([r[1] for r in cal], [r[2] for r in cal], [r[3] for r in cal], coverage, interval_floor(c))
+        spans = [interval(c, rule, r[1], probs[r[0]]) for r in test]
+        covered.append(sum(lo <= r[3] <= hi for (lo, hi), r in zip(spans, test)) / len(test))
+        width.append(statistics.fmean(hi - lo for lo, hi in spans))
+        q = fit_interval([r[1] for r in cal], [0.0] * len(cal), [r[3] for r in cal], coverage, 1.0)["interval_q"]
+        plain = [(lo_end, hi_end) if q is None else (max(lo_end, r[1] - q), min(hi_end, r[1] + q)) for r in test]
+        plain_covered.append(sum(lo <= r[3] <= hi for (lo, hi), r in zip(plain, test)) / len(test))
+        plain_width.append(statistics.fmean(hi - lo for lo, hi in plain))
+    return {"items": len(rows), "coverage": coverage, "covered": statistics.fmean(covered),
+            "covered_min": min(covered), "width": statistics.fmean(width),
+            "plain_covered": statistics.fmean(plain_covered), "plain_width": statistics.fmean(plain_width),
+            "scale_width": hi_end - lo_end, "splits": splits}
+
+
+def interval_table(results: list[dict[str, Any]]) -> str:
+    if not results:
+        return "No rating scale among the sets."
+    r0 = results[0]
+    lines = [f"Intervals fitted at {r0['coverage']:.0%} coverage on a random half of each full test split, measured "
+             f"on the other half; {r0['splits']} halvings. The promise is about the mean over halvings (and new "
+             f"items): at least {r0['coverage']:.0%} of raters' means inside. Width in scale units; \"one width\" is "
+             f"the plain split conformal interval, score -+ the same quantile of |mean - score| for every item.", "",
+             "| annotator | criterion | items | raters' mean inside (mean; lowest halving) | mean width | one width: "
+             "inside | one width: mean width | the scale |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['set']} | {r['criterion']} | {r['items'] // 2} + {r['items'] - r['items'] // 2} | "
+                     f"{r['covered']:.1%}; {r['covered_min']:.1%} | {r['width']:.2f} | {r['plain_covered']:.1%} | "
+                     f"{r['plain_width']:.2f} | {r['scale_width']:g} |")
+    return "\n".join(lines)
 
 
 def halvings(rows: list[tuple[str, float, bool]], target: float, delta: float, splits: int, seed: int,
@@ -86,12 +151,15 @@ def table(results: list[dict[str, Any]], delta: float, splits: int) -> str:
 @click.option("--delta", type=float, default=0.1, show_default=True)
 @click.option("--splits", type=click.IntRange(20), default=50, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--coverage", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.9,
+              show_default=True, help="The score intervals' coverage.")
+@click.option("--intervals-only", is_flag=True, help="Only the score intervals' table (and section).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write every figure here.")
 @click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Rewrite the table's section (<!-- begin trust -->) of this page.")
-def main(sets: tuple[tuple[str, str, str, str], ...], delta: float, splits: int, seed: int, json_out: Path | None,
-         markdown: Path | None) -> None:
+def main(sets: tuple[tuple[str, str, str, str], ...], delta: float, splits: int, seed: int, coverage: float,
+         intervals_only: bool, json_out: Path | None, markdown: Path | None) -> None:
     """Measure the trust rule on annotators' test-split predictions (see the module's docstring).
 
     \b
@@ -100,7 +168,7 @@ def main(sets: tuple[tuple[str, str, str, str], ...], delta: float, splits: int,
       python scripts/trust_table.py --set ConvAbuse M.gguf pred.jsonl test.jsonl --splits 100 --markdown docs/trust.md
     """
     results = []
-    for name, model, pred, human in sets:
+    for name, model, pred, human in [] if intervals_only else sets:
         for crit, (tol, rows) in per_item(Path(model), Path(pred), Path(human)).items():
             for target in TARGETS:
                 results.append({"set": name, "criterion": crit, "target": target,
@@ -108,12 +176,22 @@ def main(sets: tuple[tuple[str, str, str, str], ...], delta: float, splits: int,
                 r = results[-1]
                 click.echo(f"{name} {crit} target {target:.0%}: accepted {r['accepted_share']:.1%}, over target "
                            f"{r['over_target']}/{splits}", err=True)
-    text = table(results, delta, splits)
-    click.echo(text)
+    spans = []
+    for name, model, pred, human in sets:
+        for crit, (c, scored, probs) in per_item_scores(Path(model), Path(pred), Path(human)).items():
+            spans.append({"set": name, "criterion": crit,
+                          **interval_halvings(c, scored, probs, coverage, splits, seed)})
+            r = spans[-1]
+            click.echo(f"{name} {crit} intervals at {coverage:.0%}: inside {r['covered']:.1%}, width {r['width']:.2f} "
+                       f"(one width: {r['plain_width']:.2f})", err=True)
+    text, spans_text = table(results, delta, splits), interval_table(spans)
+    click.echo(spans_text if intervals_only else text + "\n\n" + spans_text)
     if json_out:
-        json_out.write_text(json.dumps(results, indent=1))
+        json_out.write_text(json.dumps({"rules": results, "intervals": spans}, indent=1))
     if markdown:
-        write_section(markdown, "trust", text, "# Which labels to trust")
+        if not intervals_only:
+            write_section(markdown, "trust", text, "# Which labels to trust")
+        write_section(markdown, "intervals", spans_text, "# Which labels to trust")
 
 
 if __name__ == "__main__":

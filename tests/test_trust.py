@@ -17,7 +17,17 @@ from test_serve import _call, server
 from edge_annotator.runtime.cli import cli
 from edge_annotator.runtime.errors import SpecError
 from edge_annotator.runtime.spec import load_spec, spec_from_json
-from edge_annotator.runtime.trust import GRID, binom_cdf, fit_rule, upper_bound
+from edge_annotator.runtime.trust import (
+    GRID,
+    binom_cdf,
+    describe,
+    fit_interval,
+    fit_rule,
+    interval,
+    interval_floor,
+    spread,
+    upper_bound,
+)
 
 SLOPE = 0.6
 """The synthetic items' error: P(disagree | confidence c) = SLOPE * (1 - c), c uniform on [0, 1], so
@@ -100,6 +110,87 @@ def test_a_rule_travels_in_the_spec_and_a_bad_one_is_refused() -> None:
             spec_from_json(json.dumps(raw))
 
 
+def _rated(n: int, rng: random.Random) -> list[tuple[float, dict[str, float], float]]:
+    """N synthetic rating-scale items (levels 1..5): (score, probabilities, raters' mean). The
+    annotator's probabilities spread with a width of its own per item, and the raters' mean lies off
+    its score by noise of about that width: a spread that says where the annotator is unsure."""
+    out = []
+    for _ in range(n):
+        centre, width = rng.uniform(1.5, 4.5), rng.uniform(0.2, 1.2)
+        w = [math.exp(-((v - centre) / width) ** 2 / 2) for v in range(1, 6)]
+        probs = {str(v): x / sum(w) for v, x in zip(range(1, 6), w)}
+        score = sum(v * probs[str(v)] for v in range(1, 6))
+        out.append((score, probs, min(5.0, max(1.0, score + rng.gauss(0, spread(probs))))))
+    return out
+
+
+@pytest.mark.parametrize("coverage,n", [(0.9, 200), (0.8, 60), (0.95, 500)])
+def test_score_intervals_hold_the_raters_mean_as_often_as_they_promise(coverage: float, n: int) -> None:
+    """Split conformal: over 300 draws of N held-out items, the share of new items whose raters'
+    mean lies in its interval averages at least COVERAGE and at most COVERAGE + 1 / (N + 1) (Monte
+    Carlo slack aside). The spread buys narrower intervals than one width for every item would at the
+    same coverage (a q fitted on ratios of 1: the plain split conformal interval)."""
+    spec = load_spec(TASKS / "emobank.yaml")
+    c = spec.criteria[0]
+    rng = random.Random(99)
+    covered, width, plain_width = [], [], []
+    for _ in range(300):
+        cal, new = _rated(n, rng), _rated(400, rng)
+        rule = fit_interval([x[0] for x in cal], [spread(x[1]) for x in cal], [x[2] for x in cal], coverage,
+                            interval_floor(c))
+        spans = [interval(c, rule, s, p) for s, p, _ in new]
+        covered.append(sum(lo <= m <= hi for (lo, hi), (_, _, m) in zip(spans, new)) / len(new))
+        width.append(sum(hi - lo for lo, hi in spans) / len(spans))
+        plain = fit_interval([x[0] for x in cal], [0.0] * n, [x[2] for x in cal], coverage, 1.0)
+        plain_width.append(sum(min(5, s + plain["interval_q"]) - max(1, s - plain["interval_q"]) for s, _, _ in new)
+                           / len(new))
+    mean = sum(covered) / len(covered)
+    slack = 3 * math.sqrt(coverage * (1 - coverage) / (300 * 400)) + 3 * math.sqrt(coverage * (1 - coverage) / n / 300)
+    assert coverage - slack <= mean <= coverage + 1 / (n + 1) + slack, (mean, slack)
+    assert sum(width) < 0.95 * sum(plain_width), (sum(width) / 300, sum(plain_width) / 300)
+
+
+def test_too_few_items_for_an_interval_give_the_whole_scale_and_say_how_many_would_do() -> None:
+    c = load_spec(TASKS / "emobank.yaml").criteria[0]
+    cal = _rated(8, random.Random(4))
+    rule = fit_rule([0.5] * 8, [False] * 8, 0.1, 0.1, 0.5) | fit_interval(
+        [x[0] for x in cal], [spread(x[1]) for x in cal], [x[2] for x in cal], 0.9, interval_floor(c))
+    assert rule["interval_q"] is None and rule["interval_items_needed"] == 9
+    assert interval(c, rule, 3.2, cal[0][1]) == (1.0, 5.0)
+    assert "at least 9" in describe("Valence", rule)
+    nine = _rated(9, random.Random(4))
+    rule = fit_interval([x[0] for x in nine], [spread(x[1]) for x in nine], [x[2] for x in nine], 0.9,
+                        interval_floor(c))
+    lo, hi = interval(c, rule, 3.0, nine[0][1])
+    assert rule["interval_q"] is not None and 1.0 <= lo < 3.0 < hi <= 5.0
+    with pytest.raises(ValueError):
+        fit_interval([1.0], [0.1], [1.0], 1.0, 0.25)
+
+
+def test_an_interval_travels_in_the_spec_and_a_bad_one_is_refused() -> None:
+    from dataclasses import replace
+
+    spec = load_spec(TASKS / "emobank.yaml")
+    c = spec.criteria[0]
+    cal = _rated(100, random.Random(6))
+    rule = fit_rule([0.5] * 100, [False] * 100, 0.1, 0.1, 0.5) | fit_interval(
+        [x[0] for x in cal], [spread(x[1]) for x in cal], [x[2] for x in cal], 0.9, interval_floor(c))
+    with_rule = replace(spec, criteria=(replace(c, trust=rule), *spec.criteria[1:]))
+    assert spec_from_json(with_rule.to_json()) == with_rule
+    unbounded = replace(spec, criteria=(replace(c, trust=rule | {"interval_q": None}), *spec.criteria[1:]))
+    assert spec_from_json(unbounded.to_json()).criteria[0].trust["interval_q"] is None
+    raw = json.loads(with_rule.to_json())
+    for bad in ({k: v for k, v in rule.items() if k != "interval_floor"}, {**rule, "coverage": 1.5},
+                {**rule, "interval_q": -1}, {**rule, "interval_method": 3}):
+        raw["criteria"][0]["trust"] = bad
+        with pytest.raises(SpecError):
+            spec_from_json(json.dumps(raw))
+    labels = json.loads(load_spec(TASKS / "goemotions.yaml").to_json())
+    labels["criteria"][0]["trust"] = rule
+    with pytest.raises(SpecError, match="rating scales"):
+        spec_from_json(json.dumps(labels))
+
+
 @pytest.mark.slow
 def test_trust_writes_the_rule_and_annotate_select_and_the_rule_agree(annotator_gguf: Path, tmp_path: Path) -> None:
     """On the held-out items themselves, annotate with the written annotator accepts exactly the
@@ -132,11 +223,19 @@ def test_trust_writes_the_rule_and_annotate_select_and_the_rule_agree(annotator_
     before = [json.loads(x) for x in pred.read_text().splitlines()]
     after = [json.loads(x) for x in again.read_text().splitlines()]
     for a, b in zip(before, after, strict=True):
-        assert {k: v for k, v in b.items() if k not in ("accept", "model_sha256", "spec_sha256")} == \
+        assert {k: v for k, v in b.items() if k not in ("accept", "intervals", "model_sha256", "spec_sha256")} == \
                {k: v for k, v in a.items() if k not in ("model_sha256", "spec_sha256")}
-        assert set(b["accept"]) == set(rules)
+        assert set(b["accept"]) == set(b["intervals"]) == set(rules)
+    means = {}
+    for line in human.read_text().splitlines():
+        d = json.loads(line)
+        means[d["id"]] = {c: sum(r["labels"][c] for r in d["ratings"]) / len(d["ratings"]) for c in rules}
     for name, rule in rules.items():
         assert sum(b["accept"][name] for b in after) == rule["accepted"], name
+        # the held-out items' own intervals hold their raters' mean at least as often as the coverage
+        inside = sum(b["intervals"][name][0] <= means[b["id"]][name] <= b["intervals"][name][1] for b in after)
+        assert inside >= math.ceil((len(after) + 1) * rule["coverage"]), (name, inside)
+        assert any(b["intervals"][name][1] - b["intervals"][name][0] < 4 for b in after), name
     # the same rule from the same files: byte-identical annotator
     out2 = tmp_path / "trusted2.gguf"
     r = runner.invoke(cli, ["trust", str(annotator_gguf), str(pred), str(human), "--target", "0.4", "--delta", "0.2",
@@ -155,6 +254,9 @@ def test_trust_writes_the_rule_and_annotate_select_and_the_rule_agree(annotator_
     header, *rows = csv_out.read_text().splitlines()
     col = header.split(",").index("Valence_accept")
     assert [row.split(",")[col] for row in rows] == [str(b["accept"]["Valence"]).lower() for b in after]
+    low, high = header.split(",").index("Valence_low"), header.split(",").index("Valence_high")
+    assert [[float(row.split(",")[low]), float(row.split(",")[high])] for row in rows] == \
+           [b["intervals"]["Valence"] for b in after]
     # agree --report: what the stored rule accepted on these same items, beside the bound it promised
     r = runner.invoke(cli, ["agree", str(again), str(human), "--model", str(out), "--report", str(tmp_path / "rep")])
     assert r.exit_code == 0, r.output
