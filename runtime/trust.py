@@ -104,19 +104,28 @@ def disagrees(c: Criterion, tolerance: float, label: Any, score: float | None, r
     return abs(score - mean) > tolerance + 1e-12
 
 
-def held_out(c: Criterion, tolerance: float, preds: Sequence[Prediction],
-             ratings: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[tuple[str, float, bool]]:
-    """(id, confidence, disagrees) of every item that has a prediction and a human rating for C, in
-    id order, so what is fitted on them does not depend on the files' order."""
+def rated(c: Criterion, preds: Sequence[Prediction], ratings: Mapping[str, Sequence[Mapping[str, Any]]]
+          ) -> list[tuple[str, Prediction, list[Any]]]:
+    """(id, prediction, the human ratings for C) of every item that has a prediction and a rating for
+    C, in id order, so what is fitted on them does not depend on the files' order."""
     by_id = {p.id: p for p in preds if p.error is None}
     rows = []
     for item_id in sorted(set(by_id) & set(ratings)):
         got = [r[c.name] for r in ratings[item_id] if r.get(c.name) is not None]
         if got:
-            p = by_id[item_id]
-            label, score = p.labels[c.name], p.scores.get(c.name)
-            rows.append((item_id, confidence(c, tolerance, label, score, p.probs.get(c.name, {})),
-                         disagrees(c, tolerance, label, score, got)))
+            rows.append((item_id, by_id[item_id], got))
+    return rows
+
+
+def held_out(c: Criterion, tolerance: float, preds: Sequence[Prediction],
+             ratings: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[tuple[str, float, bool]]:
+    """(id, confidence, disagrees) of every item that has a prediction and a human rating for C, in
+    id order (`rated`)."""
+    rows = []
+    for item_id, p, got in rated(c, preds, ratings):
+        label, score = p.labels[c.name], p.scores.get(c.name)
+        rows.append((item_id, confidence(c, tolerance, label, score, p.probs.get(c.name, {})),
+                     disagrees(c, tolerance, label, score, got)))
     return rows
 
 
@@ -174,15 +183,12 @@ def interval(c: Criterion, rule: Mapping[str, Any], score: float, probs: Mapping
 def held_out_scores(c: Criterion, preds: Sequence[Prediction], ratings: Mapping[str, Sequence[Mapping[str, Any]]]
                     ) -> list[tuple[str, float, float, float]]:
     """(id, written score, spread, raters' mean) of every item with a prediction and a human rating
-    for the rating criterion C, in id order: what fit_interval takes."""
-    by_id = {p.id: p for p in preds if p.error is None}
+    for the rating criterion C, in id order (`rated`): what fit_interval takes."""
     rows = []
-    for item_id in sorted(set(by_id) & set(ratings)):
-        got = [float(r[c.name]) for r in ratings[item_id] if r.get(c.name) is not None]
-        p = by_id[item_id]
+    for item_id, p, got in rated(c, preds, ratings):
         score = p.scores.get(c.name)
-        if got and score is not None:
-            rows.append((item_id, score, spread(p.probs.get(c.name, {})), sum(got) / len(got)))
+        if score is not None:
+            rows.append((item_id, score, spread(p.probs.get(c.name, {})), sum(float(r) for r in got) / len(got)))
     return rows
 
 

@@ -45,8 +45,7 @@ def measure(cell: Path, spec_path: Path, test: Path, base: Path, threads: int) -
 
         x_train, x_test = mine(s_train), mine(s_test)
         rated = [[r[c.name] for r in it.ratings if c.name in r] for it in train]
-        mean_test = [float(np.mean([float(v) for v in it_r]))
-                     for it_r in ([r[c.name] for r in it.ratings if c.name in r] for it in held)]
+        mean_test = H._targets(c, [[r[c.name] for r in it.ratings if c.name in r] for it in held])[0].tolist()
         fit = H.fit_criterion(c, x_train, rated, groups)
         mean, dist = H._targets(c, rated)
         taps = {t.name: t for t in x_train}

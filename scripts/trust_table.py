@@ -34,7 +34,8 @@ import click
 from edge_annotator.bench.markdown import write_section
 from edge_annotator.runtime.gguf_meta import embedded_spec
 from edge_annotator.runtime.labels import read_labelled
-from edge_annotator.runtime.records import read_predictions
+from edge_annotator.runtime.records import Prediction, read_predictions
+from edge_annotator.runtime.spec import TaskSpec
 from edge_annotator.runtime.trust import (
     fit_interval,
     fit_rule,
@@ -48,22 +49,25 @@ from edge_annotator.runtime.trust import (
 TARGETS = (0.05, 0.1, 0.2)
 
 
-def per_item(model: Path, pred: Path, human: Path) -> dict[str, tuple[float, list[tuple[str, float, bool]]]]:
-    """Per criterion: its tolerance, and (id, confidence, disagrees) of every item with a prediction
-    and ratings."""
+def read_set(model: Path, pred: Path, human: Path) -> tuple[TaskSpec, list[Prediction], dict[str, Any]]:
+    """A set's spec (MODEL's own), predictions and ratings by item id, each file read once."""
     spec = embedded_spec(model)
     preds = read_predictions(pred, spec)
     ratings = {it.id: it.ratings for it in read_labelled(human, spec, strict=False).items if it.ratings}
+    return spec, preds, ratings
+
+
+def per_item(spec: TaskSpec, preds: list[Prediction], ratings: dict[str, Any]
+             ) -> dict[str, tuple[float, list[tuple[str, float, bool]]]]:
+    """Per criterion: its tolerance, and (id, confidence, disagrees) of every item with a prediction
+    and ratings."""
     return {c.name: (tolerance_of(c), held_out(c, tolerance_of(c), preds, ratings)) for c in spec.criteria}
 
 
-def per_item_scores(model: Path, pred: Path, human: Path) -> dict[str, tuple[Any, list[tuple[str, float, float, float]],
-                                                                       dict[str, dict[str, float]]]]:
+def per_item_scores(spec: TaskSpec, preds: list[Prediction], ratings: dict[str, Any]
+                    ) -> dict[str, tuple[Any, list[tuple[str, float, float, float]], dict[str, dict[str, float]]]]:
     """Per rating criterion: the criterion, (id, score, spread, raters' mean) of every item with a
     prediction and ratings, and each item's probabilities."""
-    spec = embedded_spec(model)
-    preds = read_predictions(pred, spec)
-    ratings = {it.id: it.ratings for it in read_labelled(human, spec, strict=False).items if it.ratings}
     return {c.name: (c, held_out_scores(c, preds, ratings), {p.id: p.probs.get(c.name, {}) for p in preds})
             for c in spec.criteria if c.is_numeric}
 
@@ -72,8 +76,6 @@ def interval_halvings(c: Any, rows: list[tuple[str, float, float, float]], probs
                       coverage: float, splits: int, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     covered, width, plain_covered, plain_width = [], [], [], []
-    values = [float(v) for v in c.values]
-    lo_end, hi_end = min(values), max(values)
     for _ in range(splits):
         order = rows[:]
         rng.shuffle(order)
@@ -82,14 +84,15 @@ def interval_halvings(c: Any, rows: list[tuple[str, float, float, float]], probs
         spans = [interval(c, rule, r[1], probs[r[0]]) for r in test]
         covered.append(sum(lo <= r[3] <= hi for (lo, hi), r in zip(spans, test)) / len(test))
         width.append(statistics.fmean(hi - lo for lo, hi in spans))
-        q = fit_interval([r[1] for r in cal], [0.0] * len(cal), [r[3] for r in cal], coverage, 1.0)["interval_q"]
-        plain = [(lo_end, hi_end) if q is None else (max(lo_end, r[1] - q), min(hi_end, r[1] + q)) for r in test]
+        # one width for all: spreads of 0 and a floor of 1, so the ratio is |mean - score| itself
+        one = fit_interval([r[1] for r in cal], [0.0] * len(cal), [r[3] for r in cal], coverage, 1.0)
+        plain = [interval(c, one, r[1], {}) for r in test]
         plain_covered.append(sum(lo <= r[3] <= hi for (lo, hi), r in zip(plain, test)) / len(test))
         plain_width.append(statistics.fmean(hi - lo for lo, hi in plain))
     return {"items": len(rows), "coverage": coverage, "covered": statistics.fmean(covered),
             "covered_min": min(covered), "width": statistics.fmean(width),
             "plain_covered": statistics.fmean(plain_covered), "plain_width": statistics.fmean(plain_width),
-            "scale_width": hi_end - lo_end, "splits": splits}
+            "scale_width": max(map(float, c.values)) - min(map(float, c.values)), "splits": splits}
 
 
 def interval_table(results: list[dict[str, Any]]) -> str:
@@ -167,9 +170,10 @@ def main(sets: tuple[tuple[str, str, str, str], ...], delta: float, splits: int,
       python scripts/trust_table.py --set EmoBank M.gguf pred.jsonl models/data/emobank-test.jsonl
       python scripts/trust_table.py --set ConvAbuse M.gguf pred.jsonl test.jsonl --splits 100 --markdown docs/trust.md
     """
+    read = [(name, read_set(Path(model), Path(pred), Path(human))) for name, model, pred, human in sets]
     results = []
-    for name, model, pred, human in [] if intervals_only else sets:
-        for crit, (tol, rows) in per_item(Path(model), Path(pred), Path(human)).items():
+    for name, loaded in [] if intervals_only else read:
+        for crit, (tol, rows) in per_item(*loaded).items():
             for target in TARGETS:
                 results.append({"set": name, "criterion": crit, "target": target,
                                 **halvings(rows, target, delta, splits, seed, tol)})
@@ -177,8 +181,8 @@ def main(sets: tuple[tuple[str, str, str, str], ...], delta: float, splits: int,
                 click.echo(f"{name} {crit} target {target:.0%}: accepted {r['accepted_share']:.1%}, over target "
                            f"{r['over_target']}/{splits}", err=True)
     spans = []
-    for name, model, pred, human in sets:
-        for crit, (c, scored, probs) in per_item_scores(Path(model), Path(pred), Path(human)).items():
+    for name, loaded in read:
+        for crit, (c, scored, probs) in per_item_scores(*loaded).items():
             spans.append({"set": name, "criterion": crit,
                           **interval_halvings(c, scored, probs, coverage, splits, seed)})
             r = spans[-1]
