@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from edge_annotator.hf.quant_grid import LAYOUTS, gguf_row_order, read_grid
-from edge_annotator.runtime.gguf_file import sha256_file
+from edge_annotator.runtime.gguf_file import read_tensor_infos, sha256_file, tensor_data
 
 from . import mix
 from .hf_to_gguf import Export, ExportError, check_merged, verify
@@ -36,12 +36,11 @@ weights are the grid's own floats (train/qat.py: bake), so any real distance mea
 def grid_codes(merged: Path, base: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """{GGUF name: new bytes} of every block matrix whose codes the merged model changed, and what
     was found (matrices, weights, weights moved). ExportError naming the first matrix off the grid."""
-    import gguf
     from safetensors import safe_open
 
     conf = json.loads((merged / "config.json").read_text())
     tmap = mix.name_map(merged)
-    tensors = {t.name: t for t in gguf.GGUFReader(base).tensors}
+    tensors = read_tensor_infos(base)
     replaced: dict[str, np.ndarray] = {}
     matrices = weights = moved = 0
     for f in sorted(merged.glob("*.safetensors")):
@@ -49,10 +48,10 @@ def grid_codes(merged: Path, base: Path) -> tuple[dict[str, np.ndarray], dict[st
             for key in st.keys():
                 name = mix.gguf_name(tmap, key)
                 t = tensors.get(name or "")
-                if t is None or not t.name.startswith("blk.") or t.tensor_type not in LAYOUTS:
+                if t is None or not t.name.startswith("blk.") or t.qtype not in LAYOUTS:
                     continue
                 w = st.get_tensor(key).astype(np.float32)
-                g = read_grid(t.data, t.tensor_type)
+                g = read_grid(tensor_data(base, t), t.qtype)
                 if w.shape != g.codes.shape:
                     raise ExportError(f"{merged}: {key} is {w.shape}, {base.name}'s {t.name} {g.codes.shape}")
                 rows = gguf_row_order(conf, key, w.shape[0])

@@ -24,7 +24,7 @@ import numpy as np
 
 from edge_annotator.hf.quant_grid import gguf_row_order
 from edge_annotator.runtime.adapter_file import BASE_FILE, BASE_SHA256
-from edge_annotator.runtime.gguf_file import sha256_file
+from edge_annotator.runtime.gguf_file import read_strings, sha256_file
 from edge_annotator.runtime.gguf_meta import FORMAT_VERSION, Keys
 
 from . import mix
@@ -83,7 +83,9 @@ def export_adapter(merged: str | Path, output: str | Path, base_gguf: str | Path
     t0 = time.perf_counter()
     weights, conf = _lora_weights(job.merged.parent)
     pairs = adapter_tensors(job.merged, weights)
-    arch = gguf.GGUFReader(base).fields[gguf.Keys.General.ARCHITECTURE].contents()
+    arch = read_strings(base, {gguf.Keys.General.ARCHITECTURE}).get(gguf.Keys.General.ARCHITECTURE)
+    if not arch:
+        raise ExportError(f"--adapter-on {base}: the file names no {gguf.Keys.General.ARCHITECTURE}: not a base model")
     prov_file = job.merged / "provenance.json"
     prov = json.loads(prov_file.read_text()) if prov_file.exists() else {}
     base_sha = sha256_file(base)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine import LlamaModel, ModelError
-from .gguf_file import read_strings
+from .gguf_file import read_strings, read_tensor_infos
 from .spec import SpecError, TaskSpec, spec_from_json
 from .untrusted import JSONError, loads
 
@@ -129,19 +129,17 @@ def resolve_spec(info: ModelInfo, override: TaskSpec | None) -> TaskSpec:
 
 
 def block_matrices(path: str | Path) -> dict[str, Any]:
-    """The blocks' matrices of a GGUF (`blk.*` tensors of two dimensions, read with gguf-py): how
-    many, their share of the elements by type, and bits a weight (bytes x 8 over elements). For a
-    LoRA adapter file these are its A and B factors."""
-    import gguf
-
+    """The blocks' matrices of a GGUF (`blk.*` tensors of two dimensions, from its tensor directory):
+    how many, their share of the elements by type, and bits a weight (bytes x 8 over elements). For
+    a LoRA adapter file these are its A and B factors."""
     el, by, n = 0, 0, 0
     types: dict[str, int] = {}
-    for t in gguf.GGUFReader(str(path)).tensors:
+    for t in read_tensor_infos(path).values():
         if t.name.startswith("blk.") and len([d for d in t.shape if d > 1]) == 2:
             n += 1
-            el += int(t.n_elements)
-            by += int(t.n_bytes)
-            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + int(t.n_elements)
+            el += t.n_elements
+            by += t.n_bytes
+            types[t.qtype.name] = types.get(t.qtype.name, 0) + t.n_elements
     return {"matrices": n, "elements": el, "bytes": by, "bits_per_weight": round(8 * by / el, 3) if el else 0.0,
             "types": {k: round(v / el, 4) for k, v in sorted(types.items(), key=lambda kv: -kv[1])} if el else {}}
 

@@ -186,9 +186,9 @@ def test_one_table_of_quantization_types_matches_llama_cpp() -> None:
 
 
 def _tensor_types(path: Path) -> dict[str, str]:
-    from gguf import GGUFReader
+    from edge_annotator.runtime.gguf_file import read_tensor_infos
 
-    return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+    return {t.name: t.qtype.name for t in read_tensor_infos(path).values()}
 
 
 def test_adapted_tensors_keep_q8_0_inside_a_4bit_file(exported: dict[str, Path], merged: Path) -> None:

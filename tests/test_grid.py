@@ -17,6 +17,7 @@ from gguf import GGMLQuantizationType as T
 
 from edge_annotator.hf.quant_grid import LAYOUTS, GridError, read_grid, snap, torch_grid
 from edge_annotator.runtime.cli import cli
+from edge_annotator.runtime.gguf_file import read_tensor_infos, tensor_data
 
 
 def random_blocks(qtype: T, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -128,17 +129,17 @@ def test_a_qat_config_needs_what_it_trains_on(tmp_path: Path) -> None:
 def test_the_registry_base_lies_on_its_gguf_grid(gemma_path: Path, gemma_hf: Path) -> None:
     """Every block matrix of Gemma 3 270M's Q4_K_M file (Q4_K, Q6_K, Q5_0, Q8_0) round-trips through
     the codec byte for byte, and each adapted HF weight of the base folder is exactly its grid's floats."""
-    import gguf
     from safetensors.numpy import load_file
 
     from edge_annotator.train.qat import hf_grids
 
     types = set()
-    for t in gguf.GGUFReader(gemma_path).tensors:
-        if t.name.startswith("blk.") and t.tensor_type in LAYOUTS:
-            g = read_grid(t.data, t.tensor_type)
-            np.testing.assert_array_equal(g.with_codes(g.encode(g.dequantize(g.codes))), t.data)
-            types.add(t.tensor_type.name)
+    for t in read_tensor_infos(gemma_path).values():
+        if t.name.startswith("blk.") and t.qtype in LAYOUTS:
+            data = tensor_data(gemma_path, t)
+            g = read_grid(data, t.qtype)
+            np.testing.assert_array_equal(g.with_codes(g.encode(g.dequantize(g.codes))), data)
+            types.add(t.qtype.name)
     assert types == {"Q4_K", "Q6_K", "Q5_0", "Q8_0"}
     weights = load_file(str(gemma_hf / "model.safetensors"))
     names = [k for k in weights if k.endswith(("_proj.weight",))]
@@ -191,7 +192,6 @@ def test_a_qat_run_exports_into_its_base_files_blocks(qat_run: dict[str, Path], 
     the trained codes in the adapted matrices (Llama's q/k rows in llama.cpp's order) and every other
     tensor's bytes as they were; parity against the merged model passes at the 4-bit bounds with
     scores within 0.01 (the file holds the merged weights exactly; llama.cpp's kernels differ)."""
-    import gguf
 
     from edge_annotator.export.parity import parity
 
@@ -200,12 +200,12 @@ def test_a_qat_run_exports_into_its_base_files_blocks(qat_run: dict[str, Path], 
     assert r.exit_code == 0, r.output
     man = json.loads(out.with_name(out.name + ".manifest.json").read_text())
     assert man["route"] == "grid" and man["matrices"] == 2 * 7 and man["weights_moved"] > 0
-    base, got = gguf.GGUFReader(qat_run["gguf"]), gguf.GGUFReader(out)
-    b = {t.name: t for t in base.tensors}
+    b, got = read_tensor_infos(qat_run["gguf"]), read_tensor_infos(out)
+    assert list(got) == list(b)
     moved = 0
-    for t in got.tensors:
-        assert t.tensor_type == b[t.name].tensor_type and list(t.shape) == list(b[t.name].shape)
-        if not np.array_equal(t.data, b[t.name].data):
+    for t in got.values():
+        assert t.qtype == b[t.name].qtype and t.shape == b[t.name].shape
+        if not np.array_equal(tensor_data(out, t), tensor_data(qat_run["gguf"], b[t.name])):
             assert t.name.startswith("blk.") and t.name.endswith(("attn_q.weight", "attn_k.weight", "attn_v.weight",
                                                                   "attn_output.weight", "ffn_gate.weight",
                                                                   "ffn_up.weight", "ffn_down.weight")), t.name

@@ -10,9 +10,11 @@ from conftest import TASKS, TEXTS
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import quantize
 
+from edge_annotator.export.metadata import embed_spec
 from edge_annotator.runtime.annotator import Annotator
 from edge_annotator.runtime.engine import LlamaEngine, LlamaModel
-from edge_annotator.runtime.gguf_file import GGUFFormatError, read_tensor_infos
+from edge_annotator.runtime.gguf_file import GGUFFormatError, read_tensor_infos, read_values, tensor_data
+from edge_annotator.runtime.gguf_meta import Keys, embedded_spec
 from edge_annotator.runtime.head import OutputHead
 from edge_annotator.runtime.spec import load_spec
 
@@ -53,6 +55,12 @@ def test_tensor_directory_and_rows_match_gguf_py(tmp_path: Path, alignment: int 
         assert infos[t.name].offset == t.data_offset
         assert infos[t.name].shape == tuple(int(x) for x in t.shape)
         assert infos[t.name].qtype == t.tensor_type
+    for t in reader.tensors:  # the data as gguf-py reads it: shape, dtype and bytes
+        got = tensor_data(path, infos[t.name])
+        assert got.shape == t.data.shape and got.dtype == t.data.dtype and infos[t.name].n_bytes == t.n_bytes
+        np.testing.assert_array_equal(got, t.data)
+    assert read_values(path, {"general.name", "general.alignment", "tokenizer.ggml.tokens", "absent"}) == {
+        "general.name": "tiny", **({"general.alignment": alignment} if alignment else {})}  # arrays left out
     head = OutputHead.from_gguf(path)
     ids = np.array([3, 0, 49, 3])
     want = np.asarray(reader.get_tensor(1).data) if qtype == GGMLQuantizationType.F32 else None
@@ -66,6 +74,44 @@ def test_tensor_directory_and_rows_match_gguf_py(tmp_path: Path, alignment: int 
     capped = OutputHead.from_gguf(path, softcap=2.0).logits(h, ids)
     np.testing.assert_allclose(capped, 2.0 * np.tanh(head.logits(h, ids) / 2.0))
     assert np.abs(capped).max() < 2.0
+
+
+@pytest.mark.parametrize("alignment, qtype", [(None, GGMLQuantizationType.Q8_0), (256, GGMLQuantizationType.F32)])
+def test_embedding_a_spec_copies_every_key_and_tensor_byte_for_byte(tmp_path: Path, alignment: int | None,
+                                                                      qtype: GGMLQuantizationType) -> None:
+    """embed_spec copies the file's own bytes: gguf-py reads every key and tensor of the source in
+    the copy, our keys after them; a second embed replaces ours (and an extra key) instead of adding
+    them; a replaced tensor's bytes are the new ones and no other's move."""
+    src = tmp_path / "src.gguf"
+    _write(src, alignment, np.random.default_rng(1).standard_normal((40, 64)).astype(np.float32), qtype)
+    one = embed_spec(src, tmp_path / "one.gguf", EMO, {"run": 1}, extra={"general.name": "annotator"})
+    stored = tensor_data(src, read_tensor_infos(src)["output_norm.weight"])
+    two = embed_spec(one, tmp_path / "two.gguf", EMO, {"run": 2},
+                     tensors={"output_norm.weight": np.full(stored.shape, 2.0, dtype=stored.dtype)})
+    a, b, c = GGUFReader(src), GGUFReader(one), GGUFReader(two)
+
+    def fields(r: GGUFReader) -> dict[str, object]:
+        return {k: (f.types, f.contents()) for k, f in r.fields.items() if not k.startswith("GGUF.")}
+
+    before, after = fields(a), fields(b)
+    assert list(after)[:len(before) - 1] == [k for k in before if k != "general.name"]  # in place; ours after
+    assert {k: v for k, v in after.items() if k in before and k != "general.name"} == \
+        {k: v for k, v in before.items() if k != "general.name"}
+    assert after["general.name"][1] == "annotator" and after[Keys.PROVENANCE][1] == '{"run": 1}'
+    again = fields(c)
+    assert set(again) == set(after) and again[Keys.PROVENANCE][1] == '{"run": 2}'
+    assert again[Keys.SPEC][1] == after[Keys.SPEC][1] == EMO.to_json()
+    for r in (b, c):
+        for t, u in zip(a.tensors, r.tensors, strict=True):
+            assert t.name == u.name and t.tensor_type == u.tensor_type
+            if r is c and t.name == "output_norm.weight":
+                assert (u.data == 2.0).all()
+            else:
+                np.testing.assert_array_equal(t.data, u.data)
+    assert embedded_spec(two).sha256 == EMO.sha256
+    with pytest.raises(ValueError, match="no tensor output_norm.weight of shape"):
+        embed_spec(src, tmp_path / "bad.gguf", EMO, tensors={"output_norm.weight": np.ones(3, dtype=np.float32)})
+    assert not (tmp_path / "bad.gguf").exists() and not list(tmp_path.glob(".*partial"))
 
 
 @pytest.mark.parametrize("content, message", [

@@ -31,6 +31,7 @@ import click
 from edge_annotator.hf.tokcheck import FINGERPRINT, TokenizerMismatch, check_against_gguf, check_record
 from edge_annotator.runtime.errors import ModelError
 from edge_annotator.runtime.files import atomic_dir
+from edge_annotator.runtime.gguf_file import read_strings, read_values
 from edge_annotator.runtime.options import Command
 
 log = logging.getLogger(__name__)
@@ -93,16 +94,14 @@ def _config(src: Path) -> Any:
     """transformers' config of the GGUF, with what its GGUF mapping leaves out read from the file:
     the attention head size (`ARCH.attention.key_length`; transformers 5.24 takes hidden / heads for
     Qwen3, 128 where a model's heads are smaller)."""
-    import gguf
     from transformers import AutoConfig
 
     conf = AutoConfig.from_pretrained(src.parent, gguf_file=src.name)
-    reader = gguf.GGUFReader(src)
-    arch = reader.fields["general.architecture"].contents()
-    key = reader.fields.get(f"{arch}.attention.key_length")
-    if key is not None and hasattr(conf, "head_dim") and conf.head_dim != int(key.contents()):
-        log.info("%s: head_dim %s from the GGUF (transformers' mapping gave %s)", src, key.contents(), conf.head_dim)
-        conf.head_dim = int(key.contents())
+    arch = read_strings(src, {"general.architecture"}).get("general.architecture")
+    key = read_values(src, {f"{arch}.attention.key_length"}).get(f"{arch}.attention.key_length")
+    if key is not None and hasattr(conf, "head_dim") and conf.head_dim != int(key):
+        log.info("%s: head_dim %s from the GGUF (transformers' mapping gave %s)", src, key, conf.head_dim)
+        conf.head_dim = int(key)
     return conf
 
 

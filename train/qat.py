@@ -29,6 +29,7 @@ import numpy as np
 
 from edge_annotator.hf.quant_grid import LAYOUTS, Grid, gguf_of, gguf_row_order, read_grid, snap, torch_grid
 from edge_annotator.runtime.errors import UserError
+from edge_annotator.runtime.gguf_file import read_tensor_infos, tensor_data
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ def hf_grids(folder: str | Path, hf_names: list[str]) -> tuple[Path, dict[str, G
     row order. NoGrid where there is none."""
     import json
 
-    import gguf
-
     from edge_annotator.export import mix
 
     folder = Path(folder)
@@ -54,17 +53,17 @@ def hf_grids(folder: str | Path, hf_names: list[str]) -> tuple[Path, dict[str, G
                      f"from-gguf), and this folder names none found beside it")
     conf = json.loads((folder / "config.json").read_text())
     tmap = mix.name_map(folder)
-    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    tensors = read_tensor_infos(path)
     out: dict[str, Grid] = {}
     for hf in hf_names:
         name = mix.gguf_name(tmap, hf)
         t = tensors.get(name or "")
         if t is None:
             raise NoGrid(f"{path}: no tensor for {hf} (GGUF name {name})")
-        if t.tensor_type not in LAYOUTS:
-            raise NoGrid(f"{path}: {name} is {t.tensor_type.name}, which has no grid to train on "
+        if t.qtype not in LAYOUTS:
+            raise NoGrid(f"{path}: {name} is {t.qtype.name}, which has no grid to train on "
                          f"(one of {', '.join(x.name for x in LAYOUTS)})")
-        g = read_grid(t.data, t.tensor_type)
+        g = read_grid(tensor_data(path, t), t.qtype)
         perm = gguf_row_order(conf, hf, g.codes.shape[0])
         if perm is not None:
             g = g.rows(np.argsort(perm))  # HF row h is GGUF row argsort(perm)[h]
