@@ -244,12 +244,12 @@ def _annotate_ray(model: Path, inputs: list[str], output: str | None, options: J
 
 
 def _write_report(pred_path: Path, preds: list[Prediction], human: Path, humans: dict[str, Any], spec: TaskSpec,
-                  out: Path, seed: int) -> None:
+                  out: Path, seed: int, force: bool) -> None:
     """agree --report: `preds` and `humans` as agree read them; the texts come from HUMAN's rows."""
     from .report import ReportError, report_files
 
     try:
-        err.print(f"report -> {report_files(pred_path, preds, human, humans, spec, out, seed)}")
+        err.print(f"report -> {report_files(pred_path, preds, human, humans, spec, out, seed, force=force)}")
     except ReportError as e:
         raise click.ClickException(str(e)) from None
 
@@ -487,8 +487,9 @@ def select_cmd(pred: Path, count: int, strategy: str, human: Path | None, spec_p
                    "calibration, the worst disagreements (pip install 'edge-annotator[report]').")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="The bootstrap's seed (intervals of the report and of the leave-one-rater-out figures).")
+@click.option("--force", is_flag=True, help="Replace report files already in the --report folder.")
 def agree(pred: Path, human: Path, spec_path: Path | None, model: Path | None, as_json: bool,
-          report_dir: Path | None, seed: int) -> None:
+          report_dir: Path | None, seed: int, force: bool) -> None:
     """Agreement of PRED (annotate output) with HUMAN labels: Krippendorff's alpha and more.
 
     Per criterion, their mean and pooled: alpha with the human consensus, alpha among the humans
@@ -511,6 +512,10 @@ def agree(pred: Path, human: Path, spec_path: Path | None, model: Path | None, a
     from .metrics import agreement
     from .records import by_id, read_predictions
 
+    if report_dir is not None:  # before any work: a report that could not be written is refused now
+        from .report import report_outputs
+
+        report_outputs(report_dir, (pred, human), force)
     spec = _spec_for(spec_path, model)
     records = read_predictions(pred, spec, need_probs=False)  # labels from any tool compare
     labels, all_scores = by_id(records)
@@ -519,7 +524,7 @@ def agree(pred: Path, human: Path, spec_path: Path | None, model: Path | None, a
     report = agreement(spec, labels, humans, scores or None, loo=True, seed=seed)
     report["error_records"] = sum(p.error is not None for p in records)
     if report_dir is not None:
-        _write_report(pred, records, human, humans, spec, report_dir, seed)
+        _write_report(pred, records, human, humans, spec, report_dir, seed, force)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

@@ -381,12 +381,13 @@ class ReportError(UserError, ValueError):
 
 def report_files(pred_path: str | Path, preds: Sequence[Prediction], human_path: str | Path,
                  humans: Mapping[str, Sequence[Mapping[str, Any]]], spec: TaskSpec, out_dir: str | Path,
-                 seed: int = 0, training: Mapping[str, Any] | None = None) -> Path:
+                 seed: int = 0, training: Mapping[str, Any] | None = None, force: bool = False) -> Path:
     """agree --report's whole job: the report of `preds` (read from PRED_PATH) against `humans`
     (read from HUMAN_PATH, whose rows also give the texts), written to OUT_DIR; its HTML page.
-    fit passes `training` (build_report)."""
+    fit passes `training` (build_report) and `force` (the folder is its run's own)."""
     from .data import iter_rows
 
+    report_outputs(out_dir, (pred_path, human_path), force)
     if missing := missing_extra():
         raise ReportError(missing)
     if bare := next((p for p in preds if p.error is None and not p.probs), None):
@@ -396,17 +397,31 @@ def report_files(pred_path: str | Path, preds: Sequence[Prediction], human_path:
     for row in iter_rows(human_path):
         if row.data is not None and "id" in row.data:
             texts[str(row.data["id"])] = " | ".join(str(row.data.get(f.name, "")) for f in spec.inputs)
-    return write_report(build_report(spec, preds, humans, texts, seed, training), out_dir)
+    return write_report(build_report(spec, preds, humans, texts, seed, training), out_dir, force)
 
 
-def write_report(report: dict[str, Any], out_dir: str | Path) -> Path:
-    """DIR/report.json and DIR/report.html (self-contained: the figures are inline PNGs). jinja2
-    renders this module's own PAGE, autoescaped, and nothing else: never a template from a model."""
+REPORT_FILES = ("report.json", "report.html")
+
+
+def report_outputs(out_dir: str | Path, inputs: Sequence[str | Path] = (), force: bool = False) -> list[Path]:
+    """DIR's report files, once it is clear that writing them loses nothing: neither is an input,
+    and (unless FORCE) neither exists. OutputError naming the first that does."""
+    from .files import check_output
+
+    return [check_output(Path(out_dir) / name, inputs, force) for name in REPORT_FILES]
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path, force: bool = False) -> Path:
+    """DIR/report.json and DIR/report.html (self-contained: the figures are inline PNGs), each
+    written whole and renamed into place; existing ones replaced only with FORCE. jinja2 renders
+    this module's own PAGE, autoescaped, and nothing else: never a template from a model."""
     import jinja2
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    from .files import atomic_write
+
+    as_json, as_html = report_outputs(out_dir, (), force)
+    as_json.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(as_json, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     figs = [figures(c) for c in report["criteria"]]
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     html = env.from_string(PAGE).render(
@@ -414,5 +429,4 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> Path:
         fmt=lambda v: "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v),
         ci=lambda v: "n/a" if not v or v[0] is None else f"[{v[0]:.3f}, {v[1]:.3f}]",
         pct=lambda v: "n/a" if v is None else f"{v:.0%}")
-    (out / "report.html").write_text(html)
-    return out / "report.html"
+    return atomic_write(as_html, html)

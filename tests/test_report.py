@@ -61,6 +61,27 @@ def test_report_holds_every_figure_with_intervals_and_repeats_byte_for_byte(tmp_
     assert html.count("Which labels to trust without review") == 3
 
 
+def test_a_report_replaces_nothing_it_did_not_make_without_force(tmp_path: Path) -> None:
+    """A --report folder already holding a report (or any file of those names) is refused in one line
+    before any work, the file untouched; --force replaces both; an input is never written over."""
+    spec = ["--spec", str(TASKS / "emobank.yaml")]
+    out = tmp_path / "review"
+    out.mkdir()
+    (out / "report.html").write_text("the team's notes")
+    r = CliRunner().invoke(cli, ["agree", str(PRED), str(HUMANS), *spec, "--report", str(out)])
+    assert r.exit_code == 1 and f"{out / 'report.html'} exists; pass --force" in r.output, r.output
+    assert (out / "report.html").read_text() == "the team's notes" and not (out / "report.json").exists()
+    r = CliRunner().invoke(cli, ["agree", str(PRED), str(HUMANS), *spec, "--report", str(out), "--force"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "report.json").read_text())["criteria"] and "<html" in (out / "report.html").read_text()
+    assert not [p.name for p in out.iterdir() if p.name not in ("report.json", "report.html")]  # no leftovers
+    humans = tmp_path / "report.json"  # the human labels under the name the report would take
+    shutil.copy(HUMANS, humans)
+    r = CliRunner().invoke(cli, ["agree", str(PRED), str(humans), *spec, "--report", str(tmp_path), "--force"])
+    assert r.exit_code == 1 and "is also an input of the command" in r.output, r.output
+    assert humans.read_bytes() == HUMANS.read_bytes()
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (Debian: apt-get install chromium)")
 def test_chromium_renders_the_report_and_its_images(tmp_path: Path) -> None:
     _report(tmp_path)

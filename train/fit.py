@@ -377,7 +377,7 @@ def _test(model: Path, test: Path, pred: Path, report_dir: Path, spec: Any, opts
     humans = read_human(test, spec)
     rep = agreement(spec, labels, humans, {i: s for i, s in scores.items() if s} or None, loo=True, seed=opts.seed)
     (report_dir.parent / "agree.json").write_text(json.dumps(rep, indent=2) + "\n")
-    page = report_files(pred, records, test, humans, spec, report_dir, opts.seed, training)
+    page = report_files(pred, records, test, humans, spec, report_dir, opts.seed, training, force=True)
     return {"report": str(page), "criteria": {c["criterion"]: {k: c.get(k) for k in (
         "alpha", "score_alpha", "alpha_humans")} | {"leave_one_out": c.get("leave_one_out")} for c in rep["criteria"]},
         "mean": rep["mean"]}
