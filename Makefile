@@ -13,7 +13,7 @@ GEMMA_HF := $(MODELS)/gemma-3-270m-hf
 THREADS ?= 2
 DEMO := $(MODELS)/demo
 
-.PHONY: help install install-cuda formats-venv label-studio-check test test-fast lint demo demo-zero-shot bench bench-train train export export-all eval learning-curve active-learning quant-routes clean
+.PHONY: help install install-cuda formats-venv label-studio-check test test-all test-fast lint demo demo-zero-shot bench bench-train train export export-all eval learning-curve active-learning quant-routes clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -116,9 +116,14 @@ label-studio-check: install $(GEMMA) $(LS_VENV)/.stamp  ## Label Studio server: 
 	$(CLI) data import $(LS_CHECK)/export.json --from label-studio --spec tasks/emobank.yaml \
 		--items data/emobank-test-50.jsonl -o $(LS_CHECK)/labels-back.jsonl --force
 
-test: install $(GEMMA) $(GEMMA_HF) $(FORMATS_VENV)/.stamp label-studio-check  ## run the whole test suite (what CI runs)
-	EDGE_ANNOTATOR_TEST_MODEL=$(GEMMA) EDGE_ANNOTATOR_TEST_HF=$(GEMMA_HF) \
-		EDGE_ANNOTATOR_FORMATS_PY=$(FORMATS_VENV)/bin/python $(VENV)/bin/pytest
+TEST_ENV = EDGE_ANNOTATOR_TEST_MODEL=$(GEMMA) EDGE_ANNOTATOR_TEST_HF=$(GEMMA_HF) \
+	EDGE_ANNOTATOR_FORMATS_PY=$(FORMATS_VENV)/bin/python
+
+test: install $(GEMMA) $(GEMMA_HF) $(FORMATS_VENV)/.stamp label-studio-check  ## the test suite, all but the `full` runs (what CI runs)
+	$(TEST_ENV) $(VENV)/bin/pytest -m "not full"
+
+test-all: install $(GEMMA) $(GEMMA_HF) $(FORMATS_VENV)/.stamp label-studio-check  ## every test: make test and the `full` runs (about 10 minutes more)
+	$(TEST_ENV) $(VENV)/bin/pytest
 
 test-fast: install  ## tests that need no real model
 	$(VENV)/bin/pytest -m "not slow"

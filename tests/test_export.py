@@ -142,6 +142,7 @@ cli(['parity', {str(merged)!r}, {str(exported["Q8_0"])!r}, {str(DATA / "emobank-
     check_golden("parity-tiny-Q8_0-emobank-test-50.json", text)
 
 
+@pytest.mark.full  # a fresh virtualenv; make test checks the imports: test_export_and_hf_never_import_train
 def test_the_export_extra_alone_runs_export_and_parity(merged: Path, tmp_path: Path) -> None:
     """pip install '.[export]' into a fresh virtualenv, nothing else of the project's: export makes a
     Q8_0 file of the tiny merged model and parity passes on it, both in that environment (the

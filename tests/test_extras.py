@@ -75,6 +75,7 @@ def test_the_runtime_alone_annotates_and_the_report_extra_adds_the_report(tmp_pa
     assert page.count("data:image/png;base64,") >= 6 and (tmp_path / "rep" / "report.json").is_file()
 
 
+@pytest.mark.full  # a fresh virtualenv with torch; make test trains and merges in the project's own
 def test_the_train_extra_alone_trains_and_merges(tmp_path: Path, gemma_hf: Path) -> None:
     bin_ = install_alone(tmp_path, "train")
     r = subprocess.run([str(bin_ / "python"), "-c", "import matplotlib"], capture_output=True, text=True)

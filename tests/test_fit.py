@@ -26,6 +26,7 @@ def _fit(*args: str):
     return CliRunner().invoke(cli, ["fit", *args], catch_exceptions=False)
 
 
+@pytest.mark.full  # fit's stages run in make test on the tiny model (the quickstart below) and the head route
 def test_fit_with_gemma_on_a_few_hundred_sentences(tmp_path: Path, gemma_hf: Path) -> None:
     """Gemma 3 270M itself, 400 EmoBank sentences: a budget too small to train is refused with the
     budget that would do; two minutes then run the same stages end to end (--resume keeps the
