@@ -118,11 +118,12 @@ label-studio-check: install $(GEMMA) $(LS_VENV)/.stamp  ## Label Studio server: 
 
 TEST_ENV = EDGE_ANNOTATOR_TEST_MODEL=$(GEMMA) EDGE_ANNOTATOR_TEST_HF=$(GEMMA_HF) \
 	EDGE_ANNOTATOR_FORMATS_PY=$(FORMATS_VENV)/bin/python
+TEST_NEEDS = install $(GEMMA) $(GEMMA_HF) $(FORMATS_VENV)/.stamp label-studio-check
 
-test: install $(GEMMA) $(GEMMA_HF) $(FORMATS_VENV)/.stamp label-studio-check  ## the test suite, all but the `full` runs (what CI runs)
+test: $(TEST_NEEDS)  ## the test suite, all but the `full` runs (what CI runs)
 	$(TEST_ENV) $(VENV)/bin/pytest -m "not full"
 
-test-all: install $(GEMMA) $(GEMMA_HF) $(FORMATS_VENV)/.stamp label-studio-check  ## every test: make test and the `full` runs (about 10 minutes more)
+test-all: $(TEST_NEEDS)  ## every test: make test and the `full` runs (about 10 minutes more)
 	$(TEST_ENV) $(VENV)/bin/pytest
 
 test-fast: install  ## tests that need no real model

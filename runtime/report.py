@@ -384,10 +384,10 @@ def report_files(pred_path: str | Path, preds: Sequence[Prediction], human_path:
                  seed: int = 0, training: Mapping[str, Any] | None = None, force: bool = False) -> Path:
     """agree --report's whole job: the report of `preds` (read from PRED_PATH) against `humans`
     (read from HUMAN_PATH, whose rows also give the texts), written to OUT_DIR; its HTML page.
-    fit passes `training` (build_report) and `force` (the folder is its run's own)."""
+    fit passes `training` (build_report) and `force` (the folder is its run's own); agree checks
+    the folder against its inputs before any work (report_outputs)."""
     from .data import iter_rows
 
-    report_outputs(out_dir, (pred_path, human_path), force)
     if missing := missing_extra():
         raise ReportError(missing)
     if bare := next((p for p in preds if p.error is None and not p.probs), None):
