@@ -15,11 +15,14 @@ folded into the weights):
     softmax  the raters' distribution over the levels, cross-entropy with an L2 penalty (every
              criterion; a label set's only kind); L-BFGS in the states' principal components
 
-each over a grid of penalties, and the one with the best k-fold cross-validated alpha wins (a
-rating scale's score against the raters' mean, interval; a label set's label against the
-majority, nominal). Items that share a context (the fields before the last) stay in one fold.
-It is refitted on every item and written into the spec (runtime/linear_head.py), which goes into
-a copy of the GGUF. Nothing is random but the folds, which are seeded.
+each over a grid of penalties, all scored by k-fold cross-validated alpha (a rating scale's score
+against the raters' mean, interval; a label set's label against the majority, nominal). Items
+that share a context (the fields before the last) stay in one fold. The head is a weighted mean
+of candidates, built by forward selection on the out-of-fold predictions (MEMBERS steps, default
+10, each adding the candidate that most raises the mean's cross-validated alpha) and refitted on
+every item: the single best is a pick among near-ties that other CPU kernels flip, and the mean
+scored above it on the test splits (docs/recipes.md). It is written into the spec
+(runtime/linear_head.py), which goes into a copy of the GGUF. Nothing is random but the folds, which are seeded.
 
 Fitting is numpy only (no torch): the command runs on a runtime install.
 """
@@ -40,7 +43,7 @@ import numpy as np
 
 from edge_annotator.runtime.data import Item
 from edge_annotator.runtime.errors import UserError
-from edge_annotator.runtime.linear_head import LinearHead, Tap
+from edge_annotator.runtime.linear_head import MAX_MEMBERS, Head, LinearHead, Tap, spread
 from edge_annotator.runtime.metrics import _alpha, _code, consensus
 from edge_annotator.runtime.options import Command, base_model_option
 from edge_annotator.runtime.prompt import leading_inputs, shared_groups
@@ -52,6 +55,10 @@ RIDGE = (1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
 SOFTMAX = (1e-3, 1e-2, 0.1, 1.0)
 """Softmax penalties on the mean cross-entropy, (alpha / 2) |W|^2."""
 MIN_ITEMS = 2 * FOLDS
+MEMBERS = MAX_MEMBERS
+"""Forward-selection steps that build a criterion's head (at most this many distinct members)."""
+POOL = 30
+"""Candidates forward selection chooses among: the best by cross-validated alpha alone."""
 
 
 @dataclass(frozen=True)
@@ -74,11 +81,12 @@ def candidate_taps(n_layer: int) -> list[Tap]:
 
 @dataclass(frozen=True)
 class HeadFit:
-    """One criterion's chosen head and what cross-validation measured for every candidate."""
+    """One criterion's head, the candidates it averages (best first) and what cross-validation
+    measured for every candidate."""
 
     criterion: str
-    head: LinearHead | None
-    chosen: Candidate | None
+    head: Head | None
+    chosen: tuple[Candidate, ...]
     cv: dict[str, float | None]
     items: int
 
@@ -215,12 +223,14 @@ def _fit_one(cd: Candidate, x: np.ndarray, mean: np.ndarray, dist: np.ndarray) -
     return LinearHead("softmax", cd.tap, x.shape[1], w_raw.astype(np.float32), (bz - w_raw @ mu).astype(np.float32))
 
 
-def _predict(c: Criterion, head: LinearHead, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Scores (rating scales) and label indexes of each row, as the runtime gives them."""
+def _predict(c: Criterion, head: Head, x: dict[Tap, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (rating scales) and label indexes of each item, as the runtime gives them; X: per tap,
+    items x n_embd."""
     values = [float(v) for v in c.values] if c.is_numeric else []
-    scores, labels = np.empty(len(x)), np.empty(len(x), dtype=np.int64)
-    for i, h in enumerate(x):
-        probs, raw = head.apply(values, h)
+    n = len(next(iter(x.values())))
+    scores, labels = np.empty(n), np.empty(n, dtype=np.int64)
+    for i in range(n):
+        probs, raw = head.apply(values, lambda t: x[t][i])  # noqa: B023
         labels[i] = int(np.argmax(probs))
         scores[i] = raw if raw is not None else (sum(v * p for v, p in zip(values, probs)) if values else np.nan)
     return scores, labels
@@ -236,21 +246,41 @@ def _cv_alpha(c: Criterion, scores: np.ndarray, labels: np.ndarray, mean: np.nda
     return _alpha([labels.astype(float).tolist(), gold], "nominal")
 
 
-def fit_criterion(c: Criterion, states: dict[Tap, np.ndarray], ratings: Sequence[Sequence[Any]],
-                  groups: Sequence[str], seed: int = 0) -> HeadFit:
-    """Choose and fit one criterion's head by k-fold cross-validation over the candidates: every tap
-    in STATES (items x n_embd each) with every kind and penalty. GROUPS: each item's id, or the
-    context it shares with others (kept in one fold)."""
+@dataclass
+class OutOfFold:
+    """Every candidate's out-of-fold predictions of one criterion's items: what choosing among them
+    and averaging them is measured by."""
+
+    cands: list[Candidate]
+    scores: dict[Candidate, np.ndarray]
+    """Rating scales: each item's score (NaN for a label set)."""
+    probs: dict[Candidate, np.ndarray]
+    """Items x levels."""
+    sigma: dict[Candidate, float]
+    """A ridge candidate's residual sd, which its probabilities spread by."""
+    cv: dict[str, float | None]
+    mean: np.ndarray
+    dist: np.ndarray
+
+    def alpha(self, c: Criterion, members: Sequence[Candidate], ratings: Sequence[Sequence[Any]]) -> float | None:
+        """The cross-validated alpha of MEMBERS' mean (scores and probabilities averaged)."""
+        s = np.mean([self.scores[cd] for cd in members], axis=0)
+        p = np.mean([self.probs[cd] for cd in members], axis=0)
+        return _cv_alpha(c, s, p.argmax(axis=1), self.mean, ratings)
+
+
+def cross_validate(c: Criterion, states: dict[Tap, np.ndarray], ratings: Sequence[Sequence[Any]],
+                   groups: Sequence[str], seed: int = 0) -> OutOfFold:
+    """Every candidate (each tap in STATES, items x n_embd, with every kind and penalty) fitted on
+    k-1 folds and predicting the k-th."""
     n = len(groups)
-    if n < MIN_ITEMS or len(set(groups)) < FOLDS:
-        return HeadFit(c.name, None, None, {}, n)
     mean, dist = _targets(c, ratings)
     folds = _folds(groups, seed)
     values = [float(v) for v in c.values] if c.is_numeric else []
     cands = [Candidate(t, k, a) for t in states for k, grid in (("ridge", RIDGE), ("softmax", SOFTMAX))
              if k == "softmax" or c.is_numeric for a in grid]
-    pred_s = {cd: np.empty(n) for cd in cands}
-    pred_l = {cd: np.empty(n, dtype=np.int64) for cd in cands}
+    pred_s = {cd: np.full(n, np.nan) for cd in cands}
+    pred_p = {cd: np.empty((n, len(c.scale))) for cd in cands if cd.kind == "softmax"}
     for k in range(FOLDS):
         tr, te = folds != k, folds == k
         for tap, x in states.items():
@@ -258,27 +288,75 @@ def fit_criterion(c: Criterion, states: dict[Tap, np.ndarray], ratings: Sequence
             zt = (x[te] - mu) / sd
             if c.is_numeric:
                 for a, (w, b) in zip(RIDGE, _ridge_all(z, mean[tr], RIDGE)):
-                    cd = Candidate(tap, "ridge", a)
-                    sc = np.clip(zt @ w + b, values[0], values[-1])
-                    pred_s[cd][te] = sc
-                    pred_l[cd][te] = [int(np.argmin([abs(v - x_) for v in values])) for x_ in sc]
+                    pred_s[Candidate(tap, "ridge", a)][te] = np.clip(zt @ w + b, values[0], values[-1])
             for a in SOFTMAX:
                 cd = Candidate(tap, "softmax", a)
                 wz, bz = _softmax_fit(z, dist[tr], a)
                 logits = zt @ wz.T + bz
                 p = np.exp(logits - logits.max(axis=1, keepdims=True))
-                p /= p.sum(axis=1, keepdims=True)
-                pred_l[cd][te] = p.argmax(axis=1)
-                pred_s[cd][te] = p @ np.asarray(values) if values else np.nan
-    cv = {cd.name: _cv_alpha(c, pred_s[cd], pred_l[cd], mean, ratings) for cd in cands}
-    best = max(cands, key=lambda cd: (-math.inf if cv[cd.name] is None else cv[cd.name], cd.kind == "softmax"))
-    head = _fit_one(best, states[best.tap], mean, dist)
-    if best.kind == "ridge":  # the probabilities spread by the out-of-fold residual sd
-        resid = pred_s[best] - mean
-        head = replace(head, sigma=max(float(np.sqrt(np.mean(resid ** 2))), 0.05))
-    info = {"penalty": best.penalty, "items": n, "groups": len(set(groups)), "folds": FOLDS, "seed": seed,
-            "cv_alpha": cv[best.name]}
-    return HeadFit(c.name, replace(head, info=info), best, cv, n)
+                pred_p[cd][te] = p / p.sum(axis=1, keepdims=True)
+                if values:
+                    pred_s[cd][te] = pred_p[cd][te] @ np.asarray(values)
+    # a ridge candidate's probabilities spread by its out-of-fold residual sd, as its head's will
+    sigma = {cd: max(float(np.sqrt(np.mean((pred_s[cd] - mean) ** 2))), 0.05) for cd in cands if cd.kind == "ridge"}
+    for cd, sg in sigma.items():
+        pred_p[cd] = spread(values, pred_s[cd], sg)
+    cv = {cd.name: _cv_alpha(c, pred_s[cd], pred_p[cd].argmax(axis=1), mean, ratings) for cd in cands}
+    return OutOfFold(cands, pred_s, pred_p, sigma, cv, mean, dist)
+
+
+def ranked(oof: OutOfFold) -> list[Candidate]:
+    """The candidates best first by cross-validated alpha; at a tie the softmax (it gives every
+    level its own probability), then the grid's order."""
+    return sorted(oof.cands, key=lambda cd: (-_or_worst(oof.cv[cd.name]), cd.kind != "softmax"))
+
+
+def _or_worst(a: float | None) -> float:
+    return -math.inf if a is None else a
+
+
+def choose(oof: OutOfFold, c: Criterion, ratings: Sequence[Sequence[Any]], steps: int) -> list[tuple[Candidate, int]]:
+    """The candidates a head averages and each one's weight, by forward selection with
+    replacement (Caruana et al., 2004) on the out-of-fold predictions: start from the best
+    candidate, and STEPS - 1 times add the one (again, if it is best) whose addition gives the
+    mean the best cross-validated alpha, among the POOL best alone. Where one tap carries the
+    rating the best is added again and again; where several near-ties do, their mean."""
+    pool = ranked(oof)[:POOL]
+    picked = [pool[0]]
+    for _ in range(steps - 1):
+        alphas = [oof.alpha(c, [*picked, cd], ratings) for cd in pool]
+        best = max(range(len(pool)), key=lambda k: _or_worst(alphas[k]))  # noqa: B023
+        picked.append(pool[best])  # at a tie the first: the better alone
+    return [(cd, picked.count(cd)) for cd in dict.fromkeys(picked)]
+
+
+def fit_member(cd: Candidate, x: np.ndarray, oof: OutOfFold) -> LinearHead:
+    """Candidate CD fitted on every item's states X (a ridge's probabilities spread by its
+    out-of-fold residual sd)."""
+    h = _fit_one(cd, x, oof.mean, oof.dist)
+    return replace(h, sigma=oof.sigma[cd]) if cd.kind == "ridge" else h
+
+
+def fit_criterion(c: Criterion, states: dict[Tap, np.ndarray], ratings: Sequence[Sequence[Any]],
+                  groups: Sequence[str], seed: int = 0, members: int = MEMBERS) -> HeadFit:
+    """Fit one criterion's head: every candidate scored by k-fold cross-validation
+    (cross_validate), and the weighted mean of those `choose` picks in MEMBERS steps, refitted on
+    every item. GROUPS: each item's id, or the context it shares with others (kept in one fold)."""
+    n = len(groups)
+    if n < MIN_ITEMS or len(set(groups)) < FOLDS:
+        return HeadFit(c.name, None, (), {}, n)
+    oof = cross_validate(c, states, ratings, groups, seed)
+    chosen = choose(oof, c, ratings, max(1, members))
+    top = tuple(cd for cd, _ in chosen)
+    fitted = [fit_member(cd, states[cd.tap], oof) for cd in top]
+    weights = tuple(float(k) for _, k in chosen)
+    info: dict[str, Any] = {"items": n, "groups": len(set(groups)), "folds": FOLDS, "seed": seed,
+                            "cv_alpha": oof.alpha(c, [cd for cd, k in chosen for _ in range(k)], ratings)}
+    if len(top) == 1:
+        info["penalty"] = top[0].penalty
+        return HeadFit(c.name, Head((replace(fitted[0], info=info),), info), top, oof.cv, n)
+    info["members"] = [cd.name for cd in top]
+    return HeadFit(c.name, Head(tuple(fitted), info, None if len(set(weights)) == 1 else weights), top, oof.cv, n)
 
 
 def context_groups(spec: TaskSpec, items: Sequence[Item]) -> list[str]:
@@ -291,7 +369,8 @@ def context_groups(spec: TaskSpec, items: Sequence[Item]) -> list[str]:
     return [json.dumps(k, ensure_ascii=False) for k in keys]
 
 
-def fit_heads(spec: TaskSpec, items: Sequence[Item], states: dict[Tap, np.ndarray], seed: int = 0) -> list[HeadFit]:
+def fit_heads(spec: TaskSpec, items: Sequence[Item], states: dict[Tap, np.ndarray], seed: int = 0,
+              members: int = MEMBERS) -> list[HeadFit]:
     """Per criterion, its head from the items that rate it; STATES: per tap, items x criteria x
     n_embd at a cue, items x n_embd at the item."""
     out = []
@@ -300,7 +379,7 @@ def fit_heads(spec: TaskSpec, items: Sequence[Item], states: dict[Tap, np.ndarra
         rows = [i for i, it in enumerate(items) if any(c.name in r for r in it.ratings)]
         ratings = [[r[c.name] for r in items[i].ratings if c.name in r] for i in rows]
         mine = {t: (x[rows, ci] if t.per_criterion else x[rows]).astype(np.float64) for t, x in states.items()}
-        out.append(fit_criterion(c, mine, ratings, [groups[i] for i in rows], seed))
+        out.append(fit_criterion(c, mine, ratings, [groups[i] for i in rows], seed, members))
     return out
 
 
@@ -340,11 +419,10 @@ def states_of(model: str | Path, spec: TaskSpec, items: Sequence[Item], threads:
 
 
 def summary(fits: Sequence[HeadFit]) -> dict[str, Any]:
-    """What goes into provenance and the command's table: per criterion the chosen kind and
-    penalty, the items, and every candidate's cross-validated alpha."""
-    return {f.criterion: {"kind": f.chosen.kind if f.chosen else None, "tap": f.chosen.tap.name if f.chosen else None,
-                          "penalty": f.chosen.penalty if f.chosen else None, "items": f.items,
-                          "cv_alpha": (f.head.info or {}).get("cv_alpha") if f.head else None,
+    """What goes into provenance and the command's table: per criterion the head (what it is, the
+    candidates it averages), the items, its cross-validated alpha and every candidate's."""
+    return {f.criterion: {"head": f.head.describe() if f.head else None, "members": [cd.name for cd in f.chosen],
+                          "items": f.items, "cv_alpha": (f.head.info or {}).get("cv_alpha") if f.head else None,
                           "candidates": f.cv} for f in fits}
 
 
@@ -364,7 +442,7 @@ def timed(f: Callable[[], Any]) -> tuple[Any, float]:
 
 def head_annotator(model: Path, spec: TaskSpec, items: Sequence[Item], out: Path, labels: Path,
                    threads: int | None = None, seed: int = 0, progress: Callable[[int], None] | None = None,
-                   provenance: dict[str, Any] | None = None, base: Path | None = None
+                   provenance: dict[str, Any] | None = None, base: Path | None = None, members: int = MEMBERS
                    ) -> tuple[list[HeadFit], dict[str, float]]:
     """The head route whole: ITEMS read by MODEL, a head per criterion fitted on their states, and
     OUT written (MODEL with the heads in SPEC, PROVENANCE added to the command's own). Returns the
@@ -372,7 +450,7 @@ def head_annotator(model: Path, spec: TaskSpec, items: Sequence[Item], out: Path
     not beside it). `head`, `fit --route head` and
     scripts/head_route.py all take this one path."""
     states, read_s = timed(lambda: states_of(model, spec, items, threads, progress, base=base))
-    fits, fit_s = timed(lambda: fit_heads(spec, items, states, seed))
+    fits, fit_s = timed(lambda: fit_heads(spec, items, states, seed, members))
     seconds = {"states": read_s, "fit": fit_s}
     prov = provenance_of(model, labels, fits, seconds, base) | (provenance or {})
     write_annotator(model, out, with_heads(spec, fits), prov)
@@ -401,16 +479,21 @@ def write_annotator(model: Path, out: Path, spec: TaskSpec, provenance: dict[str
 @click.option("--threads", type=click.IntRange(min=1), default=None, envvar="ANNOTATE_THREADS", show_envvar=True,
               help="CPU threads reading the items [default: all cores].")
 @click.option("--seed", type=int, default=0, show_default=True, help="The cross-validation folds' seed.")
+@click.option("--members", type=click.IntRange(1, MAX_MEMBERS), default=MEMBERS, show_default=True,
+              help="Forward-selection steps building each criterion's head: at most this many candidates, "
+                   "averaged (1: the single best by cross-validated alpha).")
 @base_model_option
 @click.option("--force", is_flag=True, help="Replace an existing output file (never MODEL or LABELS).")
 def head_command(model: Path, labels: Path, out: Path, spec_path: Path | None, threads: int | None, seed: int,
-                 base_model: Path | None, force: bool) -> None:
+                 members: int, base_model: Path | None, force: bool) -> None:
     """Fit a linear head per criterion on MODEL's own hidden states for the items of LABELS (human
     ratings, any layout `fit` reads), and write MODEL with them as OUT: an annotator in minutes, on
     a base model or a fine-tuned one, with no training of the model.
 
-    Each criterion gets the candidate (ridge on the raters' mean, or softmax over the levels, at a
-    grid of penalties) with the best 5-fold cross-validated alpha, which the table shows. `annotate`,
+    Each criterion's candidates (ridge on the raters' mean, or softmax over the levels, at a grid of
+    penalties, at ten taps) are scored by 5-fold cross-validated alpha; the head is a weighted mean
+    of up to --members of them, added one at a time where they raise that alpha, and the table shows
+    its alpha and the best single candidate's. `annotate`,
     `serve` and the rest then score that criterion with its head.
 
     \b
@@ -436,18 +519,19 @@ def head_command(model: Path, labels: Path, out: Path, spec_path: Path | None, t
                   console=err) as bar:
         task = bar.add_task("states", total=len(items))
         fits, seconds = head_annotator(model, spec, items, out, labels, threads, seed, lambda n: bar.advance(task, n),
-                                       base=base_model)
+                                       base=base_model, members=members)
     from rich.table import Table
 
     t = Table(title=f"{out.name}: a head per criterion, {len(items)} items ({seconds['states']:.0f} s reading them, "
                     f"{seconds['fit']:.0f} s fitting)")
-    for col in ("criterion", "head", "tap", "penalty", "items", "5-fold alpha", "final state at the cue"):
-        t.add_column(col, justify="left" if col in ("criterion", "head", "tap") else "right")
+    for col in ("criterion", "head", "best candidate", "items", "5-fold alpha", "best candidate's",
+                "final state at the cue"):
+        t.add_column(col, justify="left" if col in ("criterion", "head", "best candidate") else "right")
     for f in fits:
         final = max((v for c, v in f.cv.items() if c.startswith("cue@-1 ") and v is not None), default=None)
-        t.add_row(f.criterion, f.chosen.kind if f.chosen else "none (too few items)",
-                  f.chosen.tap.name if f.chosen else "", f"{f.chosen.penalty:g}" if f.chosen else "", str(f.items),
+        best = f.chosen[0].name if f.chosen else ""
+        t.add_row(f.criterion, f.head.describe() if f.head else "none (too few items)", best, str(f.items),
                   *(f"{v:.3f}" if v is not None else "n/a" for v in
-                    ((f.head.info or {}).get("cv_alpha") if f.head else None, final)))
+                    ((f.head.info or {}).get("cv_alpha") if f.head else None, f.cv.get(best), final)))
     err.print(t)
     click.echo(out)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .engine import ContextOverflow, LlamaEngine, ModelError
-from .linear_head import LinearHead, Tap
+from .linear_head import Head, Tap
 from .prompt import ANSWER_SEP, prompt_segments, render_prompt
 from .records import PROB_DIGITS, Score, result_record
 from .spec import Criterion, SpecError, TaskSpec
@@ -264,10 +264,11 @@ class Annotator:
         self.batch = batch
         self.tries = {c.name: build_trie(engine.tokenize, spec, c, engine.piece) for c in spec.criteria}
         self._deep = [len(self.tries[c.name].branches) - 1 for c in spec.criteria]  # branch nodes below the stem
-        self.heads = {c.name: LinearHead.from_dict(c.head, len(c.scale)) for c in spec.criteria if c.head}
+        self.heads = {c.name: Head.from_dict(c.head, len(c.scale)) for c in spec.criteria if c.head}
         for name, h in self.heads.items():
-            if h.dim != engine.n_embd or h.tap.layer >= engine.n_layer - 1:
-                raise ModelError(f"{engine.path}: criterion {name}'s head reads {h.dim} numbers at {h.tap.name}; this "
+            if h.dim != engine.n_embd or max(t.layer for t in h.taps) >= engine.n_layer - 1:
+                raise ModelError(f"{engine.path}: criterion {name}'s head reads {h.dim} numbers at "
+                                 f"{', '.join(t.name for t in h.taps)}; this "
                                  f"model's states have {engine.n_embd} numbers and its layers run to "
                                  f"{engine.n_layer - 2}: the head was fitted on another model")
         self._instr_tokens: dict[str, list[int]] = {}
@@ -326,7 +327,7 @@ class Annotator:
         plans = [p for _, p in planned]
         live = [j for j, p in enumerate(plans) if p.error is None]
         used: list[int] = []
-        wanted = taps if taps is not None else tuple(sorted({h.tap for h in self.heads.values()}))
+        wanted = taps if taps is not None else tuple(sorted({t for h in self.heads.values() for t in h.taps}))
         cond, states = self._decode_cues(plans, live, used, wanted, logits=taps is None)
         if taps is None and any(d for d, c in zip(self._deep, self.spec.criteria) if c.name not in self.heads):
             cond.update(self._decode_deeper(plans, live, used))  # answers that diverge below their stem
@@ -416,8 +417,8 @@ class Annotator:
             head = self.heads.get(crit.name)
             if head is not None:
                 values = [float(v) for v in crit.values] if crit.is_numeric else []  # what ridge predicts on
-                st = states[(j, head.tap)]
-                probs, raw = head.apply(values, st[c] if head.tap.per_criterion else st)
+                probs, raw = head.apply(values, lambda t: states[(j, t)][c] if t.per_criterion  # noqa: B023
+                                        else states[(j, t)])
                 res[crit.name] = criterion_score(crit, probs, PROB_DIGITS, raw)
                 continue
             probs = level_probs(self.tries[crit.name], lambda prefix: cond.get((j, c, prefix)))  # noqa: B023

@@ -587,6 +587,7 @@ def inspect(model: Path, as_json: bool, no_hash: bool, base_model: Path | None) 
     from .engine import backend_info
     from .gguf_file import sha256_file
     from .gguf_meta import read_model_info
+    from .linear_head import Head
 
     info = read_model_info(model, base_model)
     d = info.to_dict(None if no_hash else sha256_file(model))
@@ -609,7 +610,8 @@ def inspect(model: Path, as_json: bool, no_hash: bool, base_model: Path | None) 
             how = ""
             if c.head:
                 cv = (c.head.get("info") or {}).get("cv_alpha")
-                how = f"; a {c.head['kind']} head on the hidden state" + (f" (5-fold alpha {cv:.3f})" if cv else "")
+                how = (f"; {Head.from_dict(c.head, len(c.scale)).describe()} on the hidden state"
+                       + (f" (5-fold alpha {cv:.3f})" if cv else ""))
             t.add_row(f"  {c.name}", f"{c.level}: {', '.join(map(str, c.values))}{how}")
         t.add_row("templates", str(len(s.templates)))
     else:

@@ -19,26 +19,34 @@ EmoBank: docs/recipes.md); which tap a criterion reads is chosen by cross-valida
               the cross-validated residual sd around s over the levels; label the likeliest (the
               level nearest s); score s, clipped to the scale
 
+A criterion's head is one such map or an ensemble of up to MAX_MEMBERS (`{"members": [...],
+"weights": [...]}`), each at its own tap and kind: the levels' probabilities are the members'
+weighted mean, and a rating scale's score is the weighted mean of the members' scores. Where
+several candidates cross-validate within a hair of each other, which one wins is luck (other CPU
+kernels move the states enough to flip it), and their mean scored above the single pick on the
+test splits (docs/recipes.md).
+
 The head travels in the spec, beside the criterion's calibration (`Criterion.head`), so every
 path that carries the spec carries it, and the spec's sha256 names it. Its numbers are float32
 little-endian, base64 in the JSON: exact, and a tenth of the size of decimal text.
 
-    head = LinearHead.from_dict(criterion.head, len(criterion.scale))
-    probs, score = head.apply(levels, state)           # state: float32 (n_embd,), read at head.tap
+    head = Head.from_dict(criterion.head, len(criterion.scale))
+    probs, score = head.apply(levels, lambda tap: state_at[tap])   # float32 (n_embd,) at each of head.taps
 """
 
 from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 KINDS = ("softmax", "ridge")
 MAX_DIM = 1 << 16
+MAX_MEMBERS = 10
 TAP_AT = ("cue", "last", "mean")
 
 
@@ -147,6 +155,96 @@ class LinearHead:
             return (e / e.sum()).tolist(), None
         s = float(self.w.astype(np.float64) @ h + float(self.b[0]))
         s = min(max(s, values[0]), values[-1])
-        z = -0.5 * ((np.asarray(values, dtype=np.float64) - s) / self.sigma) ** 2
-        e = np.exp(z - z.max())
-        return (e / e.sum()).tolist(), s
+        return spread(values, np.array([s]), self.sigma)[0].tolist(), s
+
+
+def spread(values: list[float], scores: np.ndarray, sigma: float) -> np.ndarray:
+    """A ridge head's probabilities: per score (already clipped to the scale), a normal of sd SIGMA
+    around it over the levels, normalized (rows x levels)."""
+    z = -0.5 * ((np.asarray(values, dtype=np.float64)[None, :] - scores[:, None]) / sigma) ** 2
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class Head:
+    """A criterion's head: one LinearHead, or the mean of several (each at its own tap)."""
+
+    members: tuple[LinearHead, ...]
+    info: Mapping[str, Any] | None = None
+    """How the ensemble was chosen (members' candidates, cross-validated alpha): carried, never read."""
+    weights: tuple[float, ...] | None = None
+    """Each member's weight (None: equal); the mean divides by their sum."""
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], levels: int) -> Head:
+        """The head a spec holds, one map or `{"members": [...]}`; ValueError naming what is wrong."""
+        if "members" not in d:
+            one = LinearHead.from_dict(d, levels)
+            return cls((one,), one.info)
+        members, info, weights = d["members"], d.get("info"), d.get("weights")
+        if set(d) - {"members", "weights", "info"}:
+            raise ValueError("an ensemble holds 'members', 'weights' and 'info' only, not "
+                             f"{', '.join(sorted(set(d) - {'members', 'weights', 'info'}))}")
+        if not isinstance(members, list) or not 1 <= len(members) <= MAX_MEMBERS:
+            raise ValueError(f"'members' must be a list of 1 to {MAX_MEMBERS} heads")
+        if weights is not None and not (
+                isinstance(weights, list) and len(weights) == len(members)
+                and all(isinstance(w, int | float) and not isinstance(w, bool) and 0 < w < math.inf for w in weights)):
+            raise ValueError(f"'weights' must be a list of {len(members)} positive numbers, one per member")
+        if info is not None and not isinstance(info, dict):
+            raise ValueError("'info' must be a mapping")
+        out = []
+        for k, m in enumerate(members):
+            if not isinstance(m, dict):
+                raise ValueError(f"member {k + 1}: must be a mapping (kind, tap, dim, w, b)")
+            try:
+                out.append(LinearHead.from_dict(m, levels))
+            except ValueError as e:
+                raise ValueError(f"member {k + 1}: {e}") from None
+        if len({m.dim for m in out}) > 1:
+            raise ValueError(f"the members read states of different sizes ({', '.join(str(m.dim) for m in out)})")
+        return cls(tuple(out), info, tuple(float(w) for w in weights) if weights is not None else None)
+
+    def to_dict(self) -> dict[str, Any]:
+        if len(self.members) == 1:
+            return replace(self.members[0], info=self.info).to_dict()
+        d: dict[str, Any] = {"members": [replace(m, info=None).to_dict() for m in self.members]}
+        if self.weights is not None:
+            d["weights"] = [int(w) if float(w).is_integer() else w for w in self.weights]
+        if self.info:
+            d["info"] = dict(self.info)
+        return d
+
+    @property
+    def dim(self) -> int:
+        return self.members[0].dim
+
+    @property
+    def taps(self) -> tuple[Tap, ...]:
+        return tuple(sorted({m.tap for m in self.members}))
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(sorted({m.kind for m in self.members}))
+
+    def describe(self) -> str:
+        """'a ridge head at cue@-1', 'the mean of 10 heads (ridge 6, softmax 4) at 5 taps'."""
+        if len(self.members) == 1:
+            return f"a {self.members[0].kind} head at {self.members[0].tap.name}"
+        kinds = ", ".join(f"{k} {sum(m.kind == k for m in self.members)}" for k in self.kinds)
+        mean = "weighted mean" if self.weights is not None and len(set(self.weights)) > 1 else "mean"
+        return f"the {mean} of {len(self.members)} heads ({kinds}) at {len(self.taps)} taps"
+
+    def apply(self, values: list[float], state: Callable[[Tap], np.ndarray]) -> tuple[list[float], float | None]:
+        """The levels' probabilities (the members' weighted mean) and the score (None where the
+        caller takes the probability-weighted mean: one softmax member, or a label set). STATE: the
+        hidden state at a tap."""
+        if len(self.members) == 1:
+            return self.members[0].apply(values, state(self.members[0].tap))
+        got = [m.apply(values, state(m.tap)) for m in self.members]
+        probs = np.average([p for p, _ in got], axis=0, weights=self.weights)
+        if not values:
+            return probs.tolist(), None
+        scores = [s if s is not None else float(np.dot(values, p)) for p, s in got]
+        return probs.tolist(), float(np.average(scores, weights=self.weights))

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import SpecError
-from .linear_head import LinearHead
+from .linear_head import Head
 from .untrusted import JSONError, loads
 
 Level = Literal["nominal", "ordinal", "interval"]
@@ -435,14 +435,14 @@ def _parse_head(raw: Any, where: str, problems: list[str], levels: int, scale: b
     if raw is None:
         return None
     if not isinstance(raw, dict):
-        problems.append(f"{where}: 'head' must be a mapping (kind, dim, w, b)")
+        problems.append(f"{where}: 'head' must be a mapping (kind, dim, w, b; or members)")
         return None
     try:
-        head = LinearHead.from_dict(raw, levels)
+        head = Head.from_dict(raw, levels)
     except ValueError as e:
         problems.append(f"{where}: head: {e}")
         return None
-    if head.kind == "ridge" and not scale:
+    if "ridge" in head.kinds and not scale:
         problems.append(f"{where}: a ridge head predicts a number: rating scales only")
         return None
     return head.to_dict()

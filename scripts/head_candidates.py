@@ -1,14 +1,17 @@
-"""How stable the head route's choice is: every candidate head (tap, kind, penalty) of a head cell,
-its k-fold cross-validated alpha on the cell's items beside its alpha on the full test split, the
-candidate cross-validation chose, and the mean score of the top K candidates by cross-validation.
+"""How a criterion's head should be built from its candidates: every candidate head (tap, kind,
+penalty) of a head cell cross-validated on the cell's items, and on the full test split the single
+best by cross-validation, the plain mean of the best 3 / 5 / 10, and the weighted mean forward
+selection builds (what `annotate-cli head` and `fit --route head` ship: export/heads.py, choose).
 
     python scripts/head_route.py --cell emobank-300            # the cell: its items and annotator
-    python scripts/head_candidates.py --cell models/heads/emobank-300-head --spec tasks/emobank.yaml \\
+    python scripts/head_candidates.py --labelled models/heads/emobank-300-head/train.jsonl \\
+        --labelled models/heads/emobank-300-head/val.jsonl --spec tasks/emobank.yaml \\
         --test models/data/emobank-test.jsonl
 
-Rating scales only (the score's interval alpha against the raters' mean, as fit_criterion compares
-candidates). The states are read once per run with the base model (items x taps), about 3 minutes
-for 1,330 EmoBank sentences on 2 cores; fitting every candidate takes seconds.
+Each is scored as fit_criterion compares candidates: a rating scale's score by interval alpha
+against the raters' mean, a label set's label by nominal alpha against their majority. The states
+are read once per run with the base model (items x taps), about 5 minutes for 1,330 EmoBank
+sentences on 2 cores; everything after that takes seconds to a minute per criterion.
 """
 
 from __future__ import annotations
@@ -22,68 +25,70 @@ import numpy as np
 
 from edge_annotator.export import heads as H
 from edge_annotator.runtime.labels import read_labelled
-from edge_annotator.runtime.metrics import _alpha
+from edge_annotator.runtime.linear_head import Head
 from edge_annotator.runtime.spec import load_spec
 
 TOP = (1, 3, 5, 10)
 
 
-def measure(cell: Path, spec_path: Path, test: Path, base: Path, threads: int) -> dict[str, Any]:
+def measure(labelled: list[Path], spec_path: Path, test: Path, base: Path, threads: int) -> dict[str, Any]:
     spec = load_spec(spec_path)
-    train = [it for f in (cell / "train.jsonl", cell / "val.jsonl")
-             for it in read_labelled(f, spec, strict=False).items if it.ratings]
+    train = [it for f in labelled for it in read_labelled(f, spec, strict=False).items if it.ratings]
     held = [it for it in read_labelled(test, spec, strict=False).items if it.ratings]
     s_train, s_test = H.states_of(base, spec, train, threads), H.states_of(base, spec, held, threads)
     groups = H.context_groups(spec, train)
     out: dict[str, Any] = {}
     for ci, c in enumerate(spec.criteria):
-        if not c.is_numeric:
-            continue
+        rows = [i for i, it in enumerate(train) if any(c.name in r for r in it.ratings)]
+        trows = [i for i, it in enumerate(held) if any(c.name in r for r in it.ratings)]
 
-        def mine(states: dict[Any, np.ndarray], ci: int = ci) -> dict[Any, np.ndarray]:
-            return {t: (x[:, ci] if t.per_criterion else x).astype(np.float64) for t, x in states.items()}
+        def mine(states: dict[Any, np.ndarray], rows: list[int], ci: int = ci) -> dict[Any, np.ndarray]:
+            return {t: (x[rows, ci] if t.per_criterion else x[rows]).astype(np.float64) for t, x in states.items()}
 
-        x_train, x_test = mine(s_train), mine(s_test)
-        rated = [[r[c.name] for r in it.ratings if c.name in r] for it in train]
-        mean_test = H._targets(c, [[r[c.name] for r in it.ratings if c.name in r] for it in held])[0].tolist()
-        fit = H.fit_criterion(c, x_train, rated, groups)
-        mean, dist = H._targets(c, rated)
-        taps = {t.name: t for t in x_train}
-        scores, on_test = {}, {}
-        for name in fit.cv:
-            tap, kind, penalty = name.split()
-            head = H._fit_one(H.Candidate(taps[tap], kind, float(penalty)), x_train[taps[tap]], mean, dist)
-            scores[name] = H._predict(c, head, x_test[taps[tap]])[0]
-            on_test[name] = _alpha([scores[name].tolist(), mean_test], "interval")
-        ranked = sorted((n for n in fit.cv if fit.cv[n] is not None), key=lambda n: -fit.cv[n])
+        x_train, x_test = mine(s_train, rows), mine(s_test, trows)
+        rated = [[r[c.name] for r in train[i].ratings if c.name in r] for i in rows]
+        held_rated = [[r[c.name] for r in held[i].ratings if c.name in r] for i in trows]
+        test_mean = H._targets(c, held_rated)[0]
+        oof = H.cross_validate(c, x_train, rated, [groups[i] for i in rows])
+        ranked = H.ranked(oof)
+        chosen = H.choose(oof, c, rated, H.MEMBERS)
+        fitted = {cd: H.fit_member(cd, x_train[cd.tap], oof) for cd in {*ranked[:max(TOP)], *(cd for cd, _ in chosen)}}
+
+        def on_test(members: list[tuple[H.Candidate, int]]) -> float | None:
+            head = Head(tuple(fitted[cd] for cd, _ in members), None, tuple(float(k) for _, k in members))
+            s, lab = H._predict(c, head, x_test)
+            return H._cv_alpha(c, s, lab, test_mean, held_rated)
+
+        def cv_of(members: list[tuple[H.Candidate, int]]) -> float | None:
+            return oof.alpha(c, [cd for cd, k in members for _ in range(k)], rated)
+
+        arms = {f"top {k}": [(cd, 1) for cd in ranked[:k]] for k in TOP} | {"forward selection": chosen}
         out[c.name] = {
-            "chosen": fit.chosen.name if fit.chosen else None, "candidates": len(fit.cv),
-            "top": [{"candidate": n, "cv_alpha": round(fit.cv[n], 4), "test_alpha": round(on_test[n], 4)}
-                    for n in ranked[:10]],
-            "best_on_test": max(on_test, key=lambda n: on_test[n]),
-            "mean_of_top": {k: round(_alpha([np.mean([scores[n] for n in ranked[:k]], axis=0).tolist(), mean_test],
-                                            "interval"), 4) for k in TOP},
-            "items": len(train), "test_items": len(held)}
+            "items": len(rows), "test_items": len(trows), "candidates": len(oof.cands),
+            "top": [{"candidate": cd.name, "cv_alpha": oof.cv[cd.name], "test_alpha": on_test([(cd, 1)])}
+                    for cd in ranked[:max(TOP)]],
+            "arms": {name: {"cv_alpha": cv_of(m), "test_alpha": on_test(m),
+                            "members": {cd.name: k for cd, k in m}} for name, m in arms.items()}}
     return out
 
 
+def _f(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def markdown(name: str, res: dict[str, Any]) -> str:
-    lines = [f"| {name} | criterion | chosen by CV: CV alpha / test alpha | runner-up taps (CV / test) | mean score of "
-             "the top 1 / 3 / 5 / 10 by CV: test alpha |", "|---|---|---|---|---|"]
+    arms = list(next(iter(res.values()))["arms"])
+    lines = [f"| {name} | " + " | ".join(a if a != "top 1" else "single best" for a in arms) + " |",
+             "|---" * (len(arms) + 1) + "|"]
     for crit, r in res.items():
-        top = r["top"]
-        first = top[0]
-        other = next((t for t in top if t["candidate"].split()[0] != first["candidate"].split()[0]), None)
-        runner = f"{other['candidate']} {other['cv_alpha']:.3f} / {other['test_alpha']:.3f}" if other else "-"
-        ens = " / ".join(f"{r['mean_of_top'][k]:.3f}" for k in TOP)
-        lines.append(f"| | {crit} | {first['candidate']}: {first['cv_alpha']:.3f} / {first['test_alpha']:.3f} "
-                     f"| {runner} | {ens} |")
+        lines.append(f"| {crit} | " + " | ".join(f"{_f(r['arms'][a]['cv_alpha'])} / {_f(r['arms'][a]['test_alpha'])}"
+                                                for a in arms) + " |")
     return "\n".join(lines)
 
 
 @click.command()
-@click.option("--cell", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="A head cell of scripts/head_route.py (its train.jsonl and val.jsonl).")
+@click.option("--labelled", type=click.Path(exists=True, dir_okay=False, path_type=Path), multiple=True, required=True,
+              help="The items the heads are fitted on (repeat: train and validation of a head cell).")
 @click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
 @click.option("--test", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="The full test split's ratings.")
@@ -92,18 +97,20 @@ def markdown(name: str, res: dict[str, Any]) -> str:
 @click.option("--threads", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write every figure here.")
-def main(cell: Path, spec_path: Path, test: Path, base: Path, threads: int, json_out: Path | None) -> None:
-    """Every head candidate's cross-validated alpha beside its test alpha (see the module's docstring).
+def main(labelled: tuple[Path, ...], spec_path: Path, test: Path, base: Path, threads: int,
+         json_out: Path | None) -> None:
+    """Cross-validated / test alpha of each way to build a head (see the module's docstring).
 
     \b
     Examples:
-      python scripts/head_candidates.py --cell models/heads/emobank-300-head --spec tasks/emobank.yaml \\
+      python scripts/head_candidates.py --labelled models/heads/emobank-300-head/train.jsonl \\
+          --labelled models/heads/emobank-300-head/val.jsonl --spec tasks/emobank.yaml \\
           --test models/data/emobank-test.jsonl --json models/heads/emobank-300-candidates.json
     """
-    res = measure(cell, spec_path, test, base, threads)
+    res = measure(list(labelled), spec_path, test, base, threads)
     if json_out:
         json_out.write_text(json.dumps(res, indent=1))
-    click.echo(markdown(cell.name, res))
+    click.echo(markdown(spec_path.stem, res))
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def _lora(record: list[dict[str, Any]], name: str, n: int) -> dict[str, Any] | N
 
 def markdown(results: list[dict[str, Any]], record: list[dict[str, Any]], usr_lora: dict[str, Any] | None) -> str:
     lines = ["| data | items | figure on the full test split: head on the base | the LoRA cell of the same items "
-             "| heads chosen (5-fold alpha) | reading + fitting on 2 cores |", "|---|---|---|---|---|---|"]
+             "| the heads' 5-fold alpha | reading + fitting on 2 cores |", "|---|---|---|---|---|---|"]
     for r in results:
         if r["dataset"] == USR[0]:
             continue
@@ -122,7 +122,7 @@ def markdown(results: list[dict[str, Any]], record: list[dict[str, Any]], usr_lo
         lora = _lora(record, r["dataset"], r["train_items"])
         lfigs = "; ".join(f"{name} {_f(lora['criteria'][c][m])}" for c, m, name in HEADLINE[r["dataset"]]) \
             if lora else "not run"
-        chosen = "; ".join(f"{k} {v['kind']} {v['cv_alpha']:.2f}" for k, v in r["heads"].items() if v["kind"])
+        chosen = "; ".join(f"{k} {v['cv_alpha']:.2f}" for k, v in r["heads"].items() if v["head"])
         s = r["seconds"]
         lines.append(f"| {r['dataset']} | {r['train_items']} (+{r['items'] - r['train_items']} val) | {figs} "
                      f"| {lfigs} | {chosen} | {s['states'] / 60:.1f} + {s['fit'] / 60:.1f} min |")

@@ -26,7 +26,7 @@ from edge_annotator.export.heads import (
 )
 from edge_annotator.runtime.data import Item
 from edge_annotator.runtime.errors import SpecError
-from edge_annotator.runtime.linear_head import LinearHead, Tap, pack
+from edge_annotator.runtime.linear_head import MAX_MEMBERS, Head, LinearHead, Tap, pack
 from edge_annotator.runtime.spec import load_spec, spec_from_json
 
 SPEC = load_spec(TASKS / "emobank.yaml")
@@ -53,14 +53,50 @@ def test_fitting_recovers_a_rating_from_the_states_and_is_deterministic() -> Non
     b = fit_criterion(c, states, ratings, ids, seed=0)
     assert a.head is not None and a.head.to_dict() == b.head.to_dict() and a.cv == b.cv
     assert a.head.info and a.head.info["cv_alpha"] > 0.8, a.cv  # the raters themselves are at about 0.85
-    assert a.head.tap == Tap("mean", 4)  # cross-validation finds the tap that carries the rating
+    assert a.head.taps == (Tap("mean", 4),)  # cross-validation finds the tap that carries the rating
+    best = max(a.cv.values(), key=lambda v: -1 if v is None else v)
+    assert a.cv[a.chosen[0].name] == best and a.head.info["cv_alpha"] >= best  # selection starts at the best
+    assert len(a.head.members) == len(a.chosen) <= 10 and sum(a.head.weights or [len(a.chosen)]) == 10
+    one = fit_criterion(c, states, ratings, ids, seed=0, members=1)  # the single best
+    assert one.chosen == a.chosen[:1] and len(one.head.members) == 1 and one.head.info["penalty"] == a.chosen[0].penalty
+    assert one.head.info["cv_alpha"] == best
     # shuffled ratings carry nothing: cross-validation says so
     shuffled = [ratings[i] for i in np.random.default_rng(2).permutation(len(ratings))]
     nothing = fit_criterion(c, {Tap("mean", 4): x}, shuffled, ids, seed=0)
     assert nothing.head is not None and (nothing.head.info or {})["cv_alpha"] < 0.2, nothing.cv
     # the head predicts as it was scored: the mean of ratings, on the scale
-    probs, score = a.head.apply([1, 2, 3, 4, 5], x[0])
-    assert abs(sum(probs) - 1) < 1e-9 and (score is None or 1 <= score <= 5)
+    probs, score = a.head.apply([1, 2, 3, 4, 5], lambda t: x[0])
+    assert abs(sum(probs) - 1) < 1e-9 and score is not None and 1 <= score <= 5
+
+
+def test_an_ensemble_is_the_mean_of_its_members() -> None:
+    rng = np.random.default_rng(0)
+    values = [1.0, 2.0, 3.0, 4.0, 5.0]
+    members = (LinearHead("ridge", Tap("cue", -1), 6, rng.normal(size=6).astype(np.float32),
+                          np.array([3.0], np.float32), sigma=0.7),
+               LinearHead("softmax", Tap("mean", 2), 6, rng.normal(size=(5, 6)).astype(np.float32),
+                          rng.normal(size=5).astype(np.float32)),
+               LinearHead("ridge", Tap("last", 2), 6, rng.normal(size=6).astype(np.float32) * 9,
+                          np.array([0.0], np.float32)))  # far off the scale: clipped to it
+    states = {t: rng.normal(size=6) for t in (Tap("cue", -1), Tap("mean", 2), Tap("last", 2))}
+    head = Head(members, {"cv_alpha": 0.5}, (5.0, 3.0, 2.0))
+    probs, score = head.apply(values, states.__getitem__)
+    each = [m.apply(values, states[m.tap]) for m in members]
+    w = np.array([0.5, 0.3, 0.2])
+    assert np.allclose(probs, w @ np.array([p for p, _ in each])) and abs(sum(probs) - 1) < 1e-12
+    scores = [s if s is not None else float(np.dot(values, p)) for p, s in each]
+    assert score == pytest.approx(float(w @ scores)) and 1 <= score <= 5
+    assert head.taps == (Tap("cue", -1), Tap("last", 2), Tap("mean", 2))
+    assert head.describe() == "the weighted mean of 3 heads (ridge 2, softmax 1) at 3 taps"
+    back = Head.from_dict(head.to_dict(), 5)
+    assert back.to_dict() == head.to_dict() and back.apply(values, states.__getitem__) == (probs, score)
+    assert head.to_dict()["weights"] == [5, 3, 2]
+    equal = Head(members)
+    assert equal.apply(values, states.__getitem__)[1] == pytest.approx(np.mean(scores))
+    assert "weights" not in equal.to_dict() and equal.describe().startswith("the mean of 3 heads")
+    assert Head.from_dict(members[0].to_dict(), 5).to_dict() == members[0].to_dict()  # one head: its own form
+    labels = Head(members[1:2] * 2)  # a label set: the mean probabilities, no score
+    assert labels.apply([], states.__getitem__)[1] is None
 
 
 def test_a_label_set_gets_a_softmax_head_that_finds_the_classes() -> None:
@@ -72,7 +108,7 @@ def test_a_label_set_gets_a_softmax_head_that_finds_the_classes() -> None:
     x = centers[cls] + rng.normal(size=(400, 32))
     ratings = [[c.values[int(y)]] for y in cls]
     fit = fit_criterion(c, {Tap("last", 2): x}, ratings, [str(i) for i in range(400)])
-    assert fit.chosen is not None and fit.chosen.kind == "softmax"
+    assert fit.chosen and all(cd.kind == "softmax" for cd in fit.chosen)
     assert fit.head is not None and (fit.head.info or {})["cv_alpha"] > 0.9, fit.cv
     assert not any(" ridge " in k for k in fit.cv)
 
@@ -114,6 +150,14 @@ def test_a_spec_holds_a_head_checked_whole() -> None:
                   "'sigma'"),
         "tap": ({**head.to_dict(), "tap": "mean@-1"}, "read at the cue only"),
         "tap name": ({**head.to_dict(), "tap": "middle"}, "'tap' must be one of"),
+        "members": ({"members": [head.to_dict()] * (MAX_MEMBERS + 1)}, f"a list of 1 to {MAX_MEMBERS} heads"),
+        "no members": ({"members": []}, f"a list of 1 to {MAX_MEMBERS} heads"),
+        "member": ({"members": [head.to_dict(), {**head.to_dict(), "w": "@@@"}]}, "member 2: 'w' or 'b': not base64"),
+        "sizes": ({"members": [head.to_dict(), {**head.to_dict(), "dim": 9, "w": pack(np.ones(45))}]},
+                  "states of different sizes"),
+        "extra": ({"members": [head.to_dict()], "kind": "ridge"}, "'members', 'weights' and 'info' only"),
+        "weights": ({"members": [head.to_dict()] * 2, "weights": [1, 0]}, "'weights' must be a list of 2 positive"),
+        "weights n": ({"members": [head.to_dict()] * 2, "weights": [1]}, "'weights' must be a list of 2 positive"),
     }
     for name, (h, needle) in bad.items():
         d = json.loads(spec.to_json())
@@ -124,6 +168,15 @@ def test_a_spec_holds_a_head_checked_whole() -> None:
     soft = LinearHead("softmax", Tap("last", 3), 4, np.ones((k, 4), np.float32), np.zeros(k, np.float32)).to_dict()
     labelled = replace(LABELS_SPEC, criteria=(replace(LABELS_SPEC.criteria[0], head=soft),))
     assert spec_from_json(labelled.to_json()) == labelled
+    m = replace(head, info=None).to_dict()  # a member's own info is not kept: the ensemble's is
+    ensemble = {"members": [m, {**m, "tap": "cue@-1"}], "weights": [2, 1], "info": {"cv_alpha": 0.3}}
+    both = replace(SPEC, criteria=(replace(c, head=ensemble), *SPEC.criteria[1:]))
+    assert spec_from_json(both.to_json()) == both
+    d = json.loads(LABELS_SPEC.to_json())
+    ridge = LinearHead("ridge", Tap("cue", -1), 4, np.ones(4), np.zeros(1)).to_dict()
+    d["criteria"][0]["head"] = {"members": [soft, ridge]}
+    with pytest.raises(SpecError, match="rating scales only"):
+        spec_from_json(json.dumps(d))
     d = json.loads(LABELS_SPEC.to_json())
     d["criteria"][0]["head"] = LinearHead("ridge", Tap("cue", -1), 8, np.ones(8), np.zeros(1)).to_dict()
     with pytest.raises(SpecError, match="rating scales only"):
@@ -168,17 +221,18 @@ def test_the_head_annotator_scores_with_the_head_on_llama_cpps_own_states(head_g
 
     spec = read_model_info(head_gguf).spec
     assert spec is not None and all(c.head for c in spec.criteria)
-    heads = [LinearHead.from_dict(c.head or {}, len(c.scale)) for c in spec.criteria]
+    heads = [Head.from_dict(c.head or {}, len(c.scale)) for c in spec.criteria]
+    assert any(len(h.members) > 1 for h in heads), [h.describe() for h in heads]  # the default: a mean
     items = [json.loads(line) for line in (DATA / "emobank-test-50.jsonl").read_text().splitlines()[:6]]
     with LlamaEngine(head_gguf, n_threads=2) as eng:
         ann = Annotator(eng, spec)
         scored = ann.score_many([{"text": it["text"]} for it in items])
-        states = ann.features([{"text": it["text"]} for it in items], sorted({h.tap for h in heads}))
+        states = ann.features([{"text": it["text"]} for it in items], sorted({t for h in heads for t in h.taps}))
     for sc, st in zip(scored, states):
         assert not isinstance(sc, Exception) and not isinstance(st, Exception)
         for ci, (c, head) in enumerate(zip(spec.criteria, heads)):
-            x = st[head.tap][ci] if head.tap.per_criterion else st[head.tap]
-            probs, raw = head.apply([float(v) for v in c.values], x)
+            probs, raw = head.apply([float(v) for v in c.values],
+                                    lambda t: st[t][ci] if t.per_criterion else st[t])  # noqa: B023
             assert [round(p, 6) for p in probs] == list(sc[c.name].probs.values())
             want = raw if raw is not None else sum(float(v) * p for v, p in zip(c.values, probs))
             assert abs(sc[c.name].score - want) < 1e-9 and sc[c.name].label == c.values[int(np.argmax(probs))]

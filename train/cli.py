@@ -201,8 +201,7 @@ def fit(spec: Path, labels: Path, output: Path, budget: str, base: str, test: fl
         state = run_fit(spec, labels, output, opts, resume=resume, stage=say, progress=on_log)
     run = run_dir(output)
     for name, h in (state.get("heads") or {}).get("criteria", {}).items():
-        err.print(f"head {name}: {h['kind'] or 'none'} at {h['tap']}, 5-fold alpha {_r3(h['cv_alpha'])} on "
-                  f"{h['items']} items")
+        err.print(f"head {name}: {h['head'] or 'none'}, 5-fold alpha {_r3(h['cv_alpha'])} on {h['items']} items")
     tr = state.get("train", {})
     if tr.get("calibration"):
         err.print("calibration:")
