@@ -227,15 +227,25 @@ def upper_bound(k: int, n: int, level: float) -> float:
 
 def items_needed(rate: float, target: float, level: float, limit: int = 1_000_000) -> int | None:
     """About how many accepted held-out items at RATE disagreeing would show a rate below TARGET at
-    LEVEL; None where RATE is not below TARGET (no count would)."""
+    LEVEL; None where RATE is not below TARGET, or more than LIMIT would be needed. Doubling, then
+    halving the last step down to 1%: "about", since the disagreeing count is a whole number and
+    the test passes and fails by turns near the answer."""
     if rate >= target:
         return None
+
+    def enough(n: int) -> bool:
+        return binom_cdf(int(math.floor(rate * n)), n, target) <= level
+
     n = 1
-    while n <= limit:
-        if binom_cdf(int(math.floor(rate * n)), n, target) <= level:
-            return n
+    while not enough(n):
+        if n > limit:
+            return None
         n *= 2
-    return None
+    lo, hi = n // 2, n  # lo falls short (or is 0), hi is enough: narrow the doubling's step
+    while hi - lo > max(1, hi // 100):
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if enough(mid) else (mid, hi)
+    return hi
 
 
 def fit_rule(conf: Sequence[float], wrong: Sequence[bool], target: float, delta: float, tolerance: float,

@@ -25,6 +25,7 @@ from edge_annotator.runtime.trust import (
     fit_rule,
     interval,
     interval_floor,
+    items_needed,
     spread,
     upper_bound,
 )
@@ -90,6 +91,20 @@ def test_too_few_items_accept_nothing_and_say_how_many_would_do() -> None:
     assert rule["bound"] > 0.05 and rule["items_needed"] is None or rule["items_needed"] > rule["best_accepted"]
     with pytest.raises(ValueError):
         fit_rule(conf, wrong, 1.5, 0.1, 0.5)
+
+
+def test_the_items_needed_are_close_to_the_fewest_that_show_the_target() -> None:
+    level = 0.1 / len(GRID)
+
+    def enough(n: int, rate: float) -> bool:
+        return binom_cdf(math.floor(rate * n), n, 0.1) <= level
+
+    for rate in (0.0, 0.02, 0.05, 0.08):
+        n = items_needed(rate, 0.1, level)
+        assert n is not None and enough(n, rate), rate
+        first = next(m for m in range(1, n + 1) if enough(m, rate))  # where the test first passes
+        assert n <= 1.15 * first, (rate, n, first)  # (doubling alone: up to 2x)
+    assert items_needed(0.1, 0.1, level) is None and items_needed(0.0999999, 0.1, level, limit=10_000) is None
 
 
 def test_a_rule_travels_in_the_spec_and_a_bad_one_is_refused() -> None:
