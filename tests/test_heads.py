@@ -20,8 +20,10 @@ from edge_annotator.export.heads import (
     _targets,
     candidate_taps,
     context_groups,
+    cross_validate,
     fit_criterion,
     fit_heads,
+    ranked,
     with_heads,
 )
 from edge_annotator.runtime.data import Item
@@ -60,6 +62,10 @@ def test_fitting_recovers_a_rating_from_the_states_and_is_deterministic() -> Non
     one = fit_criterion(c, states, ratings, ids, seed=0, members=1)  # the single best
     assert one.chosen == a.chosen[:1] and len(one.head.members) == 1 and one.head.info["penalty"] == a.chosen[0].penalty
     assert one.head.info["cv_alpha"] == best
+    # why forward selection and not the plain mean of the ten best: here that mean would average the
+    # tap with its over-penalized neighbours
+    oof = cross_validate(c, states, ratings, ids)
+    assert oof.alpha(c, ranked(oof)[:10], ratings) < best - 0.05 <= a.head.info["cv_alpha"] - 0.05
     # shuffled ratings carry nothing: cross-validation says so
     shuffled = [ratings[i] for i in np.random.default_rng(2).permutation(len(ratings))]
     nothing = fit_criterion(c, {Tap("mean", 4): x}, shuffled, ids, seed=0)
