@@ -22,7 +22,8 @@ of candidates, built by forward selection on the out-of-fold predictions (MEMBER
 10, each adding the candidate that most raises the mean's cross-validated alpha) and refitted on
 every item: the single best is a pick among near-ties that other CPU kernels flip, and the mean
 scored above it on the test splits (docs/recipes.md). It is written into the spec
-(runtime/linear_head.py), which goes into a copy of the GGUF. Nothing is random but the folds, which are seeded.
+(runtime/linear_head.py), which goes into a copy of the GGUF. Nothing is random but the folds,
+which are seeded.
 
 Fitting is numpy only (no torch): the command runs on a runtime install.
 """
