@@ -44,7 +44,7 @@ import numpy as np
 
 from edge_annotator.runtime.data import Item
 from edge_annotator.runtime.errors import UserError
-from edge_annotator.runtime.linear_head import MAX_MEMBERS, Head, LinearHead, Tap, spread
+from edge_annotator.runtime.linear_head import MAX_MEMBERS, Head, LinearHead, Tap, normal_levels
 from edge_annotator.runtime.metrics import _alpha, _code, consensus
 from edge_annotator.runtime.options import Command, base_model_option
 from edge_annotator.runtime.prompt import leading_inputs, shared_groups
@@ -264,7 +264,8 @@ class OutOfFold:
     dist: np.ndarray
 
     def alpha(self, c: Criterion, members: Sequence[Candidate], ratings: Sequence[Sequence[Any]]) -> float | None:
-        """The cross-validated alpha of MEMBERS' mean (scores and probabilities averaged)."""
+        """The cross-validated alpha of MEMBERS' mean (scores and probabilities averaged; a candidate
+        listed twice weighs twice, as build_head weighs it)."""
         s = np.mean([self.scores[cd] for cd in members], axis=0)
         p = np.mean([self.probs[cd] for cd in members], axis=0)
         return _cv_alpha(c, s, p.argmax(axis=1), self.mean, ratings)
@@ -301,7 +302,7 @@ def cross_validate(c: Criterion, states: dict[Tap, np.ndarray], ratings: Sequenc
     # a ridge candidate's probabilities spread by its out-of-fold residual sd, as its head's will
     sigma = {cd: max(float(np.sqrt(np.mean((pred_s[cd] - mean) ** 2))), 0.05) for cd in cands if cd.kind == "ridge"}
     for cd, sg in sigma.items():
-        pred_p[cd] = spread(values, pred_s[cd], sg)
+        pred_p[cd] = normal_levels(values, pred_s[cd], sg)
     cv = {cd.name: _cv_alpha(c, pred_s[cd], pred_p[cd].argmax(axis=1), mean, ratings) for cd in cands}
     return OutOfFold(cands, pred_s, pred_p, sigma, cv, mean, dist)
 
@@ -316,19 +317,20 @@ def _or_worst(a: float | None) -> float:
     return -math.inf if a is None else a
 
 
-def choose(oof: OutOfFold, c: Criterion, ratings: Sequence[Sequence[Any]], steps: int) -> list[tuple[Candidate, int]]:
-    """The candidates a head averages and each one's weight, by forward selection with
-    replacement (Caruana et al., 2004) on the out-of-fold predictions: start from the best
-    candidate, and STEPS - 1 times add the one (again, if it is best) whose addition gives the
-    mean the best cross-validated alpha, among the POOL best alone. Where one tap carries the
-    rating the best is added again and again; where several near-ties do, their mean."""
+def choose(oof: OutOfFold, c: Criterion, ratings: Sequence[Sequence[Any]], steps: int) -> list[Candidate]:
+    """The candidates a head averages, one per step (a candidate picked twice weighs twice), by
+    forward selection with replacement (Caruana et al., 2004) on the out-of-fold predictions:
+    start from the best candidate, and STEPS - 1 times add the one (again, if it is best) whose
+    addition gives the mean the best cross-validated alpha, among the POOL best alone. Where one
+    tap carries the rating the best is added again and again; where several near-ties do, their
+    mean."""
     pool = ranked(oof)[:POOL]
     picked = [pool[0]]
     for _ in range(steps - 1):
         alphas = [oof.alpha(c, [*picked, cd], ratings) for cd in pool]
         best = max(range(len(pool)), key=lambda k: _or_worst(alphas[k]))  # noqa: B023
         picked.append(pool[best])  # at a tie the first: the better alone
-    return [(cd, picked.count(cd)) for cd in dict.fromkeys(picked)]
+    return picked
 
 
 def fit_member(cd: Candidate, x: np.ndarray, oof: OutOfFold) -> LinearHead:
@@ -336,6 +338,16 @@ def fit_member(cd: Candidate, x: np.ndarray, oof: OutOfFold) -> LinearHead:
     out-of-fold residual sd)."""
     h = _fit_one(cd, x, oof.mean, oof.dist)
     return replace(h, sigma=oof.sigma[cd]) if cd.kind == "ridge" else h
+
+
+def build_head(picked: Sequence[Candidate], states: dict[Tap, np.ndarray], oof: OutOfFold,
+               info: dict[str, Any] | None = None) -> Head:
+    """The mean of PICKED (choose's steps, or any list of candidates), each distinct candidate
+    fitted once on STATES and weighted by how often it was picked."""
+    top = tuple(dict.fromkeys(picked))
+    weights = tuple(float(picked.count(cd)) for cd in top)
+    return Head(tuple(fit_member(cd, states[cd.tap], oof) for cd in top), info,
+                None if len(set(weights)) == 1 else weights)
 
 
 def fit_criterion(c: Criterion, states: dict[Tap, np.ndarray], ratings: Sequence[Sequence[Any]],
@@ -347,17 +359,15 @@ def fit_criterion(c: Criterion, states: dict[Tap, np.ndarray], ratings: Sequence
     if n < MIN_ITEMS or len(set(groups)) < FOLDS:
         return HeadFit(c.name, None, (), {}, n)
     oof = cross_validate(c, states, ratings, groups, seed)
-    chosen = choose(oof, c, ratings, max(1, members))
-    top = tuple(cd for cd, _ in chosen)
-    fitted = [fit_member(cd, states[cd.tap], oof) for cd in top]
-    weights = tuple(float(k) for _, k in chosen)
+    picked = choose(oof, c, ratings, max(1, members))
+    top = tuple(dict.fromkeys(picked))
     info: dict[str, Any] = {"items": n, "groups": len(set(groups)), "folds": FOLDS, "seed": seed,
-                            "cv_alpha": oof.alpha(c, [cd for cd, k in chosen for _ in range(k)], ratings)}
+                            "cv_alpha": oof.alpha(c, picked, ratings)}
     if len(top) == 1:
         info["penalty"] = top[0].penalty
-        return HeadFit(c.name, Head((replace(fitted[0], info=info),), info), top, oof.cv, n)
-    info["members"] = [cd.name for cd in top]
-    return HeadFit(c.name, Head(tuple(fitted), info, None if len(set(weights)) == 1 else weights), top, oof.cv, n)
+    else:
+        info["members"] = [cd.name for cd in top]
+    return HeadFit(c.name, build_head(picked, states, oof, info), top, oof.cv, n)
 
 
 def context_groups(spec: TaskSpec, items: Sequence[Item]) -> list[str]:

@@ -155,10 +155,10 @@ class LinearHead:
             return (e / e.sum()).tolist(), None
         s = float(self.w.astype(np.float64) @ h + float(self.b[0]))
         s = min(max(s, values[0]), values[-1])
-        return spread(values, np.array([s]), self.sigma)[0].tolist(), s
+        return normal_levels(values, np.array([s]), self.sigma)[0].tolist(), s
 
 
-def spread(values: list[float], scores: np.ndarray, sigma: float) -> np.ndarray:
+def normal_levels(values: list[float], scores: np.ndarray, sigma: float) -> np.ndarray:
     """A ridge head's probabilities: per score (already clipped to the scale), a normal of sd SIGMA
     around it over the levels, normalized (rows x levels)."""
     z = -0.5 * ((np.asarray(values, dtype=np.float64)[None, :] - scores[:, None]) / sigma) ** 2
@@ -181,7 +181,7 @@ class Head:
         """The head a spec holds, one map or `{"members": [...]}`; ValueError naming what is wrong."""
         if "members" not in d:
             one = LinearHead.from_dict(d, levels)
-            return cls((one,), one.info)
+            return cls((replace(one, info=None),), one.info)  # the info is the head's, as an ensemble's
         members, info, weights = d["members"], d.get("info"), d.get("weights")
         if set(d) - {"members", "weights", "info"}:
             raise ValueError("an ensemble holds 'members', 'weights' and 'info' only, not "

@@ -236,12 +236,11 @@ def items_needed(rate: float, target: float, level: float, limit: int = 1_000_00
     def enough(n: int) -> bool:
         return binom_cdf(int(math.floor(rate * n)), n, target) <= level
 
-    n = 1
-    while not enough(n):
-        if n > limit:
+    lo, hi = 0, 1  # lo falls short (or is 0), hi is enough once the doubling stops: then narrow
+    while not enough(hi):
+        if hi >= limit:
             return None
-        n *= 2
-    lo, hi = n // 2, n  # lo falls short (or is 0), hi is enough: narrow the doubling's step
+        lo, hi = hi, min(2 * hi, limit)
     while hi - lo > max(1, hi // 100):
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if enough(mid) else (mid, hi)

@@ -25,7 +25,6 @@ import numpy as np
 
 from edge_annotator.export import heads as H
 from edge_annotator.runtime.labels import read_labelled
-from edge_annotator.runtime.linear_head import Head
 from edge_annotator.runtime.spec import load_spec
 
 TOP = (1, 3, 5, 10)
@@ -51,24 +50,19 @@ def measure(labelled: list[Path], spec_path: Path, test: Path, base: Path, threa
         test_mean = H._targets(c, held_rated)[0]
         oof = H.cross_validate(c, x_train, rated, [groups[i] for i in rows])
         ranked = H.ranked(oof)
-        chosen = H.choose(oof, c, rated, H.MEMBERS)
-        fitted = {cd: H.fit_member(cd, x_train[cd.tap], oof) for cd in {*ranked[:max(TOP)], *(cd for cd, _ in chosen)}}
 
-        def on_test(members: list[tuple[H.Candidate, int]]) -> float | None:
-            head = Head(tuple(fitted[cd] for cd, _ in members), None, tuple(float(k) for _, k in members))
-            s, lab = H._predict(c, head, x_test)
+        def on_test(picked: list[H.Candidate]) -> float | None:
+            s, lab = H._predict(c, H.build_head(picked, x_train, oof), x_test)
             return H._cv_alpha(c, s, lab, test_mean, held_rated)
 
-        def cv_of(members: list[tuple[H.Candidate, int]]) -> float | None:
-            return oof.alpha(c, [cd for cd, k in members for _ in range(k)], rated)
-
-        arms = {f"top {k}": [(cd, 1) for cd in ranked[:k]] for k in TOP} | {"forward selection": chosen}
+        arms = {f"top {k}": ranked[:k] for k in TOP} | {"forward selection": H.choose(oof, c, rated, H.MEMBERS)}
         out[c.name] = {
             "items": len(rows), "test_items": len(trows), "candidates": len(oof.cands),
-            "top": [{"candidate": cd.name, "cv_alpha": oof.cv[cd.name], "test_alpha": on_test([(cd, 1)])}
+            "top": [{"candidate": cd.name, "cv_alpha": oof.cv[cd.name], "test_alpha": on_test([cd])}
                     for cd in ranked[:max(TOP)]],
-            "arms": {name: {"cv_alpha": cv_of(m), "test_alpha": on_test(m),
-                            "members": {cd.name: k for cd, k in m}} for name, m in arms.items()}}
+            "arms": {name: {"cv_alpha": oof.alpha(c, m, rated), "test_alpha": on_test(m),
+                            "members": {cd.name: m.count(cd) for cd in dict.fromkeys(m)}}
+                     for name, m in arms.items()}}
     return out
 
 

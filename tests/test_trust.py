@@ -105,6 +105,8 @@ def test_the_items_needed_are_close_to_the_fewest_that_show_the_target() -> None
         first = next(m for m in range(1, n + 1) if enough(m, rate))  # where the test first passes
         assert n <= 1.15 * first, (rate, n, first)  # (doubling alone: up to 2x)
     assert items_needed(0.1, 0.1, level) is None and items_needed(0.0999999, 0.1, level, limit=10_000) is None
+    far = items_needed(0.099, 0.1, level)  # past the last power of two below the limit, not past the limit
+    assert far is not None and 524_288 < far <= 1_000_000 and enough(far, 0.099)
 
 
 def test_a_rule_travels_in_the_spec_and_a_bad_one_is_refused() -> None:
