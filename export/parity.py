@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from edge_annotator.runtime.data import Item, check_item, iter_rows, ratings_of
+from edge_annotator.runtime.errors import InputError
 from edge_annotator.runtime.metrics import criterion_agreement
 from edge_annotator.runtime.prompt import render_prompt
 from edge_annotator.runtime.records import Score
@@ -145,12 +146,22 @@ def parity_many(merged: str | Path, ggufs: list[str | Path] | list[Path], data: 
 
 
 def _read_items(data: str | Path, spec: TaskSpec, max_items: int | None) -> list[Item]:
-    items: list[Item] = []
+    """DATA's items (the first MAX_ITEMS), rows sharing an id being one item with every row's
+    ratings, as runtime/labels.py reads them (fit's split of a ratings CSV has one row per rater):
+    each item is scored once and set against its raters' consensus."""
+    items: dict[str, Item] = {}
     for rec in iter_rows(data):
-        items.append(replace(check_item(rec, spec), ratings=ratings_of(rec, spec)))
+        it = check_item(rec, spec)
+        if it.id in items:
+            if items[it.id].fields != it.fields:
+                raise InputError(rec.path, rec.line, f"item '{it.id}' appears with other inputs at line "
+                                 f"{items[it.id].line}; give each item one id", "id", it.id)
+            items[it.id].ratings.extend(ratings_of(rec, spec))
+            continue
         if max_items and len(items) >= max_items:
             break
-    return items
+        items[it.id] = replace(it, ratings=list(ratings_of(rec, spec)))
+    return list(items.values())
 
 
 @dataclass
