@@ -48,6 +48,7 @@ from edge_annotator.runtime.linear_head import MAX_MEMBERS, Head, LinearHead, Ta
 from edge_annotator.runtime.metrics import _alpha, _code, consensus
 from edge_annotator.runtime.options import Command, base_model_option
 from edge_annotator.runtime.prompt import leading_inputs, shared_groups
+from edge_annotator.runtime.records import PROB_DIGITS, Score
 from edge_annotator.runtime.spec import Criterion, TaskSpec
 
 FOLDS = 5
@@ -451,21 +452,58 @@ def timed(f: Callable[[], Any]) -> tuple[Any, float]:
     return f(), round(time.perf_counter() - t0, 2)
 
 
+@dataclass(frozen=True)
+class HeadRun:
+    """What head_annotator did: the fits written, the seconds spent reading and fitting, and with
+    HELD_OUT the held-out items' scores by heads fitted without them."""
+
+    fits: list[HeadFit]
+    seconds: dict[str, float]
+    held_out: list[dict[str, Score]] | None = None
+
+
 def head_annotator(model: Path, spec: TaskSpec, items: Sequence[Item], out: Path, labels: Path,
                    threads: int | None = None, seed: int = 0, progress: Callable[[int], None] | None = None,
-                   provenance: dict[str, Any] | None = None, base: Path | None = None, members: int = MEMBERS
-                   ) -> tuple[list[HeadFit], dict[str, float]]:
+                   provenance: dict[str, Any] | None = None, base: Path | None = None, members: int = MEMBERS,
+                   held_out: int = 0) -> HeadRun:
     """The head route whole: ITEMS read by MODEL, a head per criterion fitted on their states, and
-    OUT written (MODEL with the heads in SPEC, PROVENANCE added to the command's own). Returns the
-    fits and the seconds spent reading and fitting (BASE: an adapter MODEL's base GGUF where it is
-    not beside it). `head`, `fit --route head` and
-    scripts/head_route.py all take this one path."""
+    OUT written (MODEL with the heads in SPEC, PROVENANCE added to the command's own). BASE: an
+    adapter MODEL's base GGUF where it is not beside it. `head`, `fit --route head|auto` and
+    scripts/head_route.py all take this one path.
+
+    HELD_OUT > 0: the last HELD_OUT items are also scored by heads fitted on the others alone, from
+    the same states (what `annotate` would give them: fit --route auto compares that with the
+    fine-tune's scores on the same items); OUT's heads are still fitted on every item."""
     states, read_s = timed(lambda: states_of(model, spec, items, threads, progress, base=base))
-    fits, fit_s = timed(lambda: fit_heads(spec, items, states, seed, members))
-    seconds = {"states": read_s, "fit": fit_s}
+    scored, seconds = None, {"states": read_s}
+    if held_out:
+        k = len(items) - held_out
+        rest, seconds["fit_held_out"] = timed(lambda: fit_heads(spec, items[:k], {t: x[:k] for t, x in states.items()},
+                                                                 seed, members))
+        scored = scores_of(with_heads(spec, rest), {t: x[k:] for t, x in states.items()})
+    fits, seconds["fit"] = timed(lambda: fit_heads(spec, items, states, seed, members))
     prov = provenance_of(model, labels, fits, seconds, base) | (provenance or {})
     write_annotator(model, out, with_heads(spec, fits), prov)
-    return fits, seconds
+    return HeadRun(fits, seconds, scored)
+
+
+def scores_of(spec: TaskSpec, states: dict[Tap, np.ndarray]) -> list[dict[str, Score]]:
+    """Each item's scores by SPEC's heads from its STATES (per tap, items x criteria x n_embd at a
+    cue, items x n_embd at the item), as the annotator computes them from the same states
+    (runtime/annotator.py: Annotator._scores); criteria without a head are left out."""
+    from edge_annotator.runtime.annotator import criterion_score
+
+    heads = [(ci, c, Head.from_dict(c.head, len(c.scale))) for ci, c in enumerate(spec.criteria) if c.head]
+    n = len(next(iter(states.values()))) if states else 0
+    out: list[dict[str, Score]] = []
+    for i in range(n):
+        res = {}
+        for ci, c, head in heads:
+            values = [float(v) for v in c.values] if c.is_numeric else []
+            probs, raw = head.apply(values, lambda t: states[t][i, ci] if t.per_criterion else states[t][i])  # noqa: B023
+            res[c.name] = criterion_score(c, probs, PROB_DIGITS, raw)
+        out.append(res)
+    return out
 
 
 def write_annotator(model: Path, out: Path, spec: TaskSpec, provenance: dict[str, Any]) -> Path:
@@ -529,8 +567,9 @@ def head_command(model: Path, labels: Path, out: Path, spec_path: Path | None, t
     with Progress(TextColumn("[bold]reading items"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err) as bar:
         task = bar.add_task("states", total=len(items))
-        fits, seconds = head_annotator(model, spec, items, out, labels, threads, seed, lambda n: bar.advance(task, n),
-                                       base=base_model, members=members)
+        done = head_annotator(model, spec, items, out, labels, threads, seed, lambda n: bar.advance(task, n),
+                              base=base_model, members=members)
+    fits, seconds = done.fits, done.seconds
     from rich.table import Table
 
     t = Table(title=f"{out.name}: a head per criterion, {len(items)} items ({seconds['states']:.0f} s reading them, "

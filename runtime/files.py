@@ -43,6 +43,19 @@ def atomic_write(final: Path, data: str | bytes) -> Path:
     return final
 
 
+def atomic_copy(src: Path, final: Path) -> Path:
+    """SRC copied to FINAL as atomic_write writes: the old file or the new, never part of one."""
+    import os
+
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.partial")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
 def same_file(a: Path, b: Path) -> bool:
     """Whether two paths name one file (a link or another spelling of it included)."""
     try:

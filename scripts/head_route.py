@@ -44,8 +44,9 @@ def head_cell(cell: Path, spec_path: str, labelled: list[Path], test: Path, base
     timing_f = cell / "head.json"
     if not gguf.exists():
         items = [it for f in labelled for it in read_labelled(f, spec, strict=False).items if it.ratings]
-        fits, seconds = head_annotator(base, spec, items, gguf, labelled[0], threads)
-        timing_f.write_text(json.dumps({"items": len(items), "seconds": seconds, "heads": summary(fits)}, indent=1))
+        done = head_annotator(base, spec, items, gguf, labelled[0], threads)
+        timing_f.write_text(json.dumps({"items": len(items), "seconds": done.seconds, "heads": summary(done.fits)},
+                                       indent=1))
     pred = cell / "test.jsonl"
     t0 = time.perf_counter()
     annotate_file(gguf, test, str(pred), JobOptions(threads=threads), resume=pred.exists())

@@ -158,15 +158,88 @@ def test_fit_route_head_trains_nothing_and_publishes_a_tested_annotator_in_minut
     from edge_annotator.runtime.gguf_meta import read_model_info
 
     out = tmp_path / "emo-head.gguf"
-    r = _fit(str(TASKS / "emobank.yaml"), str(DATA / "emobank-train-400.jsonl"), "-o", str(out), "--base",
+    labels = tmp_path / "emobank-200.jsonl"  # CI's time: 160 items read for the heads, 40 tested
+    labels.write_text("".join((DATA / "emobank-train-400.jsonl").read_text().splitlines(keepends=True)[:200]))
+    r = _fit(str(TASKS / "emobank.yaml"), str(labels), "-o", str(out), "--base",
              str(gemma_hf), "--threads", "2", "--route", "head")
     assert r.exit_code == 0, r.output
     run = tmp_path / "emo-head.run"
     state = json.loads((run / "fit.json").read_text())
-    assert state["heads"]["items"] == 320 and set(state["heads"]["criteria"]) == {"Valence", "Arousal", "Dominance"}
+    assert state["heads"]["items"] == 160 and set(state["heads"]["criteria"]) == {"Valence", "Arousal", "Dominance"}
     assert not any((run / x).exists() for x in ("config.yaml", "train", "parity.json"))
     assert (run / "report" / "report.json").is_file() and set(state["test"]["criteria"]) == {"Valence", "Arousal",
                                                                                              "Dominance"}
     spec = read_model_info(out).spec
     assert spec is not None and all(c.head for c in spec.criteria)
     assert "head Valence:" in r.stderr and "heads fitted" in r.stderr
+
+
+def test_fit_route_auto_publishes_the_heads_before_training_and_ends_on_the_better(tmp_path: Path,
+                                                                                 gemma_hf: Path) -> None:
+    """--route auto: the heads' annotator is OUT before the recipe stage (a first annotator minutes
+    in), then the fine-tune trains, exports and passes parity, and OUT ends as the heads' file where
+    their gain in alpha over the fine-tune on the validation items has an interval above 0, else the
+    fine-tune's: the heads' records there are from heads fitted on the training items alone,
+    computed from their states as annotate computes them (checked against annotate on the
+    validation items), and the gain is recomputed from both sides' records. --tiny: a 2-layer
+    fine-tune (CI's time)."""
+    from edge_annotator.export.heads import context_groups, scores_of, states_of
+    from edge_annotator.hf.quant_grid import gguf_of
+    from edge_annotator.runtime.gguf_meta import read_model_info
+    from edge_annotator.runtime.jobs import JobOptions, annotate_file
+    from edge_annotator.runtime.labels import read_labelled
+    from edge_annotator.runtime.records import read_predictions
+    from edge_annotator.runtime.spec import load_spec
+    from edge_annotator.train.fit import FitOptions, fit, route_gain
+
+    out = tmp_path / "abuse.gguf"
+    seen: list[tuple[str, bool]] = []
+
+    def stage(name: str, what: str) -> None:
+        if out.exists():
+            info = read_model_info(out)
+            seen.append((name, info.spec is not None and all(c.head for c in info.spec.criteria)))
+        else:
+            seen.append((name, False))
+
+    opts = FitOptions(base=str(gemma_hf), budget_s=60, threads=2, route="auto", tiny=True)
+    state = fit(TASKS / "convabuse.yaml", DATA / "convabuse-ratings-300.csv", out, opts, stage=stage)
+    names = [n for n, _ in seen]
+    assert names.index("heads") < names.index("recipe") < names.index("train") < names.index("route")
+    assert dict(seen)["recipe"] is True, "OUT is the heads' annotator before training starts"
+    run = tmp_path / "abuse.run"
+    route, val = state["route"], state["heads"]["val"]
+    assert val["items"] == state["split"]["val"]["items"] == route["items"] == 30 and val["fitted_on"] == 210
+    lo, hi = route["ci95"]
+    assert lo <= route["gain"] <= hi and route["gain"] == pytest.approx(route["head"] - route["lora"])
+    assert route["chose"] == ("head" if lo > 0 else "lora")
+    # the tiny fine-tune learns next to nothing: the heads on Gemma's states are clearly better
+    assert route["chose"] == "head", route
+    spec0 = load_spec(TASKS / "convabuse.yaml")
+    val_all = [it for it in read_labelled(run / "split" / "val.jsonl", spec0, strict=False).items if it.ratings]
+    heads_val, lora_val = (read_predictions(run / f, spec0, need_probs=False) for f in ("heads-val.jsonl",
+                                                                                        "lora-val.jsonl"))
+    again = route_gain(spec0, val_all, heads_val, lora_val, context_groups(spec0, val_all), "score")
+    assert again == {k: route[k] for k in again}
+    assert state["parity"]["pass"] is True and (run / "report" / "report.json").is_file()
+    # parity reads the split's one row per rater as one item with its raters: 30, not each row
+    assert state["parity"]["humans"]["items"] == 30
+    chosen = run / ("head.gguf" if route["chose"] == "head" else "annotator.gguf")
+    assert state["trust"]["sha256"] == sha256_file(out) and sha256_file(chosen) != sha256_file(out)  # + the rule
+    spec = read_model_info(out).spec
+    assert spec is not None and all(bool(c.head) == (route["chose"] == "head") for c in spec.criteria)
+    trained = json.loads((run / "report" / "report.json").read_text()).get("training")
+    assert (trained is None) == (route["chose"] == "head")
+    # what the heads' validation figure rests on: scores from states equal annotate's records
+    head_spec = read_model_info(run / "head.gguf").spec
+    val_items = val_all[:8]
+    base = gguf_of(str(gemma_hf))
+    assert head_spec is not None and base is not None
+    by_states = scores_of(head_spec, states_of(base, head_spec, val_items, threads=2))
+    items_f = tmp_path / "val8.jsonl"
+    items_f.write_text("".join(json.dumps({"id": it.id, **it.fields}) + "\n" for it in val_items))
+    annotate_file(run / "head.gguf", items_f, str(tmp_path / "val8-pred.jsonl"), JobOptions(threads=2))
+    records = read_predictions(tmp_path / "val8-pred.jsonl", head_spec)
+    for rec, mine in zip(records, by_states):
+        assert {k: v.label for k, v in mine.items()} == rec.labels
+        assert {k: pytest.approx(v.score, abs=1e-6) for k, v in mine.items()} == rec.scores

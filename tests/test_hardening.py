@@ -92,6 +92,13 @@ def test_no_command_writes_over_its_input_or_an_existing_file(work: Path) -> Non
     _refused(work, ["data", "split", str(split / "train.jsonl"), "--spec", s, "-o", str(split), "--force"],
              "also an input")
     _refused(work, ["data", "split", str(work / "humans.jsonl"), "--spec", s, "-o", str(split)], "pass --force")
+    # fit: never over its inputs, nor over a file no run of it wrote (it has no --force)
+    (work / "base").mkdir()
+    (work / "base" / "config.json").write_text("{}")
+    fit = ["fit", s, str(work / "humans.jsonl"), "--base", str(work / "base"), "-o"]
+    _refused(work, [*fit, str(work / "humans.jsonl")], "also an input")
+    _refused(work, [*fit, str(work / "pred.jsonl")], "fit never replaces a file it did not write")
+    _refused(work, [*fit, str(work / "pred.jsonl"), "--resume"], "fit never replaces a file it did not write")
     # --force replaces an output (whole, through a file renamed into place), never an input
     r = CliRunner().invoke(cli, ["convert", p, "--to", "csv", "--spec", s, "-o", str(work / "ratings.csv"), "--force"])
     assert r.exit_code == 0, r.output

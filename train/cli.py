@@ -104,10 +104,6 @@ def _progress_bar() -> Iterator[Callable[[dict[str, Any]], None]]:
         yield on_log
 
 
-def _r3(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
-
-
 def _duration(text: str) -> float:
     """'20m', '90s', '1.5h' or plain seconds."""
     t = text.strip().lower()
@@ -145,9 +141,10 @@ def _duration(text: str) -> float:
               help="LoRA on this many top layers only: the layers below run once per token and are kept, so "
                    "later passes cost the top layers alone (long items: several times the passes in --budget; "
                    "docs/benchmarks.md).")
-@click.option("--route", type=click.Choice(["lora", "head"]), default="lora", show_default=True,
+@click.option("--route", type=click.Choice(["lora", "head", "auto"]), default="lora", show_default=True,
               help="lora: fine-tune for --budget; head: no training, a linear head per criterion on the base's own "
-                   "states, in minutes (docs/recipes.md compares them).")
+                   "states, in minutes (docs/recipes.md compares them); auto: the heads first (OUTPUT in minutes), "
+                   "then the fine-tune, and OUTPUT is whichever agrees better on the validation items.")
 @click.option("--trust-target", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
               help="The trust rule fitted on the test items: at most this disagreement among the labels it "
                    "accepts without review (annotate-cli trust; 0: no rule).")
@@ -170,7 +167,9 @@ def fit(spec: Path, labels: Path, output: Path, budget: str, base: str, test: fl
     that marks which labels to accept without review (annotate-cli trust). OUTPUT appears only
     when parity passes. With
     --route head nothing is trained: a linear head per criterion on the base's own states, fitted
-    on the train and validation items, in minutes.
+    on the train and validation items, in minutes. With --route auto both: the heads' annotator
+    is OUTPUT minutes in, then training, and OUTPUT ends as whichever agrees better with the
+    humans on the validation items (the heads fitted without them), tested and ruled.
 
     \b
     Examples:
@@ -179,10 +178,11 @@ def fit(spec: Path, labels: Path, output: Path, budget: str, base: str, test: fl
       annotate-cli fit tasks/support.yaml ratings.csv -o support.gguf --resume    # after an interrupt
       annotate-cli fit tasks/support.yaml ratings.csv -o support.gguf --qat       # one 4-bit file
       annotate-cli fit tasks/support.yaml ratings.csv -o support.gguf --route head   # minutes, no training
+      annotate-cli fit tasks/support.yaml ratings.csv -o support.gguf --route auto   # heads, then the better
       annotate-cli fit tasks/support.yaml ratings.csv -o support.gguf --top-layers 4 # long items: more passes
     """
 
-    from .fit import FitOptions, run_dir
+    from .fit import FitOptions, check_out, r3, run_dir
     from .fit import fit as run_fit
     from .job import calibration_lines
 
@@ -192,6 +192,7 @@ def fit(spec: Path, labels: Path, output: Path, budget: str, base: str, test: fl
                       trust_target=trust_target or None, trust_delta=trust_delta)
     if not Path(base, "config.json").is_file():
         raise click.ClickException(f"{base}: no HF base folder; make one with annotate-cli base gemma3-270m {base}")
+    check_out(spec, labels, output, resume)
     t0 = time.perf_counter()
 
     def say(name: str, what: str) -> None:
@@ -201,7 +202,11 @@ def fit(spec: Path, labels: Path, output: Path, budget: str, base: str, test: fl
         state = run_fit(spec, labels, output, opts, resume=resume, stage=say, progress=on_log)
     run = run_dir(output)
     for name, h in (state.get("heads") or {}).get("criteria", {}).items():
-        err.print(f"head {name}: {h['head'] or 'none'}, 5-fold alpha {_r3(h['cv_alpha'])} on {h['items']} items")
+        err.print(f"head {name}: {h['head'] or 'none'}, 5-fold alpha {r3(h['cv_alpha'])} on {h['items']} items")
+    if r := state.get("route"):
+        lo, hi = r["ci95"]
+        err.print(f"route {r['chose']}: validation alpha {r3(r['head'])} for the heads on the base, {r3(r['lora'])} "
+                  f"for the fine-tune (the heads' gain {r3(r['gain'])} [{r3(lo)}, {r3(hi)}], {r['items']} items)")
     tr = state.get("train", {})
     if tr.get("calibration"):
         err.print("calibration:")
@@ -211,10 +216,10 @@ def fit(spec: Path, labels: Path, output: Path, budget: str, base: str, test: fl
         loo = c.get("leave_one_out") or {}
         kind = "score" if c.get("score_alpha") is not None else "label"
         fig = c.get("score_alpha") if kind == "score" else c.get("alpha")
-        err.print(f"test {name}: {kind} alpha {_r3(fig)}, label alpha {_r3(c.get('alpha'))}"
+        err.print(f"test {name}: {kind} alpha {r3(fig)}, label alpha {r3(c.get('alpha'))}"
                   + (f"; one human vs the rest {loo['human_alpha']:.3f}, the model's {loo['model_figure']} "
                      f"{loo['model_alpha']:.3f}: {loo.get('verdict', 'n/a')}" if loo else ""))
     for name, rule in (state.get("trust") or {}).get("criteria", {}).items():
         err.print(f"trust {describe(name, rule)}", markup=False)
-    what = "heads fitted" if route == "head" else "parity passed"
+    what = "heads fitted" if (state.get("route") or {}).get("chose", route) == "head" else "parity passed"
     err.print(f"{output}: {what}; run folder {run}/ (fit.json, report/report.html) in {time.perf_counter() - t0:.0f}s")

@@ -28,6 +28,24 @@ With route "head" nothing is trained: after the split, one stage replaces recipe
                                                                cross-validated: export/heads.py)
 
 and the test stage follows. Minutes, where training takes the budget (docs/recipes.md compares them).
+
+With route "auto" both run, the heads first:
+
+    heads      RUN/head.gguf, copied to OUT at once       fitted as above; the validation items are
+               RUN/heads-val.jsonl                         also scored by heads fitted on the
+                                                           training items alone
+    recipe ... parity                                      as with route lora
+    route      RUN/lora-val.jsonl, fit.json: route         the fine-tune annotates the validation
+                                                           items; the heads replace it where their
+                                                           gain in alpha there (the measure
+                                                           checkpoints are chosen by) has a 95%
+                                                           paired-bootstrap interval above 0;
+                                                           OUT becomes the file chosen
+
+then test and trust on that file. The first annotator is ready minutes in, before training. The
+fine-tune stays unless the heads are clearly better: a few dozen validation items leave most
+differences inside the interval, and the fine-tune's figure is on the items its checkpoint and
+calibration were chosen on.
 """
 
 from __future__ import annotations
@@ -46,11 +64,12 @@ from typing import Any
 import yaml
 
 from edge_annotator.runtime.errors import OutputError, UserError
+from edge_annotator.runtime.files import atomic_copy, refuse_inputs
 
 log = logging.getLogger(__name__)
 
 STAGES = ("split", "recipe", "estimate", "train", "export", "parity", "test", "trust")
-ROUTES = ("lora", "head")
+ROUTES = ("lora", "head", "auto")
 
 
 class FitError(UserError, RuntimeError):
@@ -87,7 +106,8 @@ class FitOptions:
     several times the passes over long items (docs/benchmarks.md)."""
     route: str = "lora"
     """lora: fine-tune, merge, export, parity (the annotator reads its answer tokens); head: no
-    training, a linear head per criterion on the base GGUF's own states (export/heads.py)."""
+    training, a linear head per criterion on the base GGUF's own states (export/heads.py); auto:
+    both, and the one that agrees better with the humans on the validation items."""
     trust_target: float | None = 0.1
     """The trust rule's most disagreement among accepted labels (runtime/trust.py); None: no rule."""
     trust_delta: float = 0.1
@@ -96,6 +116,19 @@ class FitOptions:
 
 def run_dir(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".gguf") + ".run")
+
+
+def check_out(spec_path: str | Path, labels: str | Path, out: Path, resume: bool) -> Path:
+    """OUT's run folder, once it is clear that the fit loses nothing: OUT is no input, and an
+    existing OUT (or run folder) is this run's own, being resumed."""
+    run = run_dir(out)
+    if run.exists() and any(run.iterdir()) and not resume:
+        raise OutputError(f"{run} holds an earlier fit; pass --resume to continue it, or remove it")
+    refuse_inputs(out, [spec_path, labels])
+    if out.is_dir() or (out.exists() and not (resume and (run / "fit.json").exists())):
+        raise OutputError(f"{out} exists and no fit of this run folder ({run}) wrote it: fit never replaces a file "
+                          f"it did not write; give another -o, or move the file away")
+    return run
 
 
 def fit(spec_path: str | Path, labels: str | Path, out: str | Path, opts: FitOptions = FitOptions(), *,
@@ -107,13 +140,11 @@ def fit(spec_path: str | Path, labels: str | Path, out: str | Path, opts: FitOpt
     from edge_annotator.runtime.spec import load_spec
 
     out = Path(out)
-    run = run_dir(out)
-    if run.exists() and any(run.iterdir()) and not resume:
-        raise OutputError(f"{run} holds an earlier fit; pass --resume to continue it, or remove it")
+    run = check_out(spec_path, labels, out, resume)
+    state_f = run / "fit.json"
     run.mkdir(parents=True, exist_ok=True)
     say = stage or (lambda name, what: None)
     spec = load_spec(spec_path)
-    state_f = run / "fit.json"
     state: dict[str, Any] = json.loads(state_f.read_text()) if resume and state_f.exists() else {}
     state.setdefault("options", asdict(opts))
     state.update(spec=str(spec_path), labels=str(labels), output=str(out))
@@ -131,11 +162,17 @@ def fit(spec_path: str | Path, labels: str | Path, out: str | Path, opts: FitOpt
     if sizes["train"]["items"] < 10 or sizes["val"]["items"] < 5:
         raise FitError(f"{labels}: {sizes['train']['items']} training and {sizes['val']['items']} validation items "
                        f"after the split; a fit needs at least 10 and 5 (label more items, or lower --test)")
-    if opts.route == "head":
-        _heads(spec, split, run, opts, state, say)
-        save()
-        shutil.copyfile(run / "annotator.gguf", out)
-        return _tested(out, split, run, spec, opts, state, save, say)
+    if opts.route in ("head", "auto"):
+        head = run / ("head.gguf" if opts.route == "auto" else "annotator.gguf")
+        if not head.exists():
+            _heads(spec, split, run, head, opts, state, say)
+            save()
+            if opts.route == "auto":
+                atomic_copy(head, out)
+                say("heads", f"{out}: a first annotator, the heads on the base; training comes next")
+        if opts.route == "head":
+            atomic_copy(head, out)
+            return _tested(out, split, run, spec, opts, state, save, say)
 
     cfg_f = run / "config.yaml"
     if not cfg_f.exists():
@@ -171,11 +208,11 @@ def fit(spec_path: str | Path, labels: str | Path, out: str | Path, opts: FitOpt
         # --resume --quant Q8_0 after a failed parity: the run's own export at the old type goes,
         # and with it every stage after it (parity, the test report, the trust rule)
         say("export", f"{state['export']['quant']} -> {opts.quant}: exporting again")
-        for f in (gguf, gguf.with_name(gguf.name + ".manifest.json"), par_f, run / "agree.json",
+        for f in (gguf, gguf.with_name(gguf.name + ".manifest.json"), par_f, run / "agree.json", run / "lora-val.jsonl",
                   run / "test-predictions.jsonl", run / "annotator-trust.gguf"):
             f.unlink(missing_ok=True)
         shutil.rmtree(run / "report", ignore_errors=True)
-        for k in ("parity", "test", "trust"):
+        for k in ("parity", "route", "test", "trust"):
             state.pop(k, None)
     if not gguf.exists():
         say("export", f"{opts.quant}, the spec and provenance embedded")
@@ -197,10 +234,15 @@ def fit(spec_path: str | Path, labels: str | Path, out: str | Path, opts: FitOpt
         save()
         if not rep["pass"]:
             failed = ", ".join(k for k, v in rep["checks"].items() if not v)
-            raise FitError(f"parity failed ({failed}; {par_f}): {out} was not written. Export at a wider type "
+            now = f"{out} holds the heads' annotator" if opts.route == "auto" else f"{out} was not written"
+            raise FitError(f"parity failed ({failed}; {par_f}): {now}. Export at a wider type "
                            f"(--quant Q8_0) and continue with --resume")
-    shutil.copyfile(gguf, out)
-    shutil.copyfile(gguf.with_name(gguf.name + ".manifest.json"), out.with_name(out.name + ".manifest.json"))
+    if opts.route == "auto" and _route(state, run, spec, opts, save, say) == "head":
+        atomic_copy(run / "head.gguf", out)
+        out.with_name(out.name + ".manifest.json").unlink(missing_ok=True)  # a fine-tune's export, if one won before
+        return _tested(out, split, run, spec, opts, state, save, say)
+    atomic_copy(gguf, out)
+    atomic_copy(gguf.with_name(gguf.name + ".manifest.json"), out.with_name(out.name + ".manifest.json"))
     exported = state.get("export") or {}
     if exported.get("route") == "adapter":  # the annotator is OUT and its base beside it
         from edge_annotator.export.route import place_base
@@ -243,7 +285,7 @@ def _trusted(out: Path, split: Path, run: Path, opts: FitOptions, state: dict[st
         state["trust"] = {"target": opts.trust_target, "delta": opts.trust_delta, "criteria": rules,
                           "sha256": sha256_file(ruled)}
         save()
-    shutil.copyfile(ruled, out)
+    atomic_copy(ruled, out)
     man = out.with_name(out.name + ".manifest.json")
     if man.exists():  # the manifest describes OUT: the export, then the rule written into it
         info = json.loads(man.read_text())
@@ -252,27 +294,124 @@ def _trusted(out: Path, split: Path, run: Path, opts: FitOptions, state: dict[st
     return state
 
 
-def _heads(spec: Any, split: Path, run: Path, opts: FitOptions, state: dict[str, Any],
+def _heads(spec: Any, split: Path, run: Path, gguf: Path, opts: FitOptions, state: dict[str, Any],
            say: Callable[[str, str], None]) -> None:
-    """Route head: RUN/annotator.gguf, the base GGUF with a head per criterion fitted on its states
-    for the train and validation items (their 5-fold cross-validation makes the choices)."""
+    """Routes head and auto: GGUF, the base GGUF with a head per criterion fitted on its states for
+    the train and validation items (their 5-fold cross-validation makes the choices). Auto also
+    scores the validation items by heads fitted on the training items alone (state: heads, val)."""
     from edge_annotator.export.heads import head_annotator, summary
     from edge_annotator.hf.quant_grid import gguf_of
     from edge_annotator.runtime.labels import read_labelled
 
-    gguf = run / "annotator.gguf"
-    if gguf.exists():
-        return
     base = gguf_of(opts.base)
     if base is None:
         raise FitError(f"{opts.base}: the GGUF this base folder was made from is not beside it; the head route reads "
                        f"that file (annotate-cli base gemma3-270m DIR makes both)")
-    items = [it for f in ("train.jsonl", "val.jsonl") for it in read_labelled(split / f, spec, strict=False).items
-             if it.ratings]
+    train, val = ([it for it in read_labelled(split / f, spec, strict=False).items if it.ratings]
+                  for f in ("train.jsonl", "val.jsonl"))
+    items = train + val
     say("heads", f"reading {len(items)} train and validation items with {base.name}, then a head per criterion")
-    fits, seconds = head_annotator(base, spec, items, gguf, split / "train.jsonl", opts.threads, opts.seed,
-                                   provenance={"fit": {k: state.get(k) for k in ("options", "split")}})
-    state["heads"] = {"base": base.name, "items": len(items), "seconds": seconds, "criteria": summary(fits)}
+    done = head_annotator(base, spec, items, gguf, split / "train.jsonl", opts.threads, opts.seed,
+                          provenance={"fit": {k: state.get(k) for k in ("options", "split")}},
+                          held_out=len(val) if opts.route == "auto" else 0)
+    state["heads"] = {"base": base.name, "items": len(items), "seconds": done.seconds,
+                      "criteria": summary(done.fits)}
+    if done.held_out is not None:  # the validation items' records by heads fitted without them
+        from edge_annotator.runtime.files import atomic_write
+        from edge_annotator.runtime.records import result_record
+
+        atomic_write(run / "heads-val.jsonl", "".join(json.dumps(result_record(it.id, sc)) + "\n"
+                                                      for it, sc in zip(val, done.held_out)))
+        state["heads"]["val"] = {"items": len(val), "fitted_on": len(train)}
+
+
+def _route(state: dict[str, Any], run: Path, spec: Any, opts: FitOptions, save: Callable[[], None],
+           say: Callable[[str, str], None]) -> str:
+    """Route auto: "head" or "lora". The fine-tune (RUN/annotator.gguf) annotates the validation
+    items, and its agreement with the humans there is set against the heads' (fitted without them:
+    RUN/heads-val.jsonl), by the measure checkpoints are chosen by, the mean over criteria, with a
+    paired bootstrap over the items (items sharing a context drawn together). The heads replace the
+    fine-tune only where the interval of their gain lies above 0: a few dozen validation items
+    leave most differences inside it, and the fine-tune's side is on the items its checkpoint and
+    calibration were chosen on."""
+    if "route" not in state:
+        from edge_annotator.export.heads import context_groups
+        from edge_annotator.runtime.jobs import JobOptions, annotate_file
+        from edge_annotator.runtime.labels import read_labelled
+        from edge_annotator.runtime.records import read_predictions
+
+        split = run / "split"
+        val = [it for it in read_labelled(split / "val.jsonl", spec, strict=False).items if it.ratings]
+        lora_f = run / "lora-val.jsonl"
+        if not lora_f.exists():
+            say("route", f"the fine-tune annotates the {len(val)} validation items, to set beside the heads")
+            annotate_file(run / "annotator.gguf", split / "val.jsonl", str(lora_f), JobOptions(threads=opts.threads))
+        head, lora = (read_predictions(f, spec, need_probs=False) for f in (run / "heads-val.jsonl", lora_f))
+        gain = route_gain(spec, val, head, lora, context_groups(spec, val), opts.select_by, opts.seed)
+        chose = "head" if gain["ci95"][0] is not None and gain["ci95"][0] > 0 else "lora"
+        state["route"] = {"chose": chose, **gain, "items": len(val),
+                          "measure": f"validation alpha ({opts.select_by}), the mean over criteria; the heads "
+                                     f"replace the fine-tune where the 95% interval of their gain is above 0"}
+        save()
+        lo, hi = gain["ci95"]
+        say("route", f"{chose}: validation alpha {r3(gain['head'])} for the heads on the base, {r3(gain['lora'])} "
+                     f"for the fine-tune (gain {r3(gain['gain'])} [{r3(lo)}, {r3(hi)}], {len(val)} items)")
+    return str(state["route"]["chose"])
+
+
+def r3(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def route_gain(spec: Any, items: list[Any], a: list[Any], b: list[Any], groups: list[str], select_by: str,
+               seed: int = 0) -> dict[str, Any]:
+    """The two annotators' alpha with the humans on ITEMS (records A and B, by id), the mean over
+    criteria of each one's measure (selection_alpha's: the score's interval alpha against the
+    raters' mean for rating scales under select_by score, else the label's against the consensus
+    at the criterion's level), A's gain over B and its 95% paired bootstrap interval, the units
+    drawn being GROUPS (an item's context, or itself)."""
+    import numpy as np
+
+    from edge_annotator.runtime.metrics import _alpha, _code, bootstrap, consensus
+
+    by_a, by_b = {p.id: p for p in a}, {p.id: p for p in b}
+    units = sorted(set(groups))
+    rows_of = {g: [i for i, x in enumerate(groups) if x == g] for g in units}
+    figs = []  # per criterion: item index, A's figure, B's, the humans', level
+    for c in spec.criteria:
+        use_score = select_by == "score" and c.is_numeric
+        rows = []
+        for i, it in enumerate(items):
+            rs = [r[c.name] for r in it.ratings if c.name in r]
+            pa, pb = by_a.get(it.id), by_b.get(it.id)
+            if not rs or pa is None or pb is None or c.name not in pa.labels or c.name not in pb.labels:
+                continue
+            if use_score:
+                rows.append((i, pa.scores[c.name], pb.scores[c.name], float(np.mean([float(v) for v in rs]))))
+            else:
+                rows.append((i, _code(c, pa.labels[c.name]), _code(c, pb.labels[c.name]), _code(c, consensus(c, rs))))
+        figs.append((np.array(rows, dtype=float).reshape(-1, 4), "interval" if use_score else c.level))
+
+    def alphas(ix: np.ndarray) -> tuple[float, float] | None:
+        counts = np.bincount(np.concatenate([rows_of[units[k]] for k in ix]), minlength=len(items))
+        sa, sb = [], []
+        for arr, level in figs:
+            sel = np.repeat(arr, counts[arr[:, 0].astype(int)], axis=0)  # a unit drawn twice counts twice
+            fa, fb = _alpha([sel[:, 1], sel[:, 3]], level), _alpha([sel[:, 2], sel[:, 3]], level)
+            sa.append(-1.0 if fa is None else fa)
+            sb.append(-1.0 if fb is None else fb)
+        return (float(np.mean(sa)), float(np.mean(sb))) if sa else None
+
+    whole = alphas(np.arange(len(units)))
+    if whole is None:
+        return {"head": None, "lora": None, "gain": None, "ci95": [None, None], "units": len(units)}
+
+    def gain(ix: np.ndarray) -> float | None:
+        got = alphas(ix)
+        return None if got is None else got[0] - got[1]
+
+    lo, hi = bootstrap(gain, len(units), seed=seed)
+    return {"head": whole[0], "lora": whole[1], "gain": whole[0] - whole[1], "ci95": [lo, hi], "units": len(units)}
 
 
 def _load(cfg_f: Path) -> Any:
@@ -353,6 +492,8 @@ def _training(state: dict[str, Any], opts: FitOptions) -> dict[str, Any] | None:
     """What the report says of the training: the steps made against those planned, and the passes
     over the training items they made (None for a run that trained nothing: the head route)."""
     tr, est = state.get("train"), state.get("estimate")
+    if (state.get("route") or {}).get("chose") == "head":
+        return None
     if not tr or not est or not est.get("steps"):
         return None
     return {"items": state["split"]["train"]["items"], "steps": tr["steps"], "planned_steps": est["steps"],
