@@ -221,6 +221,15 @@ def test_fit_route_auto_publishes_the_heads_before_training_and_ends_on_the_bett
                                                                                         "lora-val.jsonl"))
     again = route_gain(spec0, val_all, heads_val, lora_val, context_groups(spec0, val_all), "score")
     assert again == {k: route[k] for k in again}
+    # --resume redoes the route stage alone where its record is gone (the fine-tune's validation
+    # records continued, not rewritten) and comes to the same choice; nothing else runs again
+    st = json.loads((run / "fit.json").read_text())
+    del st["route"]
+    (run / "fit.json").write_text(json.dumps(st))
+    seen.clear()
+    resumed = fit(TASKS / "convabuse.yaml", DATA / "convabuse-ratings-300.csv", out, opts, resume=True, stage=stage)
+    assert resumed["route"] == route and {n for n, _ in seen} == {"route"}, seen
+    assert sha256_file(out) == state["trust"]["sha256"]
     assert state["parity"]["pass"] is True and (run / "report" / "report.json").is_file()
     # parity reads the split's one row per rater as one item with its raters: 30, not each row
     assert state["parity"]["humans"]["items"] == 30

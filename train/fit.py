@@ -164,7 +164,8 @@ def fit(spec_path: str | Path, labels: str | Path, out: str | Path, opts: FitOpt
                        f"after the split; a fit needs at least 10 and 5 (label more items, or lower --test)")
     if opts.route in ("head", "auto"):
         head = run / ("head.gguf" if opts.route == "auto" else "annotator.gguf")
-        if not head.exists():
+        # done once the file, its state and (auto) the validation items' records are all there
+        if not head.exists() or "heads" not in state or (opts.route == "auto" and "val" not in state["heads"]):
             _heads(spec, split, run, head, opts, state, say)
             save()
             if opts.route == "auto":
@@ -322,7 +323,7 @@ def _heads(spec: Any, split: Path, run: Path, gguf: Path, opts: FitOptions, stat
 
         atomic_write(run / "heads-val.jsonl", "".join(json.dumps(result_record(it.id, sc)) + "\n"
                                                       for it, sc in zip(val, done.held_out)))
-        state["heads"]["val"] = {"items": len(val), "fitted_on": len(train)}
+        state["heads"]["val"] = {"items": len(val), "fitted_on": len(train)}  # after the file: it marks it done
 
 
 def _route(state: dict[str, Any], run: Path, spec: Any, opts: FitOptions, save: Callable[[], None],
@@ -343,9 +344,9 @@ def _route(state: dict[str, Any], run: Path, spec: Any, opts: FitOptions, save: 
         split = run / "split"
         val = [it for it in read_labelled(split / "val.jsonl", spec, strict=False).items if it.ratings]
         lora_f = run / "lora-val.jsonl"
-        if not lora_f.exists():
-            say("route", f"the fine-tune annotates the {len(val)} validation items, to set beside the heads")
-            annotate_file(run / "annotator.gguf", split / "val.jsonl", str(lora_f), JobOptions(threads=opts.threads))
+        say("route", f"the fine-tune annotates the {len(val)} validation items, to set beside the heads")
+        annotate_file(run / "annotator.gguf", split / "val.jsonl", str(lora_f), JobOptions(threads=opts.threads),
+                      resume=lora_f.exists())  # a run stopped half way continues the file
         head, lora = (read_predictions(f, spec, need_probs=False) for f in (run / "heads-val.jsonl", lora_f))
         gain = route_gain(spec, val, head, lora, context_groups(spec, val), opts.select_by, opts.seed)
         chose = "head" if gain["ci95"][0] is not None and gain["ci95"][0] > 0 else "lora"
