@@ -48,7 +48,7 @@ from edge_annotator.runtime.linear_head import MAX_MEMBERS, Head, LinearHead, Ta
 from edge_annotator.runtime.metrics import _alpha, _code, consensus
 from edge_annotator.runtime.options import Command, base_model_option
 from edge_annotator.runtime.prompt import leading_inputs, shared_groups
-from edge_annotator.runtime.records import PROB_DIGITS, Score
+from edge_annotator.runtime.records import Score
 from edge_annotator.runtime.spec import Criterion, TaskSpec
 
 FOLDS = 5
@@ -490,20 +490,13 @@ def head_annotator(model: Path, spec: TaskSpec, items: Sequence[Item], out: Path
 def scores_of(spec: TaskSpec, states: dict[Tap, np.ndarray]) -> list[dict[str, Score]]:
     """Each item's scores by SPEC's heads from its STATES (per tap, items x criteria x n_embd at a
     cue, items x n_embd at the item), as the annotator computes them from the same states
-    (runtime/annotator.py: Annotator._scores); criteria without a head are left out."""
-    from edge_annotator.runtime.annotator import criterion_score
+    (runtime/annotator.py: head_score); criteria without a head are left out."""
+    from edge_annotator.runtime.annotator import head_score
 
     heads = [(ci, c, Head.from_dict(c.head, len(c.scale))) for ci, c in enumerate(spec.criteria) if c.head]
     n = len(next(iter(states.values()))) if states else 0
-    out: list[dict[str, Score]] = []
-    for i in range(n):
-        res = {}
-        for ci, c, head in heads:
-            values = [float(v) for v in c.values] if c.is_numeric else []
-            probs, raw = head.apply(values, lambda t: states[t][i, ci] if t.per_criterion else states[t][i])  # noqa: B023
-            res[c.name] = criterion_score(c, probs, PROB_DIGITS, raw)
-        out.append(res)
-    return out
+    return [{c.name: head_score(c, head, lambda t: states[t][i, ci] if t.per_criterion else states[t][i])  # noqa: B023
+             for ci, c, head in heads} for i in range(n)]
 
 
 def write_annotator(model: Path, out: Path, spec: TaskSpec, provenance: dict[str, Any]) -> Path:

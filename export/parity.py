@@ -25,14 +25,13 @@ the runtime's Annotator, exactly as annotate-cli runs it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge_annotator.runtime.data import Item, check_item, iter_rows, ratings_of
-from edge_annotator.runtime.errors import InputError
+from edge_annotator.runtime.data import Item
 from edge_annotator.runtime.metrics import criterion_agreement
 from edge_annotator.runtime.prompt import render_prompt
 from edge_annotator.runtime.records import Score
@@ -147,21 +146,12 @@ def parity_many(merged: str | Path, ggufs: list[str | Path] | list[Path], data: 
 
 def _read_items(data: str | Path, spec: TaskSpec, max_items: int | None) -> list[Item]:
     """DATA's items (the first MAX_ITEMS), rows sharing an id being one item with every row's
-    ratings, as runtime/labels.py reads them (fit's split of a ratings CSV has one row per rater):
-    each item is scored once and set against its raters' consensus."""
-    items: dict[str, Item] = {}
-    for rec in iter_rows(data):
-        it = check_item(rec, spec)
-        if it.id in items:
-            if items[it.id].fields != it.fields:
-                raise InputError(rec.path, rec.line, f"item '{it.id}' appears with other inputs at line "
-                                 f"{items[it.id].line}; give each item one id", "id", it.id)
-            items[it.id].ratings.extend(ratings_of(rec, spec))
-            continue
-        if max_items and len(items) >= max_items:
-            break
-        items[it.id] = replace(it, ratings=list(ratings_of(rec, spec)))
-    return list(items.values())
+    ratings (fit's split of a ratings CSV has one row per rater), with or without ratings: each
+    item is scored once and set against its raters' consensus."""
+    from edge_annotator.runtime.labels import read_labelled
+
+    items = read_labelled(data, spec, rated=False).items
+    return items[:max_items] if max_items else items
 
 
 @dataclass

@@ -179,6 +179,14 @@ def criterion_score(c: Criterion, probs: Sequence[float], digits: int | None = N
     return Score(c.scale[best].value, p, score, raw if c.calibration and raw is not None else None, accept, span)
 
 
+def head_score(c: Criterion, head: Head, state: Callable[[Tap], np.ndarray]) -> Score:
+    """C's Score by its linear HEAD from the state at each of the head's taps (STATE(tap): the
+    criterion's row at a cue tap, the item's at the others), as a record writes it."""
+    values = [float(v) for v in c.values] if c.is_numeric else []  # what ridge predicts on
+    probs, raw = head.apply(values, state)
+    return criterion_score(c, probs, PROB_DIGITS, raw)
+
+
 @dataclass
 class _Plan:
     """How one item is decoded: shared instruction | item tokens | one cue per criterion."""
@@ -416,10 +424,8 @@ class Annotator:
         for c, crit in enumerate(self.spec.criteria):
             head = self.heads.get(crit.name)
             if head is not None:
-                values = [float(v) for v in crit.values] if crit.is_numeric else []  # what ridge predicts on
-                probs, raw = head.apply(values, lambda t: states[(j, t)][c] if t.per_criterion  # noqa: B023
-                                        else states[(j, t)])
-                res[crit.name] = criterion_score(crit, probs, PROB_DIGITS, raw)
+                res[crit.name] = head_score(crit, head, lambda t: states[(j, t)][c] if t.per_criterion  # noqa: B023
+                                            else states[(j, t)])
                 continue
             probs = level_probs(self.tries[crit.name], lambda prefix: cond.get((j, c, prefix)))  # noqa: B023
             res[crit.name] = criterion_score(crit, probs, PROB_DIGITS)

@@ -41,10 +41,10 @@ class Labelled:
     """id -> the file's records of that item, as read (every column kept)."""
 
 
-def read_labelled(path: str | Path, spec: TaskSpec, strict: bool = True) -> Labelled:
+def read_labelled(path: str | Path, spec: TaskSpec, strict: bool = True, rated: bool = True) -> Labelled:
     """Every item with its ratings; rows sharing an id are one item (one row per rater). Stops on
-    the first bad record, and (Coverage) on a file whose records rate none of the spec's criteria,
-    or with strict, one of them."""
+    the first bad record, and (Coverage, unless RATED is False: items that may carry no ratings at
+    all) on a file whose records rate none of the spec's criteria, or with strict, one of them."""
     items: dict[str, Item] = {}
     rows: dict[str, list[dict[str, Any]]] = {}
     seen = Coverage(str(path), spec)
@@ -61,7 +61,8 @@ def read_labelled(path: str | Path, spec: TaskSpec, strict: bool = True) -> Labe
         else:
             items[it.id] = Item(it.id, it.fields, it.path, it.line, list(rs))
         rows.setdefault(it.id, []).append(row.data)
-    seen.check(strict=strict)
+    if rated:
+        seen.check(strict=strict)
     return Labelled(list(items.values()), rows)
 
 
