@@ -28,22 +28,25 @@ from edge_annotator.runtime.trust import (
     describe,
     fit_interval,
     fit_rule,
+    fit_set,
     held_out,
     held_out_scores,
+    held_out_sets,
     interval_floor,
     tolerance_of,
 )
 
 COVERAGE = 0.9
-"""The score intervals' default coverage: the raters' mean inside at least 90% of the time."""
+"""The default coverage of the score intervals (the raters' mean inside at least 90% of the time)
+and of the label sets (a majority label inside at least 90% of the time)."""
 
 
 def fit_rules(spec: TaskSpec, preds: list[Prediction], ratings: dict[str, list[dict[str, Any]]], target: float,
               delta: float, tolerance: float | None = None, coverage: float | None = COVERAGE
               ) -> dict[str, dict[str, Any]]:
     """Per criterion, the rule fitted on the predictions of the items that have human ratings for
-    it (each item once, in id order, so the rule does not depend on the files' order); for rating
-    scales with a COVERAGE, its score interval too (None: no interval)."""
+    it (each item once, in id order, so the rule does not depend on the files' order); with a
+    COVERAGE, its score interval (rating scales) or label set (labels) too (None: neither)."""
     rules = {}
     for c in spec.criteria:
         tol = tolerance_of(c, tolerance)
@@ -56,6 +59,8 @@ def fit_rules(spec: TaskSpec, preds: list[Prediction], ratings: dict[str, list[d
             sc = held_out_scores(c, preds, ratings)
             rules[c.name] |= fit_interval([x[1] for x in sc], [x[2] for x in sc], [x[3] for x in sc], coverage,
                                           interval_floor(c))
+        elif coverage is not None:
+            rules[c.name] |= fit_set([p for _, p in held_out_sets(c, preds, ratings)], coverage)
     return rules
 
 
@@ -110,8 +115,8 @@ def write_trusted(model: Path, pred: Path, human: Path, out: Path, target: float
               help="Rating scales: how far a score may be from the raters' mean and agree [default: half a "
                    "scale step].")
 @click.option("--coverage", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=COVERAGE,
-              show_default=True, help="Rating scales: how often the score interval each record carries must hold "
-                                      "the raters' mean.")
+              show_default=True, help="How often the score interval (rating scales) or label set (labels) each "
+                                      "record carries must hold the raters' mean or most frequent label.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rules as JSON on stdout.")
 @click.option("--force", is_flag=True, help="Replace an existing output file (never MODEL, PRED or HUMAN).")
 def trust_command(model: Path, pred: Path, human: Path, out: Path, target: float, delta: float,
@@ -121,12 +126,13 @@ def trust_command(model: Path, pred: Path, human: Path, out: Path, target: float
     probability 1 - --delta. PRED is annotate's output on held-out items MODEL did not learn from;
     HUMAN their ratings (any layout `fit` reads). Writes MODEL with the rule as OUT; annotate then
     marks each record's "accept", and `select --unaccepted` picks the rest for the experts. On rating
-    scales each record also carries "intervals": where the raters' mean lies, at --coverage.
+    scales each record also carries "intervals": where the raters' mean lies, at --coverage; on
+    labels "sets": the labels among which the raters' most frequent one lies, at --coverage.
 
     How the rule is fitted and what it promises: runtime/trust.py (Learn then Test over a fixed grid
     of thresholds, exact binomial tests; split conformal intervals scaled by the annotator's own
-    spread). Where it cannot promise the target, it accepts nothing and says how many held-out items
-    would do.
+    spread, and split conformal label sets). Where it cannot promise the target, it accepts nothing
+    and says how many held-out items would do.
 
     \b
     Examples:

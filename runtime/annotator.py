@@ -22,7 +22,7 @@ from .linear_head import Head, Tap
 from .prompt import ANSWER_SEP, prompt_segments, render_prompt
 from .records import PROB_DIGITS, Score, result_record
 from .spec import Criterion, SpecError, TaskSpec
-from .trust import accepts, confidence, interval
+from .trust import accepts, confidence, interval, label_set
 
 log = logging.getLogger(__name__)
 
@@ -168,15 +168,18 @@ def criterion_score(c: Criterion, probs: Sequence[float], digits: int | None = N
     score = calibrate(c, raw) if raw is not None else None
     p: dict[int | float | str, float] = {lv.value: (round(q, digits) if digits is not None else q)
                                          for lv, q in zip(c.scale, probs)}
-    accept, span = None, None
+    accept, span, members = None, None, None
     if c.trust:  # from the values as the record writes them, as `trust` read them when it fitted the rule
         written = round(score, PROB_DIGITS) if score is not None else None
         shown = {str(k): q for k, q in p.items()}
         conf = confidence(c, float(c.trust["tolerance"]), c.scale[best].value, written, shown)
         accept = accepts(c.trust, conf)
-        if "coverage" in c.trust and written is not None:
+        if "set_method" in c.trust:
+            members = label_set(c, c.trust, c.scale[best].value, shown)
+        elif "coverage" in c.trust and written is not None:
             span = interval(c, c.trust, written, shown)
-    return Score(c.scale[best].value, p, score, raw if c.calibration and raw is not None else None, accept, span)
+    return Score(c.scale[best].value, p, score, raw if c.calibration and raw is not None else None, accept, span,
+                 members)
 
 
 def head_score(c: Criterion, head: Head, state: Callable[[Tap], np.ndarray]) -> Score:

@@ -40,6 +40,9 @@ class Score:
     interval: tuple[float, float] | None = None
     """The trust rule's score interval for the raters' mean (rating scales; runtime/trust.py);
     None where the rule holds none."""
+    label_set: tuple[int | float | str, ...] | None = None
+    """The trust rule's label set, most probable first: the labels that hold a majority label at the
+    rule's coverage (labels; runtime/trust.py); None where the rule holds none."""
 
 
 def jsonl_line(record: dict[str, Any]) -> str:
@@ -69,6 +72,9 @@ def result_record(item_id: str, scores: Mapping[str, Score], stamp: Mapping[str,
     intervals = {k: list(s.interval) for k, s in scores.items() if s.interval is not None}
     if intervals:  # rating criteria whose rule holds a score interval: where the raters' mean lies
         rec["intervals"] = intervals
+    sets = {k: list(s.label_set) for k, s in scores.items() if s.label_set is not None}
+    if sets:  # label criteria whose rule holds a label set: the labels among which the raters' lies
+        rec["sets"] = sets
     return {**rec, **(stamp or {})}
 
 
@@ -91,6 +97,8 @@ class Prediction:
     """Per criterion with a trust rule: whether it accepted the label without review."""
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Per rating criterion whose rule holds one: the score interval for the raters' mean."""
+    sets: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    """Per label criterion whose rule holds one: the label set, most probable first."""
 
     def accepted(self, criterion: str) -> bool:
         """Whether a trust rule accepted this criterion's label (False where none marked it)."""
@@ -168,18 +176,23 @@ def prediction_of(row: Row, spec: TaskSpec, need_probs: bool = True) -> Predicti
             for k, v in intervals.items()):
         raise InputError(row.path, row.line, "must map criteria to [low, high] (finite numbers, low <= high)",
                          "intervals", item_id)
+    sets = d.get("sets", {})
+    if not isinstance(sets, dict) or not all(k in names and isinstance(v, list) and v for k, v in sets.items()):
+        raise InputError(row.path, row.line, "must map criteria to non-empty lists of their labels", "sets", item_id)
+    by_name = {c.name: c for c in spec.criteria}
     return Prediction(item_id, row.line, labels, {k: float(v) for k, v in scores.items()}, probs, sha, None, accept,
-                      {k: (float(v[0]), float(v[1])) for k, v in intervals.items()})
+                      {k: (float(v[0]), float(v[1])) for k, v in intervals.items()},
+                      {k: tuple(_level(x, by_name[k], row, item_id, "sets") for x in v) for k, v in sets.items()})
 
 
 def _finite(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _level(v: Any, c: Criterion, row: Row, item_id: str) -> int | float | str:
+def _level(v: Any, c: Criterion, row: Row, item_id: str, where: str = "labels") -> int | float | str:
     """A predicted label checked as a human label is: a level (or, on an interval scale, a value in range)."""
     try:
-        return coerce_label(v, c, row.path, row.line, "labels")
+        return coerce_label(v, c, row.path, row.line, where)
     except InputError as e:
         raise InputError(row.path, row.line, e.reason, e.field, item_id) from None
 

@@ -19,7 +19,7 @@ from xml.etree import ElementTree
 from .annotator import Annotator, check_context
 from .data import InputError, Row, check_item
 from .engine import LlamaEngine, default_threads
-from .records import Prediction, jsonl_line, result_record
+from .records import jsonl_line, prediction_of, result_record
 from .spec import TaskSpec
 from .tool_formats import REVIEW_KEY, has_trust_rule, label_studio_prediction
 
@@ -128,9 +128,7 @@ def prediction(item_id: str, scores: Any, spec: TaskSpec, sha256: str, review: b
     review control) adds the rule's verdict in words."""
     rec = json.loads(jsonl_line(result_record(item_id, scores, {"model_sha256": sha256,
                                                                 "spec_sha256": spec.sha256})))
-    p = Prediction(item_id, 0, rec["labels"], rec.get("scores") or {}, rec["probs"], sha256, None,
-                   rec.get("accept", {}), {k: (v[0], v[1]) for k, v in rec.get("intervals", {}).items()})
-    return label_studio_prediction(p, spec, review=review)
+    return label_studio_prediction(prediction_of(Row("serve", 0, rec), spec), spec, review=review)
 
 
 def shows_review(spec: TaskSpec, schema: Any) -> bool:

@@ -388,11 +388,13 @@ TRUST_NUMBERS = {"target": (0, 1), "delta": (0, 1), "tolerance": (0, 1e9), "thre
                  "accepted": (0, 1e9), "disagree": (0, 1e9), "bound": (0, 1), "best_threshold": (0, 1),
                  "best_accepted": (0, 1e9), "best_disagree": (0, 1e9), "items_needed": (0, 1e12),
                  "coverage": (0, 1), "interval_q": (0, 1e9), "interval_floor": (0, 1e9),
-                 "interval_items_needed": (0, 1e12)}
+                 "interval_items_needed": (0, 1e12), "set_q": (0, 1), "set_items_needed": (0, 1e12)}
 """A trust rule's numbers and their ranges (runtime/trust.py writes them); threshold,
-items_needed and interval_q may be null (the rule promises nothing, or no interval narrower than
-the scale). The interval keys come together, on rating scales only."""
+items_needed, interval_q and set_q may be null (the rule promises nothing, or no interval or set
+narrower than the scale). The interval keys come together, on rating scales only; the label set's
+keys together, on labels only."""
 INTERVAL_KEYS = ("interval_method", "coverage", "interval_q", "interval_floor", "interval_items_needed")
+SET_KEYS = ("set_method", "coverage", "set_q", "set_items_needed")
 
 
 def _parse_trust(raw: Any, where: str, problems: list[str], numeric: bool) -> dict[str, Any] | None:
@@ -403,26 +405,30 @@ def _parse_trust(raw: Any, where: str, problems: list[str], numeric: bool) -> di
         problems.append(f"{where}: 'trust' must be a mapping (method, target, delta, threshold, ...)")
         return None
     ok = True
-    for k in sorted(set(raw) - set(TRUST_NUMBERS) - {"method", "items_sha256", "interval_method"}):
+    for k in sorted(set(raw) - set(TRUST_NUMBERS) - {"method", "items_sha256", "interval_method", "set_method"}):
         problems.append(f"{where}: trust: unknown key '{k}'")
         ok = False
     for k in ("method", "target", "delta", "tolerance", "threshold", "items", "bound"):
         if k not in raw:
             problems.append(f"{where}: trust: needs '{k}'")
             ok = False
-    if any(k in raw for k in INTERVAL_KEYS) and not all(k in raw for k in INTERVAL_KEYS):
-        problems.append(f"{where}: trust: a score interval needs all of {', '.join(INTERVAL_KEYS)}")
+    keys, what = (INTERVAL_KEYS, "a score interval") if numeric else (SET_KEYS, "a label set")
+    if any(k in raw for k in keys) and not all(k in raw for k in keys):
+        problems.append(f"{where}: trust: {what} needs all of {', '.join(keys)}")
         ok = False
-    if "coverage" in raw and not numeric:
+    if not numeric and any(k in raw for k in set(INTERVAL_KEYS) - set(SET_KEYS)):
         problems.append(f"{where}: trust: score intervals are for rating scales, not labels")
         ok = False
-    for k in ("method", "items_sha256", "interval_method"):
+    if numeric and any(k in raw for k in set(SET_KEYS) - set(INTERVAL_KEYS)):
+        problems.append(f"{where}: trust: label sets are for labels, not rating scales")
+        ok = False
+    for k in ("method", "items_sha256", "interval_method", "set_method"):
         if k in raw and (not isinstance(raw[k], str) or len(raw[k]) > 200):
             problems.append(f"{where}: trust: '{k}' must be a short string")
             ok = False
     for k, (lo, hi) in TRUST_NUMBERS.items():
         v = raw.get(k)
-        if v is None and k in ("threshold", "items_needed", "interval_q") or k not in raw:
+        if v is None and k in ("threshold", "items_needed", "interval_q", "set_q") or k not in raw:
             continue
         if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or not lo <= v <= hi:
             problems.append(f"{where}: trust: '{k}' must be a number in [{lo:g}, {hi:g}], got {v!r}")

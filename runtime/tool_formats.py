@@ -99,15 +99,16 @@ def label_studio_config(spec: TaskSpec) -> str:
 
 def _suggestion_text(p: Prediction, spec: TaskSpec) -> str:
     """E.g. "Valence 4 (score 3.91, p 0.60); Arousal 3 (score 3.02, p 0.71)"; with a trust rule's
-    marks, each label says "accepted" or "to review", and a score its interval ("score 3.91 in
-    [3.40, 4.43]")."""
+    marks, each label says "accepted" or "to review", a score its interval ("score 3.91 in
+    [3.40, 4.43]") and a label its set ("one of joy, love")."""
     parts = []
     for c in spec.criteria:
         score = p.scores.get(c.name)
         span = f" in [{p.intervals[c.name][0]:.2f}, {p.intervals[c.name][1]:.2f}]" if c.name in p.intervals else ""
         extra = f"score {score:.2f}{span}, " if score is not None else ""
         mark = "" if c.name not in p.accept else ", accepted" if p.accept[c.name] else ", to review"
-        parts.append(f"{c.name} {p.labels[c.name]} ({extra}p {p.confidence(c.name):.2f}{mark})")
+        among = f", one of {', '.join(map(str, p.sets[c.name]))}" if len(p.sets.get(c.name, ())) > 1 else ""
+        parts.append(f"{c.name} {p.labels[c.name]} ({extra}p {p.confidence(c.name):.2f}{mark}{among})")
     return "; ".join(parts)
 
 
@@ -223,15 +224,17 @@ def csv_rows(preds: list[Prediction], spec: TaskSpec,
              inputs: dict[str, dict[str, str]] | None = None) -> tuple[list[str], list[list[Any]]]:
     """One row per record: id, the inputs (with --items), per criterion its label, score and the
     label's probability (and, where the records carry a trust rule's marks, whether it accepted the
-    label: true or false, and the score interval's ends where they carry one), and an error column
-    (empty, or the error record's message)."""
+    label: true or false, the score interval's ends or the label set, joined by "|", where they
+    carry one), and an error column (empty, or the error record's message)."""
     header = ["id"] + ([f.name for f in spec.inputs] if inputs is not None else [])
     marked = [c.name for c in spec.criteria if any(c.name in p.accept for p in preds)]
     spans = [c.name for c in spec.criteria if any(c.name in p.intervals for p in preds)]
+    sets = [c.name for c in spec.criteria if any(c.name in p.sets for p in preds)]
     for c in spec.criteria:
         header += [f"{c.name}_label", f"{c.name}_score", f"{c.name}_p_max"]
         header += [f"{c.name}_accept"] if c.name in marked else []
         header += [f"{c.name}_low", f"{c.name}_high"] if c.name in spans else []
+        header += [f"{c.name}_set"] if c.name in sets else []
     header.append("error")
     rows = []
     for p in preds:
@@ -247,6 +250,8 @@ def csv_rows(preds: list[Prediction], spec: TaskSpec,
                 row.append("" if c.name not in p.accept else str(p.accept[c.name]).lower())
             if c.name in spans:
                 row += list(p.intervals.get(c.name, ("", "")))
+            if c.name in sets:
+                row.append("|".join(map(str, p.sets.get(c.name, ()))))
         row.append("" if p.error is None else p.error.get("message", "error"))
         rows.append(row)
     return header, rows

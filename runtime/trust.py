@@ -48,6 +48,19 @@ scale, which is all that can be promised.
 
     rule |= fit_interval(scores, spreads, means, coverage=0.9)
     lo, hi = interval(criterion, rule, score, probs)
+
+Label sets (labels). The same promise for a label criterion: a split conformal prediction set (Vovk
+et al.; the least ambiguous set-valued classifier of Sadinle, Lei and Wasserman, 2019) that holds a
+label the raters chose most often. On the held-out items, the nonconformity is 1 - the probability
+the annotator gave the likeliest of those majority labels (ties between raters: the best of them
+counts, as `disagrees` counts any of them as agreeing), and q the ceil((n + 1) * coverage)-th
+smallest. A new item's set is every label whose probability is at least 1 - q, and always the
+label written: for an item exchangeable with the held-out ones it holds a majority label with
+probability at least `coverage`. One label where the annotator is sure, several where it is torn
+between them; too few items for the coverage, and the set is every label.
+
+    rule |= fit_set(top_probs, coverage=0.9)
+    members = label_set(criterion, rule, label, probs)
 """
 
 from __future__ import annotations
@@ -180,6 +193,50 @@ def interval(c: Criterion, rule: Mapping[str, Any], score: float, probs: Mapping
     return math.floor(lo * 1e6) / 1e6, math.ceil(hi * 1e6) / 1e6
 
 
+SET_METHOD = "split conformal: 1 - the probability of the likeliest label the raters chose most often"
+
+
+def majority_prob(ratings: Sequence[Any], probs: Mapping[str, float]) -> float:
+    """The probability PROBS (as a record writes them, keyed by the label's text) gives the likeliest
+    of the labels the raters chose most often."""
+    counts = Counter(str(r) for r in ratings)
+    top = max(counts.values())
+    return max(float(probs.get(k, 0.0)) for k, n in counts.items() if n == top)
+
+
+def fit_set(top_probs: Sequence[float], coverage: float) -> dict[str, Any]:
+    """The rule's label-set keys for one label criterion, from its held-out items' `majority_prob`:
+    set_q, the ceil((n + 1) * COVERAGE)-th smallest 1 - p, rounded up to six digits; None where there
+    are too few items for COVERAGE."""
+    if not 0 < coverage < 1:
+        raise ValueError(f"coverage {coverage} must lie strictly between 0 and 1")
+    scores = sorted(1.0 - float(p) for p in top_probs)
+    k = math.ceil((len(scores) + 1) * coverage - 1e-9)
+    q = scores[k - 1] if k <= len(scores) else None
+    return {"set_method": SET_METHOD, "coverage": coverage,
+            "set_q": None if q is None else min(1.0, math.ceil(q * 1e6) / 1e6),
+            "set_items_needed": math.ceil(coverage / (1 - coverage) - 1e-9)}
+
+
+def label_set(c: Criterion, rule: Mapping[str, Any], label: Any, probs: Mapping[str, float]) -> tuple[Any, ...]:
+    """The labels RULE's set holds for this prediction (the written label and probabilities), most
+    probable first (ties in the spec's order): those with 1 - p <= set_q, and LABEL always; every
+    label where set_q is null (too few held-out items to promise the coverage)."""
+    q = rule.get("set_q")
+    order = sorted(range(len(c.scale)), key=lambda i: -float(probs.get(str(c.scale[i].value), 0.0)))
+    keep = [c.scale[i].value for i in order
+            if q is None or 1.0 - float(probs.get(str(c.scale[i].value), 0.0)) <= float(q) + 1e-12
+            or str(c.scale[i].value) == str(label)]
+    return tuple(keep)
+
+
+def held_out_sets(c: Criterion, preds: Sequence[Prediction], ratings: Mapping[str, Sequence[Mapping[str, Any]]]
+                  ) -> list[tuple[str, float]]:
+    """(id, `majority_prob`) of every item with a prediction and a human rating for the label
+    criterion C, in id order (`rated`): what fit_set takes."""
+    return [(item_id, majority_prob(got, p.probs.get(c.name, {}))) for item_id, p, got in rated(c, preds, ratings)]
+
+
 def held_out_scores(c: Criterion, preds: Sequence[Prediction], ratings: Mapping[str, Sequence[Mapping[str, Any]]]
                     ) -> list[tuple[str, float, float, float]]:
     """(id, written score, spread, raters' mean) of every item with a prediction and a human rating
@@ -301,10 +358,16 @@ def accepts(rule: Mapping[str, Any] | None, conf: float) -> bool:
 
 
 def describe(name: str, rule: Mapping[str, Any]) -> str:
-    """describe_accept, and for rating scales the interval the rule gives."""
+    """describe_accept, and the interval (rating scales) or label set (labels) the rule gives."""
     line = describe_accept(name, rule)
     if "coverage" not in rule:
         return line
+    if "set_method" in rule:
+        if rule.get("set_q") is None:
+            return line + (f"; label sets: too few held-out items for {rule['coverage']:.0%} coverage (at least "
+                           f"{rule['set_items_needed']}), so each holds every label")
+        return line + (f"; {rule['coverage']:.0%} label sets: every label of probability >= "
+                       f"{1 - rule['set_q']:.3g}, and the one written")
     if rule.get("interval_q") is None:
         return line + (f"; score intervals: too few held-out items for {rule['coverage']:.0%} coverage (at least "
                        f"{rule['interval_items_needed']}), so each is the whole scale")

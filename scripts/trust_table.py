@@ -19,6 +19,11 @@ The score intervals (rating scales) are measured the same way, in a second table
 <!-- begin intervals -->): fitted at --coverage on one half, the share of the other half's raters'
 means inside their item's interval, and the intervals' mean width beside that of the plain split
 conformal interval (one width for every item) fitted on the same half at the same coverage.
+
+The label sets (labels) likewise, in a third table (<!-- begin sets -->): fitted at --coverage on
+one half, the share of the other half's items whose set holds a label the raters chose most often,
+the sets' mean size, and how often the set is the written label alone and how often that label
+then agrees with the raters.
 """
 
 from __future__ import annotations
@@ -37,12 +42,17 @@ from edge_annotator.runtime.labels import read_labelled
 from edge_annotator.runtime.records import Prediction, read_predictions
 from edge_annotator.runtime.spec import TaskSpec
 from edge_annotator.runtime.trust import (
+    disagrees,
     fit_interval,
     fit_rule,
+    fit_set,
     held_out,
     held_out_scores,
     interval,
     interval_floor,
+    label_set,
+    majority_prob,
+    rated,
     tolerance_of,
 )
 
@@ -93,6 +103,48 @@ def interval_halvings(c: Any, rows: list[tuple[str, float, float, float]], probs
             "covered_min": min(covered), "width": statistics.fmean(width),
             "plain_covered": statistics.fmean(plain_covered), "plain_width": statistics.fmean(plain_width),
             "scale_width": max(map(float, c.values)) - min(map(float, c.values)), "splits": splits}
+
+
+def set_halvings(c: Any, rows: list[tuple[str, Prediction, list[Any]]], coverage: float, splits: int,
+                 seed: int) -> dict[str, Any]:
+    """ROWS: `rated`'s (id, prediction, ratings) of a label criterion."""
+    rng = random.Random(seed)
+    covered, size, alone, alone_agree = [], [], [], []
+    for _ in range(splits):
+        order = rows[:]
+        rng.shuffle(order)
+        cal, test = order[: len(order) // 2], order[len(order) // 2:]
+        rule = fit_set([majority_prob(r, p.probs[c.name]) for _, p, r in cal], coverage)
+        sets = [label_set(c, rule, p.labels[c.name], p.probs[c.name]) for _, p, _ in test]
+        covered.append(sum(any(not disagrees(c, 0.0, m, None, r) for m in s) for s, (_, _, r) in zip(sets, test))
+                       / len(test))
+        size.append(statistics.fmean(len(s) for s in sets))
+        ones = [(p, r) for (_, p, r), s in zip(test, sets) if len(s) == 1]
+        alone.append(len(ones) / len(test))
+        if ones:
+            alone_agree.append(sum(not disagrees(c, 0.0, p.labels[c.name], None, r) for p, r in ones) / len(ones))
+    return {"items": len(rows), "coverage": coverage, "covered": statistics.fmean(covered),
+            "covered_min": min(covered), "size": statistics.fmean(size), "labels": len(c.scale),
+            "alone": statistics.fmean(alone), "alone_agree": statistics.fmean(alone_agree) if alone_agree else None,
+            "all_agree": sum(not disagrees(c, 0.0, p.labels[c.name], None, r) for _, p, r in rows) / len(rows),
+            "splits": splits}
+
+
+def set_table(results: list[dict[str, Any]]) -> str:
+    if not results:
+        return "No label criterion among the sets."
+    r0 = results[0]
+    lines = [f"Label sets fitted at {r0['coverage']:.0%} coverage on a random half of each full test split, measured "
+             f"on the other half; {r0['splits']} halvings. The promise is about the mean over halvings (and new "
+             f"items): a label the raters chose most often inside at least {r0['coverage']:.0%} of the sets.", "",
+             "| annotator | criterion | items | majority label inside (mean; lowest halving) | mean size (of) | "
+             "the written label alone | it agrees there | it agrees, all items |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        agree = f"{r['alone_agree']:.1%}" if r["alone_agree"] is not None else "-"
+        lines.append(f"| {r['set']} | {r['criterion']} | {r['items'] // 2} + {r['items'] - r['items'] // 2} | "
+                     f"{r['covered']:.1%}; {r['covered_min']:.1%} | {r['size']:.1f} ({r['labels']}) | "
+                     f"{r['alone']:.1%} | {agree} | {r['all_agree']:.1%} |")
+    return "\n".join(lines)
 
 
 def interval_table(results: list[dict[str, Any]]) -> str:
@@ -156,7 +208,7 @@ def table(results: list[dict[str, Any]], delta: float, splits: int) -> str:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--coverage", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.9,
               show_default=True, help="The score intervals' coverage.")
-@click.option("--intervals-only", is_flag=True, help="Only the score intervals' table (and section).")
+@click.option("--intervals-only", is_flag=True, help="Only the score intervals' and label sets' tables (and sections).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write every figure here.")
 @click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -188,14 +240,26 @@ def main(sets: tuple[tuple[str, str, str, str], ...], delta: float, splits: int,
             r = spans[-1]
             click.echo(f"{name} {crit} intervals at {coverage:.0%}: inside {r['covered']:.1%}, width {r['width']:.2f} "
                        f"(one width: {r['plain_width']:.2f})", err=True)
-    text, spans_text = table(results, delta, splits), interval_table(spans)
-    click.echo(spans_text if intervals_only else text + "\n\n" + spans_text)
+    label_sets = []
+    for name, (spec, preds, ratings) in read:
+        for c in spec.criteria:
+            if not c.is_numeric:
+                label_sets.append({"set": name, "criterion": c.name,
+                                   **set_halvings(c, rated(c, preds, ratings), coverage, splits, seed)})
+                r = label_sets[-1]
+                click.echo(f"{name} {c.name} label sets at {coverage:.0%}: inside {r['covered']:.1%}, mean size "
+                           f"{r['size']:.1f}", err=True)
+    text, spans_text, sets_text = table(results, delta, splits), interval_table(spans), set_table(label_sets)
+    click.echo((spans_text if intervals_only else text + "\n\n" + spans_text) + "\n\n" + sets_text)
     if json_out:
-        json_out.write_text(json.dumps({"rules": results, "intervals": spans}, indent=1))
+        json_out.write_text(json.dumps({"rules": results, "intervals": spans, "sets": label_sets}, indent=1))
     if markdown:
         if not intervals_only:
             write_section(markdown, "trust", text, "# Which labels to trust")
-        write_section(markdown, "intervals", spans_text, "# Which labels to trust")
+        if spans:
+            write_section(markdown, "intervals", spans_text, "# Which labels to trust")
+        if label_sets:
+            write_section(markdown, "sets", sets_text, "# Which labels to trust")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import DATA, TASKS
@@ -23,9 +24,12 @@ from edge_annotator.runtime.trust import (
     describe,
     fit_interval,
     fit_rule,
+    fit_set,
     interval,
     interval_floor,
     items_needed,
+    label_set,
+    majority_prob,
     spread,
     upper_bound,
 )
@@ -208,6 +212,111 @@ def test_an_interval_travels_in_the_spec_and_a_bad_one_is_refused() -> None:
         spec_from_json(json.dumps(labels))
 
 
+LABELS = load_spec(TASKS / "goemotions.yaml")
+
+
+def _labelled(n: int, rng: np.random.Generator, sharpen: float) -> list[tuple[dict[str, float], list[str]]]:
+    """N synthetic items of GoEmotions' 28 labels: (the annotator's probabilities, as a record writes
+    them, and three raters' labels). Each item's classes have a random belief; the annotator's
+    probabilities are that belief raised to SHARPEN and renormalised (1: calibrated; 2: over-sure,
+    as fine-tunes are), the raters draw from the belief itself."""
+    names = [str(v) for v in LABELS.criteria[0].values]
+    belief = rng.random((n, len(names))) ** 4
+    belief /= belief.sum(1, keepdims=True)
+    sharp = belief ** sharpen
+    sharp = np.round(sharp / sharp.sum(1, keepdims=True), 6)
+    drawn = (np.cumsum(belief, 1)[:, None, :] < rng.random((n, 3, 1))).sum(-1).clip(0, len(names) - 1)
+    return [(dict(zip(names, row.tolist())), [names[k] for k in ks]) for row, ks in zip(sharp, drawn)]
+
+
+@pytest.mark.parametrize("coverage,n,sharpen", [(0.9, 200, 1.0), (0.8, 60, 2.0), (0.95, 500, 0.5)])
+def test_label_sets_hold_a_majority_label_as_often_as_they_promise(coverage: float, n: int, sharpen: float) -> None:
+    """Split conformal label sets: over 200 draws of N held-out items, the share of new items whose
+    set holds a label the raters chose most often averages at least COVERAGE and at most
+    COVERAGE + 1 / (N + 1) (Monte Carlo slack aside), whether the annotator's probabilities are
+    calibrated, over-sure or under-sure. The set follows the annotator's doubt: one label on some
+    items, several on others, far fewer than all 28 on average."""
+    c = LABELS.criteria[0]
+    rng = np.random.default_rng(42)
+    draws, m = 200, 300
+    covered, sizes, singles = [], [], 0
+    for _ in range(draws):
+        cal, new = _labelled(n, rng, sharpen), _labelled(m, rng, sharpen)
+        rule = fit_set([majority_prob(r, p) for p, r in cal], coverage)
+        hit = 0
+        for probs, raters in new:
+            label = max(probs, key=lambda k: probs[k])
+            members = label_set(c, rule, label, probs)
+            assert probs[str(members[0])] == probs[label]
+            counts = {k: raters.count(k) for k in raters}
+            hit += any(counts.get(str(x), 0) == max(counts.values()) for x in members)
+            sizes.append(len(members))
+            singles += len(members) == 1
+        covered.append(hit / m)
+    mean = sum(covered) / len(covered)
+    var = coverage * (1 - coverage)
+    slack = 3 * math.sqrt(var / (draws * m)) + 3 * math.sqrt(var / n / draws)
+    assert coverage - slack <= mean <= coverage + 1 / (n + 1) + slack, (mean, slack)
+    assert singles > 0 and max(sizes) > 1 and sum(sizes) / len(sizes) < 14, (singles, sum(sizes) / len(sizes))
+
+
+def test_too_few_items_for_a_label_set_give_every_label_and_the_rule_is_byte_identical() -> None:
+    c = LABELS.criteria[0]
+    cal = _labelled(8, np.random.default_rng(4), 1.0)
+    rule = fit_rule([0.5] * 8, [False] * 8, 0.1, 0.1, 0.0) | fit_set([majority_prob(r, p) for p, r in cal], 0.9)
+    assert rule["set_q"] is None and rule["set_items_needed"] == 9
+    assert set(label_set(c, rule, "joy", cal[0][0])) == set(c.values)
+    assert "at least 9" in describe("emotion", rule)
+    nine = [majority_prob(r, p) for p, r in _labelled(9, np.random.default_rng(4), 1.0)]
+    rule = fit_set(nine, 0.9)
+    assert rule["set_q"] is not None and json.dumps(rule) == json.dumps(fit_set(nine[::-1], 0.9))
+    probs = {str(v): 0.0 for v in c.values} | {"joy": 0.7, "love": 0.3}
+    assert label_set(c, {"set_q": 0.0}, "joy", probs) == ("joy",)  # the written label, always
+    assert label_set(c, {"set_q": 0.7}, "joy", probs) == ("joy", "love")  # most probable first
+    assert "label sets: every label of probability >= 0.3" in describe("emotion", fit_rule([0.5] * 8, [False] * 8,
+                                                                                            0.1, 0.1, 0.0)
+                                                                      | {**rule, "set_q": 0.7})
+    with pytest.raises(ValueError):
+        fit_set([0.5], 1.0)
+
+
+def test_a_label_set_travels_in_the_spec_and_to_the_records_and_a_bad_one_is_refused(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from edge_annotator.runtime.annotator import criterion_score
+    from edge_annotator.runtime.data import InputError
+    from edge_annotator.runtime.records import read_predictions, result_record
+
+    c = LABELS.criteria[0]
+    cal = _labelled(100, np.random.default_rng(6), 1.0)
+    rule = fit_rule([0.5] * 100, [False] * 100, 0.1, 0.1, 0.0) | fit_set([majority_prob(r, p) for p, r in cal], 0.9)
+    spec = replace(LABELS, criteria=(replace(c, trust=rule),))
+    assert spec_from_json(spec.to_json()) == spec
+    raw = json.loads(spec.to_json())
+    for bad in ({k: v for k, v in rule.items() if k != "set_q"}, {**rule, "set_q": 1.5}, {**rule, "set_method": 3},
+                {**rule, "interval_q": 0.3}):
+        raw["criteria"][0]["trust"] = bad
+        with pytest.raises(SpecError):
+            spec_from_json(json.dumps(raw))
+    scale = json.loads(load_spec(TASKS / "emobank.yaml").to_json())
+    scale["criteria"][0]["trust"] = fit_rule([0.5] * 100, [False] * 100, 0.1, 0.1, 0.5) | fit_set([0.5] * 100, 0.9)
+    with pytest.raises(SpecError, match="label sets are for labels"):
+        spec_from_json(json.dumps(scale))
+    # annotate's Score carries the set, the record writes it, and read_predictions reads it back
+    probs = [0.0] * len(c.scale)
+    probs[[str(v) for v in c.values].index("joy")], probs[[str(v) for v in c.values].index("love")] = 0.55, 0.45
+    sc = criterion_score(spec.criteria[0], probs, 6)
+    assert sc.label == "joy" and sc.label_set is not None and sc.label_set[0] == "joy"
+    rec = result_record("a", {c.name: sc}, {"model_sha256": "0" * 64, "spec_sha256": spec.sha256})
+    f = tmp_path / "pred.jsonl"
+    f.write_text(json.dumps(rec) + "\n" + json.dumps({**rec, "id": "b", "sets": {c.name: ["joy", "nope"]}}) + "\n")
+    with pytest.raises(InputError, match="sets") as e:
+        read_predictions(f, spec)
+    assert e.value.line == 2
+    f.write_text(json.dumps(rec) + "\n")
+    assert read_predictions(f, spec)[0].sets == {c.name: sc.label_set}
+
+
 @pytest.mark.slow
 def test_trust_writes_the_rule_and_annotate_select_and_the_rule_agree(annotator_gguf: Path, tmp_path: Path) -> None:
     """On the held-out items themselves, annotate with the written annotator accepts exactly the
@@ -308,3 +417,45 @@ def test_trust_writes_the_rule_and_annotate_select_and_the_rule_agree(annotator_
     assert r.exit_code == 1 and f"{pred}:1:" in r.output and "not trusted.gguf" in r.output, r.output
     r = runner.invoke(cli, ["select", str(pred), "--model", str(annotator_gguf), "--unaccepted", "-n", "5"])
     assert r.exit_code == 1 and "no 'accept' marks" in r.output, r.output
+
+
+@pytest.mark.slow
+def test_trust_on_a_label_set_gives_each_record_its_label_set(gemma_path: Path, tmp_path: Path) -> None:
+    """GoEmotions through trust and annotate: the written annotator's records carry, beside
+    "accept", a label set per item, most probable first (the written label's probability first);
+    on the held-out items themselves the sets hold the raters' label at least as often as the
+    coverage promises; convert's CSV has the set; the same files give the same file, byte for byte."""
+    from edge_annotator.export.metadata import embed_spec
+
+    model = embed_spec(gemma_path, tmp_path / "goemotions.gguf", LABELS, {"base_model": "gemma-3-270m", "test": True})
+    items = DATA / "goemotions-test-50.jsonl"
+    pred, again, out = tmp_path / "pred.jsonl", tmp_path / "again.jsonl", tmp_path / "trusted.gguf"
+    runner = CliRunner()
+    r = runner.invoke(cli, ["annotate", str(model), str(items), "--threads", "2", "-o", str(pred)])
+    assert r.exit_code == 0, r.output
+    args = ["trust", str(model), str(pred), str(items), "--target", "0.2", "--coverage", "0.9", "--json"]
+    r = runner.invoke(cli, [*args, "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    rule = json.loads(r.stdout)["emotion"]
+    assert rule["set_q"] is not None and "label sets" in r.output
+    r = runner.invoke(cli, ["annotate", str(out), str(items), "--threads", "2", "-o", str(again)])
+    assert r.exit_code == 0, r.output
+    human = {json.loads(x)["id"]: json.loads(x)["labels"]["emotion"] for x in items.read_text().splitlines()}
+    after = [json.loads(x) for x in again.read_text().splitlines()]
+    assert len(after) == 50 and all(set(b["sets"]) == {"emotion"} for b in after)
+    for b in after:
+        members, probs = b["sets"]["emotion"], b["probs"]["emotion"]
+        assert b["labels"]["emotion"] in members and probs[members[0]] == max(probs.values())
+        assert [probs[m] for m in members] == sorted((probs[m] for m in members), reverse=True)
+    inside = sum(human[b["id"]] in b["sets"]["emotion"] for b in after)
+    assert inside >= math.ceil(51 * 0.9), inside
+    assert any(len(b["sets"]["emotion"]) < 28 for b in after)
+    csv_out = tmp_path / "again.csv"
+    r = runner.invoke(cli, ["convert", str(again), "--to", "csv", "--model", str(out), "-o", str(csv_out)])
+    assert r.exit_code == 0, r.output
+    import csv
+
+    rows = list(csv.DictReader(csv_out.open()))
+    assert [row["emotion_set"] for row in rows] == ["|".join(b["sets"]["emotion"]) for b in after]
+    r = runner.invoke(cli, [*args, "-o", str(tmp_path / "trusted2.gguf")])
+    assert r.exit_code == 0 and (tmp_path / "trusted2.gguf").read_bytes() == out.read_bytes(), r.output
