@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import random
 import statistics
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,14 +83,20 @@ def per_item_scores(spec: TaskSpec, preds: list[Prediction], ratings: dict[str, 
             for c in spec.criteria if c.is_numeric}
 
 
-def interval_halvings(c: Any, rows: list[tuple[str, float, float, float]], probs: dict[str, dict[str, float]],
-                      coverage: float, splits: int, seed: int) -> dict[str, Any]:
+def halves(rows: list[Any], splits: int, seed: int) -> Iterator[tuple[list[Any], list[Any]]]:
+    """SPLITS random halvings of ROWS (a seeded shuffle each): (the half a rule is fitted on, the half
+    it is measured on)."""
     rng = random.Random(seed)
-    covered, width, plain_covered, plain_width = [], [], [], []
     for _ in range(splits):
         order = rows[:]
         rng.shuffle(order)
-        cal, test = order[: len(order) // 2], order[len(order) // 2:]
+        yield order[: len(order) // 2], order[len(order) // 2:]
+
+
+def interval_halvings(c: Any, rows: list[tuple[str, float, float, float]], probs: dict[str, dict[str, float]],
+                      coverage: float, splits: int, seed: int) -> dict[str, Any]:
+    covered, width, plain_covered, plain_width = [], [], [], []
+    for cal, test in halves(rows, splits, seed):
         rule = fit_interval([r[1] for r in cal], [r[2] for r in cal], [r[3] for r in cal], coverage, interval_floor(c))
         spans = [interval(c, rule, r[1], probs[r[0]]) for r in test]
         covered.append(sum(lo <= r[3] <= hi for (lo, hi), r in zip(spans, test)) / len(test))
@@ -108,12 +115,8 @@ def interval_halvings(c: Any, rows: list[tuple[str, float, float, float]], probs
 def set_halvings(c: Any, rows: list[tuple[str, Prediction, list[Any]]], coverage: float, splits: int,
                  seed: int) -> dict[str, Any]:
     """ROWS: `rated`'s (id, prediction, ratings) of a label criterion."""
-    rng = random.Random(seed)
     covered, size, alone, alone_agree = [], [], [], []
-    for _ in range(splits):
-        order = rows[:]
-        rng.shuffle(order)
-        cal, test = order[: len(order) // 2], order[len(order) // 2:]
+    for cal, test in halves(rows, splits, seed):
         rule = fit_set([majority_prob(r, p.probs[c.name]) for _, p, r in cal], coverage)
         sets = [label_set(c, rule, p.labels[c.name], p.probs[c.name]) for _, p, _ in test]
         covered.append(sum(any(not disagrees(c, 0.0, m, None, r) for m in s) for s, (_, _, r) in zip(sets, test))
@@ -138,7 +141,8 @@ def set_table(results: list[dict[str, Any]]) -> str:
              f"on the other half; {r0['splits']} halvings. The promise is about the mean over halvings (and new "
              f"items): a label the raters chose most often inside at least {r0['coverage']:.0%} of the sets.", "",
              "| annotator | criterion | items | majority label inside (mean; lowest halving) | mean size (of) | "
-             "the written label alone | it agrees there | it agrees, all items |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "the written label alone | it agrees there | it agrees, all items |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         agree = f"{r['alone_agree']:.1%}" if r["alone_agree"] is not None else "-"
         lines.append(f"| {r['set']} | {r['criterion']} | {r['items'] // 2} + {r['items'] - r['items'] // 2} | "
@@ -166,12 +170,8 @@ def interval_table(results: list[dict[str, Any]]) -> str:
 
 def halvings(rows: list[tuple[str, float, bool]], target: float, delta: float, splits: int, seed: int,
              tolerance: float) -> dict[str, Any]:
-    rng = random.Random(seed)
     share, rate, over, safe = [], [], 0, 0
-    for _ in range(splits):
-        order = rows[:]
-        rng.shuffle(order)
-        cal, test = order[: len(order) // 2], order[len(order) // 2:]
+    for cal, test in halves(rows, splits, seed):
         rule = fit_rule([c for _, c, _ in cal], [w for _, _, w in cal], target, delta, tolerance)
         t = rule["threshold"]
         acc = [w for _, c, w in test if t is not None and c >= t]
