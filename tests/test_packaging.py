@@ -173,7 +173,7 @@ MODULES = ("edge_annotator.runtime.cli", "edge_annotator.train.from_gguf", "edge
            "edge_annotator.bench.train", "edge_annotator.bench.determinism", "edge_annotator.bench.arms",
            "edge_annotator.runtime.probe")
 SCRIPTS = ("demo.py", "eval.py", "prepare_data.py", "gpu_check.py", "label_studio_check.py", "trust_table.py",
-           "head_candidates.py")
+           "head_candidates.py", "seed_spread.py")
 
 
 def test_cli_help_lists_commands_with_examples() -> None:
