@@ -73,7 +73,7 @@ def result_record(item_id: str, scores: Mapping[str, Score], stamp: Mapping[str,
     if intervals:  # rating criteria whose rule holds a score interval: where the raters' mean lies
         rec["intervals"] = intervals
     sets = {k: list(s.label_set) for k, s in scores.items() if s.label_set is not None}
-    if sets:  # label criteria whose rule holds a label set: the labels among which the raters' lies
+    if sets:  # label criteria whose rule holds a label set: where the raters' most frequent label lies
         rec["sets"] = sets
     return {**rec, **(stamp or {})}
 
