@@ -110,11 +110,31 @@ def disagrees(c: Criterion, tolerance: float, label: Any, score: float | None, r
     """Whether a prediction disagrees with the raters: a label none of the most frequent human labels
     (labels), or a score further than TOLERANCE from their mean (rating scales)."""
     if not c.is_numeric or score is None:
-        counts = Counter(str(r) for r in ratings)
-        top = max(counts.values())
-        return str(label) not in {k for k, n in counts.items() if n == top}
+        return str(label) not in most_frequent(ratings)
     mean = sum(float(r) for r in ratings) / len(ratings)
     return abs(score - mean) > tolerance + 1e-12
+
+
+def most_frequent(ratings: Sequence[Any]) -> set[str]:
+    """The labels (as text) the raters chose most often: several where they tie."""
+    counts = Counter(str(r) for r in ratings)
+    top = max(counts.values())
+    return {k for k, n in counts.items() if n == top}
+
+
+def conformal_quantile(scores: Sequence[float], coverage: float) -> float | None:
+    """Split conformal's threshold: the ceil((n + 1) * COVERAGE)-th smallest of the n held-out
+    SCORES; None where n is too few for COVERAGE (see conformal_items_needed)."""
+    if not 0 < coverage < 1:
+        raise ValueError(f"coverage {coverage} must lie strictly between 0 and 1")
+    ranked = sorted(scores)
+    k = math.ceil((len(ranked) + 1) * coverage - 1e-9)
+    return ranked[k - 1] if k <= len(ranked) else None
+
+
+def conformal_items_needed(coverage: float) -> int:
+    """The fewest held-out items for which conformal_quantile is not None at COVERAGE."""
+    return math.ceil(coverage / (1 - coverage) - 1e-9)
 
 
 def rated(c: Criterion, preds: Sequence[Prediction], ratings: Mapping[str, Sequence[Mapping[str, Any]]]
@@ -167,16 +187,12 @@ def fit_interval(scores: Sequence[float], spreads: Sequence[float], means: Seque
     """The rule's interval keys for one rating criterion, from its held-out items' written scores,
     spreads and raters' means: q, the ceil((n + 1) * COVERAGE)-th smallest |mean - score| /
     (spread + FLOOR); None where there are too few items for COVERAGE."""
-    if not 0 < coverage < 1:
-        raise ValueError(f"coverage {coverage} must lie strictly between 0 and 1")
     if not len(scores) == len(spreads) == len(means):
         raise ValueError("one spread and one mean per score")
-    ratios = sorted(abs(m - s) / (d + floor) for s, d, m in zip(scores, spreads, means))
-    k = math.ceil((len(ratios) + 1) * coverage - 1e-9)
-    q = ratios[k - 1] if k <= len(ratios) else None
+    q = conformal_quantile([abs(m - s) / (d + floor) for s, d, m in zip(scores, spreads, means)], coverage)
     return {"interval_method": INTERVAL_METHOD, "coverage": coverage, "interval_floor": round(floor, 6),
             "interval_q": None if q is None else math.ceil(q * 1e6) / 1e6,
-            "interval_items_needed": math.ceil(coverage / (1 - coverage) - 1e-9)}
+            "interval_items_needed": conformal_items_needed(coverage)}
 
 
 def interval(c: Criterion, rule: Mapping[str, Any], score: float, probs: Mapping[str, float]) -> tuple[float, float]:
@@ -199,23 +215,17 @@ SET_METHOD = "split conformal: 1 - the probability of the likeliest label the ra
 def majority_prob(ratings: Sequence[Any], probs: Mapping[str, float]) -> float:
     """The probability PROBS (as a record writes them, keyed by the label's text) gives the likeliest
     of the labels the raters chose most often."""
-    counts = Counter(str(r) for r in ratings)
-    top = max(counts.values())
-    return max(float(probs.get(k, 0.0)) for k, n in counts.items() if n == top)
+    return max(float(probs.get(k, 0.0)) for k in most_frequent(ratings))
 
 
 def fit_set(top_probs: Sequence[float], coverage: float) -> dict[str, Any]:
     """The rule's label-set keys for one label criterion, from its held-out items' `majority_prob`:
     set_q, the ceil((n + 1) * COVERAGE)-th smallest 1 - p, rounded up to six digits; None where there
     are too few items for COVERAGE."""
-    if not 0 < coverage < 1:
-        raise ValueError(f"coverage {coverage} must lie strictly between 0 and 1")
-    scores = sorted(1.0 - float(p) for p in top_probs)
-    k = math.ceil((len(scores) + 1) * coverage - 1e-9)
-    q = scores[k - 1] if k <= len(scores) else None
+    q = conformal_quantile([1.0 - float(p) for p in top_probs], coverage)
     return {"set_method": SET_METHOD, "coverage": coverage,
             "set_q": None if q is None else min(1.0, math.ceil(q * 1e6) / 1e6),
-            "set_items_needed": math.ceil(coverage / (1 - coverage) - 1e-9)}
+            "set_items_needed": conformal_items_needed(coverage)}
 
 
 def label_set(c: Criterion, rule: Mapping[str, Any], label: Any, probs: Mapping[str, float]) -> tuple[Any, ...]:
@@ -223,11 +233,10 @@ def label_set(c: Criterion, rule: Mapping[str, Any], label: Any, probs: Mapping[
     probable first (ties in the spec's order): those with 1 - p <= set_q, and LABEL always; every
     label where set_q is null (too few held-out items to promise the coverage)."""
     q = rule.get("set_q")
-    order = sorted(range(len(c.scale)), key=lambda i: -float(probs.get(str(c.scale[i].value), 0.0)))
-    keep = [c.scale[i].value for i in order
-            if q is None or 1.0 - float(probs.get(str(c.scale[i].value), 0.0)) <= float(q) + 1e-12
-            or str(c.scale[i].value) == str(label)]
-    return tuple(keep)
+    p = [float(probs.get(str(lv.value), 0.0)) for lv in c.scale]
+    order = sorted(range(len(c.scale)), key=lambda i: -p[i])
+    return tuple(c.scale[i].value for i in order
+                 if q is None or 1.0 - p[i] <= float(q) + 1e-12 or str(c.scale[i].value) == str(label))
 
 
 def held_out_sets(c: Criterion, preds: Sequence[Prediction], ratings: Mapping[str, Sequence[Mapping[str, Any]]]
